@@ -1,0 +1,28 @@
+# routesync: every target is a thin wrapper over an npm script, so either works.
+.PHONY: setup build run test lint typecheck bench demo soak clean
+
+setup:
+	npm ci --no-audit --no-fund
+
+build:
+	npm run build
+
+# One replica with the embedded defaults (no peers): local API 127.0.0.1:7788,
+# peer API 0.0.0.0:7789, data plane 0.0.0.0:8080.
+run: build
+	node dist/main.js
+
+test:
+	npm test
+
+lint:
+	npm run lint
+
+typecheck:
+	npm run typecheck
+
+bench: build
+	npm run bench
+
+clean:
+	rm -rf dist coverage

@@ -1,0 +1,266 @@
+// Environment + command-line flags -> one validated, typed, frozen Config.
+//
+// Every setting has an environment variable `ROUTESYNC_<NAME>` and a flag `--<name>`
+// (lower case, dashes): ROUTESYNC_SYNC_DEADLINE_MS <-> --sync-deadline-ms. A flag wins over
+// the variable. Bad configuration throws ConfigError whose message is one line naming the
+// variable; main.ts prints it and exits 2.
+import { isIP } from 'node:net';
+import { parseArgs } from 'node:util';
+
+export interface ListenAddress {
+  readonly host: string;
+  readonly port: number;
+}
+
+export type LogLevel = 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
+
+export interface Config {
+  /** Local API (the local manager only). */
+  readonly apiAddr: ListenAddress;
+  /** Peer API (other replicas, an openkruise manager's /refresh). */
+  readonly peerAddr: ListenAddress;
+  /** Data plane. */
+  readonly proxyAddr: ListenAddress;
+  /** Static peers, `host:port` each. */
+  readonly peers: readonly string[];
+  /** A DNS name (headless Service) whose A/AAAA records are the peers; `name` or `name:port`. */
+  readonly peerDns: string;
+  readonly peerDnsIntervalMs: number;
+  /** This replica's own peer address (`host:port`), excluded from its peer list; '' = derived. */
+  readonly self: string;
+  readonly peerToken: string;
+  /** Optional TLS for the peer API and the peer client (file paths; all empty = plain HTTP). */
+  readonly peerTlsCert: string;
+  readonly peerTlsKey: string;
+  readonly peerTlsCa: string;
+
+  /** Cap on peer requests in flight across all peers (p-limit). */
+  readonly syncConcurrency: number;
+  /** How long a lifecycle call may wait for its peers. */
+  readonly syncDeadlineMs: number;
+  /** One peer request's timeout (AbortSignal). */
+  readonly attemptTimeoutMs: number;
+  /** Retries after the first attempt, transient failures only (p-retry). */
+  readonly syncRetries: number;
+  readonly retryMinMs: number;
+  readonly retryMaxMs: number;
+  /** Connections the one undici Agent keeps per peer. */
+  readonly peerConnections: number;
+  /** Routes one peer request carries at most. */
+  readonly batchMaxRoutes: number;
+  /** Routes an outbox holds per peer before the oldest are dropped (reconciliation repairs them). */
+  readonly outboxMaxRoutes: number;
+
+  /** Outlier ejection: consecutive failed requests that eject a peer. */
+  readonly ejectAfterFailures: number;
+  /** How often an ejected peer is probed; the first ejection lasts at least this long. */
+  readonly ejectProbeMs: number;
+  /** Ceiling of the doubling ejection time for a peer ejected again and again. */
+  readonly ejectMaxMs: number;
+
+  readonly reconcileIntervalMs: number;
+  readonly bootstrapTimeoutMs: number;
+  readonly tombstoneTtlMs: number;
+
+  readonly defaultSandboxPort: number;
+  /** Optional: when set, host-based routing only accepts `<port>-<id>.<proxyDomain>`. */
+  readonly proxyDomain: string;
+  /** Upstream timeout of a proxied HTTP request (no response headers by then -> 504). */
+  readonly proxyTimeoutMs: number;
+  /** Sockets the data plane's upstream agent keeps per sandbox address. */
+  readonly proxyMaxSockets: number;
+  readonly accessLog: boolean;
+
+  readonly shutdownGraceMs: number;
+  readonly logLevel: LogLevel;
+}
+
+export class ConfigError extends Error {
+  readonly code = 'ROUTESYNC_CONFIG';
+  constructor(
+    readonly variable: string,
+    message: string,
+  ) {
+    super(`invalid ${variable}: ${message}`);
+    this.name = 'ConfigError';
+  }
+}
+
+type Kind = 'addr' | 'int' | 'string' | 'peers' | 'bool' | 'level' | 'file';
+
+interface Setting {
+  readonly key: keyof Config;
+  readonly kind: Kind;
+  readonly fallback: string;
+  readonly min?: number;
+  readonly max?: number;
+}
+
+const LEVELS: readonly LogLevel[] = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
+
+/**
+ * The table of settings. Defaults are chosen for a real cluster (in-cluster RTT well under
+ * 5 ms); the README explains each number. Tests that need short timers set them.
+ */
+export const SETTINGS: Readonly<Record<string, Setting>> = {
+  ROUTESYNC_API_ADDR: { key: 'apiAddr', kind: 'addr', fallback: '127.0.0.1:7788' },
+  ROUTESYNC_PEER_ADDR: { key: 'peerAddr', kind: 'addr', fallback: '0.0.0.0:7789' },
+  ROUTESYNC_PROXY_ADDR: { key: 'proxyAddr', kind: 'addr', fallback: '0.0.0.0:8080' },
+  ROUTESYNC_PEERS: { key: 'peers', kind: 'peers', fallback: '' },
+  ROUTESYNC_PEER_DNS: { key: 'peerDns', kind: 'string', fallback: '' },
+  ROUTESYNC_PEER_DNS_INTERVAL_MS: { key: 'peerDnsIntervalMs', kind: 'int', fallback: '5000', min: 100, max: 3_600_000 },
+  ROUTESYNC_SELF: { key: 'self', kind: 'string', fallback: '' },
+  ROUTESYNC_PEER_TOKEN: { key: 'peerToken', kind: 'string', fallback: '' },
+  ROUTESYNC_PEER_TLS_CERT: { key: 'peerTlsCert', kind: 'file', fallback: '' },
+  ROUTESYNC_PEER_TLS_KEY: { key: 'peerTlsKey', kind: 'file', fallback: '' },
+  ROUTESYNC_PEER_TLS_CA: { key: 'peerTlsCa', kind: 'file', fallback: '' },
+  ROUTESYNC_SYNC_CONCURRENCY: { key: 'syncConcurrency', kind: 'int', fallback: '64', min: 1, max: 10_000 },
+  ROUTESYNC_SYNC_DEADLINE_MS: { key: 'syncDeadlineMs', kind: 'int', fallback: '500', min: 0, max: 60_000 },
+  ROUTESYNC_ATTEMPT_TIMEOUT_MS: { key: 'attemptTimeoutMs', kind: 'int', fallback: '100', min: 1, max: 60_000 },
+  ROUTESYNC_SYNC_RETRIES: { key: 'syncRetries', kind: 'int', fallback: '2', min: 0, max: 10 },
+  ROUTESYNC_RETRY_MIN_MS: { key: 'retryMinMs', kind: 'int', fallback: '10', min: 0, max: 60_000 },
+  ROUTESYNC_RETRY_MAX_MS: { key: 'retryMaxMs', kind: 'int', fallback: '25', min: 0, max: 60_000 },
+  ROUTESYNC_PEER_CONNECTIONS: { key: 'peerConnections', kind: 'int', fallback: '4', min: 1, max: 1024 },
+  ROUTESYNC_BATCH_MAX_ROUTES: { key: 'batchMaxRoutes', kind: 'int', fallback: '1000', min: 1, max: 100_000 },
+  ROUTESYNC_OUTBOX_MAX_ROUTES: { key: 'outboxMaxRoutes', kind: 'int', fallback: '100000', min: 1, max: 10_000_000 },
+  ROUTESYNC_EJECT_AFTER_FAILURES: { key: 'ejectAfterFailures', kind: 'int', fallback: '5', min: 1, max: 1000 },
+  ROUTESYNC_EJECT_PROBE_MS: { key: 'ejectProbeMs', kind: 'int', fallback: '1000', min: 10, max: 600_000 },
+  ROUTESYNC_EJECT_MAX_MS: { key: 'ejectMaxMs', kind: 'int', fallback: '30000', min: 10, max: 3_600_000 },
+  ROUTESYNC_RECONCILE_INTERVAL_MS: { key: 'reconcileIntervalMs', kind: 'int', fallback: '5000', min: 50, max: 3_600_000 },
+  ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: { key: 'bootstrapTimeoutMs', kind: 'int', fallback: '5000', min: 0, max: 600_000 },
+  ROUTESYNC_TOMBSTONE_TTL_MS: { key: 'tombstoneTtlMs', kind: 'int', fallback: '600000', min: 1, max: 604_800_000 },
+  ROUTESYNC_DEFAULT_SANDBOX_PORT: { key: 'defaultSandboxPort', kind: 'int', fallback: '49983', min: 1, max: 65_535 },
+  ROUTESYNC_PROXY_DOMAIN: { key: 'proxyDomain', kind: 'string', fallback: '' },
+  ROUTESYNC_PROXY_TIMEOUT_MS: { key: 'proxyTimeoutMs', kind: 'int', fallback: '60000', min: 1, max: 3_600_000 },
+  ROUTESYNC_PROXY_MAX_SOCKETS: { key: 'proxyMaxSockets', kind: 'int', fallback: '256', min: 1, max: 100_000 },
+  ROUTESYNC_ACCESS_LOG: { key: 'accessLog', kind: 'bool', fallback: 'true' },
+  ROUTESYNC_SHUTDOWN_GRACE_MS: { key: 'shutdownGraceMs', kind: 'int', fallback: '10000', min: 0, max: 600_000 },
+  ROUTESYNC_LOG_LEVEL: { key: 'logLevel', kind: 'level', fallback: 'info' },
+};
+
+/** `ROUTESYNC_SYNC_DEADLINE_MS` -> `sync-deadline-ms`. */
+export function flagName(variable: string): string {
+  return variable.replace(/^ROUTESYNC_/, '').toLowerCase().replaceAll('_', '-');
+}
+
+/** `host:port`, `[v6]:port` or `:port` (all interfaces). */
+export function parseHostPort(text: string): { host: string; port: number } | undefined {
+  const match = /^(?:\[([^\]]+)\]|([^:[\]]*)):(\d{1,5})$/.exec(text.trim());
+  if (!match) return undefined;
+  const host = match[1] ?? match[2] ?? '';
+  const port = Number(match[3]);
+  if (port > 65_535) return undefined;
+  if (match[1] !== undefined && isIP(host) !== 6) return undefined;
+  if (match[2] !== undefined && host !== '' && !/^[A-Za-z0-9.-]+$/.test(host)) return undefined;
+  return { host: host === '' ? '0.0.0.0' : host, port };
+}
+
+/** Canonical `host:port` text of an address; IPv6 bracketed. */
+export function formatHostPort(host: string, port: number): string {
+  return isIP(host) === 6 ? `[${host}]:${port}` : `${host}:${port}`;
+}
+
+function parseValue(variable: string, setting: Setting, raw: string): unknown {
+  switch (setting.kind) {
+    case 'addr': {
+      const addr = parseHostPort(raw);
+      if (!addr) throw new ConfigError(variable, `"${raw}" is not host:port (for example 127.0.0.1:7788)`);
+      return Object.freeze(addr);
+    }
+    case 'int': {
+      if (!/^\d+$/.test(raw.trim())) throw new ConfigError(variable, `"${raw}" is not a non-negative integer`);
+      const value = Number(raw.trim());
+      if (setting.min !== undefined && value < setting.min) throw new ConfigError(variable, `${value} is below the minimum ${setting.min}`);
+      if (setting.max !== undefined && value > setting.max) throw new ConfigError(variable, `${value} is above the maximum ${setting.max}`);
+      return value;
+    }
+    case 'peers': {
+      const peers: string[] = [];
+      for (const part of raw.split(',')) {
+        const text = part.trim();
+        if (text === '') continue;
+        const addr = parseHostPort(text);
+        if (!addr || addr.port === 0) throw new ConfigError(variable, `peer "${text}" is not host:port`);
+        const canonical = formatHostPort(addr.host, addr.port);
+        if (!peers.includes(canonical)) peers.push(canonical);
+      }
+      return Object.freeze(peers);
+    }
+    case 'bool': {
+      const text = raw.trim().toLowerCase();
+      if (['1', 'true', 'yes', 'on'].includes(text)) return true;
+      if (['0', 'false', 'no', 'off'].includes(text)) return false;
+      throw new ConfigError(variable, `"${raw}" is not a boolean (true/false)`);
+    }
+    case 'level': {
+      const text = raw.trim().toLowerCase();
+      if (!(LEVELS as readonly string[]).includes(text)) throw new ConfigError(variable, `"${raw}" is not one of ${LEVELS.join(', ')}`);
+      return text;
+    }
+    case 'file':
+    case 'string':
+      return raw.trim();
+  }
+}
+
+/**
+ * Build the Config from an environment and argv (flags only, no positionals).
+ * Throws ConfigError on the first bad value.
+ */
+export function loadConfig(env: NodeJS.ProcessEnv = process.env, argv: readonly string[] = []): Config {
+  const options: Record<string, { type: 'string' }> = {};
+  for (const variable of Object.keys(SETTINGS)) options[flagName(variable)] = { type: 'string' };
+  let flags: Record<string, string | boolean | undefined>;
+  try {
+    flags = parseArgs({ args: [...argv], options, strict: true, allowPositionals: false }).values as Record<string, string | undefined>;
+  } catch (error) {
+    throw new ConfigError('command line', (error as Error).message.split('\n')[0] ?? 'bad flag');
+  }
+
+  const values: Record<string, unknown> = {};
+  for (const [variable, setting] of Object.entries(SETTINGS)) {
+    const fromFlag = flags[flagName(variable)];
+    const raw = typeof fromFlag === 'string' ? fromFlag : (env[variable] ?? setting.fallback);
+    const name = typeof fromFlag === 'string' ? `--${flagName(variable)}` : variable;
+    values[setting.key] = parseValue(name, setting, raw);
+  }
+  const config = values as unknown as Config;
+
+  if (config.self !== '' && !parseHostPort(config.self)) {
+    throw new ConfigError('ROUTESYNC_SELF', `"${config.self}" is not host:port`);
+  }
+  if (config.peerDns !== '' && !/^[A-Za-z0-9.-]+(?::\d{1,5})?$/.test(config.peerDns)) {
+    throw new ConfigError('ROUTESYNC_PEER_DNS', `"${config.peerDns}" is not a DNS name (name or name:port)`);
+  }
+  if (config.retryMinMs > config.retryMaxMs) {
+    throw new ConfigError('ROUTESYNC_RETRY_MIN_MS', `${config.retryMinMs} is above ROUTESYNC_RETRY_MAX_MS ${config.retryMaxMs}`);
+  }
+  // The invariant that removes the legacy failure: retrying must never cost more than one
+  // attempt's timeout. p-retry's randomize multiplies each wait by up to 2.
+  const worstBackoff = worstCaseBackoffMs(config);
+  if (config.syncRetries > 0 && worstBackoff >= config.attemptTimeoutMs) {
+    throw new ConfigError(
+      'ROUTESYNC_SYNC_RETRIES',
+      `worst-case total backoff ${worstBackoff} ms must stay below ROUTESYNC_ATTEMPT_TIMEOUT_MS ${config.attemptTimeoutMs} ms`,
+    );
+  }
+  const tls = [config.peerTlsCert, config.peerTlsKey].filter((file) => file !== '').length;
+  if (tls === 1) {
+    throw new ConfigError(config.peerTlsCert === '' ? 'ROUTESYNC_PEER_TLS_CERT' : 'ROUTESYNC_PEER_TLS_KEY', 'TLS needs both a certificate and a key');
+  }
+  return Object.freeze(config);
+}
+
+/** Sum of p-retry's waits with `randomize` at its maximum (factor 2), exponent 2. */
+export function worstCaseBackoffMs(config: Pick<Config, 'syncRetries' | 'retryMinMs' | 'retryMaxMs'>): number {
+  let total = 0;
+  for (let attempt = 1; attempt <= config.syncRetries; attempt++) {
+    total += Math.min(2 * config.retryMinMs * 2 ** (attempt - 1), config.retryMaxMs);
+  }
+  return total;
+}
+
+/** A Config for tests and tools: defaults plus overrides given as environment variables. */
+export function configFromEnv(overrides: Record<string, string | undefined> = {}): Config {
+  return loadConfig(overrides as NodeJS.ProcessEnv);
+}

@@ -1,0 +1,220 @@
+// The Route: its type, its validation and resourceVersion ordering.
+//
+// Field names are exactly openkruise's `sandboxroute.Route` JSON, so an openkruise manager
+// can push to us unchanged. Validation builds a fresh object holding only the known fields:
+// unknown fields (and keys such as `__proto__` or `constructor`) are never copied.
+import { isIP } from 'node:net';
+
+export interface Route {
+  readonly namespace: string;
+  readonly name: string;
+  readonly id: string;
+  readonly uid: string;
+  /** A canonical positive decimal integer; compared numerically, any length up to MAX_RESOURCE_VERSION_DIGITS. */
+  readonly resourceVersion: string;
+  /** Empty while the sandbox is being created, else an IPv4 or IPv6 address. */
+  readonly ip: string;
+  /** creating | available | running | paused | dead (any case); any other string is stored, not routable. */
+  readonly state: string;
+  readonly owner?: string;
+  /** A secret: never logged, never listed. */
+  readonly accessToken?: string;
+  readonly requireTrafficAuth?: boolean;
+}
+
+/** A deletion as it travels between replicas: the identity, the version it deletes at, and when its fence was first made. */
+export interface RouteDeletion {
+  readonly namespace: string;
+  readonly name: string;
+  readonly resourceVersion: string;
+  /** Wall-clock ms of the fence's first creation anywhere; absent = now (an openkruise `dead` push). */
+  readonly fencedAtMs?: number;
+}
+
+/** A change as the table and the wire see it. */
+export type RouteChange = { readonly op: 'upsert'; readonly route: Route } | { readonly op: 'delete'; readonly deletion: RouteDeletion };
+
+/**
+ * A guard, not a protocol limit: etcd's resourceVersion is a uint64 (20 digits), so 128
+ * digits is far beyond any real value while keeping comparison and storage bounded.
+ */
+export const MAX_RESOURCE_VERSION_DIGITS = 128;
+/** Kubernetes names are at most 253 characters; the sandbox ID and owner get the same bound. */
+export const MAX_NAME_LENGTH = 253;
+export const MAX_TOKEN_LENGTH = 4096;
+
+export const KNOWN_STATES = ['creating', 'available', 'running', 'paused', 'dead'] as const;
+
+/** Why an input is not a valid route; stable codes, surfaced in 400 bodies. */
+export type RejectReason =
+  | 'not_an_object'
+  | 'missing_field'
+  | 'wrong_type'
+  | 'empty_field'
+  | 'too_long'
+  | 'control_character'
+  | 'invalid_resource_version'
+  | 'invalid_ip'
+  | 'invalid_fenced_at';
+
+export class RouteValidationError extends Error {
+  readonly code = 'ROUTE_INVALID';
+  constructor(
+    readonly reason: RejectReason,
+    readonly field: string | undefined,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'RouteValidationError';
+  }
+}
+
+const CANONICAL_RV = /^[1-9][0-9]*$/;
+// C0 controls, DEL and C1 controls: nothing a Kubernetes name or a sandbox ID contains, and
+// everything that breaks a log line, a URL path or a header.
+// eslint-disable-next-line no-control-regex
+const CONTROL = /[\u0000-\u001f\u007f-\u009f]/;
+
+export function isCanonicalResourceVersion(value: string): boolean {
+  return value.length <= MAX_RESOURCE_VERSION_DIGITS && CANONICAL_RV.test(value);
+}
+
+/** Numeric comparison of two canonical resourceVersions of any length: -1, 0 or 1. */
+export function compareResourceVersions(a: string, b: string): -1 | 0 | 1 {
+  if (a.length !== b.length) return a.length < b.length ? -1 : 1;
+  if (a === b) return 0;
+  return a < b ? -1 : 1;
+}
+
+export function identityKey(namespace: string, name: string): string {
+  // '/' cannot appear in a Kubernetes namespace, so the key is unambiguous.
+  return `${namespace}/${name}`;
+}
+
+export function routeKey(route: Pick<Route, 'namespace' | 'name'>): string {
+  return identityKey(route.namespace, route.name);
+}
+
+export function isRunning(route: Route): boolean {
+  return route.state.toLowerCase() === 'running';
+}
+
+export function isDeadState(state: unknown): boolean {
+  return typeof state === 'string' && state.toLowerCase() === 'dead';
+}
+
+function fail(reason: RejectReason, field: string | undefined, message: string): never {
+  throw new RouteValidationError(reason, field, message);
+}
+
+function isPlainObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
+}
+
+function own(input: Record<string, unknown>, field: string): unknown {
+  return Object.prototype.hasOwnProperty.call(input, field) ? input[field] : undefined;
+}
+
+function requiredString(input: Record<string, unknown>, field: string, maxLength = MAX_NAME_LENGTH): string {
+  const value = own(input, field);
+  if (value === undefined || value === null) fail('missing_field', field, `${field} is required`);
+  if (typeof value !== 'string') fail('wrong_type', field, `${field} must be a string`);
+  if (value === '') fail('empty_field', field, `${field} must not be empty`);
+  return checkText(field, value, maxLength);
+}
+
+function optionalString(input: Record<string, unknown>, field: string, maxLength = MAX_NAME_LENGTH): string | undefined {
+  const value = own(input, field);
+  if (value === undefined || value === null) return undefined;
+  if (typeof value !== 'string') fail('wrong_type', field, `${field} must be a string`);
+  return checkText(field, value, maxLength);
+}
+
+function checkText(field: string, value: string, maxLength: number): string {
+  if (value.length > maxLength) fail('too_long', field, `${field} is longer than ${maxLength} characters`);
+  if (CONTROL.test(value)) fail('control_character', field, `${field} contains a control character`);
+  return value;
+}
+
+function resourceVersionOf(input: Record<string, unknown>): string {
+  const value = own(input, 'resourceVersion');
+  if (value === undefined || value === null) fail('missing_field', 'resourceVersion', 'resourceVersion is required');
+  if (typeof value !== 'string') fail('wrong_type', 'resourceVersion', 'resourceVersion must be a string');
+  if (!isCanonicalResourceVersion(value)) {
+    fail(
+      'invalid_resource_version',
+      'resourceVersion',
+      `resourceVersion must be a positive decimal integer without sign or leading zero, at most ${MAX_RESOURCE_VERSION_DIGITS} digits`,
+    );
+  }
+  return value;
+}
+
+/** Validate an untrusted value as a Route; returns a fresh object with only the known fields. */
+export function parseRoute(input: unknown): Route {
+  if (!isPlainObject(input)) fail('not_an_object', undefined, 'a route must be a JSON object');
+  const namespace = requiredString(input, 'namespace');
+  const name = requiredString(input, 'name');
+  const id = requiredString(input, 'id');
+  const uid = requiredString(input, 'uid');
+  const resourceVersion = resourceVersionOf(input);
+  const ip = optionalString(input, 'ip', 64) ?? '';
+  // Zone IDs (fe80::1%eth0) name an interface of the sender's host, not a pod: refuse them.
+  if (ip !== '' && (isIP(ip) === 0 || ip.includes('%'))) fail('invalid_ip', 'ip', 'ip must be empty or an IPv4/IPv6 address');
+  const state = optionalString(input, 'state', 64) ?? '';
+  const owner = optionalString(input, 'owner');
+  const accessToken = optionalString(input, 'accessToken', MAX_TOKEN_LENGTH);
+  const requireTrafficAuth = own(input, 'requireTrafficAuth');
+  if (requireTrafficAuth !== undefined && requireTrafficAuth !== null && typeof requireTrafficAuth !== 'boolean') {
+    fail('wrong_type', 'requireTrafficAuth', 'requireTrafficAuth must be a boolean');
+  }
+  const route: { -readonly [K in keyof Route]: Route[K] } = { namespace, name, id, uid, resourceVersion, ip, state };
+  if (owner !== undefined && owner !== '') route.owner = owner;
+  if (accessToken !== undefined && accessToken !== '') route.accessToken = accessToken;
+  if (requireTrafficAuth === true) route.requireTrafficAuth = true;
+  return route;
+}
+
+/** Validate an untrusted deletion (namespace, name, resourceVersion; optional fencedAtMs). */
+export function parseDeletion(input: unknown): RouteDeletion {
+  if (!isPlainObject(input)) fail('not_an_object', undefined, 'a deletion must be a JSON object');
+  const namespace = requiredString(input, 'namespace');
+  const name = requiredString(input, 'name');
+  const resourceVersion = resourceVersionOf(input);
+  const fencedAt = own(input, 'fencedAtMs');
+  if (fencedAt === undefined || fencedAt === null) return { namespace, name, resourceVersion };
+  if (typeof fencedAt !== 'number' || !Number.isSafeInteger(fencedAt) || fencedAt < 0) {
+    fail('invalid_fenced_at', 'fencedAtMs', 'fencedAtMs must be a non-negative integer');
+  }
+  return { namespace, name, resourceVersion, fencedAtMs: fencedAt };
+}
+
+/**
+ * One entry of a push (openkruise /refresh or our batch): a route whose state is `dead` is a
+ * deletion and needs only namespace, name and resourceVersion; anything else is an upsert.
+ */
+export function parseChange(input: unknown): RouteChange {
+  if (isPlainObject(input) && isDeadState(own(input, 'state'))) return { op: 'delete', deletion: parseDeletion(input) };
+  return { op: 'upsert', route: parseRoute(input) };
+}
+
+/** The route as listing endpoints show it: the access token never leaves. */
+export function redactRoute(route: Route): Omit<Route, 'accessToken'> & { hasAccessToken: boolean } {
+  const { accessToken, ...visible } = route;
+  return { ...visible, hasAccessToken: accessToken !== undefined };
+}
+
+/** A change as it travels on the wire to peers (deletions as openkruise `dead` routes). */
+export function changeToWire(change: RouteChange): Record<string, unknown> {
+  if (change.op === 'upsert') return change.route as unknown as Record<string, unknown>;
+  const { deletion } = change;
+  return { ...deletion, state: 'dead' };
+}
+
+export function changeKey(change: RouteChange): string {
+  return change.op === 'upsert' ? routeKey(change.route) : routeKey(change.deletion);
+}
+
+export function changeVersion(change: RouteChange): string {
+  return change.op === 'upsert' ? change.route.resourceVersion : change.deletion.resourceVersion;
+}

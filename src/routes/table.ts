@@ -1,0 +1,390 @@
+// RouteTable: the sandbox route table. A pure data structure: no I/O, no timers; the clock is
+// injected. Every mutation returns a result and a reason.
+//
+// Invariants (each is tested in test/unit/table.test.ts):
+//  1. Identity is namespace/name. An identity is either a live route or a deletion fence
+//     (tombstone), never both.
+//  2. An upsert applies only if its resourceVersion is strictly greater than the stored
+//     route's, or than the fence's; otherwise it is ignored as `stale_resource_version`.
+//  3. A delete applies when its resourceVersion is >= the stored route's (a manager deletes at
+//     the sandbox's current version) and leaves a fence at that version. A later delete with a
+//     greater version advances the fence's version; the fence's expiry is counted from its
+//     first creation (`fencedAtMs`, the earliest one seen, carried between replicas so every
+//     replica expires the same fence at the same time).
+//  4. The table's state is a function of the set of changes applied, not of their order (a
+//     property test checks this): in particular the route serving a sandbox ID is the one with
+//     the greatest resourceVersion among the live routes carrying that ID (ties: the smallest
+//     identity key). Kubernetes resourceVersions of all objects come from one etcd counter, so
+//     "greatest" means "newest": a newer identity takes the ID over (`id_takeover`).
+//  5. The digest is maintained incrementally: each bucket holds the XOR of a 64-bit hash of
+//     (kind, identity, resourceVersion) over its routes and fences, so two tables with the same
+//     content have the same digest and a one-route difference shows in exactly one bucket.
+import {
+  compareResourceVersions,
+  identityKey,
+  routeKey,
+  type Route,
+  type RouteChange,
+  type RouteDeletion,
+} from './route.js';
+
+export type ApplyReason =
+  | 'created'
+  | 'updated'
+  | 'deleted'
+  | 'fenced'
+  | 'stale_resource_version'
+  | 'not_found'
+  | 'fence_expired';
+
+export interface ApplyResult {
+  readonly outcome: 'applied' | 'ignored';
+  readonly reason: ApplyReason;
+  /** Identity key, `namespace/name`. */
+  readonly key: string;
+  /** The version the change was applied or judged at (a delete without one takes the stored route's). */
+  readonly resourceVersion?: string;
+  /** Set when this upsert took a sandbox ID over from another identity. */
+  readonly idTakeover?: { readonly id: string; readonly from: string };
+}
+
+export interface Fence {
+  readonly resourceVersion: string;
+  readonly fencedAtMs: number;
+}
+
+export interface RouteTableOptions {
+  /** Deletion-fence retention, counted from the fence's first creation. */
+  readonly tombstoneTtlMs: number;
+  /** Wall clock in ms (fences travel between replicas, so this is Date.now, not a monotonic clock). */
+  readonly now?: () => number;
+  /** Digest buckets, a power of two. */
+  readonly digestBuckets?: number;
+}
+
+export interface TableSnapshot {
+  readonly routes: readonly Route[];
+  readonly fences: readonly (Fence & { readonly key: string })[];
+  readonly idOwners: readonly (readonly [string, string])[];
+}
+
+/** Two 32-bit lanes of a 64-bit non-cryptographic hash (FNV-1a and a Murmur3-style mix, different seeds). */
+export function hash64(text: string): [number, number] {
+  let a = 0x811c9dc5;
+  let b = 0x9747b28c;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    a = Math.imul(a ^ c, 0x01000193);
+    b = Math.imul(b ^ c, 0x5bd1e995);
+    b ^= b >>> 15;
+  }
+  b = Math.imul(b ^ (b >>> 13), 0xc2b2ae35);
+  b ^= b >>> 16;
+  a ^= a >>> 15;
+  return [a >>> 0, b >>> 0];
+}
+
+export const DEFAULT_DIGEST_BUCKETS = 1024;
+
+export class RouteTable {
+  readonly tombstoneTtlMs: number;
+  readonly digestBuckets: number;
+  private readonly now: () => number;
+  private readonly routes = new Map<string, Route>();
+  private readonly fences = new Map<string, Fence>();
+  /** Sandbox ID -> the route serving it. */
+  private readonly idOwner = new Map<string, Route>();
+  /** Only for IDs carried by more than one identity: ID -> those identities' keys. */
+  private readonly idContenders = new Map<string, Set<string>>();
+  /** Per bucket: [lane A, lane B] XOR accumulators. */
+  private readonly digestLanes: Uint32Array;
+  /** Per bucket: identity keys (routes and fences) in it, for pulls. */
+  private readonly bucketKeys: Set<string>[];
+  private readonly bucketMask: number;
+
+  constructor(options: RouteTableOptions) {
+    this.tombstoneTtlMs = options.tombstoneTtlMs;
+    this.now = options.now ?? Date.now;
+    this.digestBuckets = options.digestBuckets ?? DEFAULT_DIGEST_BUCKETS;
+    if (!Number.isInteger(this.digestBuckets) || this.digestBuckets < 1 || (this.digestBuckets & (this.digestBuckets - 1)) !== 0) {
+      throw new RangeError('digestBuckets must be a power of two');
+    }
+    this.bucketMask = this.digestBuckets - 1;
+    this.digestLanes = new Uint32Array(this.digestBuckets * 2);
+    this.bucketKeys = Array.from({ length: this.digestBuckets }, () => new Set<string>());
+  }
+
+  get size(): number {
+    return this.routes.size;
+  }
+
+  get fenceCount(): number {
+    return this.fences.size;
+  }
+
+  get(namespace: string, name: string): Route | undefined {
+    return this.routes.get(identityKey(namespace, name));
+  }
+
+  getByKey(key: string): Route | undefined {
+    return this.routes.get(key);
+  }
+
+  /** The route serving a sandbox ID, if any (the data plane's lookup). */
+  getById(id: string): Route | undefined {
+    return this.idOwner.get(id);
+  }
+
+  getFence(namespace: string, name: string): Fence | undefined {
+    const key = identityKey(namespace, name);
+    return this.liveFence(key);
+  }
+
+  list(): Route[] {
+    return [...this.routes.values()];
+  }
+
+  apply(change: RouteChange): ApplyResult {
+    return change.op === 'upsert' ? this.upsert(change.route) : this.delete(change.deletion);
+  }
+
+  upsert(route: Route): ApplyResult {
+    const key = routeKey(route);
+    const stored = this.routes.get(key);
+    const fence = this.liveFence(key);
+    const floor = stored?.resourceVersion ?? fence?.resourceVersion;
+    if (floor !== undefined && compareResourceVersions(route.resourceVersion, floor) <= 0) {
+      return { outcome: 'ignored', reason: 'stale_resource_version', key, resourceVersion: route.resourceVersion };
+    }
+    const previousOwner = this.idOwner.get(route.id);
+    if (fence) this.removeFence(key, fence);
+    if (stored) this.removeRoute(key, stored);
+    this.addRoute(key, route);
+    const result: { -readonly [K in keyof ApplyResult]: ApplyResult[K] } = {
+      outcome: 'applied',
+      reason: stored ? 'updated' : 'created',
+      key,
+      resourceVersion: route.resourceVersion,
+    };
+    if (previousOwner && routeKey(previousOwner) !== key && this.idOwner.get(route.id) === route) {
+      result.idTakeover = { id: route.id, from: routeKey(previousOwner) };
+    }
+    return result;
+  }
+
+  /**
+   * Delete at a resourceVersion. Without one (an informer's delete whose final state is
+   * unknown) the route is removed and fenced at its stored version; unknown identity: no-op.
+   */
+  delete(deletion: Omit<RouteDeletion, 'resourceVersion'> & { readonly resourceVersion?: string | undefined }): ApplyResult {
+    const key = identityKey(deletion.namespace, deletion.name);
+    const stored = this.routes.get(key);
+    const fence = this.liveFence(key);
+    const version = deletion.resourceVersion ?? stored?.resourceVersion;
+    if (version === undefined) {
+      return { outcome: 'ignored', reason: fence ? 'stale_resource_version' : 'not_found', key, ...(fence ? { resourceVersion: fence.resourceVersion } : {}) };
+    }
+    const now = this.now();
+    const fencedAtMs = Math.min(deletion.fencedAtMs ?? now, fence?.fencedAtMs ?? Number.POSITIVE_INFINITY);
+    const expired = fencedAtMs + this.tombstoneTtlMs <= now;
+
+    if (stored) {
+      if (compareResourceVersions(version, stored.resourceVersion) < 0) {
+        return { outcome: 'ignored', reason: 'stale_resource_version', key, resourceVersion: version };
+      }
+      this.removeRoute(key, stored);
+      if (!expired) this.addFence(key, { resourceVersion: version, fencedAtMs });
+      return { outcome: 'applied', reason: 'deleted', key, resourceVersion: version };
+    }
+    if (fence) {
+      if (compareResourceVersions(version, fence.resourceVersion) <= 0) {
+        // Same or older delete: the visible state is unchanged, but an earlier first-creation
+        // time from a peer is adopted so that every replica expires the fence alike.
+        if (fencedAtMs < fence.fencedAtMs) this.fences.set(key, { resourceVersion: fence.resourceVersion, fencedAtMs });
+        return { outcome: 'ignored', reason: 'stale_resource_version', key, resourceVersion: version };
+      }
+      this.removeFence(key, fence);
+      if (!expired) this.addFence(key, { resourceVersion: version, fencedAtMs });
+      return { outcome: 'applied', reason: 'fenced', key, resourceVersion: version };
+    }
+    if (expired) return { outcome: 'ignored', reason: 'fence_expired', key, resourceVersion: version };
+    this.addFence(key, { resourceVersion: version, fencedAtMs });
+    return { outcome: 'applied', reason: 'fenced', key, resourceVersion: version };
+  }
+
+  /** Remove every fence whose TTL has passed; returns how many. Called by the owner's timer. */
+  sweepExpiredFences(): number {
+    const now = this.now();
+    let removed = 0;
+    for (const [key, fence] of this.fences) {
+      if (fence.fencedAtMs + this.tombstoneTtlMs <= now) {
+        this.removeFence(key, fence);
+        removed++;
+      }
+    }
+    return removed;
+  }
+
+  // --- digest and pull ----------------------------------------------------------------
+
+  bucketOf(key: string): number {
+    return hash64(key)[0] & this.bucketMask;
+  }
+
+  /** Per bucket, a 16-hex-digit digest; equal tables have equal digests. */
+  digest(): string[] {
+    const out = new Array<string>(this.digestBuckets);
+    for (let i = 0; i < this.digestBuckets; i++) {
+      out[i] = this.bucketDigest(i);
+    }
+    return out;
+  }
+
+  bucketDigest(bucket: number): string {
+    const a = this.digestLanes[bucket * 2] ?? 0;
+    const b = this.digestLanes[bucket * 2 + 1] ?? 0;
+    return a.toString(16).padStart(8, '0') + b.toString(16).padStart(8, '0');
+  }
+
+  /** One digest of the whole table (a quick "are we equal at all" check). */
+  rootDigest(): string {
+    let a = 0;
+    let b = 0;
+    for (let i = 0; i < this.digestBuckets; i++) {
+      const [x, y] = hash64(`${i}:${this.bucketDigest(i)}`);
+      a = (a ^ x) >>> 0;
+      b = (b ^ y) >>> 0;
+    }
+    return a.toString(16).padStart(8, '0') + b.toString(16).padStart(8, '0');
+  }
+
+  /** Every route and live fence in the given buckets, as changes a peer can apply. */
+  changesInBuckets(buckets: Iterable<number>): RouteChange[] {
+    const out: RouteChange[] = [];
+    const now = this.now();
+    for (const bucket of buckets) {
+      const keys = this.bucketKeys[bucket];
+      if (!keys) continue;
+      for (const key of keys) {
+        const route = this.routes.get(key);
+        if (route) {
+          out.push({ op: 'upsert', route });
+          continue;
+        }
+        const fence = this.fences.get(key);
+        if (fence && fence.fencedAtMs + this.tombstoneTtlMs > now) {
+          const slash = key.indexOf('/');
+          out.push({
+            op: 'delete',
+            deletion: { namespace: key.slice(0, slash), name: key.slice(slash + 1), resourceVersion: fence.resourceVersion, fencedAtMs: fence.fencedAtMs },
+          });
+        }
+      }
+    }
+    return out;
+  }
+
+  /** Every route and live fence: a full export for bootstrap. */
+  allChanges(): RouteChange[] {
+    return this.changesInBuckets(Array.from({ length: this.digestBuckets }, (_, i) => i));
+  }
+
+  /** Drop everything (a replica that rebuilds a suspect table from its peers). */
+  clear(): void {
+    this.routes.clear();
+    this.fences.clear();
+    this.idOwner.clear();
+    this.idContenders.clear();
+    this.digestLanes.fill(0);
+    for (const keys of this.bucketKeys) keys.clear();
+  }
+
+  /** A canonical, order-free view of the whole state, for equality checks. */
+  snapshot(): TableSnapshot {
+    const routes = [...this.routes.values()].sort((x, y) => cmpText(routeKey(x), routeKey(y)));
+    const fences = [...this.fences.entries()].map(([key, fence]) => ({ key, ...fence })).sort((x, y) => cmpText(x.key, y.key));
+    const idOwners = [...this.idOwner.entries()].map(([id, route]) => [id, routeKey(route)] as const).sort((x, y) => cmpText(x[0], y[0]));
+    return { routes, fences, idOwners };
+  }
+
+  // --- internals ---------------------------------------------------------------------
+
+  private liveFence(key: string): Fence | undefined {
+    const fence = this.fences.get(key);
+    if (fence && fence.fencedAtMs + this.tombstoneTtlMs <= this.now()) {
+      this.removeFence(key, fence);
+      return undefined;
+    }
+    return fence;
+  }
+
+  private toggleDigest(kind: 'R' | 'F', key: string, resourceVersion: string): void {
+    const bucket = this.bucketOf(key);
+    const [a, b] = hash64(`${kind}\u0000${key}\u0000${resourceVersion}`);
+    this.digestLanes[bucket * 2] = (this.digestLanes[bucket * 2]! ^ a) >>> 0;
+    this.digestLanes[bucket * 2 + 1] = (this.digestLanes[bucket * 2 + 1]! ^ b) >>> 0;
+  }
+
+  private addFence(key: string, fence: Fence): void {
+    this.fences.set(key, fence);
+    this.toggleDigest('F', key, fence.resourceVersion);
+    this.bucketKeys[this.bucketOf(key)]!.add(key);
+  }
+
+  private removeFence(key: string, fence: Fence): void {
+    this.fences.delete(key);
+    this.toggleDigest('F', key, fence.resourceVersion);
+    this.bucketKeys[this.bucketOf(key)]!.delete(key);
+  }
+
+  private addRoute(key: string, route: Route): void {
+    this.routes.set(key, route);
+    this.toggleDigest('R', key, route.resourceVersion);
+    this.bucketKeys[this.bucketOf(key)]!.add(key);
+    const owner = this.idOwner.get(route.id);
+    if (!owner) {
+      this.idOwner.set(route.id, route);
+      return;
+    }
+    let contenders = this.idContenders.get(route.id);
+    if (!contenders) {
+      contenders = new Set([routeKey(owner)]);
+      this.idContenders.set(route.id, contenders);
+    }
+    contenders.add(key);
+    if (outranks(route, owner)) this.idOwner.set(route.id, route);
+  }
+
+  private removeRoute(key: string, route: Route): void {
+    this.routes.delete(key);
+    this.toggleDigest('R', key, route.resourceVersion);
+    this.bucketKeys[this.bucketOf(key)]!.delete(key);
+    const contenders = this.idContenders.get(route.id);
+    if (!contenders) {
+      if (this.idOwner.get(route.id) === route) this.idOwner.delete(route.id);
+      return;
+    }
+    contenders.delete(key);
+    if (this.idOwner.get(route.id) === route) {
+      let best: Route | undefined;
+      for (const other of contenders) {
+        const candidate = this.routes.get(other);
+        if (candidate && (!best || outranks(candidate, best))) best = candidate;
+      }
+      if (best) this.idOwner.set(route.id, best);
+      else this.idOwner.delete(route.id);
+    }
+    if (contenders.size <= 1) this.idContenders.delete(route.id);
+  }
+}
+
+/** Does `a` win the sandbox ID over `b`? Newer resourceVersion; ties by the smaller key. */
+function outranks(a: Route, b: Route): boolean {
+  const byVersion = compareResourceVersions(a.resourceVersion, b.resourceVersion);
+  if (byVersion !== 0) return byVersion > 0;
+  return cmpText(routeKey(a), routeKey(b)) < 0;
+}
+
+function cmpText(a: string, b: string): number {
+  return a < b ? -1 : a > b ? 1 : 0;
+}

@@ -1,0 +1,15 @@
+import { defineConfig } from 'vitest/config';
+
+export default defineConfig({
+  test: {
+    include: ['test/**/*.test.ts'],
+    // Integration tests start real servers on loopback; the machines are slow and shared, so
+    // each test waits for events with bounds of seconds rather than sleeping.
+    testTimeout: 60_000,
+    hookTimeout: 30_000,
+    pool: 'forks',
+    // Two cores: more workers only make the timing-sensitive integration tests noisier.
+    maxWorkers: 2,
+    reporters: ['default'],
+  },
+});
