@@ -1,0 +1,74 @@
+// One error -> HTTP mapping for both Express apps. Every error body has the same shape:
+//   {"error": {"code": "<stable_code>", "message": "<human text>", ...details}}
+import type { ErrorRequestHandler, RequestHandler, Response } from 'express';
+import type { Logger } from '../log.js';
+import { RouteValidationError } from '../routes/route.js';
+
+export class ApiError extends Error {
+  constructor(
+    readonly status: number,
+    readonly code: string,
+    message: string,
+    readonly details: Record<string, unknown> = {},
+  ) {
+    super(message);
+    this.name = 'ApiError';
+  }
+}
+
+export function sendError(res: Response, status: number, code: string, message: string, details: Record<string, unknown> = {}): void {
+  if (res.headersSent) return;
+  res.status(status).json({ error: { code, message, ...details } });
+}
+
+/** body-parser's error types (err.type) -> status and stable code. */
+const BODY_ERRORS: Readonly<Record<string, readonly [number, string, string]>> = {
+  'entity.too.large': [413, 'body_too_large', 'request body is larger than this endpoint accepts'],
+  'entity.parse.failed': [400, 'invalid_json', 'request body is not valid JSON'],
+  'encoding.unsupported': [415, 'unsupported_encoding', 'unsupported content encoding'],
+  'charset.unsupported': [415, 'unsupported_charset', 'unsupported charset'],
+  'request.aborted': [400, 'request_aborted', 'request aborted by the client'],
+  'request.size.invalid': [400, 'invalid_body_size', 'request body size does not match Content-Length'],
+};
+
+export function errorHandler(logger: Logger): ErrorRequestHandler {
+  return (error: unknown, req, res, _next) => {
+    if (error instanceof ApiError) return sendError(res, error.status, error.code, error.message, error.details);
+    if (error instanceof RouteValidationError) {
+      return sendError(res, 400, 'invalid_route', error.message, { reason: error.reason, ...(error.field ? { field: error.field } : {}) });
+    }
+    const type = (error as { type?: unknown } | null)?.type;
+    if (typeof type === 'string' && BODY_ERRORS[type]) {
+      const [status, code, message] = BODY_ERRORS[type];
+      return sendError(res, status, code, message);
+    }
+    const status = (error as { status?: unknown } | null)?.status;
+    if (typeof status === 'number' && status >= 400 && status < 500) {
+      return sendError(res, status, 'bad_request', 'the request could not be read');
+    }
+    // Only the method, path and error: never the body or headers, which may hold secrets.
+    logger.error({ method: req.method, path: req.path, err: error }, 'internal error');
+    return sendError(res, 500, 'internal', 'internal error');
+  };
+}
+
+export const notFound: RequestHandler = (req, res) => {
+  sendError(res, 404, 'not_found', `no endpoint ${req.method} ${req.path}`);
+};
+
+/** Answer 415 unless the request says it carries JSON (the local API is strict; /refresh is not). */
+export const requireJson: RequestHandler = (req, _res, next) => {
+  if (!req.is('application/json')) {
+    next(new ApiError(415, 'unsupported_media_type', 'the body must be JSON with Content-Type: application/json'));
+    return;
+  }
+  next();
+};
+
+/** Answer 405 with Allow for any other method on a known path. */
+export function methodNotAllowed(allow: string): RequestHandler {
+  return (req, res) => {
+    res.setHeader('Allow', allow);
+    sendError(res, 405, 'method_not_allowed', `${req.method} is not allowed here; allowed: ${allow}`);
+  };
+}

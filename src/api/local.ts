@@ -1,0 +1,98 @@
+// The local API: the local manager's loopback endpoint for route changes and inspection.
+import express, { type Express } from 'express';
+import type { Logger } from '../log.js';
+import type { PeerSync } from '../peers/fanout.js';
+import { isCanonicalResourceVersion, parseChange, redactRoute, type RouteChange } from '../routes/route.js';
+import type { RouteTable } from '../routes/table.js';
+import type { RouteService } from '../service.js';
+import { ApiError, errorHandler, methodNotAllowed, notFound, requireJson } from './errors.js';
+
+/** One route is well under 1 MiB; a manager's informer resync of 100,000 routes is ~30 MiB. */
+export const ROUTE_BODY_LIMIT_BYTES = 1_048_576;
+export const BATCH_BODY_LIMIT_BYTES = 64 * 1_048_576;
+export const BATCH_MAX_ROUTES = 200_000;
+
+export interface LocalApiDeps {
+  readonly service: RouteService;
+  readonly table: RouteTable;
+  readonly sync: PeerSync;
+  readonly logger: Logger;
+}
+
+export function createLocalApp(deps: LocalApiDeps): Express {
+  const { service, table, sync, logger } = deps;
+  const app = express();
+  app.disable('x-powered-by');
+  app.set('etag', false);
+  const routeJson = express.json({ limit: ROUTE_BODY_LIMIT_BYTES, type: 'application/json' });
+  const batchJson = express.json({ limit: BATCH_BODY_LIMIT_BYTES, type: 'application/json' });
+
+  app.put('/v1/routes', requireJson, routeJson, async (req, res) => {
+    const change = parseChange(req.body);
+    res.json(await service.applyLocal(change));
+  });
+
+  app.delete('/v1/routes/:namespace/:name', async (req, res) => {
+    const { namespace, name } = req.params;
+    const raw = req.query.resourceVersion;
+    if (raw !== undefined && (typeof raw !== 'string' || !isCanonicalResourceVersion(raw))) {
+      throw new ApiError(400, 'invalid_route', 'resourceVersion must be a positive decimal integer without sign or leading zero', {
+        reason: 'invalid_resource_version',
+        field: 'resourceVersion',
+      });
+    }
+    res.json(await service.deleteLocal(namespace, name, raw));
+  });
+
+  app.post('/v1/routes/batch', requireJson, batchJson, async (req, res) => {
+    const body = req.body as unknown;
+    const entries = Array.isArray(body) ? body : (body as { routes?: unknown } | null)?.routes;
+    if (!Array.isArray(entries)) throw new ApiError(400, 'invalid_batch', 'the body must be {"routes": [...]} or an array of routes');
+    if (entries.length > BATCH_MAX_ROUTES) throw new ApiError(413, 'batch_too_large', `a batch carries at most ${BATCH_MAX_ROUTES} routes`);
+    // All or nothing: a batch with any invalid route changes nothing.
+    const changes: RouteChange[] = [];
+    const invalid: { index: number; reason: string; field?: string; message: string }[] = [];
+    entries.forEach((entry, index) => {
+      try {
+        changes.push(parseChange(entry));
+      } catch (error) {
+        const { reason, field, message } = error as { reason: string; field?: string; message: string };
+        invalid.push({ index, reason, message, ...(field ? { field } : {}) });
+      }
+    });
+    if (invalid.length > 0) {
+      throw new ApiError(400, 'invalid_route', `${invalid.length} of ${entries.length} routes are invalid; nothing was applied`, {
+        invalid: invalid.slice(0, 100),
+      });
+    }
+    const { results, sync: outcome } = await service.applyLocalBatch(changes);
+    res.json({ results, sync: outcome });
+  });
+
+  app.get('/v1/routes', (req, res) => {
+    const namespace = typeof req.query.namespace === 'string' ? req.query.namespace : undefined;
+    const routes = table
+      .list()
+      .filter((route) => namespace === undefined || route.namespace === namespace)
+      .map(redactRoute);
+    res.json({ count: routes.length, tombstones: table.fenceCount, routes });
+  });
+
+  app.all('/v1/routes/batch', methodNotAllowed('POST'));
+
+  app.get('/v1/routes/:id', (req, res) => {
+    const route = table.getById(req.params.id);
+    if (!route) throw new ApiError(404, 'route_not_found', `no route serves sandbox ID ${JSON.stringify(req.params.id)}`);
+    res.json(redactRoute(route));
+  });
+
+  app.get('/v1/peers', (_req, res) => {
+    res.json({ peers: sync.status() });
+  });
+
+  app.all('/v1/routes', methodNotAllowed('GET, PUT'));
+  app.all('/v1/peers', methodNotAllowed('GET'));
+  app.use(notFound);
+  app.use(errorHandler(logger));
+  return app;
+}

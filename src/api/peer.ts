@@ -1,0 +1,120 @@
+// The peer API: what other replicas (and an unchanged openkruise manager) talk to.
+//   POST /refresh          openkruise-compatible single-route push
+//   POST /v1/peer/routes   batched push: {"routes": [...]} -> {"results": [...]}
+//   GET  /healthz /readyz /metrics   probes and metrics, never behind the token
+// Reconciliation adds its own endpoints through `extend` (digest, pull).
+import { createHash, timingSafeEqual } from 'node:crypto';
+import express, { type Express, type RequestHandler, type Router } from 'express';
+import type { Logger } from '../log.js';
+import type { Metrics } from '../metrics.js';
+import { INSTANCE_HEADER, PEER_PUSH_PATH } from '../peers/client.js';
+import { parseChange, type RouteChange } from '../routes/route.js';
+import type { RouteService } from '../service.js';
+import { ApiError, errorHandler, methodNotAllowed, notFound, sendError } from './errors.js';
+
+/** openkruise's limit for /refresh: 1 MiB, inclusive. */
+export const REFRESH_BODY_LIMIT_BYTES = 1_048_576;
+/** A peer batch carries at most batchMaxRoutes routes; this bounds the bytes. */
+export const PEER_BATCH_BODY_LIMIT_BYTES = 64 * 1_048_576;
+
+export interface PeerApiDeps {
+  readonly service: RouteService;
+  readonly metrics: Metrics;
+  readonly logger: Logger;
+  readonly token: string;
+  readonly instanceId: string;
+  readonly isReady: () => boolean;
+  /** Called before /metrics is rendered, to refresh gauges. */
+  readonly beforeMetrics?: () => void;
+  /** Extra authenticated peer endpoints (reconciliation). */
+  readonly extend?: (router: Router) => void;
+}
+
+/** `Authorization: Bearer <token>`, compared in constant time over equal-length digests. */
+export function bearerAuth(token: string): RequestHandler {
+  const expected = createHash('sha256').update(`Bearer ${token}`).digest();
+  return (req, res, next) => {
+    const given = createHash('sha256').update(req.headers.authorization ?? '').digest();
+    if (!timingSafeEqual(given, expected)) {
+      res.setHeader('WWW-Authenticate', 'Bearer realm="routesync-peer"');
+      sendError(res, 401, 'unauthorized', 'a valid peer token is required');
+      return;
+    }
+    next();
+  };
+}
+
+export function createPeerApp(deps: PeerApiDeps): Express {
+  const { service, metrics, logger } = deps;
+  const app = express();
+  app.disable('x-powered-by');
+  app.set('etag', false);
+  app.use((_req, res, next) => {
+    res.setHeader(INSTANCE_HEADER, deps.instanceId);
+    next();
+  });
+
+  // Probes and metrics are open: kubelet and Prometheus carry no token.
+  app.get('/healthz', (_req, res) => {
+    res.json({ status: 'ok' });
+  });
+  app.get('/readyz', (_req, res) => {
+    if (deps.isReady()) res.json({ status: 'ready' });
+    else sendError(res, 503, 'not_ready', 'the route table is not bootstrapped yet');
+  });
+  app.get('/metrics', async (_req, res) => {
+    deps.beforeMetrics?.();
+    res.setHeader('Content-Type', metrics.registry.contentType);
+    res.send(await metrics.registry.metrics());
+  });
+
+  const peer = express.Router();
+  if (deps.token !== '') peer.use(bearerAuth(deps.token));
+
+  // openkruise sends no reliable Content-Type, so any type is parsed as JSON here.
+  const refreshJson = express.json({ limit: REFRESH_BODY_LIMIT_BYTES, type: () => true });
+  peer.post('/refresh', refreshJson, (req, res) => {
+    const body = req.body as unknown;
+    if (isLegacyIdOnly(body)) {
+      // An old manager's ID-only push carries no identity or version to order it by.
+      res.status(204).end();
+      return;
+    }
+    service.applyRemote([parseChange(body)], 'peer');
+    res.status(204).end();
+  });
+  peer.all('/refresh', methodNotAllowed('POST'));
+
+  const batchJson = express.json({ limit: PEER_BATCH_BODY_LIMIT_BYTES, type: () => true });
+  peer.post(PEER_PUSH_PATH, batchJson, (req, res) => {
+    const entries = (req.body as { routes?: unknown } | null)?.routes;
+    if (!Array.isArray(entries)) throw new ApiError(400, 'invalid_batch', 'the body must be {"routes": [...]}');
+    const changes: RouteChange[] = [];
+    for (const [index, entry] of entries.entries()) {
+      try {
+        changes.push(parseChange(entry));
+      } catch (error) {
+        const { reason, field, message } = error as { reason: string; field?: string; message: string };
+        // All or nothing, as on the local API.
+        throw new ApiError(400, 'invalid_route', `route ${index}: ${message}; nothing was applied`, { index, reason, ...(field ? { field } : {}) });
+      }
+    }
+    const results = service.applyRemote(changes, 'peer');
+    res.json({ results: results.map(({ outcome, reason }) => ({ outcome, reason })) });
+  });
+  peer.all(PEER_PUSH_PATH, methodNotAllowed('POST'));
+
+  deps.extend?.(peer);
+  app.use(peer);
+  app.use(notFound);
+  app.use(errorHandler(logger));
+  return app;
+}
+
+/** openkruise's legacy payload: an ID with no namespace and name. */
+function isLegacyIdOnly(body: unknown): boolean {
+  if (typeof body !== 'object' || body === null || Array.isArray(body)) return false;
+  const { namespace, name, id } = body as Record<string, unknown>;
+  const absent = (value: unknown) => value === undefined || value === null || value === '';
+  return absent(namespace) && absent(name) && typeof id === 'string' && id !== '';
+}

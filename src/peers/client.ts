@@ -1,0 +1,282 @@
+// The one undici Agent every peer request goes through, and the one place peer errors are
+// classified (transient: retry; permanent: fail at once).
+//
+// Traps avoided here:
+//  - every response body is consumed (json() or dump()), or the connection stays pinned and
+//    the pool runs dry;
+//  - sub-second budgets are enforced with an AbortSignal; undici's own timers are coarse;
+//  - an aborted undici request rejects with the signal's reason, so the reason is one of our
+//    own errors with a stable `code`;
+//  - errors are classified by `code` (and HTTP status), never by `instanceof` (undici's error
+//    classes are duplicated when two copies of undici are loaded).
+import { Agent, type Dispatcher } from 'undici';
+import type { RouteChange } from '../routes/route.js';
+import { changeToWire } from '../routes/route.js';
+
+/** Stable error classes; they label metrics and appear in sync outcomes. */
+export type PeerErrorClass =
+  | 'refused'
+  | 'reset'
+  | 'timeout'
+  | 'unreachable'
+  | 'dns'
+  | 'http_429'
+  | 'http_5xx'
+  | 'http_4xx'
+  | 'unauthorized'
+  | 'protocol'
+  | 'aborted'
+  | 'self'
+  | 'unknown';
+
+const TRANSIENT: ReadonlySet<PeerErrorClass> = new Set(['refused', 'reset', 'timeout', 'unreachable', 'dns', 'http_429', 'http_5xx']);
+
+export class PeerRequestError extends Error {
+  readonly code: string;
+  readonly errorClass: PeerErrorClass;
+  readonly transient: boolean;
+  readonly status: number | undefined;
+  constructor(errorClass: PeerErrorClass, message: string, options: { cause?: unknown; status?: number; code?: string } = {}) {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause });
+    this.name = 'PeerRequestError';
+    this.errorClass = errorClass;
+    this.transient = TRANSIENT.has(errorClass);
+    this.status = options.status;
+    this.code = options.code ?? `ROUTESYNC_PEER_${errorClass.toUpperCase()}`;
+  }
+}
+
+/** The reason an attempt's own timer aborts it with. */
+export class AttemptTimeoutError extends Error {
+  readonly code = 'ROUTESYNC_ATTEMPT_TIMEOUT';
+  constructor(readonly timeoutMs: number) {
+    super(`peer did not answer within ${timeoutMs} ms`);
+    this.name = 'AttemptTimeoutError';
+  }
+}
+
+/** The reason shutdown (or a caller) aborts work with; never retried. */
+export class SyncAbortedError extends Error {
+  readonly code = 'ROUTESYNC_ABORTED';
+  constructor(message = 'aborted') {
+    super(message);
+    this.name = 'SyncAbortedError';
+  }
+}
+
+const CODE_CLASSES: Readonly<Record<string, PeerErrorClass>> = {
+  ECONNREFUSED: 'refused',
+  ECONNRESET: 'reset',
+  EPIPE: 'reset',
+  ECONNABORTED: 'reset',
+  UND_ERR_SOCKET: 'reset',
+  UND_ERR_CLOSED: 'reset',
+  ROUTESYNC_ATTEMPT_TIMEOUT: 'timeout',
+  ETIMEDOUT: 'timeout',
+  UND_ERR_CONNECT_TIMEOUT: 'timeout',
+  UND_ERR_HEADERS_TIMEOUT: 'timeout',
+  UND_ERR_BODY_TIMEOUT: 'timeout',
+  EHOSTUNREACH: 'unreachable',
+  ENETUNREACH: 'unreachable',
+  EHOSTDOWN: 'unreachable',
+  ENETDOWN: 'unreachable',
+  EADDRNOTAVAIL: 'unreachable',
+  EAI_AGAIN: 'dns',
+  ENOTFOUND: 'dns',
+  ROUTESYNC_ABORTED: 'aborted',
+  UND_ERR_ABORTED: 'aborted',
+  ABORT_ERR: 'aborted',
+  UND_ERR_INVALID_ARG: 'protocol',
+  UND_ERR_RES_CONTENT_LENGTH_MISMATCH: 'reset',
+  UND_ERR_REQ_CONTENT_LENGTH_MISMATCH: 'protocol',
+  UND_ERR_INFO: 'protocol',
+  ERR_TLS_CERT_ALTNAME_INVALID: 'protocol',
+  UNABLE_TO_VERIFY_LEAF_SIGNATURE: 'protocol',
+  DEPTH_ZERO_SELF_SIGNED_CERT: 'protocol',
+  SELF_SIGNED_CERT_IN_CHAIN: 'protocol',
+  CERT_HAS_EXPIRED: 'protocol',
+};
+
+/** Map an HTTP status that is not 2xx to its class. */
+export function classifyStatus(status: number): PeerErrorClass {
+  if (status === 429) return 'http_429';
+  if (status === 401 || status === 403) return 'unauthorized';
+  if (status >= 500) return 'http_5xx';
+  return 'http_4xx';
+}
+
+/** Classify anything thrown by a peer request, once, by `code`. */
+export function classifyPeerError(error: unknown): PeerRequestError {
+  if (error instanceof PeerRequestError) return error;
+  const code = codeOf(error);
+  const errorClass = (code && CODE_CLASSES[code]) || 'unknown';
+  const message = error instanceof Error ? error.message : String(error);
+  return new PeerRequestError(errorClass, message, { cause: error, ...(code ? { code } : {}) });
+}
+
+function codeOf(error: unknown): string | undefined {
+  if (typeof error !== 'object' || error === null) return undefined;
+  const code = (error as { code?: unknown }).code;
+  if (typeof code === 'string') return code;
+  // undici wraps connection failures: the system error is the cause.
+  const cause = (error as { cause?: unknown }).cause;
+  return cause === undefined || cause === error ? undefined : codeOf(cause);
+}
+
+export interface PeerClientOptions {
+  /** Connections kept per peer (the pool bound). */
+  readonly connections: number;
+  /** Shared secret sent as a Bearer token ('' = none). */
+  readonly token: string;
+  /** This replica's instance ID: a peer that answers with it is this replica itself. */
+  readonly instanceId: string;
+  /** 'https' when the peer API uses TLS. */
+  readonly scheme?: 'http' | 'https';
+  /** Extra undici connect options (TLS CA, client certificate). */
+  readonly connect?: Agent.Options['connect'];
+  /** Test hook: count dispatched requests. */
+  readonly onRequest?: (peer: string, path: string) => void;
+}
+
+/** What a peer answered for each entry of a push. */
+export interface PushAck {
+  readonly applied: number;
+  readonly ignored: number;
+  readonly rejected: number;
+}
+
+export const INSTANCE_HEADER = 'x-routesync-instance';
+export const PEER_PUSH_PATH = '/v1/peer/routes';
+
+export class PeerClient {
+  readonly agent: Agent;
+  private readonly headers: Record<string, string>;
+  private readonly scheme: 'http' | 'https';
+
+  constructor(private readonly options: PeerClientOptions) {
+    this.scheme = options.scheme ?? 'http';
+    this.agent = new Agent({
+      connections: options.connections,
+      pipelining: 1,
+      // Long enough to reuse a connection across the gaps between lifecycle calls; the peer's
+      // own keep-alive hint (Node's default 5 s) still wins when shorter.
+      keepAliveTimeout: 30_000,
+      keepAliveMaxTimeout: 60_000,
+      ...(options.connect ? { connect: options.connect } : {}),
+    });
+    this.headers = { 'content-type': 'application/json', [INSTANCE_HEADER]: options.instanceId };
+    if (options.token !== '') this.headers.authorization = `Bearer ${options.token}`;
+  }
+
+  origin(peer: string): string {
+    return `${this.scheme}://${peer}`;
+  }
+
+  /** Push changes to a peer's batch endpoint. Resolves on 2xx; throws a classified PeerRequestError otherwise. */
+  async push(peer: string, changes: readonly RouteChange[], signal: AbortSignal): Promise<PushAck> {
+    const body = JSON.stringify({ routes: changes.map(changeToWire) });
+    const json = await this.requestJson(peer, 'POST', PEER_PUSH_PATH, body, signal);
+    const results = (json as { results?: unknown }).results;
+    if (!Array.isArray(results) || results.length !== changes.length) {
+      throw new PeerRequestError('protocol', `peer ${peer} answered a push without one result per route`);
+    }
+    let applied = 0;
+    let ignored = 0;
+    let rejected = 0;
+    for (const result of results as { outcome?: unknown }[]) {
+      if (result?.outcome === 'applied') applied++;
+      else if (result?.outcome === 'ignored') ignored++;
+      else rejected++;
+    }
+    return { applied, ignored, rejected };
+  }
+
+  /** A cheap liveness probe (the peer's /healthz). */
+  async probe(peer: string, signal: AbortSignal): Promise<void> {
+    await this.request(peer, 'GET', '/healthz', undefined, signal, true);
+  }
+
+  /** GET or POST returning parsed JSON; throws a classified PeerRequestError. */
+  async requestJson(peer: string, method: 'GET' | 'POST', path: string, body: string | undefined, signal: AbortSignal): Promise<unknown> {
+    const response = await this.request(peer, method, path, body, signal, false);
+    try {
+      return (await response.body.json()) as unknown;
+    } catch (error) {
+      throw new PeerRequestError('protocol', `peer ${peer} sent a body that is not JSON`, { cause: error });
+    }
+  }
+
+  /**
+   * One request. On a non-2xx status the body is dumped and a classified error thrown; with
+   * `dump` the body of a 2xx is dumped too. The caller consumes the body otherwise.
+   */
+  async request(
+    peer: string,
+    method: 'GET' | 'POST',
+    path: string,
+    body: string | undefined,
+    signal: AbortSignal,
+    dump: boolean,
+  ): Promise<Dispatcher.ResponseData> {
+    this.options.onRequest?.(peer, path);
+    let response: Dispatcher.ResponseData;
+    try {
+      response = await this.agent.request({
+        origin: this.origin(peer),
+        path,
+        method,
+        headers: this.headers,
+        ...(body === undefined ? {} : { body }),
+        signal,
+      });
+    } catch (error) {
+      throw classifyPeerError(error);
+    }
+    if (response.headers[INSTANCE_HEADER] === this.options.instanceId) {
+      await response.body.dump();
+      throw new PeerRequestError('self', `peer ${peer} is this replica`);
+    }
+    if (response.statusCode < 200 || response.statusCode >= 300) {
+      await response.body.dump();
+      throw new PeerRequestError(classifyStatus(response.statusCode), `peer ${peer} answered ${response.statusCode}`, {
+        status: response.statusCode,
+      });
+    }
+    if (dump) await response.body.dump();
+    return response;
+  }
+
+  async close(): Promise<void> {
+    await this.agent.close();
+  }
+
+  /** Drop every connection now (shutdown after the grace period). */
+  async destroy(): Promise<void> {
+    await this.agent.destroy();
+  }
+}
+
+/**
+ * An AbortSignal that fires after `timeoutMs` with an AttemptTimeoutError, or when `outer`
+ * fires (with its reason). `clear()` releases the timer.
+ */
+export function attemptSignal(timeoutMs: number, outer?: AbortSignal): { signal: AbortSignal; clear: () => void } {
+  const controller = new AbortController();
+  const timer = setTimeout(() => controller.abort(new AttemptTimeoutError(timeoutMs)), timeoutMs);
+  timer.unref();
+  let onOuterAbort: (() => void) | undefined;
+  if (outer) {
+    if (outer.aborted) controller.abort(outer.reason);
+    else {
+      onOuterAbort = () => controller.abort(outer.reason);
+      outer.addEventListener('abort', onOuterAbort, { once: true });
+    }
+  }
+  return {
+    signal: controller.signal,
+    clear: () => {
+      clearTimeout(timer);
+      if (outer && onOuterAbort) outer.removeEventListener('abort', onOuterAbort);
+    },
+  };
+}

@@ -1,0 +1,516 @@
+// PeerSync: delivers route changes to every peer — one PeerOutbox and one sender per peer,
+// one p-limit cap on peer requests in flight across all peers, p-retry on transient failures
+// only, one overall deadline for the lifecycle call, and Envoy-style outlier ejection.
+//
+// The lifecycle call (sync) never waits longer than the deadline, and never waits for an
+// ejected peer. What is not delivered by the deadline stays queued and the sender keeps going
+// in the background; the outbox bound keeps that memory finite, and reconciliation repairs
+// anything dropped.
+import { performance } from 'node:perf_hooks';
+import pLimit, { type LimitFunction } from 'p-limit';
+import pRetry from 'p-retry';
+import type { Config } from '../config.js';
+import type { Logger } from '../log.js';
+import type { Metrics } from '../metrics.js';
+import { changeKey, changeVersion, type RouteChange } from '../routes/route.js';
+import { attemptSignal, classifyPeerError, PeerRequestError, SyncAbortedError, type PeerClient, type PeerErrorClass, type PushAck } from './client.js';
+import { PeerOutbox, type DeliveryOutcome, type DeliveryWaiter } from './outbox.js';
+
+export type SyncConfig = Pick<
+  Config,
+  | 'syncConcurrency'
+  | 'syncDeadlineMs'
+  | 'attemptTimeoutMs'
+  | 'syncRetries'
+  | 'retryMinMs'
+  | 'retryMaxMs'
+  | 'batchMaxRoutes'
+  | 'outboxMaxRoutes'
+  | 'ejectAfterFailures'
+  | 'ejectProbeMs'
+  | 'ejectMaxMs'
+>;
+
+export interface SyncOutcome {
+  /** Peers the change was sent to (self excluded). */
+  readonly peers: number;
+  /** Peers that acknowledged every change of the call. */
+  readonly acked: number;
+  /** Peers whose delivery failed before the deadline, with the error class (changes stay queued unless the failure was permanent). */
+  readonly failed: readonly { readonly peer: string; readonly errorClass: string }[];
+  /** Peers still owed the change when the call returned: handed to the background path. */
+  readonly pending: readonly { readonly peer: string; readonly reason: string }[];
+  readonly elapsedMs: number;
+}
+
+export interface PeerStatus {
+  readonly peer: string;
+  readonly reachable: boolean;
+  readonly consecutiveFailures: number;
+  readonly ejected: boolean;
+  readonly ejectedUntil: string | null;
+  readonly ejections: number;
+  readonly lastSuccess: string | null;
+  readonly lastFailure: { readonly errorClass: string; readonly at: string } | null;
+  readonly pendingRoutes: number;
+  readonly lastReconcile: string | null;
+}
+
+interface PeerState {
+  readonly address: string;
+  readonly outbox: PeerOutbox;
+  sending: boolean;
+  removed: boolean;
+  consecutiveFailures: number;
+  ejected: boolean;
+  ejectedUntilMs: number;
+  /** Ejections in the current streak (reset after ejectMaxMs of health); sets the ejection time. */
+  ejections: number;
+  recoveredAtMs: number;
+  lastSuccessAtMs: number | null;
+  lastFailure: { errorClass: string; atMs: number } | null;
+  lastReconcileAtMs: number | null;
+  /** Background retry of a failed batch, or the next probe of an ejected peer. */
+  timer: NodeJS.Timeout | null;
+}
+
+export interface PeerSyncOptions {
+  readonly config: SyncConfig;
+  readonly client: PeerClient;
+  readonly metrics: Metrics;
+  readonly logger: Logger;
+  /** Wall clock (status times). */
+  readonly now?: () => number;
+  /** Random source for jitter, in [0, 1). */
+  readonly random?: () => number;
+}
+
+export class PeerSync {
+  private readonly peers = new Map<string, PeerState>();
+  /** Addresses found to be this replica itself (a peer answering with our instance ID). */
+  private readonly selfAddresses = new Set<string>();
+  private readonly limit: LimitFunction;
+  private readonly stop = new AbortController();
+  private readonly idleWaiters = new Set<() => void>();
+  private readonly config: SyncConfig;
+  private readonly client: PeerClient;
+  private readonly metrics: Metrics;
+  private readonly logger: Logger;
+  private readonly now: () => number;
+  private readonly random: () => number;
+  private closed = false;
+
+  constructor(options: PeerSyncOptions) {
+    this.config = options.config;
+    this.client = options.client;
+    this.metrics = options.metrics;
+    this.logger = options.logger;
+    this.now = options.now ?? Date.now;
+    this.random = options.random ?? Math.random;
+    // rejectOnClear: on shutdown, sends queued behind the cap settle instead of hanging forever.
+    this.limit = pLimit({ concurrency: this.config.syncConcurrency, rejectOnClear: true });
+  }
+
+  /** Requests queued behind the concurrency cap, and running under it. */
+  get limiter(): { readonly active: number; readonly pending: number; readonly concurrency: number } {
+    return { active: this.limit.activeCount, pending: this.limit.pendingCount, concurrency: this.limit.concurrency };
+  }
+
+  /** Replace the peer set (discovery). New peers start empty (reconciliation fills them); vanished peers stop being waited on. */
+  setPeers(addresses: readonly string[]): void {
+    const wanted = new Set(addresses.filter((address) => !this.selfAddresses.has(address)));
+    for (const [address, peer] of this.peers) {
+      if (!wanted.has(address)) this.removePeer(peer, 'peer_removed');
+    }
+    for (const address of wanted) {
+      if (this.peers.has(address)) continue;
+      this.peers.set(address, {
+        address,
+        outbox: new PeerOutbox(this.config.outboxMaxRoutes),
+        sending: false,
+        removed: false,
+        consecutiveFailures: 0,
+        ejected: false,
+        ejectedUntilMs: 0,
+        ejections: 0,
+        recoveredAtMs: 0,
+        lastSuccessAtMs: null,
+        lastFailure: null,
+        lastReconcileAtMs: null,
+        timer: null,
+      });
+      this.logger.info({ peer: address }, 'peer added');
+    }
+    this.metrics.peers.set(this.peers.size);
+  }
+
+  peerAddresses(): string[] {
+    return [...this.peers.keys()];
+  }
+
+  /** Peers not ejected: the ones a reconcile round may talk to. */
+  healthyPeerAddresses(): string[] {
+    return [...this.peers.values()].filter((peer) => !peer.ejected).map((peer) => peer.address);
+  }
+
+  isSelf(address: string): boolean {
+    return this.selfAddresses.has(address);
+  }
+
+  /** Record a completed reconcile round with a peer (shown by GET /v1/peers). */
+  markReconciled(address: string): void {
+    const peer = this.peers.get(address);
+    if (peer) peer.lastReconcileAtMs = this.now();
+  }
+
+  /** Queue changes for every peer without waiting (reconciliation never re-pushes; this is for callers that do not wait). */
+  enqueue(changes: readonly RouteChange[]): void {
+    for (const peer of this.peers.values()) {
+      this.enqueueFor(peer, changes);
+      this.pump(peer);
+    }
+  }
+
+  /**
+   * Queue changes for every peer and wait until each peer has acknowledged them all, or has
+   * failed, or is ejected, or the deadline passes — whichever comes first per peer.
+   */
+  async sync(changes: readonly RouteChange[]): Promise<SyncOutcome> {
+    const started = performance.now();
+    const peers = [...this.peers.values()];
+    if (peers.length === 0 || changes.length === 0) {
+      this.metrics.syncDuration.observe({ result: 'no_peers' }, 0);
+      return { peers: peers.length, acked: peers.length, failed: [], pending: [], elapsedMs: 0 };
+    }
+
+    const outcomes = new Array<DeliveryOutcome | undefined>(peers.length);
+    const waiters: DeliveryWaiter[] = [];
+    const settled: Promise<void>[] = [];
+    peers.forEach((peer, index) => {
+      this.enqueueFor(peer, changes);
+      if (this.closed) {
+        outcomes[index] = { status: 'pending', reason: 'shutdown' };
+        return;
+      }
+      if (peer.ejected) {
+        outcomes[index] = { status: 'pending', reason: 'ejected' };
+        return;
+      }
+      const own = changes.map((change) => peer.outbox.waitFor(changeKey(change), changeVersion(change)));
+      waiters.push(...own);
+      settled.push(
+        combine(own.map((waiter) => waiter.promise)).then((outcome) => {
+          outcomes[index] = outcome;
+        }),
+      );
+      this.pump(peer);
+    });
+
+    let deadlineTimer: NodeJS.Timeout | undefined;
+    const deadline = new Promise<'deadline'>((resolve) => {
+      deadlineTimer = setTimeout(() => resolve('deadline'), this.config.syncDeadlineMs);
+    });
+    const result = await Promise.race([Promise.all(settled).then(() => 'acked' as const), deadline]);
+    clearTimeout(deadlineTimer);
+    for (const waiter of waiters) waiter.cancel();
+
+    const elapsedMs = performance.now() - started;
+    this.metrics.syncDuration.observe({ result }, elapsedMs / 1000);
+    let acked = 0;
+    const failed: { peer: string; errorClass: string }[] = [];
+    const pending: { peer: string; reason: string }[] = [];
+    peers.forEach((peer, index) => {
+      const outcome = outcomes[index] ?? { status: 'pending', reason: 'in_flight' };
+      if (outcome.status === 'acked') acked++;
+      else if (outcome.status === 'failed') failed.push({ peer: peer.address, errorClass: outcome.errorClass });
+      else pending.push({ peer: peer.address, reason: outcome.reason });
+    });
+    return { peers: peers.length, acked, failed, pending, elapsedMs: Math.round(elapsedMs * 100) / 100 };
+  }
+
+  status(): PeerStatus[] {
+    const iso = (ms: number | null) => (ms === null ? null : new Date(ms).toISOString());
+    return [...this.peers.values()].map((peer) => ({
+      peer: peer.address,
+      reachable: !peer.ejected && peer.consecutiveFailures === 0 && peer.lastSuccessAtMs !== null,
+      consecutiveFailures: peer.consecutiveFailures,
+      ejected: peer.ejected,
+      ejectedUntil: peer.ejected ? iso(peer.ejectedUntilMs) : null,
+      ejections: peer.ejections,
+      lastSuccess: iso(peer.lastSuccessAtMs),
+      lastFailure: peer.lastFailure ? { errorClass: peer.lastFailure.errorClass, at: new Date(peer.lastFailure.atMs).toISOString() } : null,
+      pendingRoutes: peer.outbox.size,
+      lastReconcile: iso(peer.lastReconcileAtMs),
+    }));
+  }
+
+  /** Changes queued for all peers together (the outbox gauge). */
+  outboxSize(): number {
+    let total = 0;
+    for (const peer of this.peers.values()) total += peer.outbox.size;
+    return total;
+  }
+
+  ejectedCount(): number {
+    let count = 0;
+    for (const peer of this.peers.values()) if (peer.ejected) count++;
+    return count;
+  }
+
+  /**
+   * Resolve when no reachable peer has anything queued or in flight (ejected peers are left to
+   * reconciliation), or after `timeoutMs`. Returns whether everything was delivered.
+   */
+  async drain(timeoutMs: number): Promise<boolean> {
+    if (this.isIdle()) return true;
+    let timer: NodeJS.Timeout | undefined;
+    let done!: () => void;
+    const idle = new Promise<boolean>((resolve) => {
+      done = () => resolve(true);
+      this.idleWaiters.add(done);
+    });
+    const timeout = new Promise<boolean>((resolve) => {
+      timer = setTimeout(() => resolve(false), timeoutMs);
+    });
+    const delivered = await Promise.race([idle, timeout]);
+    clearTimeout(timer);
+    this.idleWaiters.delete(done);
+    return delivered;
+  }
+
+  /** Stop: abort in-flight requests and retries, clear timers, tell waiting calls. */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.stop.abort(new SyncAbortedError('shutting down'));
+    for (const peer of this.peers.values()) {
+      if (peer.timer) clearTimeout(peer.timer);
+      peer.timer = null;
+      peer.outbox.settleAll({ status: 'pending', reason: 'shutdown' });
+    }
+    this.limit.clearQueue();
+  }
+
+  // --- sender ----------------------------------------------------------------------------
+
+  private enqueueFor(peer: PeerState, changes: readonly RouteChange[]): void {
+    for (const change of changes) {
+      const dropped = peer.outbox.enqueue(change);
+      if (dropped.length > 0) this.countDropped(peer, dropped.length);
+    }
+  }
+
+  private countDropped(peer: PeerState, count: number): void {
+    this.metrics.outboxDropped.inc(count);
+    this.logger.warn({ peer: peer.address, dropped: count, bound: this.config.outboxMaxRoutes }, 'outbox full: oldest changes dropped, reconciliation will repair them');
+  }
+
+  private isIdle(): boolean {
+    for (const peer of this.peers.values()) {
+      if (peer.ejected) continue;
+      if (peer.sending || peer.outbox.size > 0) return false;
+    }
+    return true;
+  }
+
+  private notifyIfIdle(): void {
+    if (this.idleWaiters.size === 0 || !this.isIdle()) return;
+    for (const resolve of [...this.idleWaiters]) resolve();
+  }
+
+  /** Start a send if this peer has work, nothing in flight, no back-off pending and is not ejected. */
+  private pump(peer: PeerState): void {
+    if (peer.sending || peer.ejected || peer.removed || peer.timer || this.closed) return;
+    if (peer.outbox.pendingCount === 0) {
+      this.notifyIfIdle();
+      return;
+    }
+    peer.sending = true;
+    const batch = peer.outbox.takeBatch(this.config.batchMaxRoutes);
+    void this.send(peer, batch).finally(() => {
+      peer.sending = false;
+      this.pump(peer);
+      this.notifyIfIdle();
+    });
+  }
+
+  private async send(peer: PeerState, batch: RouteChange[]): Promise<void> {
+    let ack: PushAck;
+    try {
+      ack = await pRetry((attemptNumber) => this.limit(() => this.attempt(peer, batch, attemptNumber)), {
+        retries: this.config.syncRetries,
+        minTimeout: this.config.retryMinMs,
+        maxTimeout: this.config.retryMaxMs,
+        factor: 2,
+        randomize: true,
+        signal: this.stop.signal,
+        unref: true,
+        onFailedAttempt: ({ error }) => this.recordFailure(peer, classifyPeerError(error)),
+        // Transient failures only, and never once the peer is ejected or gone: the background
+        // path and the probe take over from there.
+        shouldRetry: ({ error }) => classifyPeerError(error).transient && !peer.ejected && !peer.removed,
+      });
+    } catch (error) {
+      const classified = this.closed ? new PeerRequestError('aborted', 'shutting down', { cause: error }) : classifyPeerError(error);
+      this.failBatch(peer, classified, batch.length);
+      return;
+    }
+    if (peer.removed) return;
+    peer.outbox.ackInFlight();
+    this.metrics.routesPushed.inc(batch.length);
+    if (ack.rejected > 0) {
+      // Our own validation passed these, so a rejection means the peer runs an incompatible
+      // version; reconciliation cannot fix that either, so say it loudly.
+      this.logger.error({ peer: peer.address, rejected: ack.rejected }, 'peer rejected routes this replica accepted');
+    }
+  }
+
+  /** One request under the concurrency cap, with its own timeout. */
+  private async attempt(peer: PeerState, batch: RouteChange[], attemptNumber: number): Promise<PushAck> {
+    if (attemptNumber > 1) this.metrics.peerRetries.inc();
+    const { signal, clear } = attemptSignal(this.config.attemptTimeoutMs, this.stop.signal);
+    const started = performance.now();
+    try {
+      const ack = await this.client.push(peer.address, batch, signal);
+      this.metrics.peerAttempts.inc({ result: 'ok' });
+      this.recordSuccess(peer);
+      return ack;
+    } catch (error) {
+      const classified = classifyPeerError(error);
+      this.metrics.peerAttempts.inc({ result: classified.errorClass });
+      throw classified;
+    } finally {
+      clear();
+      this.metrics.peerRequestDuration.observe({ kind: 'push' }, (performance.now() - started) / 1000);
+    }
+  }
+
+  private recordSuccess(peer: PeerState): void {
+    peer.consecutiveFailures = 0;
+    peer.lastSuccessAtMs = this.now();
+  }
+
+  /** Count a failed attempt; eject the peer once it has failed too many times in a row. */
+  private recordFailure(peer: PeerState, error: PeerRequestError): void {
+    peer.lastFailure = { errorClass: error.errorClass, atMs: this.now() };
+    // A peer that rejects our input or is shutting us down is not an unhealthy peer.
+    if (!error.transient && error.errorClass !== 'unauthorized') return;
+    peer.consecutiveFailures++;
+    if (!peer.ejected && !peer.removed && peer.consecutiveFailures >= this.config.ejectAfterFailures) this.eject(peer);
+  }
+
+  private failBatch(peer: PeerState, error: PeerRequestError, count: number): void {
+    if (peer.removed) return;
+    if (error.errorClass === 'self') {
+      this.logger.info({ peer: peer.address }, 'peer address is this replica; excluded');
+      this.selfAddresses.add(peer.address);
+      this.removePeer(peer, 'peer_removed');
+      this.metrics.peers.set(this.peers.size);
+      return;
+    }
+    // Transient failures (and shutdown) keep the changes for background delivery; a permanent
+    // failure (a 4xx) drops them: sending the same bytes again cannot succeed.
+    const requeue = error.transient || error.errorClass === 'aborted';
+    const dropped = peer.outbox.failInFlight({ status: 'failed', errorClass: error.errorClass }, requeue);
+    if (dropped.length > 0) this.countDropped(peer, dropped.length);
+    if (error.errorClass === 'aborted') return;
+    this.metrics.peerFailures.inc({ class: error.errorClass });
+    this.logger.warn(
+      { peer: peer.address, errorClass: error.errorClass, code: error.code, status: error.status, routes: count, requeued: requeue },
+      'push to peer failed',
+    );
+    if (requeue && !peer.ejected) this.scheduleRetry(peer);
+  }
+
+  /** Background retry of a failed batch, jittered, growing with the failure streak, never past the probe period. */
+  private scheduleRetry(peer: PeerState): void {
+    if (peer.timer || this.closed) return;
+    const base = Math.min(this.config.attemptTimeoutMs * 2 ** Math.min(peer.consecutiveFailures, 10), this.config.ejectProbeMs);
+    const delay = base / 2 + (this.random() * base) / 2;
+    peer.timer = setTimeout(() => {
+      peer.timer = null;
+      this.pump(peer);
+    }, delay);
+    peer.timer.unref();
+  }
+
+  private eject(peer: PeerState): void {
+    const now = this.now();
+    // A streak of ejections doubles the ejection time; health for ejectMaxMs forgives it.
+    if (peer.ejections > 0 && now - peer.recoveredAtMs > this.config.ejectMaxMs) peer.ejections = 0;
+    peer.ejections++;
+    const durationMs = Math.min(this.config.ejectProbeMs * 2 ** (peer.ejections - 1), this.config.ejectMaxMs);
+    peer.ejected = true;
+    peer.ejectedUntilMs = now + durationMs;
+    this.metrics.peerEjections.inc();
+    this.metrics.peersEjected.set(this.ejectedCount());
+    this.logger.warn(
+      { peer: peer.address, consecutiveFailures: peer.consecutiveFailures, ejectedForMs: durationMs, queued: peer.outbox.size },
+      'peer ejected: lifecycle calls stop waiting for it',
+    );
+    peer.outbox.settleAll({ status: 'pending', reason: 'ejected' });
+    if (peer.timer) clearTimeout(peer.timer);
+    this.scheduleProbe(peer, durationMs);
+    this.notifyIfIdle();
+  }
+
+  private scheduleProbe(peer: PeerState, delayMs: number): void {
+    peer.timer = setTimeout(() => {
+      peer.timer = null;
+      void this.probe(peer);
+    }, delayMs);
+    peer.timer.unref();
+  }
+
+  private async probe(peer: PeerState): Promise<void> {
+    if (peer.removed || this.closed) return;
+    const { signal, clear } = attemptSignal(this.config.attemptTimeoutMs, this.stop.signal);
+    const started = performance.now();
+    try {
+      await this.client.probe(peer.address, signal);
+    } catch (error) {
+      const classified = classifyPeerError(error);
+      peer.lastFailure = { errorClass: classified.errorClass, atMs: this.now() };
+      if (!peer.removed && !this.closed) this.scheduleProbe(peer, this.config.ejectProbeMs);
+      return;
+    } finally {
+      clear();
+      this.metrics.peerRequestDuration.observe({ kind: 'probe' }, (performance.now() - started) / 1000);
+    }
+    if (peer.removed || this.closed) return;
+    peer.ejected = false;
+    peer.consecutiveFailures = 0;
+    peer.recoveredAtMs = this.now();
+    this.metrics.peersEjected.set(this.ejectedCount());
+    this.logger.info({ peer: peer.address, queued: peer.outbox.size }, 'peer answered its probe: back in rotation');
+    this.pump(peer);
+  }
+
+  private removePeer(peer: PeerState, errorClass: 'peer_removed'): void {
+    peer.removed = true;
+    if (peer.timer) clearTimeout(peer.timer);
+    peer.timer = null;
+    peer.outbox.settleAll({ status: 'failed', errorClass });
+    peer.outbox.clear();
+    this.peers.delete(peer.address);
+    this.metrics.peersEjected.set(this.ejectedCount());
+    this.logger.info({ peer: peer.address }, 'peer removed');
+    this.notifyIfIdle();
+  }
+}
+
+/** All acked -> acked; else the first failure or pending outcome, as soon as it is known. */
+function combine(promises: Promise<DeliveryOutcome>[]): Promise<DeliveryOutcome> {
+  if (promises.length === 1) return promises[0]!;
+  return new Promise((resolve) => {
+    let remaining = promises.length;
+    for (const promise of promises) {
+      void promise.then((outcome) => {
+        if (outcome.status !== 'acked') resolve(outcome);
+        else if (--remaining === 0) resolve(outcome);
+      });
+    }
+  });
+}
+
+export type { PeerErrorClass };

@@ -1,0 +1,179 @@
+// PeerOutbox: the queue of changes owed to one peer. Pure (no I/O, no timers).
+//
+// - Coalesced by identity: a newer resourceVersion replaces the queued one, so a burst of N
+//   changes to K routes owes the peer at most K entries.
+// - Bounded: past `maxRoutes` the oldest queued change is dropped and reported, since
+//   reconciliation repairs whatever a peer missed.
+// - At most one batch in flight (taken by the sender); changes that arrive meanwhile wait for
+//   the next batch, which is what makes a burst cost far fewer requests than changes.
+// - Ack waiters: a lifecycle call waits for (identity, version); an ack of that identity at the
+//   same or a newer version satisfies it.
+import { changeKey, changeVersion, compareResourceVersions, type RouteChange } from '../routes/route.js';
+import type { PeerErrorClass } from './client.js';
+
+/** How one peer's delivery of a change ended, as far as a waiting call is concerned. */
+export type DeliveryOutcome =
+  | { readonly status: 'acked' }
+  | { readonly status: 'failed'; readonly errorClass: PeerErrorClass | 'outbox_full' | 'peer_removed' }
+  | { readonly status: 'pending'; readonly reason: 'ejected' | 'in_flight' | 'shutdown' };
+
+export interface DeliveryWaiter {
+  readonly promise: Promise<DeliveryOutcome>;
+  /** Stop waiting (the caller's deadline passed); the change itself stays queued. */
+  cancel(): void;
+}
+
+interface Waiter {
+  readonly version: string;
+  readonly resolve: (outcome: DeliveryOutcome) => void;
+}
+
+export class PeerOutbox {
+  private pending = new Map<string, RouteChange>();
+  private inFlight: RouteChange[] = [];
+  private readonly waiters = new Map<string, Waiter[]>();
+
+  constructor(readonly maxRoutes: number) {}
+
+  /** Changes queued and not yet taken by the sender. */
+  get pendingCount(): number {
+    return this.pending.size;
+  }
+
+  /** Changes queued or in flight. */
+  get size(): number {
+    return this.pending.size + this.inFlight.length;
+  }
+
+  get waiterCount(): number {
+    let count = 0;
+    for (const list of this.waiters.values()) count += list.length;
+    return count;
+  }
+
+  hasInFlight(): boolean {
+    return this.inFlight.length > 0;
+  }
+
+  /** Queue a change; returns the changes dropped to stay within the bound (their waiters are told). */
+  enqueue(change: RouteChange): RouteChange[] {
+    const key = changeKey(change);
+    const queued = this.pending.get(key);
+    if (queued && !supersedes(change, queued)) return [];
+    this.pending.set(key, change);
+    const dropped: RouteChange[] = [];
+    while (this.pending.size > this.maxRoutes) {
+      const oldest = this.pending.entries().next().value as [string, RouteChange];
+      this.pending.delete(oldest[0]);
+      dropped.push(oldest[1]);
+      this.settle(oldest[0], changeVersion(oldest[1]), { status: 'failed', errorClass: 'outbox_full' });
+    }
+    return dropped;
+  }
+
+  /** Wait until this peer acknowledges `key` at `version` or newer. */
+  waitFor(key: string, version: string): DeliveryWaiter {
+    let resolveWaiter!: (outcome: DeliveryOutcome) => void;
+    const promise = new Promise<DeliveryOutcome>((resolve) => {
+      resolveWaiter = resolve;
+    });
+    const waiter: Waiter = { version, resolve: resolveWaiter };
+    const list = this.waiters.get(key);
+    if (list) list.push(waiter);
+    else this.waiters.set(key, [waiter]);
+    return {
+      promise,
+      cancel: () => {
+        const current = this.waiters.get(key);
+        if (!current) return;
+        const index = current.indexOf(waiter);
+        if (index >= 0) current.splice(index, 1);
+        if (current.length === 0) this.waiters.delete(key);
+      },
+    };
+  }
+
+  /** Move up to `max` queued changes into flight and return them. */
+  takeBatch(max: number): RouteChange[] {
+    if (this.inFlight.length > 0) throw new Error('a batch is already in flight');
+    const batch: RouteChange[] = [];
+    for (const [key, change] of this.pending) {
+      if (batch.length >= max) break;
+      batch.push(change);
+      this.pending.delete(key);
+    }
+    this.inFlight = batch;
+    return batch;
+  }
+
+  /** The peer acknowledged the batch in flight. */
+  ackInFlight(): void {
+    const batch = this.inFlight;
+    this.inFlight = [];
+    for (const change of batch) this.settle(changeKey(change), changeVersion(change), { status: 'acked' });
+  }
+
+  /**
+   * The batch in flight failed. With `requeue` its changes go back in the queue (unless a newer
+   * version was queued meanwhile) for background delivery; the calls waiting on them are told.
+   */
+  failInFlight(outcome: DeliveryOutcome, requeue: boolean): RouteChange[] {
+    const batch = this.inFlight;
+    this.inFlight = [];
+    const dropped: RouteChange[] = [];
+    if (requeue) {
+      // Failed changes go back in front of anything queued meanwhile, in their original order.
+      const merged = new Map<string, RouteChange>();
+      for (const change of batch) {
+        const key = changeKey(change);
+        const newer = this.pending.get(key);
+        merged.set(key, newer && supersedes(newer, change) ? newer : change);
+      }
+      for (const [key, change] of this.pending) if (!merged.has(key)) merged.set(key, change);
+      this.pending = merged;
+      while (this.pending.size > this.maxRoutes) {
+        const oldest = this.pending.entries().next().value as [string, RouteChange];
+        this.pending.delete(oldest[0]);
+        dropped.push(oldest[1]);
+        this.settle(oldest[0], changeVersion(oldest[1]), { status: 'failed', errorClass: 'outbox_full' });
+      }
+    }
+    for (const change of batch) this.settle(changeKey(change), changeVersion(change), outcome);
+    return dropped;
+  }
+
+  /** Tell every waiting call the same outcome (peer ejected, removed, shutting down). */
+  settleAll(outcome: DeliveryOutcome): void {
+    const all = [...this.waiters.values()];
+    this.waiters.clear();
+    for (const list of all) for (const waiter of list) waiter.resolve(outcome);
+  }
+
+  /** Forget everything queued (a removed peer). */
+  clear(): void {
+    this.pending.clear();
+    this.inFlight = [];
+  }
+
+  /** Resolve the waiters of `key` whose version is at or below `version`. */
+  private settle(key: string, version: string, outcome: DeliveryOutcome): void {
+    const list = this.waiters.get(key);
+    if (!list) return;
+    const remaining = list.filter((waiter) => {
+      if (compareResourceVersions(waiter.version, version) <= 0) {
+        waiter.resolve(outcome);
+        return false;
+      }
+      return true;
+    });
+    if (remaining.length === 0) this.waiters.delete(key);
+    else this.waiters.set(key, remaining);
+  }
+}
+
+/** Does `next` replace `queued` for the same identity? Newer version; at the same version a delete wins. */
+function supersedes(next: RouteChange, queued: RouteChange): boolean {
+  const order = compareResourceVersions(changeVersion(next), changeVersion(queued));
+  if (order !== 0) return order > 0;
+  return next.op === 'delete' && queued.op === 'upsert';
+}

@@ -1,0 +1,198 @@
+// Replica: the composition root. config -> components -> listeners; ordered shutdown.
+// main.ts runs one; the integration tests run several in one process, each with its own
+// registry, logger, Agent and servers.
+import { randomUUID } from 'node:crypto';
+import { createServer, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import type { DestinationStream } from 'pino';
+import { createLocalApp } from './api/local.js';
+import { createPeerApp } from './api/peer.js';
+import { formatHostPort, type Config, type ListenAddress } from './config.js';
+import { createLogger, type Logger } from './log.js';
+import { Metrics } from './metrics.js';
+import { PeerClient } from './peers/client.js';
+import { selfAddresses, staticPeers } from './peers/discovery.js';
+import { PeerSync } from './peers/fanout.js';
+import { RouteTable } from './routes/table.js';
+import { RouteService } from './service.js';
+
+export interface ReplicaOptions {
+  /** Log destination (tests collect lines); standard output when omitted. */
+  readonly logDestination?: DestinationStream;
+  /** Process metrics (default on; tests with many replicas in one process turn them off). */
+  readonly processMetrics?: boolean;
+  /** Test hook: called for every peer request this replica sends. */
+  readonly onPeerRequest?: (peer: string, path: string) => void;
+}
+
+export interface ReplicaAddresses {
+  /** Bound addresses, host:port (IPv6 bracketed). */
+  readonly api: string;
+  readonly peer: string;
+}
+
+export class Replica {
+  readonly instanceId = randomUUID();
+  readonly logger: Logger;
+  readonly metrics: Metrics;
+  readonly table: RouteTable;
+  readonly client: PeerClient;
+  readonly sync: PeerSync;
+  readonly service: RouteService;
+  readonly apiServer: Server;
+  readonly peerServer: Server;
+  private ready = false;
+  private closing: Promise<void> | undefined;
+  private readonly timers: NodeJS.Timeout[] = [];
+  private bound: ReplicaAddresses | undefined;
+
+  private constructor(
+    readonly config: Config,
+    options: ReplicaOptions,
+  ) {
+    this.logger = createLogger({
+      level: config.logLevel,
+      ...(options.logDestination ? { destination: options.logDestination } : {}),
+      base: { replica: formatHostPort(config.peerAddr.host, config.peerAddr.port) },
+    });
+    this.metrics = new Metrics({ processMetrics: options.processMetrics ?? true });
+    this.table = new RouteTable({ tombstoneTtlMs: config.tombstoneTtlMs });
+    this.client = new PeerClient({
+      connections: config.peerConnections,
+      token: config.peerToken,
+      instanceId: this.instanceId,
+      ...(options.onPeerRequest ? { onRequest: options.onPeerRequest } : {}),
+    });
+    this.sync = new PeerSync({ config, client: this.client, metrics: this.metrics, logger: this.logger });
+    this.service = new RouteService(this.table, this.sync, this.metrics, this.logger);
+
+    const localApp = createLocalApp({ service: this.service, table: this.table, sync: this.sync, logger: this.logger });
+    const peerApp = createPeerApp({
+      service: this.service,
+      metrics: this.metrics,
+      logger: this.logger,
+      token: config.peerToken,
+      instanceId: this.instanceId,
+      isReady: () => this.ready,
+      beforeMetrics: () => this.refreshGauges(),
+    });
+    this.apiServer = createServer(localApp);
+    this.peerServer = createServer(peerApp);
+    // Outlive the peers' pooled idle connections (undici keeps them 30 s at most), so a
+    // connection is never closed by the server just as a peer reuses it.
+    this.peerServer.keepAliveTimeout = 65_000;
+    this.peerServer.headersTimeout = 66_000;
+  }
+
+  /** Build the replica and open its listeners. */
+  static async start(config: Config, options: ReplicaOptions = {}): Promise<Replica> {
+    const replica = new Replica(config, options);
+    try {
+      await replica.listen();
+    } catch (error) {
+      await replica.close();
+      throw error;
+    }
+    return replica;
+  }
+
+  get addresses(): ReplicaAddresses {
+    if (!this.bound) throw new Error('replica is not listening');
+    return this.bound;
+  }
+
+  isReady(): boolean {
+    return this.ready;
+  }
+
+  private async listen(): Promise<void> {
+    const peer = await listenOn(this.peerServer, this.config.peerAddr);
+    const api = await listenOn(this.apiServer, this.config.apiAddr);
+    this.bound = { api: formatHostPort(api.address, api.port), peer: formatHostPort(peer.address, peer.port) };
+
+    const self = selfAddresses(this.config, peer.port);
+    this.sync.setPeers(staticPeers(this.config, self));
+
+    // Fences expire on a timer of their own; TTL/10 (at most a minute) keeps expiry precise
+    // enough without scanning the fences often.
+    const sweepMs = Math.max(10, Math.min(60_000, Math.floor(this.config.tombstoneTtlMs / 10)));
+    const sweep = setInterval(() => this.table.sweepExpiredFences(), sweepMs);
+    sweep.unref();
+    this.timers.push(sweep);
+
+    if (!isLoopback(this.config.apiAddr.host)) {
+      this.logger.warn(
+        { apiAddr: this.bound.api },
+        'LOCAL API IS NOT ON LOOPBACK: anything that reaches this address can change routes without a token',
+      );
+    }
+    this.ready = true;
+    this.logger.info({ api: this.bound.api, peer: this.bound.peer, peers: this.sync.peerAddresses() }, 'routesync listening');
+  }
+
+  refreshGauges(): void {
+    this.metrics.routes.set(this.table.size);
+    this.metrics.tombstones.set(this.table.fenceCount);
+    this.metrics.peers.set(this.sync.peerAddresses().length);
+    this.metrics.peersEjected.set(this.sync.ejectedCount());
+    this.metrics.outboxRoutes.set(this.sync.outboxSize());
+  }
+
+  /**
+   * Graceful stop: turn not-ready, stop accepting lifecycle calls, let in-flight calls finish
+   * and queued changes reach reachable peers within `graceMs`, then close everything.
+   * Returns whether everything queued was delivered.
+   */
+  async shutdown(graceMs = this.config.shutdownGraceMs): Promise<boolean> {
+    const deadline = Date.now() + graceMs;
+    this.ready = false;
+    this.logger.info({ graceMs }, 'shutting down');
+    await closeServer(this.apiServer, graceMs);
+    const delivered = await this.sync.drain(Math.max(0, deadline - Date.now()));
+    if (!delivered) this.logger.warn({ queued: this.sync.outboxSize() }, 'grace period over with changes still queued; peers will reconcile');
+    await this.close();
+    return delivered;
+  }
+
+  /** Close everything now (tests, and the end of shutdown). Idempotent. */
+  close(): Promise<void> {
+    this.closing ??= (async () => {
+      this.ready = false;
+      for (const timer of this.timers) clearInterval(timer);
+      this.sync.close();
+      await Promise.all([closeServer(this.apiServer, 0), closeServer(this.peerServer, 0)]);
+      await this.client.destroy();
+      this.logger.info('stopped');
+      this.logger.flush();
+    })();
+    return this.closing;
+  }
+}
+
+function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || host.startsWith('127.');
+}
+
+function listenOn(server: Server, address: ListenAddress): Promise<AddressInfo> {
+  return new Promise((resolve, reject) => {
+    const onError = (error: Error) => reject(error);
+    server.once('error', onError);
+    server.listen(address.port, address.host, () => {
+      server.off('error', onError);
+      resolve(server.address() as AddressInfo);
+    });
+  });
+}
+
+/** Stop accepting; wait up to `graceMs` for in-flight requests, then drop every connection. */
+function closeServer(server: Server, graceMs: number): Promise<void> {
+  if (!server.listening) return Promise.resolve();
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => server.closeAllConnections(), graceMs);
+    server.close(() => {
+      clearTimeout(timer);
+      resolve();
+    });
+    server.closeIdleConnections();
+  });
+}
