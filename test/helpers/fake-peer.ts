@@ -1,0 +1,149 @@
+// A fake peer: a real HTTP server on loopback that speaks the peer push protocol, with fault
+// switches (hang, reset, answer a status) and counters a test can assert on.
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { AddressInfo, Socket } from 'node:net';
+import { parseChange } from '../../src/routes/route.js';
+import { RouteTable } from '../../src/routes/table.js';
+
+export type PeerMode = { kind: 'ok'; delayMs?: number } | { kind: 'hang' } | { kind: 'reset' } | { kind: 'status'; status: number };
+
+/** Shared across fake peers in one process: requests in flight right now, and the peak. */
+export class InFlightGauge {
+  current = 0;
+  peak = 0;
+  enter(): void {
+    this.current++;
+    if (this.current > this.peak) this.peak = this.current;
+  }
+  leave(): void {
+    this.current--;
+  }
+}
+
+export class FakePeer {
+  readonly table = new RouteTable({ tombstoneTtlMs: 600_000 });
+  mode: PeerMode = { kind: 'ok' };
+  /** Sockets accepted, ever. */
+  connections = 0;
+  /** Push requests received (any outcome). */
+  pushes = 0;
+  /** Routes received in pushes. */
+  routesReceived = 0;
+  /** Authorization headers seen (for token tests). */
+  readonly authorizations: (string | undefined)[] = [];
+  private readonly sockets = new Set<Socket>();
+  private readonly hung = new Set<ServerResponse>();
+  private readonly server: Server;
+  private listeners: (() => void)[] = [];
+  address = '';
+
+  constructor(private readonly gauge?: InFlightGauge) {
+    this.server = createServer((req, res) => this.handle(req, res));
+    this.server.keepAliveTimeout = 65_000;
+    this.server.on('connection', (socket) => {
+      this.connections++;
+      this.sockets.add(socket);
+      socket.on('close', () => this.sockets.delete(socket));
+    });
+  }
+
+  static async start(options: { host?: string; gauge?: InFlightGauge } = {}): Promise<FakePeer> {
+    const peer = new FakePeer(options.gauge);
+    await new Promise<void>((resolve) => peer.server.listen(0, options.host ?? '127.0.0.1', resolve));
+    const { address, port } = peer.server.address() as AddressInfo;
+    peer.address = `${address}:${port}`;
+    return peer;
+  }
+
+  /** Resolve once `predicate` holds, checked after every push; reject after `timeoutMs`. */
+  waitFor(predicate: () => boolean, timeoutMs = 10_000, what = 'condition'): Promise<void> {
+    if (predicate()) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.listeners = this.listeners.filter((listener) => listener !== check);
+        reject(new Error(`fake peer ${this.address}: timed out waiting for ${what}`));
+      }, timeoutMs);
+      const check = () => {
+        if (!predicate()) return;
+        clearTimeout(timer);
+        this.listeners = this.listeners.filter((listener) => listener !== check);
+        resolve();
+      };
+      this.listeners.push(check);
+    });
+  }
+
+  /** Release hung requests by destroying their sockets. */
+  releaseHung(): void {
+    for (const res of this.hung) res.destroy();
+    this.hung.clear();
+  }
+
+  async close(): Promise<void> {
+    this.releaseHung();
+    for (const socket of this.sockets) socket.destroy();
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+  }
+
+  private notify(): void {
+    for (const listener of [...this.listeners]) listener();
+  }
+
+  private handle(req: IncomingMessage, res: ServerResponse): void {
+    this.authorizations.push(req.headers.authorization);
+    const chunks: Buffer[] = [];
+    req.on('data', (chunk: Buffer) => chunks.push(chunk));
+    req.on('end', () => {
+      if (req.url === '/healthz') {
+        if (this.mode.kind === 'ok') res.end('{"status":"ok"}');
+        else if (this.mode.kind === 'hang') this.hung.add(res);
+        else if (this.mode.kind === 'reset') res.socket?.destroy();
+        else res.writeHead(this.mode.status).end();
+        return;
+      }
+      if (req.url !== '/v1/peer/routes' || req.method !== 'POST') {
+        res.writeHead(404).end();
+        return;
+      }
+      this.pushes++;
+      this.gauge?.enter();
+      let left = false;
+      const leave = () => {
+        if (left) return;
+        left = true;
+        this.gauge?.leave();
+      };
+      res.on('close', leave);
+      const mode = this.mode;
+      switch (mode.kind) {
+        case 'hang':
+          this.hung.add(res);
+          this.notify();
+          return;
+        case 'reset':
+          leave();
+          req.socket.destroy();
+          this.notify();
+          return;
+        case 'status':
+          res.writeHead(mode.status, { 'content-type': 'application/json' }).end('{"error":{"code":"fault"}}');
+          this.notify();
+          return;
+        case 'ok': {
+          const answer = () => {
+            const body = JSON.parse(Buffer.concat(chunks).toString('utf8')) as { routes: unknown[] };
+            const results = body.routes.map((entry) => {
+              const result = this.table.apply(parseChange(entry));
+              return { outcome: result.outcome, reason: result.reason };
+            });
+            this.routesReceived += body.routes.length;
+            res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ results }));
+            this.notify();
+          };
+          if (mode.delayMs) setTimeout(answer, mode.delayMs);
+          else answer();
+        }
+      }
+    });
+  }
+}

@@ -1,0 +1,50 @@
+import { describe, expect, it } from 'vitest';
+import { AttemptTimeoutError, classifyPeerError, classifyStatus, PeerRequestError, SyncAbortedError } from '../../src/peers/client.js';
+
+function systemError(code: string): Error {
+  return Object.assign(new Error(code), { code });
+}
+
+describe('peer error classification', () => {
+  it('retries connection failures, timeouts, 429 and 5xx', () => {
+    const transient: [unknown, string][] = [
+      [systemError('ECONNREFUSED'), 'refused'],
+      [systemError('ECONNRESET'), 'reset'],
+      [systemError('UND_ERR_SOCKET'), 'reset'],
+      [systemError('UND_ERR_CONNECT_TIMEOUT'), 'timeout'],
+      [systemError('UND_ERR_HEADERS_TIMEOUT'), 'timeout'],
+      [new AttemptTimeoutError(100), 'timeout'],
+      [systemError('EHOSTUNREACH'), 'unreachable'],
+      [systemError('EAI_AGAIN'), 'dns'],
+      // undici wraps the system error of a failed connect: the cause carries the code.
+      [Object.assign(new TypeError('fetch failed'), { cause: systemError('ECONNREFUSED') }), 'refused'],
+    ];
+    for (const [error, errorClass] of transient) {
+      const classified = classifyPeerError(error);
+      expect(classified.errorClass, String(error)).toBe(errorClass);
+      expect(classified.transient).toBe(true);
+    }
+    for (const status of [429, 500, 502, 503, 504]) {
+      expect(new PeerRequestError(classifyStatus(status), 'x').transient, String(status)).toBe(true);
+    }
+  });
+
+  it('fails other 4xx, aborts and unknown errors at once', () => {
+    for (const status of [400, 404, 409, 413, 401, 403]) {
+      expect(new PeerRequestError(classifyStatus(status), 'x').transient, String(status)).toBe(false);
+    }
+    expect(classifyStatus(401)).toBe('unauthorized');
+    expect(classifyPeerError(new SyncAbortedError()).errorClass).toBe('aborted');
+    expect(classifyPeerError(new SyncAbortedError()).transient).toBe(false);
+    expect(classifyPeerError(new Error('something odd')).errorClass).toBe('unknown');
+    expect(classifyPeerError(new Error('something odd')).transient).toBe(false);
+  });
+
+  it('classifies by code, not by class identity', () => {
+    // A structurally identical error from a second copy of undici still classifies.
+    class OtherCopySocketError extends Error {
+      code = 'UND_ERR_SOCKET';
+    }
+    expect(classifyPeerError(new OtherCopySocketError('other side closed')).errorClass).toBe('reset');
+  });
+});

@@ -1,0 +1,46 @@
+import { describe, expect, it } from 'vitest';
+import { ConfigError, loadConfig, worstCaseBackoffMs } from '../../src/config.js';
+
+describe('configuration', () => {
+  it('runs a single replica out of the box', () => {
+    const config = loadConfig({});
+    expect(config.apiAddr).toEqual({ host: '127.0.0.1', port: 7788 });
+    expect(config.peerAddr).toEqual({ host: '0.0.0.0', port: 7789 });
+    expect(config.proxyAddr).toEqual({ host: '0.0.0.0', port: 8080 });
+    expect(config.peers).toEqual([]);
+    expect(config.tombstoneTtlMs).toBe(600_000);
+    expect(config.defaultSandboxPort).toBe(49983);
+    expect(Object.isFrozen(config)).toBe(true);
+  });
+
+  it('keeps the default retry budget below one attempt timeout and inside the deadline', () => {
+    const config = loadConfig({});
+    const worst = worstCaseBackoffMs(config);
+    expect(worst).toBeLessThan(config.attemptTimeoutMs);
+    expect((config.syncRetries + 1) * config.attemptTimeoutMs + worst).toBeLessThanOrEqual(config.syncDeadlineMs);
+  });
+
+  it('takes flags over environment variables', () => {
+    const config = loadConfig({ ROUTESYNC_SYNC_DEADLINE_MS: '900' }, ['--sync-deadline-ms', '250', '--peers=10.0.0.2:7789,[fd00::2]:7789']);
+    expect(config.syncDeadlineMs).toBe(250);
+    expect(config.peers).toEqual(['10.0.0.2:7789', '[fd00::2]:7789']);
+  });
+
+  it('names the variable in one line for a bad value', () => {
+    const cases: [Record<string, string>, RegExp][] = [
+      [{ ROUTESYNC_SYNC_DEADLINE_MS: 'soon' }, /^invalid ROUTESYNC_SYNC_DEADLINE_MS: "soon" is not a non-negative integer$/],
+      [{ ROUTESYNC_API_ADDR: 'localhost' }, /^invalid ROUTESYNC_API_ADDR:/],
+      [{ ROUTESYNC_PEERS: 'a:1,b' }, /^invalid ROUTESYNC_PEERS: peer "b"/],
+      [{ ROUTESYNC_LOG_LEVEL: 'loud' }, /^invalid ROUTESYNC_LOG_LEVEL:/],
+      [{ ROUTESYNC_SYNC_CONCURRENCY: '0' }, /^invalid ROUTESYNC_SYNC_CONCURRENCY: 0 is below the minimum 1$/],
+      [{ ROUTESYNC_DEFAULT_SANDBOX_PORT: '70000' }, /^invalid ROUTESYNC_DEFAULT_SANDBOX_PORT:/],
+      [{ ROUTESYNC_RETRY_MIN_MS: '60', ROUTESYNC_RETRY_MAX_MS: '80' }, /^invalid ROUTESYNC_SYNC_RETRIES: worst-case total backoff/],
+      [{ ROUTESYNC_PEER_TLS_CERT: '/tmp/cert.pem' }, /^invalid ROUTESYNC_PEER_TLS_KEY:/],
+    ];
+    for (const [env, message] of cases) {
+      expect(() => loadConfig(env)).toThrow(ConfigError);
+      expect(() => loadConfig(env)).toThrow(message);
+    }
+    expect(() => loadConfig({}, ['--no-such-flag', '1'])).toThrow(/^invalid command line:/);
+  });
+});

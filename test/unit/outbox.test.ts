@@ -1,0 +1,83 @@
+import { describe, expect, it } from 'vitest';
+import { PeerOutbox } from '../../src/peers/outbox.js';
+import type { RouteChange } from '../../src/routes/route.js';
+
+function upsert(name: string, resourceVersion: string): RouteChange {
+  return { op: 'upsert', route: { namespace: 'ns', name, id: name, uid: name, resourceVersion, ip: '', state: 'running' } };
+}
+
+function remove(name: string, resourceVersion: string): RouteChange {
+  return { op: 'delete', deletion: { namespace: 'ns', name, resourceVersion } };
+}
+
+describe('PeerOutbox', () => {
+  it('coalesces by identity: the newest version wins, a delete wins a tie', () => {
+    const outbox = new PeerOutbox(100);
+    outbox.enqueue(upsert('a', '1'));
+    outbox.enqueue(upsert('a', '3'));
+    outbox.enqueue(upsert('a', '2'));
+    outbox.enqueue(upsert('b', '1'));
+    outbox.enqueue(remove('b', '1'));
+    expect(outbox.size).toBe(2);
+    expect(outbox.takeBatch(10)).toEqual([upsert('a', '3'), remove('b', '1')]);
+  });
+
+  it('resolves a waiter when the same or a newer version is acknowledged', async () => {
+    const outbox = new PeerOutbox(100);
+    outbox.enqueue(upsert('a', '1'));
+    const first = outbox.waitFor('ns/a', '1');
+    outbox.enqueue(upsert('a', '2'));
+    const second = outbox.waitFor('ns/a', '2');
+    outbox.takeBatch(10);
+    outbox.ackInFlight();
+    await expect(first.promise).resolves.toEqual({ status: 'acked' });
+    await expect(second.promise).resolves.toEqual({ status: 'acked' });
+    expect(outbox.waiterCount).toBe(0);
+  });
+
+  it('keeps a newer change queued while an older one is in flight', async () => {
+    const outbox = new PeerOutbox(100);
+    outbox.enqueue(upsert('a', '1'));
+    outbox.takeBatch(10);
+    outbox.enqueue(upsert('a', '2'));
+    const newer = outbox.waitFor('ns/a', '2');
+    outbox.ackInFlight();
+    expect(outbox.size).toBe(1);
+    let settled = false;
+    void newer.promise.then(() => (settled = true));
+    await Promise.resolve();
+    expect(settled).toBe(false);
+    expect(outbox.takeBatch(10)).toEqual([upsert('a', '2')]);
+  });
+
+  it('requeues a failed batch in front, unless a newer version arrived meanwhile', async () => {
+    const outbox = new PeerOutbox(100);
+    outbox.enqueue(upsert('a', '1'));
+    outbox.enqueue(upsert('b', '1'));
+    const waiter = outbox.waitFor('ns/a', '1');
+    outbox.takeBatch(10);
+    outbox.enqueue(upsert('c', '1'));
+    outbox.enqueue(upsert('b', '5'));
+    outbox.failInFlight({ status: 'failed', errorClass: 'http_5xx' }, true);
+    await expect(waiter.promise).resolves.toEqual({ status: 'failed', errorClass: 'http_5xx' });
+    expect(outbox.takeBatch(10)).toEqual([upsert('a', '1'), upsert('b', '5'), upsert('c', '1')]);
+  });
+
+  it('drops the oldest change past its bound and tells its waiters', async () => {
+    const outbox = new PeerOutbox(2);
+    outbox.enqueue(upsert('a', '1'));
+    const oldest = outbox.waitFor('ns/a', '1');
+    outbox.enqueue(upsert('b', '1'));
+    expect(outbox.enqueue(upsert('c', '1'))).toEqual([upsert('a', '1')]);
+    await expect(oldest.promise).resolves.toEqual({ status: 'failed', errorClass: 'outbox_full' });
+    expect(outbox.size).toBe(2);
+  });
+
+  it('forgets a cancelled waiter', () => {
+    const outbox = new PeerOutbox(10);
+    outbox.enqueue(upsert('a', '1'));
+    const waiter = outbox.waitFor('ns/a', '1');
+    waiter.cancel();
+    expect(outbox.waiterCount).toBe(0);
+  });
+});

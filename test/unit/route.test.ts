@@ -1,0 +1,90 @@
+import { describe, expect, it } from 'vitest';
+import {
+  compareResourceVersions,
+  isCanonicalResourceVersion,
+  parseChange,
+  parseRoute,
+  redactRoute,
+  RouteValidationError,
+} from '../../src/routes/route.js';
+
+const valid = { namespace: 'ns', name: 'a', id: 'sb-1', uid: 'u-1', resourceVersion: '7', ip: '10.1.2.3', state: 'Running' };
+
+function reasonOf(input: unknown): string {
+  try {
+    parseRoute(input);
+  } catch (error) {
+    expect(error).toBeInstanceOf(RouteValidationError);
+    return (error as RouteValidationError).reason;
+  }
+  throw new Error('expected a validation error');
+}
+
+describe('resourceVersion', () => {
+  it('accepts only canonical positive decimal integers', () => {
+    for (const good of ['1', '9', '10', '18446744073709551615', '9'.repeat(128)]) expect(isCanonicalResourceVersion(good)).toBe(true);
+    for (const bad of ['', '0', '01', '-1', '+1', '1e3', ' 1', '1 ', '1.0', '0x10', '１', '9'.repeat(129)]) {
+      expect(isCanonicalResourceVersion(bad), bad).toBe(false);
+    }
+  });
+
+  it('compares numerically at any length, beyond 2^64', () => {
+    expect(compareResourceVersions('9', '10')).toBe(-1);
+    expect(compareResourceVersions('100', '99')).toBe(1);
+    expect(compareResourceVersions('18446744073709551616', '18446744073709551615')).toBe(1);
+    expect(compareResourceVersions('123456789012345678901234567890', '123456789012345678901234567890')).toBe(0);
+  });
+});
+
+describe('parseRoute', () => {
+  it('keeps the known fields and drops unknown ones', () => {
+    const route = parseRoute({ ...valid, owner: 'me', accessToken: 't', requireTrafficAuth: true, extra: 1 });
+    expect(route).toEqual({ ...valid, owner: 'me', accessToken: 't', requireTrafficAuth: true });
+  });
+
+  it('never copies __proto__ or constructor keys', () => {
+    const input = JSON.parse(`{"namespace":"ns","name":"a","id":"x","uid":"u","resourceVersion":"1","__proto__":{"polluted":true},"constructor":{"prototype":{"bad":1}}}`);
+    const route = parseRoute(input) as unknown as Record<string, unknown>;
+    expect(Object.getPrototypeOf(route)).toBe(Object.prototype);
+    expect(({} as Record<string, unknown>).polluted).toBeUndefined();
+    expect(Object.keys(route).sort()).toEqual(['id', 'ip', 'name', 'namespace', 'resourceVersion', 'state', 'uid']);
+  });
+
+  it('gives a reason for each rejection', () => {
+    expect(reasonOf(null)).toBe('not_an_object');
+    expect(reasonOf([valid])).toBe('not_an_object');
+    expect(reasonOf({ ...valid, namespace: undefined })).toBe('missing_field');
+    expect(reasonOf({ ...valid, name: 3 })).toBe('wrong_type');
+    expect(reasonOf({ ...valid, id: '' })).toBe('empty_field');
+    expect(reasonOf({ ...valid, uid: 'x'.repeat(300) })).toBe('too_long');
+    expect(reasonOf({ ...valid, name: 'a\nb' })).toBe('control_character');
+    expect(reasonOf({ ...valid, resourceVersion: '01' })).toBe('invalid_resource_version');
+    expect(reasonOf({ ...valid, resourceVersion: 7 })).toBe('wrong_type');
+    expect(reasonOf({ ...valid, ip: '10.0.0.256' })).toBe('invalid_ip');
+    expect(reasonOf({ ...valid, ip: 'fe80::1%eth0' })).toBe('invalid_ip');
+    expect(reasonOf({ ...valid, requireTrafficAuth: 'yes' })).toBe('wrong_type');
+  });
+
+  it('accepts an empty ip, IPv6 and states of any case', () => {
+    expect(parseRoute({ ...valid, ip: '' }).ip).toBe('');
+    expect(parseRoute({ ...valid, ip: '2001:db8::1' }).ip).toBe('2001:db8::1');
+    expect(parseRoute({ ...valid, state: 'PAUSED' }).state).toBe('PAUSED');
+    expect(parseRoute({ ...valid, state: 'something-new' }).state).toBe('something-new');
+  });
+
+  it('never lists the access token', () => {
+    const shown = redactRoute(parseRoute({ ...valid, accessToken: 'secret-token' }));
+    expect(JSON.stringify(shown)).not.toContain('secret-token');
+    expect(shown.hasAccessToken).toBe(true);
+  });
+});
+
+describe('parseChange', () => {
+  it('treats a dead route as a deletion needing only identity and version', () => {
+    expect(parseChange({ namespace: 'ns', name: 'a', resourceVersion: '9', state: 'DEAD' })).toEqual({
+      op: 'delete',
+      deletion: { namespace: 'ns', name: 'a', resourceVersion: '9' },
+    });
+    expect(() => parseChange({ namespace: 'ns', name: 'a', state: 'dead' })).toThrow(/resourceVersion is required/);
+  });
+});

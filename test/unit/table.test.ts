@@ -1,0 +1,189 @@
+import fc from 'fast-check';
+import { describe, expect, it } from 'vitest';
+import type { Route, RouteChange } from '../../src/routes/route.js';
+import { RouteTable } from '../../src/routes/table.js';
+
+function route(name: string, resourceVersion: string, extra: Partial<Route> = {}): Route {
+  return { namespace: 'ns', name, id: `id-${name}`, uid: `uid-${name}`, resourceVersion, ip: '10.0.0.1', state: 'running', ...extra };
+}
+
+function clockAt(start: number) {
+  const clock = { now: start, tick: (ms: number) => (clock.now += ms) };
+  return clock;
+}
+
+describe('RouteTable', () => {
+  it('applies an upsert only when its version is strictly newer', () => {
+    const table = new RouteTable({ tombstoneTtlMs: 1000 });
+    expect(table.upsert(route('a', '5'))).toMatchObject({ outcome: 'applied', reason: 'created' });
+    expect(table.upsert(route('a', '5', { ip: '10.9.9.9' }))).toMatchObject({ outcome: 'ignored', reason: 'stale_resource_version' });
+    expect(table.upsert(route('a', '4'))).toMatchObject({ outcome: 'ignored', reason: 'stale_resource_version' });
+    expect(table.upsert(route('a', '10', { ip: '10.0.0.2' }))).toMatchObject({ outcome: 'applied', reason: 'updated' });
+    expect(table.get('ns', 'a')?.ip).toBe('10.0.0.2');
+  });
+
+  it('orders versions numerically, not as text', () => {
+    const table = new RouteTable({ tombstoneTtlMs: 1000 });
+    table.upsert(route('a', '99999999999999999999999'));
+    expect(table.upsert(route('a', '100000000000000000000000')).outcome).toBe('applied');
+    expect(table.upsert(route('a', '99999999999999999999999')).outcome).toBe('ignored');
+  });
+
+  it('deletes at the stored version or later and fences the identity', () => {
+    const table = new RouteTable({ tombstoneTtlMs: 1000 });
+    table.upsert(route('a', '5'));
+    expect(table.delete({ namespace: 'ns', name: 'a', resourceVersion: '4' })).toMatchObject({ outcome: 'ignored', reason: 'stale_resource_version' });
+    expect(table.get('ns', 'a')).toBeDefined();
+    expect(table.delete({ namespace: 'ns', name: 'a', resourceVersion: '5' })).toMatchObject({ outcome: 'applied', reason: 'deleted' });
+    expect(table.get('ns', 'a')).toBeUndefined();
+    expect(table.getById('id-a')).toBeUndefined();
+    expect(table.getFence('ns', 'a')?.resourceVersion).toBe('5');
+    // The fence blocks resurrection at or below its version, not above.
+    expect(table.upsert(route('a', '5'))).toMatchObject({ outcome: 'ignored', reason: 'stale_resource_version' });
+    expect(table.upsert(route('a', '6'))).toMatchObject({ outcome: 'applied', reason: 'created' });
+    expect(table.getFence('ns', 'a')).toBeUndefined();
+  });
+
+  it('deletes without a version at the stored version, and is a no-op for an unknown identity', () => {
+    const table = new RouteTable({ tombstoneTtlMs: 1000 });
+    expect(table.delete({ namespace: 'ns', name: 'ghost' })).toMatchObject({ outcome: 'ignored', reason: 'not_found' });
+    expect(table.fenceCount).toBe(0);
+    table.upsert(route('a', '12'));
+    expect(table.delete({ namespace: 'ns', name: 'a' })).toMatchObject({ outcome: 'applied', reason: 'deleted', resourceVersion: '12' });
+    expect(table.upsert(route('a', '12')).outcome).toBe('ignored');
+  });
+
+  it('fences an identity never seen, and a later delete advances the version but not the expiry', () => {
+    const clock = clockAt(1_000_000);
+    const table = new RouteTable({ tombstoneTtlMs: 10_000, now: () => clock.now });
+    expect(table.delete({ namespace: 'ns', name: 'b', resourceVersion: '3' })).toMatchObject({ outcome: 'applied', reason: 'fenced' });
+    clock.tick(6_000);
+    expect(table.delete({ namespace: 'ns', name: 'b', resourceVersion: '8' })).toMatchObject({ outcome: 'applied', reason: 'fenced' });
+    expect(table.getFence('ns', 'b')).toEqual({ resourceVersion: '8', fencedAtMs: 1_000_000 });
+    expect(table.upsert(route('b', '7')).outcome).toBe('ignored');
+    clock.tick(4_000); // 10 s after the first creation: expired, although the advance was 4 s ago
+    expect(table.getFence('ns', 'b')).toBeUndefined();
+    expect(table.upsert(route('b', '7')).outcome).toBe('applied');
+  });
+
+  it('sweeps expired fences and adopts an earlier first-creation time from a peer', () => {
+    const clock = clockAt(50_000);
+    const table = new RouteTable({ tombstoneTtlMs: 10_000, now: () => clock.now });
+    table.delete({ namespace: 'ns', name: 'c', resourceVersion: '3' });
+    table.delete({ namespace: 'ns', name: 'c', resourceVersion: '3', fencedAtMs: 45_000 });
+    expect(table.getFence('ns', 'c')?.fencedAtMs).toBe(45_000);
+    clock.tick(4_999);
+    expect(table.sweepExpiredFences()).toBe(0);
+    clock.tick(1);
+    expect(table.sweepExpiredFences()).toBe(1);
+    expect(table.fenceCount).toBe(0);
+    // A deletion whose fence already expired elsewhere leaves no fence here either.
+    expect(table.delete({ namespace: 'ns', name: 'd', resourceVersion: '1', fencedAtMs: 0 })).toMatchObject({ reason: 'fence_expired' });
+    expect(table.fenceCount).toBe(0);
+  });
+
+  it('lets a newer identity take a sandbox ID over', () => {
+    const table = new RouteTable({ tombstoneTtlMs: 1000 });
+    table.upsert(route('old', '5', { id: 'shared', ip: '10.0.0.1' }));
+    const result = table.upsert(route('new', '9', { id: 'shared', ip: '10.0.0.2' }));
+    expect(result.idTakeover).toEqual({ id: 'shared', from: 'ns/old' });
+    expect(table.getById('shared')?.name).toBe('new');
+    // The old identity's update does not win the ID back unless it is newer.
+    table.upsert(route('old', '7', { id: 'shared', ip: '10.0.0.3' }));
+    expect(table.getById('shared')?.name).toBe('new');
+    // When the owner goes away, the remaining holder of the ID serves it.
+    table.delete({ namespace: 'ns', name: 'new', resourceVersion: '9' });
+    expect(table.getById('shared')?.name).toBe('old');
+    // An identity moving to another ID releases the old one.
+    table.upsert(route('old', '20', { id: 'other' }));
+    expect(table.getById('shared')).toBeUndefined();
+    expect(table.getById('other')?.name).toBe('old');
+  });
+
+  it('keeps a digest that changes in exactly one bucket for a one-route difference', () => {
+    const a = new RouteTable({ tombstoneTtlMs: 1000 });
+    const b = new RouteTable({ tombstoneTtlMs: 1000 });
+    for (let i = 0; i < 500; i++) {
+      a.upsert(route(`r${i}`, '1'));
+      b.upsert(route(`r${i}`, '1'));
+    }
+    expect(a.rootDigest()).toBe(b.rootDigest());
+    b.upsert(route('r42', '2'));
+    const da = a.digest();
+    const db = b.digest();
+    const differing = da.flatMap((digest, i) => (digest === db[i] ? [] : [i]));
+    expect(differing).toEqual([b.bucketOf('ns/r42')]);
+    expect(b.changesInBuckets(differing).some((c) => c.op === 'upsert' && c.route.name === 'r42')).toBe(true);
+    a.upsert(route('r42', '2'));
+    expect(a.rootDigest()).toBe(b.rootDigest());
+  });
+});
+
+// Property: the table is a function of the set of changes applied, not of their order.
+const names = ['a', 'b', 'c', 'd'];
+const ids = ['x', 'y', 'z'];
+const changeArb: fc.Arbitrary<RouteChange> = fc.oneof(
+  fc.record({ name: fc.constantFrom(...names), id: fc.constantFrom(...ids), version: fc.integer({ min: 1, max: 30 }), ip: fc.constantFrom('10.0.0.1', '10.0.0.2') }).map(
+    ({ name, id, version, ip }) => ({ op: 'upsert' as const, route: route(name, String(version), { id, ip: `${ip}`, uid: `uid-${name}-${version}` }) }),
+  ),
+  fc.record({ name: fc.constantFrom(...names), version: fc.integer({ min: 1, max: 30 }) }).map(({ name, version }) => ({
+    op: 'delete' as const,
+    deletion: { namespace: 'ns', name, resourceVersion: String(version) },
+  })),
+);
+
+describe('RouteTable properties', () => {
+  it('converges to the same state whatever the order of the same changes', () => {
+    fc.assert(
+      fc.property(
+        // Within one identity, the same version always carries the same content (as in Kubernetes).
+        fc.array(changeArb, { maxLength: 40 }).map((changes) => dedupeVersions(changes)),
+        fc.integer(),
+        (changes, seed) => {
+          const a = new RouteTable({ tombstoneTtlMs: 60_000, now: () => 1 });
+          const b = new RouteTable({ tombstoneTtlMs: 60_000, now: () => 1 });
+          for (const change of changes) a.apply(change);
+          for (const change of shuffle(changes, seed)) b.apply(change);
+          expect(b.snapshot()).toEqual(a.snapshot());
+          expect(b.rootDigest()).toBe(a.rootDigest());
+        },
+      ),
+      { numRuns: 500 },
+    );
+  });
+
+  it('applying a change twice is the same as applying it once', () => {
+    fc.assert(
+      fc.property(fc.array(changeArb, { maxLength: 30 }).map(dedupeVersions), (changes) => {
+        const once = new RouteTable({ tombstoneTtlMs: 60_000, now: () => 1 });
+        const twice = new RouteTable({ tombstoneTtlMs: 60_000, now: () => 1 });
+        for (const change of changes) once.apply(change);
+        for (const change of [...changes, ...changes]) twice.apply(change);
+        expect(twice.snapshot()).toEqual(once.snapshot());
+      }),
+      { numRuns: 300 },
+    );
+  });
+});
+
+function dedupeVersions(changes: RouteChange[]): RouteChange[] {
+  const seen = new Map<string, RouteChange>();
+  return changes.map((change) => {
+    const key = change.op === 'upsert' ? `${change.route.name}@${change.route.resourceVersion}:u` : `${change.deletion.name}@${change.deletion.resourceVersion}:d`;
+    const first = seen.get(key);
+    if (first) return first;
+    seen.set(key, change);
+    return change;
+  });
+}
+
+function shuffle<T>(items: readonly T[], seed: number): T[] {
+  const out = [...items];
+  let state = seed >>> 0 || 1;
+  for (let i = out.length - 1; i > 0; i--) {
+    state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
+    const j = state % (i + 1);
+    [out[i], out[j]] = [out[j]!, out[i]!];
+  }
+  return out;
+}
