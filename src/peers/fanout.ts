@@ -6,6 +6,7 @@
 // ejected peer. What is not delivered by the deadline stays queued and the sender keeps going
 // in the background; the outbox bound keeps that memory finite, and reconciliation repairs
 // anything dropped.
+import { setMaxListeners } from 'node:events';
 import { performance } from 'node:perf_hooks';
 import pLimit, { type LimitFunction } from 'p-limit';
 import pRetry from 'p-retry';
@@ -109,6 +110,9 @@ export class PeerSync {
     this.random = options.random ?? Math.random;
     // rejectOnClear: on shutdown, sends queued behind the cap settle instead of hanging forever.
     this.limit = pLimit({ concurrency: this.config.syncConcurrency, rejectOnClear: true });
+    // Every in-flight attempt and retry wait listens on the one shutdown signal: many
+    // listeners are the design here, not a leak (each is removed when its attempt settles).
+    setMaxListeners(0, this.stop.signal);
   }
 
   /** Requests queued behind the concurrency cap, and running under it. */

@@ -23,6 +23,9 @@ export class InFlightGauge {
 export class FakePeer {
   readonly table = new RouteTable({ tombstoneTtlMs: 600_000 });
   mode: PeerMode = { kind: 'ok' };
+  /** Fail this many pushes (then behave as `mode`), with a reset or a status. */
+  failNext = 0;
+  failWith: 'reset' | number = 503;
   /** Sockets accepted, ever. */
   connections = 0;
   /** Push requests received (any outcome). */
@@ -114,7 +117,11 @@ export class FakePeer {
         this.gauge?.leave();
       };
       res.on('close', leave);
-      const mode = this.mode;
+      let mode = this.mode;
+      if (this.failNext > 0) {
+        this.failNext--;
+        mode = this.failWith === 'reset' ? { kind: 'reset' } : { kind: 'status', status: this.failWith };
+      }
       switch (mode.kind) {
         case 'hang':
           this.hung.add(res);

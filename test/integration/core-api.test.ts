@@ -1,0 +1,213 @@
+// The local and peer APIs: status codes, validation, redaction, auth (SPEC §3).
+import { afterEach, describe, expect, it } from 'vitest';
+import { makeRoute, putRoute, startCluster, startReplica, stopAll, type TestReplica } from '../helpers/cluster.js';
+
+const replicas: TestReplica[] = [];
+async function replica(env: Record<string, string> = {}): Promise<TestReplica> {
+  const node = await startReplica(env);
+  replicas.push(node);
+  return node;
+}
+afterEach(async () => {
+  await stopAll(replicas.splice(0));
+});
+
+async function send(url: string, init: RequestInit = {}): Promise<{ status: number; body: any; headers: Headers }> {
+  const response = await fetch(url, init);
+  const text = await response.text();
+  let body: unknown = text;
+  try {
+    body = text === '' ? undefined : JSON.parse(text);
+  } catch {
+    // not JSON: keep the text
+  }
+  return { status: response.status, body, headers: response.headers };
+}
+
+const json = { 'content-type': 'application/json' };
+
+describe('local API', () => {
+  it('applies a route, ignores a replay or an older version, and says why', async () => {
+    const node = await replica();
+    const route = makeRoute({ resourceVersion: '10' });
+    expect((await putRoute(node.api, route)).body.result).toMatchObject({ outcome: 'applied', reason: 'created', resourceVersion: '10' });
+    expect((await putRoute(node.api, route)).body.result).toMatchObject({ outcome: 'ignored', reason: 'stale_resource_version' });
+    expect((await putRoute(node.api, { ...route, resourceVersion: '9' })).body).toMatchObject({
+      result: { outcome: 'ignored', reason: 'stale_resource_version' },
+      sync: null,
+    });
+    expect((await putRoute(node.api, { ...route, resourceVersion: '11' })).body.result).toMatchObject({ outcome: 'applied', reason: 'updated' });
+  });
+
+  it('answers bad input with a clear 4xx and leaves the table unchanged', async () => {
+    const node = await replica();
+    await putRoute(node.api, makeRoute());
+    const before = node.replica.table.rootDigest();
+    const cases: [RequestInit, number, string][] = [
+      [{ method: 'PUT', headers: json, body: JSON.stringify(makeRoute({ resourceVersion: '007' })) }, 400, 'invalid_route'],
+      [{ method: 'PUT', headers: json, body: JSON.stringify(makeRoute({ ip: 'not-an-ip' })) }, 400, 'invalid_route'],
+      [{ method: 'PUT', headers: json, body: '{"namespace": "ns", ' }, 400, 'invalid_json'],
+      [{ method: 'PUT', headers: json, body: '[1, 2]' }, 400, 'invalid_route'],
+      [{ method: 'PUT', headers: json, body: '"just a string"' }, 400, 'invalid_json'],
+      [{ method: 'PUT', body: JSON.stringify(makeRoute()) }, 415, 'unsupported_media_type'],
+      [{ method: 'PUT', headers: { 'content-type': 'text/plain' }, body: JSON.stringify(makeRoute()) }, 415, 'unsupported_media_type'],
+      [{ method: 'PUT', headers: json, body: JSON.stringify(makeRoute({ owner: 'x'.repeat(1_100_000) })) }, 413, 'body_too_large'],
+      [{ method: 'POST', headers: json, body: JSON.stringify({ routes: [makeRoute(), makeRoute({ uid: 5 })] }) }, 400, 'invalid_route'],
+      [{ method: 'POST', headers: json, body: JSON.stringify({ nope: [] }) }, 400, 'invalid_batch'],
+    ];
+    for (const [init, status, code] of cases) {
+      const url = init.method === 'POST' ? `${node.api}/v1/routes/batch` : `${node.api}/v1/routes`;
+      const response = await send(url, init);
+      expect(response.status, `${init.method} ${String(init.body).slice(0, 60)}`).toBe(status);
+      expect(response.body.error.code).toBe(code);
+    }
+    const badDelete = await send(`${node.api}/v1/routes/default/x?resourceVersion=-1`, { method: 'DELETE' });
+    expect(badDelete.status).toBe(400);
+    expect(badDelete.body.error).toMatchObject({ code: 'invalid_route', field: 'resourceVersion' });
+    expect(node.replica.table.rootDigest()).toBe(before);
+    expect(node.replica.table.size).toBe(1);
+    const invalid = await send(`${node.api}/v1/routes`, { method: 'PUT', headers: json, body: JSON.stringify(makeRoute({ resourceVersion: '1e3' })) });
+    expect(invalid.body.error).toMatchObject({ reason: 'invalid_resource_version', field: 'resourceVersion' });
+  });
+
+  it('deletes with and without a resourceVersion, fencing the identity', async () => {
+    const node = await replica();
+    const route = makeRoute({ resourceVersion: '5' });
+    await putRoute(node.api, route);
+    const stale = await send(`${node.api}/v1/routes/default/${route.name}?resourceVersion=4`, { method: 'DELETE' });
+    expect(stale.body.result).toMatchObject({ outcome: 'ignored', reason: 'stale_resource_version' });
+    const deleted = await send(`${node.api}/v1/routes/default/${route.name}`, { method: 'DELETE' });
+    expect(deleted.body.result).toMatchObject({ outcome: 'applied', reason: 'deleted', resourceVersion: '5' });
+    expect((await send(`${node.api}/v1/routes/${route.id}`)).status).toBe(404);
+    // The fence stops a late upsert at the deleted version.
+    expect((await putRoute(node.api, route)).body.result.outcome).toBe('ignored');
+    const unknown = await send(`${node.api}/v1/routes/default/never-seen`, { method: 'DELETE' });
+    expect(unknown.status).toBe(200);
+    expect(unknown.body.result).toMatchObject({ outcome: 'ignored', reason: 'not_found' });
+    const fenced = await send(`${node.api}/v1/routes/default/future?resourceVersion=9`, { method: 'DELETE' });
+    expect(fenced.body.result).toMatchObject({ outcome: 'applied', reason: 'fenced' });
+  });
+
+  it('applies a batch with one result per route', async () => {
+    const node = await replica();
+    const routes = [makeRoute(), makeRoute(), makeRoute({ resourceVersion: '3' })];
+    const stale = { ...routes[2], resourceVersion: '2' };
+    const response = await send(`${node.api}/v1/routes/batch`, { method: 'POST', headers: json, body: JSON.stringify({ routes: [...routes, stale] }) });
+    expect(response.status).toBe(200);
+    expect(response.body.results.map((r: { reason: string }) => r.reason)).toEqual(['created', 'created', 'created', 'stale_resource_version']);
+    expect(node.replica.table.size).toBe(3);
+  });
+
+  it('lists routes and looks one up by sandbox ID without ever showing its token', async () => {
+    const node = await replica();
+    const route = makeRoute({ accessToken: 'tok-super-secret', requireTrafficAuth: true });
+    await putRoute(node.api, route);
+    const list = await send(`${node.api}/v1/routes`);
+    expect(list.body.count).toBe(1);
+    expect(JSON.stringify(list.body)).not.toContain('tok-super-secret');
+    const one = await send(`${node.api}/v1/routes/${route.id}`);
+    expect(one.body).toMatchObject({ id: route.id, hasAccessToken: true, requireTrafficAuth: true });
+    expect(JSON.stringify(one.body)).not.toContain('tok-super-secret');
+    expect((await send(`${node.api}/v1/routes/unknown-id`)).body.error.code).toBe('route_not_found');
+  });
+
+  it('shows every peer with its health', async () => {
+    const cluster = await startCluster(2);
+    replicas.push(...cluster);
+    await putRoute(cluster[0]!.api, makeRoute());
+    const view = await send(`${cluster[0]!.api}/v1/peers`);
+    expect(view.body.peers).toHaveLength(1);
+    expect(view.body.peers[0]).toMatchObject({
+      peer: cluster[1]!.replica.addresses.peer,
+      reachable: true,
+      consecutiveFailures: 0,
+      ejected: false,
+      pendingRoutes: 0,
+    });
+    expect(typeof view.body.peers[0].lastSuccess).toBe('string');
+  });
+});
+
+describe('peer API', () => {
+  it('speaks openkruise /refresh: 204 applied or stale, 400 invalid, any content type', async () => {
+    const node = await replica();
+    const route = makeRoute({ resourceVersion: '4', unknownField: { nested: true } });
+    expect((await send(`${node.peerUrl}/refresh`, { method: 'POST', body: JSON.stringify(route) })).status).toBe(204);
+    expect(node.replica.table.get('default', route.name as string)?.resourceVersion).toBe('4');
+    expect((await send(`${node.peerUrl}/refresh`, { method: 'POST', body: JSON.stringify(route) })).status).toBe(204);
+    expect((await send(`${node.peerUrl}/refresh`, { method: 'POST', headers: { 'content-type': 'text/plain' }, body: JSON.stringify({ ...route, resourceVersion: '5' }) })).status).toBe(204);
+    expect(node.replica.table.get('default', route.name as string)?.resourceVersion).toBe('5');
+    const badJson = await send(`${node.peerUrl}/refresh`, { method: 'POST', body: '{oops' });
+    expect(badJson.status).toBe(400);
+    expect(badJson.body.error.code).toBe('invalid_json');
+    const badRoute = await send(`${node.peerUrl}/refresh`, { method: 'POST', body: JSON.stringify({ ...route, resourceVersion: '-5' }) });
+    expect(badRoute.status).toBe(400);
+    expect(badRoute.body.error.code).toBe('invalid_route');
+  });
+
+  it('deletes on a dead route, needs its resourceVersion, and ignores an ID-only legacy push', async () => {
+    const node = await replica();
+    const route = makeRoute({ resourceVersion: '4' });
+    await send(`${node.peerUrl}/refresh`, { method: 'POST', body: JSON.stringify(route) });
+    const noVersion = await send(`${node.peerUrl}/refresh`, { method: 'POST', body: JSON.stringify({ namespace: 'default', name: route.name, state: 'dead' }) });
+    expect(noVersion.status).toBe(400);
+    expect(node.replica.table.size).toBe(1);
+    const dead = await send(`${node.peerUrl}/refresh`, { method: 'POST', body: JSON.stringify({ ...route, state: 'Dead' }) });
+    expect(dead.status).toBe(204);
+    expect(node.replica.table.size).toBe(0);
+    const legacy = await send(`${node.peerUrl}/refresh`, { method: 'POST', body: JSON.stringify({ id: 'sb-legacy', ip: '10.0.0.9' }) });
+    expect(legacy.status).toBe(204);
+    expect(node.replica.table.getById('sb-legacy')).toBeUndefined();
+  });
+
+  it('accepts exactly 1 MiB on /refresh and answers 413 one byte over', async () => {
+    const node = await replica();
+    const base = JSON.stringify(makeRoute({ owner: '' }));
+    const body = (size: number) => base.replace('"owner":""', `"owner":"","pad":"${'x'.repeat(size - base.length - 9)}"`);
+    const exact = body(1_048_576);
+    expect(Buffer.byteLength(exact)).toBe(1_048_576);
+    expect((await send(`${node.peerUrl}/refresh`, { method: 'POST', body: exact })).status).toBe(204);
+    const over = body(1_048_577);
+    expect(Buffer.byteLength(over)).toBe(1_048_577);
+    const response = await send(`${node.peerUrl}/refresh`, { method: 'POST', body: over });
+    expect(response.status).toBe(413);
+    expect(response.body.error.code).toBe('body_too_large');
+  });
+
+  it('answers 405 with Allow: POST for another method on /refresh', async () => {
+    const node = await replica();
+    for (const method of ['GET', 'PUT', 'DELETE']) {
+      const response = await send(`${node.peerUrl}/refresh`, { method });
+      expect(response.status).toBe(405);
+      expect(response.headers.get('allow')).toBe('POST');
+    }
+  });
+
+  it('demands the peer token on every peer endpoint but probes and metrics, and replicas send it', async () => {
+    const cluster = await startCluster(2, { ROUTESYNC_PEER_TOKEN: 'peer-secret-123' });
+    replicas.push(...cluster);
+    const target = cluster[1]!.peerUrl;
+    const route = JSON.stringify(makeRoute());
+    expect((await send(`${target}/refresh`, { method: 'POST', body: route })).status).toBe(401);
+    expect((await send(`${target}/refresh`, { method: 'POST', body: route, headers: { authorization: 'Bearer wrong' } })).status).toBe(401);
+    expect((await send(`${target}/v1/peer/routes`, { method: 'POST', body: '{"routes":[]}' })).status).toBe(401);
+    expect((await send(`${target}/refresh`, { method: 'POST', body: route, headers: { authorization: 'Bearer peer-secret-123' } })).status).toBe(204);
+    for (const open of ['/healthz', '/readyz', '/metrics']) expect((await send(`${target}${open}`)).status).toBe(200);
+    const { body } = await putRoute(cluster[0]!.api, makeRoute());
+    expect(body.sync.acked).toBe(1);
+    for (const node of cluster) expect(node.logs.lines.join('\n')).not.toContain('peer-secret-123');
+  });
+
+  it('serves probes and Prometheus metrics', async () => {
+    const node = await replica();
+    await putRoute(node.api, makeRoute());
+    expect((await send(`${node.peerUrl}/healthz`)).body).toEqual({ status: 'ok' });
+    expect((await send(`${node.peerUrl}/readyz`)).status).toBe(200);
+    const metrics = await fetch(`${node.peerUrl}/metrics`);
+    expect(metrics.headers.get('content-type')).toContain('text/plain');
+    const text = await metrics.text();
+    expect(text).toMatch(/^routesync_routes 1$/m);
+    expect(text).toMatch(/^routesync_changes_total\{source="local",outcome="applied",reason="created"\} 1$/m);
+    expect(text).toContain('routesync_sync_duration_seconds_bucket');
+  });
+});

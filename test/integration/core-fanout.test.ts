@@ -1,0 +1,175 @@
+// The fan-out on real loopback sockets: real replicas, real fake peers with fault switches.
+import pLimit from 'p-limit';
+import { afterEach, describe, expect, it } from 'vitest';
+import { FakePeer, InFlightGauge } from '../helpers/fake-peer.js';
+import { makeRoute, putRoute, startCluster, startReplica, stopAll, type TestReplica } from '../helpers/cluster.js';
+import { waitUntil } from '../helpers/wait.js';
+
+const replicas: TestReplica[] = [];
+const peers: FakePeer[] = [];
+
+async function replica(env: Record<string, string> = {}): Promise<TestReplica> {
+  const node = await startReplica(env);
+  replicas.push(node);
+  return node;
+}
+
+async function fakePeers(count: number, gauge?: InFlightGauge): Promise<FakePeer[]> {
+  const started = await Promise.all(Array.from({ length: count }, () => FakePeer.start(gauge ? { gauge } : {})));
+  peers.push(...started);
+  return started;
+}
+
+afterEach(async () => {
+  await stopAll(replicas.splice(0));
+  await Promise.all(peers.splice(0).map((peer) => peer.close()));
+});
+
+describe('fan-out to peers', () => {
+  it('puts a change on every other replica by the time the call returns', async () => {
+    const cluster = await startCluster(3);
+    replicas.push(...cluster);
+    const route = makeRoute({ resourceVersion: '42', ip: '10.1.1.1' });
+    const { status, body } = await putRoute(cluster[0]!.api, route);
+    expect(status).toBe(200);
+    expect(body.result).toMatchObject({ outcome: 'applied', reason: 'created' });
+    expect(body.sync).toMatchObject({ peers: 2, acked: 2, failed: [], pending: [] });
+    for (const node of cluster.slice(1)) {
+      expect(node.replica.table.get('default', route.name as string)?.resourceVersion).toBe('42');
+      expect(node.replica.table.getById(route.id as string)?.ip).toBe('10.1.1.1');
+    }
+  });
+
+  it('waits no longer than the deadline for a peer that never answers, and the others still get the change', async () => {
+    const [ok1, ok2, hung] = await fakePeers(3);
+    hung!.mode = { kind: 'hang' };
+    const deadlineMs = 400;
+    const node = await replica({
+      ROUTESYNC_PEERS: [ok1!, ok2!, hung!].map((peer) => peer.address).join(','),
+      ROUTESYNC_SYNC_DEADLINE_MS: String(deadlineMs),
+      ROUTESYNC_ATTEMPT_TIMEOUT_MS: '150',
+      ROUTESYNC_EJECT_AFTER_FAILURES: '1000',
+    });
+    const route = makeRoute();
+    const started = performance.now();
+    const { body } = await putRoute(node.api, route);
+    const elapsed = performance.now() - started;
+    expect(body.sync.acked).toBe(2);
+    const hungOutcome = [...body.sync.failed, ...body.sync.pending].map((entry: { peer: string }) => entry.peer);
+    expect(hungOutcome).toEqual([hung!.address]);
+    // The deadline bounds the call; the slack covers timer lateness on a loaded machine.
+    expect(body.sync.elapsedMs).toBeLessThanOrEqual(deadlineMs + 250);
+    expect(elapsed).toBeLessThan(deadlineMs + 1000);
+    expect(ok1!.table.get('default', route.name as string)).toBeDefined();
+    expect(ok2!.table.get('default', route.name as string)).toBeDefined();
+  });
+
+  it('tries a peer answering 400 once and does not resend what it rejected', async () => {
+    const [bad] = await fakePeers(1);
+    bad!.mode = { kind: 'status', status: 400 };
+    const node = await replica({ ROUTESYNC_PEERS: bad!.address });
+    const { body } = await putRoute(node.api, makeRoute());
+    expect(body.sync.failed).toEqual([{ peer: bad!.address, errorClass: 'http_4xx' }]);
+    expect(bad!.pushes).toBe(1);
+    // The next change travels alone: the rejected one was not queued again.
+    bad!.mode = { kind: 'ok' };
+    const next = makeRoute();
+    const second = await putRoute(node.api, next);
+    expect(second.body.sync.acked).toBe(1);
+    expect(bad!.pushes).toBe(2);
+    expect(bad!.routesReceived).toBe(1);
+  });
+
+  it.each([
+    ['answering 503', 503 as const],
+    ['resetting the connection', 'reset' as const],
+  ])('retries a peer %s and succeeds when it recovers', async (_label, failure) => {
+    const [flaky] = await fakePeers(1);
+    flaky!.failNext = 2;
+    flaky!.failWith = failure;
+    const node = await replica({ ROUTESYNC_PEERS: flaky!.address });
+    const route = makeRoute({ resourceVersion: '3' });
+    const { body } = await putRoute(node.api, route);
+    expect(body.sync).toMatchObject({ acked: 1, failed: [], pending: [] });
+    expect(flaky!.pushes).toBe(3);
+    expect(flaky!.table.get('default', route.name as string)?.resourceVersion).toBe('3');
+    const metrics = await (await fetch(`${node.peerUrl}/metrics`)).text();
+    expect(metrics).toMatch(/^routesync_peer_retries_total 2$/m);
+  });
+
+  it('opens no more connections than the pool allows for 1,000 changes to 3 peers', async () => {
+    const three = await fakePeers(3);
+    const node = await replica({ ROUTESYNC_PEERS: three.map((peer) => peer.address).join(','), ROUTESYNC_PEER_CONNECTIONS: '2' });
+    const limit = pLimit(32);
+    const routes = Array.from({ length: 1000 }, () => makeRoute());
+    await Promise.all(routes.map((route) => limit(async () => void (await putRoute(node.api, route)))));
+    for (const peer of three) {
+      expect(peer.table.size).toBe(1000);
+      expect(peer.connections).toBeGreaterThanOrEqual(1);
+      expect(peer.connections).toBeLessThanOrEqual(2);
+    }
+  });
+
+  it('never has more requests in flight than the cap, with 200 peers', async () => {
+    const gauge = new InFlightGauge();
+    const many = await fakePeers(200, gauge);
+    for (const peer of many) peer.mode = { kind: 'ok', delayMs: 5 };
+    const cap = 16;
+    const node = await replica({ ROUTESYNC_PEERS: many.map((peer) => peer.address).join(','), ROUTESYNC_SYNC_CONCURRENCY: String(cap) });
+    const routes = Array.from({ length: 5 }, () => makeRoute());
+    const results = await Promise.all(routes.map((route) => putRoute(node.api, route)));
+    for (const { body } of results) expect(body.sync).toMatchObject({ peers: 200, acked: 200 });
+    expect(gauge.peak).toBeLessThanOrEqual(cap);
+    // The gauge really measures concurrency: the cap was reached.
+    expect(gauge.peak).toBeGreaterThan(1);
+    for (const peer of many) expect(peer.table.size).toBe(5);
+  });
+
+  it('sends a burst of 1,000 changes in far fewer requests, and the peer ends with the newest versions', async () => {
+    const [peer] = await fakePeers(1);
+    peer!.mode = { kind: 'ok', delayMs: 2 };
+    const node = await replica({ ROUTESYNC_PEERS: peer!.address });
+    const base = Array.from({ length: 100 }, () => makeRoute());
+    // 10 versions of each of 100 routes, all in flight together, in shuffled order.
+    const changes = base.flatMap((route) => Array.from({ length: 10 }, (_, v) => ({ ...route, resourceVersion: String(v + 1), ip: `10.0.${v}.1` })));
+    changes.sort(() => Math.random() - 0.5);
+    const limit = pLimit(100);
+    await Promise.all(changes.map((change) => limit(() => putRoute(node.api, change))));
+    await waitUntil(() => node.replica.sync.outboxSize() === 0, 10_000, 'the outbox to drain');
+    for (const route of base) {
+      expect(node.replica.table.get('default', route.name as string)?.resourceVersion).toBe('10');
+      expect(peer!.table.get('default', route.name as string)?.resourceVersion).toBe('10');
+      expect(peer!.table.get('default', route.name as string)?.ip).toBe('10.0.9.1');
+    }
+    expect(peer!.pushes).toBeLessThan(250);
+  });
+
+  it('ejects a hung peer so calls stop waiting, and a probe brings it back with what it missed', async () => {
+    const [ok, hung] = await fakePeers(2);
+    hung!.mode = { kind: 'hang' };
+    const node = await replica({
+      ROUTESYNC_PEERS: `${ok!.address},${hung!.address}`,
+      ROUTESYNC_SYNC_DEADLINE_MS: '1000',
+      ROUTESYNC_ATTEMPT_TIMEOUT_MS: '100',
+      ROUTESYNC_EJECT_AFTER_FAILURES: '3',
+      ROUTESYNC_EJECT_PROBE_MS: '200',
+    });
+    const missed = makeRoute();
+    await putRoute(node.api, missed);
+    await waitUntil(() => node.replica.sync.status().some((status) => status.ejected), 10_000, 'the hung peer to be ejected');
+    const peersView = await (await fetch(`${node.api}/v1/peers`)).json();
+    expect(peersView.peers.find((p: { peer: string }) => p.peer === hung!.address)).toMatchObject({ ejected: true, reachable: false });
+
+    const { body } = await putRoute(node.api, makeRoute());
+    expect(body.sync.acked).toBe(1);
+    expect(body.sync.pending).toEqual([{ peer: hung!.address, reason: 'ejected' }]);
+
+    // The peer recovers: the probe readmits it and its queued changes are delivered.
+    hung!.mode = { kind: 'ok' };
+    hung!.releaseHung();
+    await waitUntil(() => hung!.table.get('default', missed.name as string) !== undefined, 10_000, 'queued changes to reach the recovered peer');
+    await waitUntil(() => node.replica.sync.status().every((status) => !status.ejected), 10_000, 'the peer to be readmitted');
+    const metrics = await (await fetch(`${node.peerUrl}/metrics`)).text();
+    expect(metrics).toMatch(/^routesync_peer_ejections_total 1$/m);
+  });
+});
