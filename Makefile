@@ -12,8 +12,9 @@ build:
 run: build
 	node dist/main.js
 
+# VITEST_ARGS passes extra options to vitest (for example a reporter, or a file filter).
 test:
-	npm test
+	npm test -- $(VITEST_ARGS)
 
 lint:
 	npm run lint

@@ -1,0 +1,46 @@
+// routesync as a process: start-up, bad configuration, SIGTERM.
+import { afterEach, describe, expect, it } from 'vitest';
+import { FakePeer } from '../helpers/fake-peer.js';
+import { makeRoute, putRoute } from '../helpers/cluster.js';
+import { spawnReplica, type ProcessReplica } from '../helpers/process.js';
+
+const running: ProcessReplica[] = [];
+const peers: FakePeer[] = [];
+afterEach(async () => {
+  for (const replica of running.splice(0)) if (replica.child.exitCode === null) replica.child.kill('SIGKILL');
+  await Promise.all(peers.splice(0).map((peer) => peer.close()));
+});
+
+const LOOPBACK = { ROUTESYNC_API_ADDR: '127.0.0.1:0', ROUTESYNC_PEER_ADDR: '127.0.0.1:0', ROUTESYNC_PROXY_ADDR: '127.0.0.1:0' };
+
+describe('routesync process', () => {
+  it('stops start-up with one clear line naming a bad variable, exit code 2', async () => {
+    const replica = spawnReplica({ ...LOOPBACK, ROUTESYNC_SYNC_CONCURRENCY: 'lots' });
+    running.push(replica);
+    expect(await replica.exited).toBe(2);
+    expect(replica.stderr).toEqual(['routesync: invalid ROUTESYNC_SYNC_CONCURRENCY: "lots" is not a non-negative integer']);
+  });
+
+  it('names a bad flag the same way', async () => {
+    const replica = spawnReplica(LOOPBACK, ['--sync-deadline-ms=-3']);
+    running.push(replica);
+    expect(await replica.exited).toBe(2);
+    expect(replica.stderr).toHaveLength(1);
+    expect(replica.stderr[0]).toMatch(/^routesync: invalid --sync-deadline-ms:/);
+  });
+
+  it('drains on SIGTERM: acknowledged changes are on the peer and the exit code is 0', async () => {
+    const peer = await FakePeer.start();
+    peers.push(peer);
+    const replica = spawnReplica({ ...LOOPBACK, ROUTESYNC_PEERS: peer.address, ROUTESYNC_SHUTDOWN_GRACE_MS: '5000' });
+    running.push(replica);
+    const { api } = await replica.addresses;
+    const route = makeRoute();
+    const { body } = await putRoute(`http://${api}`, route);
+    expect(body.sync.acked).toBe(1);
+    replica.child.kill('SIGTERM');
+    expect(await replica.exited).toBe(0);
+    expect(peer.table.get('default', route.name as string)).toBeDefined();
+    expect(replica.lines.some((line) => line.includes('"shutting down"'))).toBe(true);
+  });
+});
