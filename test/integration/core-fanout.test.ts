@@ -157,7 +157,7 @@ describe('fan-out to peers', () => {
     const missed = makeRoute();
     await putRoute(node.api, missed);
     await waitUntil(() => node.replica.sync.status().some((status) => status.ejected), 10_000, 'the hung peer to be ejected');
-    const peersView = await (await fetch(`${node.api}/v1/peers`)).json();
+    const peersView = (await (await fetch(`${node.api}/v1/peers`)).json()) as any;
     expect(peersView.peers.find((p: { peer: string }) => p.peer === hung!.address)).toMatchObject({ ejected: true, reachable: false });
 
     const { body } = await putRoute(node.api, makeRoute());
