@@ -1,0 +1,91 @@
+// Header hygiene between the client and the sandbox. Pure functions over header objects.
+//
+// Upstream requests lose: the traffic token headers, the client's routing headers (the
+// sandbox must not see, nor be able to trust, what the client claimed), hop-by-hop headers
+// (RFC 9110 §7.6.1) and any header the client listed in `Connection`, except the ones that
+// frame the message: stripping `Content-Length` or `Transfer-Encoding` because a client
+// named it in `Connection` would let the client smuggle a second request into the sandbox.
+// `Expect` is answered by the data plane itself (it sends 100 Continue once the request is
+// admitted), so it is not forwarded either.
+import type { IncomingHttpHeaders, OutgoingHttpHeaders } from 'node:http';
+import { SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER, TOKEN_HEADERS } from './target.js';
+
+/** Never forwarded to a sandbox. */
+export const STRIPPED_REQUEST_HEADERS: readonly string[] = [...TOKEN_HEADERS, SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER, 'expect'];
+
+/** Hop-by-hop headers (plus the non-standard ones that behave like them). */
+export const HOP_BY_HOP_HEADERS: readonly string[] = [
+  'connection',
+  'keep-alive',
+  'proxy-connection',
+  'proxy-authenticate',
+  'proxy-authorization',
+  'te',
+  'trailer',
+  'upgrade',
+];
+
+/** Headers a `Connection` token can never remove: they frame the message or name its target. */
+const PROTECTED_HEADERS = new Set(['host', 'content-length', 'transfer-encoding']);
+
+function connectionTokens(value: string | string[] | number | undefined): string[] {
+  if (value === undefined) return [];
+  const text = Array.isArray(value) ? value.join(',') : String(value);
+  return text
+    .split(',')
+    .map((token) => token.trim().toLowerCase())
+    .filter((token) => token !== '');
+}
+
+export interface ForwardingContext {
+  /** The client's address as the data plane saw it. */
+  readonly remoteAddress: string | undefined;
+  /** `http` (the data plane does not terminate TLS). */
+  readonly protocol: 'http' | 'https';
+  /** A WebSocket handshake keeps `Connection: Upgrade` and `Upgrade`. */
+  readonly upgrade: boolean;
+}
+
+/**
+ * The headers to send upstream, as a new object (the input is not modified).
+ *
+ * X-Forwarded-For appends the client's address to any chain already present (the usual
+ * convention; the sandbox treats it as a hint). X-Forwarded-Proto and X-Forwarded-Host are
+ * set to what this hop saw, replacing client-sent values, so a client cannot claim HTTPS or
+ * another host.
+ */
+export function upstreamRequestHeaders(headers: IncomingHttpHeaders, context: ForwardingContext): IncomingHttpHeaders {
+  const out: IncomingHttpHeaders = { ...headers };
+  const listed = connectionTokens(headers.connection);
+  for (const name of listed) {
+    if (!PROTECTED_HEADERS.has(name) && !(context.upgrade && name === 'upgrade')) delete out[name];
+  }
+  for (const name of HOP_BY_HOP_HEADERS) delete out[name];
+  for (const name of STRIPPED_REQUEST_HEADERS) delete out[name];
+  if (context.upgrade) {
+    out.connection = 'Upgrade';
+    if (headers.upgrade !== undefined) out.upgrade = headers.upgrade;
+  }
+
+  const chain = headers['x-forwarded-for'];
+  const previous = Array.isArray(chain) ? chain.join(', ') : chain;
+  const remote = context.remoteAddress ?? '';
+  out['x-forwarded-for'] = previous && previous.trim() !== '' ? `${previous}, ${remote}` : remote;
+  out['x-forwarded-proto'] = context.protocol;
+  const host = headers.host ?? headers[':authority'];
+  if (host !== undefined) out['x-forwarded-host'] = Array.isArray(host) ? host[0] : host;
+  else delete out['x-forwarded-host'];
+  return out;
+}
+
+/**
+ * Remove hop-by-hop headers from an upstream response, in place (http-proxy-3 copies the
+ * object to the client right after). `Transfer-Encoding` is left to the library, which drops
+ * it and lets Node frame the client response itself.
+ */
+export function cleanResponseHeaders(headers: IncomingHttpHeaders | OutgoingHttpHeaders): void {
+  for (const name of connectionTokens(headers.connection)) {
+    if (!PROTECTED_HEADERS.has(name)) delete headers[name];
+  }
+  for (const name of HOP_BY_HOP_HEADERS) delete headers[name];
+}

@@ -1,0 +1,629 @@
+// The data plane: an http.Server that maps each request to a sandbox (target.ts), admits it
+// or answers with a JSON error, and relays admitted HTTP and WebSocket traffic to the route's
+// pod IP through http-proxy-3 and one bounded keep-alive agent.
+//
+// Why it is built this way:
+//  - Nothing buffers a body: the library pipes request and response streams with
+//    backpressure; there is no body parser anywhere on this server.
+//  - Every failure path ends in exactly one place per exchange (`record`), which counts the
+//    outcome, observes the duration and writes the access-log line. The first outcome set wins.
+//  - The upstream timeout is ours, not the library's `proxyTimeout` (which cannot be told apart
+//    from a reset and keeps running while a response streams). It bounds, with the one figure
+//    `proxyTimeoutMs`: the wait for a pooled socket, the TCP connect, and then upstream silence
+//    until the response headers arrive (socket idle, so a long upload that keeps moving is never
+//    cut). Once headers are in, the response streams for as long as both ends keep it open.
+//    A WebSocket handshake gets the same figure as a hard deadline; an open WebSocket has none.
+//  - The library's `error` event always has a listener and every call passes a callback, so no
+//    proxy error can become an uncaught exception; the request handlers are wrapped as well.
+import { randomBytes } from 'node:crypto';
+import http, { type ClientRequest, type IncomingMessage, type ServerResponse } from 'node:http';
+import type { AddressInfo, Socket } from 'node:net';
+import { performance } from 'node:perf_hooks';
+import { ProxyServer } from 'http-proxy-3';
+import type { Config } from '../config.js';
+import type { Logger } from '../log.js';
+import type { Metrics } from '../metrics.js';
+import type { RouteTable } from '../routes/table.js';
+import { cleanResponseHeaders, upstreamRequestHeaders } from './headers.js';
+import {
+  classifyUpstreamError,
+  dataPlaneError,
+  decide,
+  errorBody,
+  splitRequestTarget,
+  upstreamTimeoutError,
+  type DataPlaneError,
+  type DataPlaneErrorCode,
+  type UpstreamTarget,
+} from './target.js';
+import { CLOSE_GOING_AWAY, FrameRelay, closeFrame } from './ws-frames.js';
+
+export interface DataPlaneOptions {
+  readonly config: Config;
+  /** Looked up on every request, so a route change applies to the next one. */
+  readonly table: Pick<RouteTable, 'getById'>;
+  readonly metrics: Metrics;
+  readonly logger: Logger;
+  /**
+   * How long a WebSocket may take to finish its closing handshake after the data plane sent
+   * close 1001 at the end of the shutdown grace period, before its sockets are destroyed.
+   * Default 1000 ms.
+   */
+  readonly webSocketCloseTimeoutMs?: number;
+  /**
+   * Idle time after which a pooled upstream socket is closed. Default 4000 ms: below the 5 s
+   * keep-alive timeout of a default Node.js server, so the agent drops a socket before the
+   * sandbox does, instead of sending a request into a connection the sandbox is closing.
+   */
+  readonly upstreamIdleSocketTimeoutMs?: number;
+}
+
+/** What a request ended as: the metric label and the access log's `outcome`. */
+export type ProxyOutcome = 'proxied' | 'client_aborted' | DataPlaneErrorCode;
+
+interface Exchange {
+  readonly kind: 'http' | 'websocket';
+  readonly startedAt: number;
+  readonly method: string;
+  /** Path without the query (the query may carry secrets). */
+  readonly path: string;
+  readonly remoteAddress: string | undefined;
+  readonly hasBody: boolean;
+  sandboxId: string | undefined;
+  port: number | undefined;
+  outcome: ProxyOutcome | undefined;
+  status: number | undefined;
+  timedOut: boolean;
+  clientError: unknown;
+  proxyReq: ClientRequest | undefined;
+  timer: NodeJS.Timeout | undefined;
+  recorded: boolean;
+}
+
+interface ProxiedWebSocket {
+  readonly client: Socket;
+  readonly upstream: Socket;
+  toClient?: FrameRelay;
+  toUpstream?: FrameRelay;
+  readonly closed: Promise<void>;
+}
+
+const DEFAULT_WS_CLOSE_TIMEOUT_MS = 1000;
+const DEFAULT_UPSTREAM_IDLE_SOCKET_TIMEOUT_MS = 4000;
+
+function hasRequestBody(req: IncomingMessage): boolean {
+  const length = req.headers['content-length'];
+  return req.headers['transfer-encoding'] !== undefined || (length !== undefined && length !== '0');
+}
+
+function errorResponseHeaders(error: DataPlaneError, body: string): Record<string, string | number> {
+  return {
+    'content-type': 'application/json; charset=utf-8',
+    'content-length': Buffer.byteLength(body),
+    'cache-control': 'no-store',
+    'x-routesync-error': error.code,
+  };
+}
+
+export class DataPlane {
+  readonly server: http.Server;
+  private readonly config: Config;
+  private readonly table: Pick<RouteTable, 'getById'>;
+  private readonly metrics: Metrics;
+  private readonly logger: Logger;
+  private readonly webSocketCloseTimeoutMs: number;
+  private readonly agent: http.Agent;
+  private readonly proxy: ProxyServer;
+  private readonly exchanges = new WeakMap<IncomingMessage, Exchange>();
+  /** HTTP exchanges not yet recorded. */
+  private readonly inFlight = new Set<Exchange>();
+  /** Upgrade requests whose handshake is not settled yet. */
+  private readonly upgrading = new Set<Socket>();
+  private readonly webSockets = new Set<ProxiedWebSocket>();
+  private readonly webSocketsByUpstream = new WeakMap<Socket, ProxiedWebSocket>();
+  private draining = false;
+  private closing: Promise<void> | undefined;
+  private onQuietCheck: (() => void) | undefined;
+
+  constructor(options: DataPlaneOptions) {
+    this.config = options.config;
+    this.table = options.table;
+    this.metrics = options.metrics;
+    this.logger = options.logger.child({ component: 'data-plane' });
+    this.webSocketCloseTimeoutMs = options.webSocketCloseTimeoutMs ?? DEFAULT_WS_CLOSE_TIMEOUT_MS;
+
+    this.agent = new http.Agent({
+      keepAlive: true,
+      maxSockets: this.config.proxyMaxSockets,
+      maxFreeSockets: this.config.proxyMaxSockets,
+      timeout: options.upstreamIdleSocketTimeoutMs ?? DEFAULT_UPSTREAM_IDLE_SOCKET_TIMEOUT_MS,
+      scheduling: 'lifo',
+    });
+    // xfwd off: headers.ts sets X-Forwarded-* itself (the library would trust client values).
+    this.proxy = new ProxyServer({ agent: this.agent, xfwd: false, prependPath: false });
+    this.proxy.on('error', (error, req) => this.onLibraryError(error, req));
+    this.proxy.on('econnreset', (_error, req) => this.markClientGone(req));
+    this.proxy.on('proxyReq', (proxyReq, req) => this.onProxyRequest(proxyReq, req));
+    this.proxy.on('proxyRes', (proxyRes, req, res) => this.onProxyResponse(proxyRes, req, res));
+    this.proxy.on('proxyReqWs', (proxyReq, req) => this.onProxyWebSocketRequest(proxyReq, req));
+    this.proxy.on('open', (upstream) => this.onWebSocketOpen(upstream));
+
+    // requestTimeout 0: Node's default (300 s for the whole request) would cut a long upload.
+    // headersTimeout keeps its default and still bounds a client that never finishes its headers.
+    this.server = http.createServer({ requestTimeout: 0 });
+    this.server.on('request', (req: IncomingMessage, res: ServerResponse) => this.guard(() => this.onRequest(req, res, false), res));
+    // Answering Expect: 100-continue ourselves means a refused request never sends its body.
+    this.server.on('checkContinue', (req: IncomingMessage, res: ServerResponse) => this.guard(() => this.onRequest(req, res, true), res));
+    this.server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => {
+      try {
+        this.onUpgrade(req, socket, head);
+      } catch (error) {
+        this.logger.error({ err: error }, 'data plane upgrade handler failed');
+        socket.destroy();
+      }
+    });
+    this.server.on('error', (error) => this.logger.error({ err: error }, 'data plane listener error'));
+  }
+
+  /** Listen on config.proxyAddr (port 0 picks a free port). */
+  listen(): Promise<AddressInfo> {
+    const { host, port } = this.config.proxyAddr;
+    return new Promise((resolve, reject) => {
+      const onError = (error: Error): void => reject(error);
+      this.server.once('error', onError);
+      this.server.listen(port, host, () => {
+        this.server.off('error', onError);
+        const address = this.server.address() as AddressInfo;
+        this.logger.info({ address: address.address, port: address.port }, 'data plane listening');
+        resolve(address);
+      });
+    });
+  }
+
+  /**
+   * Stop accepting; let in-flight HTTP requests finish; after graceMs close WebSockets cleanly
+   * (close frame 1001) and destroy what is left. Resolves once every socket is closed. Calling
+   * it again returns the same promise.
+   */
+  close(graceMs: number): Promise<void> {
+    this.closing ??= this.shutdown(graceMs);
+    return this.closing;
+  }
+
+  // --- HTTP ---------------------------------------------------------------------------------
+
+  private onRequest(req: IncomingMessage, res: ServerResponse, expectsContinue: boolean): void {
+    const exchange = this.begin(req, 'http');
+    this.inFlight.add(exchange);
+    // Listeners before the library's: they run first, so the library's own reactions to the
+    // same events (destroying the upstream request) find the exchange already marked.
+    res.on('close', () => this.onResponseClose(exchange, res));
+    req.on('error', (error) => {
+      exchange.clientError = error;
+    });
+    if (this.draining) res.shouldKeepAlive = false;
+
+    const decision = decide(req, (id) => this.table.getById(id), this.config);
+    if (!decision.ok) {
+      exchange.sandboxId = decision.sandboxId;
+      exchange.port = decision.port;
+      this.respondError(exchange, res, decision.error);
+      return;
+    }
+    exchange.sandboxId = decision.address.sandboxId;
+    exchange.port = decision.address.port;
+
+    req.headers = upstreamRequestHeaders(req.headers, { remoteAddress: req.socket.remoteAddress, protocol: 'http', upgrade: false });
+    if (decision.address.upstreamPath !== undefined) req.url = decision.address.upstreamPath;
+    if (expectsContinue) res.writeContinue();
+
+    exchange.timer = setTimeout(() => this.onUpstreamTimeout(exchange, res), this.config.proxyTimeoutMs);
+    this.exchanges.set(req, exchange);
+    this.proxy.web(req, res, { target: this.libraryTarget(decision.target) }, (error) => this.onWebError(exchange, res, error));
+  }
+
+  /** Socket assigned to the upstream request: the connect, then the wait for headers, are timed. */
+  private onProxyRequest(proxyReq: ClientRequest, req: IncomingMessage): void {
+    const exchange = this.exchanges.get(req);
+    if (!exchange) return;
+    if (exchange.outcome !== undefined) {
+      // Already answered (timed out while waiting for a pooled socket): never send it.
+      proxyReq.destroy();
+      return;
+    }
+    exchange.proxyReq = proxyReq;
+    const socket = proxyReq.socket;
+    const startIdleTimer = (): void => {
+      clearTimeout(exchange.timer);
+      exchange.timer = undefined;
+      if (exchange.outcome !== undefined || exchange.status !== undefined) return;
+      proxyReq.setTimeout(this.config.proxyTimeoutMs, () => {
+        if (exchange.status !== undefined) return;
+        exchange.timedOut = true;
+        proxyReq.destroy();
+      });
+    };
+    if (socket && socket.connecting) socket.once('connect', startIdleTimer);
+    else startIdleTimer();
+  }
+
+  private onProxyResponse(proxyRes: IncomingMessage, req: IncomingMessage, res: ServerResponse): void {
+    const exchange = this.exchanges.get(req);
+    if (!exchange) return;
+    clearTimeout(exchange.timer);
+    exchange.timer = undefined;
+    if (exchange.outcome !== undefined) {
+      exchange.proxyReq?.destroy();
+      return;
+    }
+    exchange.status = proxyRes.statusCode;
+    // The response now streams for as long as it takes: no idle limit on a started response.
+    exchange.proxyReq?.setTimeout(0);
+    cleanResponseHeaders(proxyRes.headers);
+    // http-proxy-3 copies this to the client; say what Node will actually do with the connection.
+    proxyRes.headers.connection = res.shouldKeepAlive ? 'keep-alive' : 'close';
+    // An upstream that dies mid-body: the library's pipe would leave the client waiting for
+    // the rest forever, so cut the client response (it sees a truncated body, not a hang).
+    proxyRes.on('error', () => {});
+    proxyRes.on('close', () => {
+      if (proxyRes.complete || res.writableEnded) return;
+      exchange.outcome ??= 'upstream_unreachable';
+      res.destroy();
+    });
+  }
+
+  private onUpstreamTimeout(exchange: Exchange, res: ServerResponse): void {
+    exchange.timer = undefined;
+    if (exchange.outcome !== undefined || exchange.status !== undefined) return;
+    exchange.timedOut = true;
+    if (exchange.proxyReq) {
+      // Connecting: destroying it reports an error to onWebError, which answers 504.
+      exchange.proxyReq.destroy();
+      return;
+    }
+    // Still waiting for a pooled socket: answer now; onProxyRequest drops it when it gets one.
+    this.respondError(exchange, res, upstreamTimeoutError(this.config.proxyTimeoutMs));
+  }
+
+  private onWebError(exchange: Exchange, res: ServerResponse, error: unknown): void {
+    clearTimeout(exchange.timer);
+    exchange.timer = undefined;
+    if (exchange.outcome !== undefined) return;
+    if (error === exchange.clientError || res.destroyed) {
+      exchange.outcome = 'client_aborted';
+      res.destroy();
+      return;
+    }
+    const answer = exchange.timedOut ? upstreamTimeoutError(this.config.proxyTimeoutMs) : classifyUpstreamError(error);
+    this.logger.debug({ sandboxId: exchange.sandboxId, port: exchange.port, code: answer.code, cause: (error as { code?: string }).code }, 'upstream request failed');
+    this.respondError(exchange, res, answer);
+  }
+
+  private respondError(exchange: Exchange, res: ServerResponse, error: DataPlaneError): void {
+    clearTimeout(exchange.timer);
+    exchange.timer = undefined;
+    exchange.outcome ??= error.code;
+    if (res.headersSent || res.destroyed) {
+      // Mid-response: all the client can be told is that the response is cut short.
+      res.destroy();
+      return;
+    }
+    exchange.status = error.status;
+    const body = errorBody(error);
+    const headers = errorResponseHeaders(error, body);
+    // An unread request body would have to be drained before the connection could be reused.
+    if (exchange.hasBody && !exchange.clientError) res.shouldKeepAlive = false;
+    res.writeHead(error.status, headers);
+    res.end(body);
+  }
+
+  private onResponseClose(exchange: Exchange, res: ServerResponse): void {
+    clearTimeout(exchange.timer);
+    exchange.timer = undefined;
+    if (exchange.outcome === undefined) exchange.outcome = res.writableFinished ? 'proxied' : 'client_aborted';
+    const status = res.headersSent ? res.statusCode : exchange.outcome === 'client_aborted' ? 499 : (exchange.status ?? 0);
+    this.record(exchange, status);
+    this.inFlight.delete(exchange);
+    if (this.draining) setImmediate(() => this.server.closeIdleConnections());
+    this.onQuietCheck?.();
+  }
+
+  // --- WebSocket ----------------------------------------------------------------------------
+
+  private onUpgrade(req: IncomingMessage, socket: Socket, head: Buffer): void {
+    const exchange = this.begin(req, 'websocket');
+    this.upgrading.add(socket);
+    socket.on('error', (error) => {
+      exchange.clientError ??= error;
+    });
+    socket.once('close', () => {
+      this.upgrading.delete(socket);
+      clearTimeout(exchange.timer);
+      if (exchange.outcome === undefined) {
+        // The client left before the handshake finished: drop the upstream handshake too.
+        exchange.outcome = 'client_aborted';
+        exchange.proxyReq?.destroy();
+        this.record(exchange, 499);
+      }
+      this.onQuietCheck?.();
+    });
+
+    const upgrade = String(req.headers.upgrade ?? '').toLowerCase();
+    if (req.method !== 'GET' || upgrade !== 'websocket') {
+      this.refuseUpgrade(exchange, socket, dataPlaneError('unsupported_upgrade', 'only WebSocket upgrades (GET with Upgrade: websocket) are proxied'));
+      return;
+    }
+    const decision = decide(req, (id) => this.table.getById(id), this.config);
+    if (!decision.ok) {
+      exchange.sandboxId = decision.sandboxId;
+      exchange.port = decision.port;
+      this.refuseUpgrade(exchange, socket, decision.error);
+      return;
+    }
+    exchange.sandboxId = decision.address.sandboxId;
+    exchange.port = decision.address.port;
+
+    req.headers = upstreamRequestHeaders(req.headers, { remoteAddress: socket.remoteAddress, protocol: 'http', upgrade: true });
+    if (decision.address.upstreamPath !== undefined) req.url = decision.address.upstreamPath;
+    // The handshake is small: a hard deadline from the start (pooled-socket wait included).
+    exchange.timer = setTimeout(() => {
+      exchange.timer = undefined;
+      if (exchange.outcome !== undefined) return;
+      exchange.timedOut = true;
+      const proxyReq = exchange.proxyReq;
+      // With a socket, destroying reports an error to onWebSocketError, which answers 504.
+      // Without one (waiting for a pooled socket) the error would only come once a socket frees.
+      if (proxyReq?.socket) {
+        proxyReq.destroy();
+        return;
+      }
+      proxyReq?.destroy();
+      this.refuseUpgrade(exchange, socket, upstreamTimeoutError(this.config.proxyTimeoutMs));
+    }, this.config.proxyTimeoutMs);
+    this.exchanges.set(req, exchange);
+    this.proxy.ws(req, socket, head, { target: this.libraryTarget(decision.target) }, (error) => this.onWebSocketError(exchange, socket, error));
+  }
+
+  private onProxyWebSocketRequest(proxyReq: ClientRequest, req: IncomingMessage): void {
+    const exchange = this.exchanges.get(req);
+    if (!exchange) return;
+    if (exchange.outcome !== undefined) {
+      proxyReq.destroy();
+      return;
+    }
+    exchange.proxyReq = proxyReq;
+    const client = req.socket;
+    // Registered before the library's own 'upgrade' listener, so this runs first: the 101 has
+    // not been written yet and the sockets are not piped yet.
+    proxyReq.once('upgrade', (_proxyRes: IncomingMessage, upstream: Socket) => {
+      clearTimeout(exchange.timer);
+      exchange.timer = undefined;
+      if (exchange.outcome !== undefined) {
+        upstream.destroy();
+        return;
+      }
+      this.upgrading.delete(client);
+      exchange.outcome = 'proxied';
+      this.record(exchange, 101);
+      this.trackWebSocket(client, upstream);
+    });
+    // The sandbox answered the handshake with plain HTTP (404, 401...): the library relays it.
+    proxyReq.once('response', (proxyRes: IncomingMessage) => {
+      clearTimeout(exchange.timer);
+      exchange.timer = undefined;
+      if (exchange.outcome !== undefined) return;
+      exchange.outcome = 'proxied';
+      this.record(exchange, proxyRes.statusCode ?? 0);
+    });
+  }
+
+  private trackWebSocket(client: Socket, upstream: Socket): void {
+    let resolveClosed!: () => void;
+    const closed = new Promise<void>((resolve) => {
+      resolveClosed = resolve;
+    });
+    const ws: ProxiedWebSocket = { client, upstream, closed };
+    this.webSockets.add(ws);
+    this.webSocketsByUpstream.set(upstream, ws);
+    this.metrics.proxyWebsockets.inc();
+    let open = 2;
+    const onClose = (): void => {
+      open -= 1;
+      if (open === 1) {
+        // One side is gone: the library ends the other; the connection no longer counts.
+        this.webSockets.delete(ws);
+        this.metrics.proxyWebsockets.dec();
+        this.onQuietCheck?.();
+      }
+      if (open === 0) resolveClosed();
+    };
+    client.once('close', onClose);
+    upstream.once('close', onClose);
+  }
+
+  /** The library has piped the two sockets: start following frames in each direction. */
+  private onWebSocketOpen(upstream: Socket): void {
+    const ws = this.webSocketsByUpstream.get(upstream);
+    if (!ws) return;
+    ws.toClient = new FrameRelay(upstream, ws.client, () => closeFrame(CLOSE_GOING_AWAY));
+    ws.toUpstream = new FrameRelay(ws.client, upstream, () => closeFrame(CLOSE_GOING_AWAY, randomBytes(4)));
+  }
+
+  private onWebSocketError(exchange: Exchange, socket: Socket, error: unknown): void {
+    clearTimeout(exchange.timer);
+    exchange.timer = undefined;
+    if (exchange.outcome !== undefined) {
+      // An open WebSocket's upstream failed: the library closes the client; nothing to answer.
+      this.logger.debug({ sandboxId: exchange.sandboxId, cause: (error as { code?: string }).code }, 'websocket upstream error');
+      return;
+    }
+    if (error === exchange.clientError || socket.destroyed) {
+      exchange.outcome = 'client_aborted';
+      this.record(exchange, 499);
+      return;
+    }
+    const answer = exchange.timedOut ? upstreamTimeoutError(this.config.proxyTimeoutMs) : classifyUpstreamError(error);
+    // The library calls socket.destroySoon() right after this callback: the answer is flushed first.
+    this.writeSocketError(exchange, socket, answer);
+  }
+
+  private refuseUpgrade(exchange: Exchange, socket: Socket, error: DataPlaneError): void {
+    clearTimeout(exchange.timer);
+    exchange.timer = undefined;
+    this.writeSocketError(exchange, socket, error);
+    socket.destroySoon();
+  }
+
+  private writeSocketError(exchange: Exchange, socket: Socket, error: DataPlaneError): void {
+    if (exchange.outcome !== undefined) return;
+    exchange.outcome = error.code;
+    this.record(exchange, error.status);
+    if (!socket.writable || socket.destroyed) return;
+    const body = errorBody(error);
+    const lines = [`HTTP/1.1 ${error.status} ${http.STATUS_CODES[error.status] ?? ''}`];
+    for (const [name, value] of Object.entries(errorResponseHeaders(error, body))) lines.push(`${name}: ${value}`);
+    lines.push('connection: close');
+    socket.write(`${lines.join('\r\n')}\r\n\r\n${body}`);
+  }
+
+  // --- shared -------------------------------------------------------------------------------
+
+  private begin(req: IncomingMessage, kind: Exchange['kind']): Exchange {
+    return {
+      kind,
+      startedAt: performance.now(),
+      method: req.method ?? 'GET',
+      path: splitRequestTarget(req.url ?? '/').pathname,
+      remoteAddress: req.socket.remoteAddress,
+      hasBody: hasRequestBody(req),
+      sandboxId: undefined,
+      port: undefined,
+      outcome: undefined,
+      status: undefined,
+      timedOut: false,
+      clientError: undefined,
+      proxyReq: undefined,
+      timer: undefined,
+      recorded: false,
+    };
+  }
+
+  /** The library's target: a literal IP from the route and the requested port, nothing else. */
+  private libraryTarget(target: UpstreamTarget): { protocol: string; host: string; port: number } {
+    return { protocol: 'http:', host: target.host, port: target.port };
+  }
+
+  /** Count, time and log one exchange, once. */
+  private record(exchange: Exchange, status: number): void {
+    if (exchange.recorded) return;
+    exchange.recorded = true;
+    const outcome = exchange.outcome ?? 'proxied';
+    const seconds = (performance.now() - exchange.startedAt) / 1000;
+    this.metrics.proxyRequests.inc({ outcome });
+    this.metrics.proxyDuration.observe({ outcome }, seconds);
+    if (!this.config.accessLog) return;
+    // Fields are chosen, never copied from the request: no header (so no token or
+    // Authorization) and no query string can reach the log.
+    this.logger.info(
+      {
+        kind: exchange.kind,
+        method: exchange.method,
+        path: exchange.path,
+        sandboxId: exchange.sandboxId,
+        port: exchange.port,
+        status,
+        outcome,
+        durationMs: Math.round(seconds * 1e6) / 1e3,
+        remoteAddress: exchange.remoteAddress,
+      },
+      'proxy request',
+    );
+  }
+
+  private markClientGone(req: IncomingMessage): void {
+    const exchange = this.exchanges.get(req);
+    if (exchange && exchange.outcome === undefined) exchange.outcome = 'client_aborted';
+  }
+
+  /** The library's own 'error' event: client-socket errors of upgrades, and anything unforeseen. */
+  private onLibraryError(error: unknown, req: IncomingMessage): void {
+    const exchange = this.exchanges.get(req);
+    if (exchange) exchange.clientError ??= error;
+    this.logger.debug({ cause: (error as { code?: string }).code, sandboxId: exchange?.sandboxId }, 'proxy client socket error');
+  }
+
+  private guard(handler: () => void, res: ServerResponse): void {
+    try {
+      handler();
+    } catch (error) {
+      this.logger.error({ err: error }, 'data plane request handler failed');
+      if (!res.headersSent && !res.destroyed) {
+        const answer = dataPlaneError('internal_error', 'the data plane failed to handle the request');
+        const body = errorBody(answer);
+        res.writeHead(answer.status, errorResponseHeaders(answer, body));
+        res.end(body);
+      } else {
+        res.destroy();
+      }
+    }
+  }
+
+  // --- shutdown -----------------------------------------------------------------------------
+
+  private isQuiet(): boolean {
+    return this.inFlight.size === 0 && this.upgrading.size === 0 && this.webSockets.size === 0;
+  }
+
+  /** Resolves when nothing is in flight, or when graceMs have passed. */
+  private waitQuiet(graceMs: number): Promise<void> {
+    return new Promise((resolve) => {
+      const done = (): void => {
+        clearTimeout(timer);
+        this.onQuietCheck = undefined;
+        resolve();
+      };
+      const timer = setTimeout(done, graceMs);
+      this.onQuietCheck = () => {
+        if (this.isQuiet()) done();
+      };
+      this.onQuietCheck();
+    });
+  }
+
+  private async shutdown(graceMs: number): Promise<void> {
+    this.draining = true;
+    const serverClosed = new Promise<void>((resolve) => {
+      if (!this.server.listening) resolve();
+      else this.server.close(() => resolve());
+    });
+    this.server.closeIdleConnections();
+    await this.waitQuiet(graceMs);
+
+    // Grace is over: cut what is left of HTTP, then say goodbye to every WebSocket.
+    this.server.closeAllConnections();
+    for (const socket of this.upgrading) socket.destroy();
+    await Promise.all([...this.webSockets].map((ws) => this.goAway(ws)));
+    await serverClosed;
+    this.agent.destroy();
+    this.logger.info('data plane closed');
+  }
+
+  /** Close frame 1001 to both ends at a frame boundary, then a bounded wait, then destroy. */
+  private async goAway(ws: ProxiedWebSocket): Promise<void> {
+    if (ws.toClient && ws.toUpstream) {
+      ws.toClient.stop();
+      ws.toUpstream.stop();
+    } else {
+      ws.client.destroy();
+      ws.upstream.destroy();
+    }
+    let timer: NodeJS.Timeout | undefined;
+    const deadline = new Promise<void>((resolve) => {
+      timer = setTimeout(resolve, this.webSocketCloseTimeoutMs);
+    });
+    await Promise.race([ws.closed, deadline]);
+    clearTimeout(timer);
+    ws.client.destroy();
+    ws.upstream.destroy();
+  }
+}

@@ -1,0 +1,323 @@
+// Request -> (sandbox id, port) -> admission decision. Pure: no I/O, no clock; the route
+// lookup is passed in, so the data plane asks the table on every request and a route change
+// takes effect on the next one.
+//
+// Invariants (tested in test/unit/proxy-target.test.ts):
+//  1. The three mapping forms are tried in order: path `/kruise/<id>/<port>/<rest>`, headers
+//     `e2b-sandbox-id` / `e2b-sandbox-port`, host `<port>-<id>.<domain>`. The first form that
+//     is present decides; a later form is never consulted to "rescue" a bad port.
+//  2. An admitted request always carries an upstream target whose host is the route's IP,
+//     checked again here to be a literal IPv4/IPv6 address: never a name, never anything the
+//     client wrote.
+//  3. Admission order: found -> token (when the route demands one) -> running -> has an IP.
+//     The token comes before the state so an unauthenticated client learns nothing about a
+//     protected sandbox but that it exists.
+//  4. Token comparison is constant-time over SHA-256 digests (equal lengths whatever the
+//     input), and a route that demands a token but has none admits nobody.
+import { createHash, timingSafeEqual } from 'node:crypto';
+import type { IncomingHttpHeaders } from 'node:http';
+import { isIP } from 'node:net';
+import { isRunning, type Route } from '../routes/route.js';
+
+/** Every way the data plane answers a request itself; stable, documented in docs/data-plane.md. */
+export type DataPlaneErrorCode =
+  | 'sandbox_not_specified'
+  | 'invalid_port'
+  | 'unsupported_upgrade'
+  | 'sandbox_not_found'
+  | 'traffic_token_missing'
+  | 'traffic_token_invalid'
+  | 'sandbox_not_running'
+  | 'sandbox_no_ip'
+  | 'upstream_unreachable'
+  | 'upstream_protocol_error'
+  | 'upstream_timeout'
+  | 'internal_error';
+
+export const ERROR_STATUS: Readonly<Record<DataPlaneErrorCode, number>> = Object.freeze({
+  sandbox_not_specified: 400,
+  invalid_port: 400,
+  unsupported_upgrade: 400,
+  sandbox_not_found: 404,
+  traffic_token_missing: 401,
+  traffic_token_invalid: 401,
+  sandbox_not_running: 503,
+  sandbox_no_ip: 503,
+  upstream_unreachable: 502,
+  upstream_protocol_error: 502,
+  upstream_timeout: 504,
+  internal_error: 500,
+});
+
+export interface DataPlaneError {
+  readonly code: DataPlaneErrorCode;
+  readonly status: number;
+  readonly message: string;
+  /** The route's state, for `sandbox_not_running`. */
+  readonly state?: string;
+}
+
+export function dataPlaneError(code: DataPlaneErrorCode, message: string, extra: { state?: string } = {}): DataPlaneError {
+  return { code, status: ERROR_STATUS[code], message, ...extra };
+}
+
+/** The JSON body of an error answer: `{"error":{"code","message"[,"state"]}}`. */
+export function errorBody(error: DataPlaneError): string {
+  const body: { code: string; message: string; state?: string } = { code: error.code, message: error.message };
+  if (error.state !== undefined) body.state = error.state;
+  return JSON.stringify({ error: body });
+}
+
+export type MappingForm = 'path' | 'header' | 'host';
+
+/** What target.ts needs of a request: an `http.IncomingMessage` fits. */
+export interface SandboxRequest {
+  readonly url?: string | undefined;
+  readonly headers: IncomingHttpHeaders;
+}
+
+export interface MappingOptions {
+  /** Port used by the header form when `e2b-sandbox-port` is absent. */
+  readonly defaultSandboxPort: number;
+  /** When non-empty, the host form only accepts `<port>-<id>.<proxyDomain>`. */
+  readonly proxyDomain: string;
+}
+
+export interface SandboxAddress {
+  readonly form: MappingForm;
+  readonly sandboxId: string;
+  readonly port: number;
+  /** Path and query to send upstream when the form rewrites it (path form); undefined = the request's own. */
+  readonly upstreamPath: string | undefined;
+}
+
+export type MappingResult =
+  | { readonly ok: true; readonly address: SandboxAddress }
+  | { readonly ok: false; readonly error: DataPlaneError; readonly sandboxId?: string };
+
+export interface UpstreamTarget {
+  /** The route's IP, bare (no brackets), as `http.request` wants it. */
+  readonly host: string;
+  readonly port: number;
+  /** `http://<ip>:<port>`, IPv6 bracketed: for logs and documentation only. */
+  readonly origin: string;
+}
+
+export type Admission = { readonly ok: true; readonly target: UpstreamTarget } | { readonly ok: false; readonly error: DataPlaneError };
+
+export type Decision =
+  | { readonly ok: true; readonly address: SandboxAddress; readonly route: Route; readonly target: UpstreamTarget }
+  | { readonly ok: false; readonly error: DataPlaneError; readonly sandboxId?: string; readonly port?: number };
+
+export const SANDBOX_ID_HEADER = 'e2b-sandbox-id';
+export const SANDBOX_PORT_HEADER = 'e2b-sandbox-port';
+/** Traffic token headers, in the order they are read; both are always stripped before upstream. */
+export const TOKEN_HEADERS = ['e2b-traffic-access-token', 'x-access-token'] as const;
+
+const PATH_PREFIX = '/kruise/';
+// `/kruise/<id>/<port>` then the rest (which starts with `/`, or is empty).
+const PATH_FORM = /^\/kruise\/([^/]+)\/([^/]*)(\/.*)?$/;
+const PORT_TEXT = /^[1-9][0-9]{0,4}$/;
+// First DNS label `<port>-<id>`: the port is the digits before the first dash.
+const HOST_LABEL = /^([0-9]+)-(.+)$/;
+
+/** A TCP port in canonical decimal (no sign, no leading zero), 1-65535; undefined otherwise. */
+export function parsePort(text: string): number | undefined {
+  const trimmed = text.trim();
+  if (!PORT_TEXT.test(trimmed)) return undefined;
+  const port = Number(trimmed);
+  return port <= 65_535 ? port : undefined;
+}
+
+function headerText(value: string | string[] | undefined): string | undefined {
+  if (value === undefined) return undefined;
+  return Array.isArray(value) ? value.join(', ') : value;
+}
+
+/** Split a request target into path and query; absolute-form (`http://h/p?q`) is reduced to its path. */
+export function splitRequestTarget(url: string): { pathname: string; search: string } {
+  let target = url;
+  if (!target.startsWith('/') && /^[a-z][a-z0-9+.-]*:\/\//i.test(target)) {
+    try {
+      const parsed = new URL(target);
+      target = parsed.pathname + parsed.search;
+    } catch {
+      // Not a URL after all: treat the whole text as a path; nothing will match the path form.
+    }
+  }
+  const q = target.indexOf('?');
+  return q === -1 ? { pathname: target, search: '' } : { pathname: target.slice(0, q), search: target.slice(q) };
+}
+
+function decodeSegment(segment: string): string {
+  try {
+    return decodeURIComponent(segment);
+  } catch {
+    // Malformed percent-encoding: look the raw text up; it will simply not be found.
+    return segment;
+  }
+}
+
+/** The host without its port (`h:8080`, `[v6]:8080`), lower-cased for the domain comparison. */
+function hostWithoutPort(host: string): string {
+  const text = host.trim();
+  if (text.startsWith('[')) return text; // an IPv6 literal never names a sandbox
+  const colon = text.lastIndexOf(':');
+  return colon === -1 ? text : text.slice(0, colon);
+}
+
+function fromPath(pathname: string, search: string): MappingResult | undefined {
+  if (!pathname.startsWith(PATH_PREFIX)) return undefined;
+  const match = PATH_FORM.exec(pathname);
+  // `/kruise/<id>` without a port segment is not the path form (openkruise's own API also
+  // lives under /kruise/); the other forms get their chance.
+  if (!match) return undefined;
+  const sandboxId = decodeSegment(match[1]!);
+  const port = parsePort(match[2]!);
+  if (port === undefined) {
+    return { ok: false, sandboxId, error: dataPlaneError('invalid_port', `port "${match[2]}" in the path is not a TCP port (1-65535)`) };
+  }
+  const rest = match[3] ?? '/';
+  return { ok: true, address: { form: 'path', sandboxId, port, upstreamPath: rest + search } };
+}
+
+function fromHeaders(headers: IncomingHttpHeaders, options: MappingOptions): MappingResult | undefined {
+  const sandboxId = headerText(headers[SANDBOX_ID_HEADER])?.trim();
+  if (!sandboxId) return undefined;
+  const portText = headerText(headers[SANDBOX_PORT_HEADER]);
+  if (portText === undefined || portText.trim() === '') {
+    return { ok: true, address: { form: 'header', sandboxId, port: options.defaultSandboxPort, upstreamPath: undefined } };
+  }
+  const port = parsePort(portText);
+  if (port === undefined) {
+    return { ok: false, sandboxId, error: dataPlaneError('invalid_port', `${SANDBOX_PORT_HEADER} "${portText}" is not a TCP port (1-65535)`) };
+  }
+  return { ok: true, address: { form: 'header', sandboxId, port, upstreamPath: undefined } };
+}
+
+function fromHost(headers: IncomingHttpHeaders, options: MappingOptions): MappingResult | undefined {
+  const host = headerText(headers.host ?? headers[':authority']);
+  if (!host) return undefined;
+  const name = hostWithoutPort(host);
+  const dot = name.indexOf('.');
+  if (dot <= 0) return undefined;
+  const label = name.slice(0, dot);
+  const domain = name.slice(dot + 1).toLowerCase();
+  if (domain === '' || isIP(name) !== 0) return undefined;
+  if (options.proxyDomain !== '' && domain !== options.proxyDomain.toLowerCase()) return undefined;
+  const match = HOST_LABEL.exec(label);
+  if (!match) return undefined;
+  const sandboxId = match[2]!;
+  const port = parsePort(match[1]!);
+  if (port === undefined) {
+    return { ok: false, sandboxId, error: dataPlaneError('invalid_port', `port "${match[1]}" in the host is not a TCP port (1-65535)`) };
+  }
+  return { ok: true, address: { form: 'host', sandboxId, port, upstreamPath: undefined } };
+}
+
+/** Find the sandbox and port a request names (forms in SPEC order). */
+export function mapRequest(request: SandboxRequest, options: MappingOptions): MappingResult {
+  const { pathname, search } = splitRequestTarget(request.url ?? '/');
+  const mapped = fromPath(pathname, search) ?? fromHeaders(request.headers, options) ?? fromHost(request.headers, options);
+  if (mapped) return mapped;
+  return {
+    ok: false,
+    error: dataPlaneError(
+      'sandbox_not_specified',
+      `name a sandbox with the path /kruise/<sandboxId>/<port>/..., the ${SANDBOX_ID_HEADER} header, or the host <port>-<sandboxId>.<domain>`,
+    ),
+  };
+}
+
+/** `http://<ip>:<port>`, IPv6 bracketed. */
+export function upstreamOrigin(ip: string, port: number): string {
+  return isIP(ip) === 6 ? `http://[${ip}]:${port}` : `http://${ip}:${port}`;
+}
+
+function digest(text: string): Buffer {
+  return createHash('sha256').update(text, 'utf8').digest();
+}
+
+/** Constant-time equality of two secrets of any lengths (compares their SHA-256 digests). */
+export function tokenMatches(provided: string, expected: string): boolean {
+  return timingSafeEqual(digest(provided), digest(expected));
+}
+
+/** The traffic token a request carries, if any (first header in TOKEN_HEADERS order that is present). */
+export function presentedToken(headers: IncomingHttpHeaders): string | undefined {
+  for (const name of TOKEN_HEADERS) {
+    const value = headerText(headers[name]);
+    if (value !== undefined && value !== '') return value;
+  }
+  return undefined;
+}
+
+/** Decide whether a request for `address` may go to `route`, and where. */
+export function admit(address: SandboxAddress, route: Route | undefined, headers: IncomingHttpHeaders): Admission {
+  if (!route) return { ok: false, error: dataPlaneError('sandbox_not_found', `sandbox ${JSON.stringify(address.sandboxId)} is not known`) };
+  if (route.requireTrafficAuth === true) {
+    const token = presentedToken(headers);
+    if (token === undefined) {
+      return { ok: false, error: dataPlaneError('traffic_token_missing', `this sandbox requires the ${TOKEN_HEADERS[0]} header`) };
+    }
+    // Fail closed: a route that demands a token but has none stored admits nobody. The
+    // comparison still runs so the timing does not tell the two cases apart.
+    const expected = route.accessToken ?? '';
+    const matches = tokenMatches(token, expected);
+    if (!matches || expected === '') return { ok: false, error: dataPlaneError('traffic_token_invalid', 'the traffic access token is not valid for this sandbox') };
+  }
+  if (!isRunning(route)) {
+    const state = route.state === '' ? '(empty)' : route.state;
+    return {
+      ok: false,
+      error: dataPlaneError('sandbox_not_running', `sandbox is ${state}, not running`, { state: route.state }),
+    };
+  }
+  // parseRoute already refuses anything but an IP; checked again because this is the one
+  // place that decides where bytes go (and a zone ID would name a local interface).
+  if (route.ip === '' || isIP(route.ip) === 0 || route.ip.includes('%')) {
+    return { ok: false, error: dataPlaneError('sandbox_no_ip', 'sandbox is running but has no pod IP yet') };
+  }
+  return { ok: true, target: { host: route.ip, port: address.port, origin: upstreamOrigin(route.ip, address.port) } };
+}
+
+/** Map and admit in one step: what the data plane calls on every request. */
+export function decide(request: SandboxRequest, lookup: (sandboxId: string) => Route | undefined, options: MappingOptions): Decision {
+  const mapped = mapRequest(request, options);
+  if (!mapped.ok) return mapped.sandboxId === undefined ? { ok: false, error: mapped.error } : { ok: false, error: mapped.error, sandboxId: mapped.sandboxId };
+  const { address } = mapped;
+  const route = lookup(address.sandboxId);
+  const admission = admit(address, route, request.headers);
+  if (!admission.ok || !route) {
+    const error = admission.ok ? dataPlaneError('sandbox_not_found', 'sandbox is not known') : admission.error;
+    return { ok: false, error, sandboxId: address.sandboxId, port: address.port };
+  }
+  return { ok: true, address, route, target: admission.target };
+}
+
+/** Socket-level failures: the sandbox refused, reset or cannot be reached. */
+const UNREACHABLE_CODES = new Set([
+  'ECONNREFUSED',
+  'ECONNRESET',
+  'ECONNABORTED',
+  'EPIPE',
+  'EHOSTUNREACH',
+  'EHOSTDOWN',
+  'ENETUNREACH',
+  'ENETDOWN',
+  'ETIMEDOUT',
+  'EADDRNOTAVAIL',
+  'ENOTCONN',
+]);
+
+/** One upstream error -> the answer. Timeouts are decided by the caller (it owns the timer). */
+export function classifyUpstreamError(error: unknown): DataPlaneError {
+  const code = typeof error === 'object' && error !== null && 'code' in error ? String((error as { code: unknown }).code) : '';
+  if (code.startsWith('HPE_')) return dataPlaneError('upstream_protocol_error', 'the sandbox sent a response that is not valid HTTP');
+  if (UNREACHABLE_CODES.has(code)) return dataPlaneError('upstream_unreachable', 'the sandbox refused or dropped the connection');
+  return dataPlaneError('upstream_unreachable', 'the request to the sandbox failed');
+}
+
+export function upstreamTimeoutError(timeoutMs: number): DataPlaneError {
+  return dataPlaneError('upstream_timeout', `the sandbox did not answer within ${timeoutMs} ms`);
+}

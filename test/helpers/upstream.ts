@@ -1,0 +1,272 @@
+// Real upstream servers for data-plane tests: a "sandbox" HTTP + WebSocket server and raw TCP
+// servers that misbehave (reset, hang, speak garbage). Each counts its open sockets and the
+// requests it saw, so a test can prove that a refused request never reached it and that no
+// upstream socket is left open.
+import { createHash } from 'node:crypto';
+import { EventEmitter } from 'node:events';
+import http, { type IncomingHttpHeaders, type IncomingMessage, type ServerResponse } from 'node:http';
+import net, { type AddressInfo } from 'node:net';
+import { Readable } from 'node:stream';
+import { WebSocketServer, type WebSocket } from 'ws';
+
+export interface RecordedRequest {
+  readonly method: string;
+  readonly url: string;
+  readonly headers: IncomingHttpHeaders;
+}
+
+/** Resolve once `emitter` emits `event` and `condition` holds (checked now and on each emit); reject after timeoutMs. */
+export function waitUntil(emitter: EventEmitter, event: string, condition: () => boolean, timeoutMs: number, what: string): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const check = (): void => {
+      if (!condition()) return;
+      clearTimeout(timer);
+      emitter.off(event, check);
+      resolve();
+    };
+    const timer = setTimeout(() => {
+      emitter.off(event, check);
+      reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what}`));
+    }, timeoutMs);
+    emitter.on(event, check);
+    check();
+  });
+}
+
+class SocketCounter extends EventEmitter {
+  private readonly sockets = new Set<net.Socket>();
+  total = 0;
+
+  track(socket: net.Socket): void {
+    this.total += 1;
+    this.sockets.add(socket);
+    this.emit('change');
+    socket.once('close', () => {
+      this.sockets.delete(socket);
+      this.emit('change');
+    });
+  }
+
+  waitForOpen(count: number, timeoutMs: number): Promise<void> {
+    return waitUntil(this, 'change', () => this.open === count, timeoutMs, `${count} open upstream sockets (have ${this.open})`);
+  }
+
+  get open(): number {
+    return this.sockets.size;
+  }
+
+  destroyAll(): void {
+    for (const socket of this.sockets) socket.destroy();
+  }
+}
+
+export interface UpstreamOptions {
+  /** Loopback address to bind; several servers can share a port on 127.0.0.x. */
+  readonly host?: string;
+  readonly port?: number;
+  /** Shown in /headers answers, to tell upstreams apart. */
+  readonly name?: string;
+  /** Replaces the default behaviour-by-path handler. */
+  readonly handler?: (req: IncomingMessage, res: ServerResponse) => void;
+  /** WebSocket behaviour; default: echo every message. */
+  readonly onWebSocket?: (ws: WebSocket, req: IncomingMessage) => void;
+}
+
+export interface Upstream {
+  readonly name: string;
+  readonly host: string;
+  readonly port: number;
+  readonly server: http.Server;
+  readonly webSockets: WebSocketServer;
+  /** Every HTTP request and WebSocket handshake that reached this server. */
+  readonly requests: RecordedRequest[];
+  /** Sockets currently open on this server. */
+  openSockets(): number;
+  /** Connections ever accepted. */
+  acceptedSockets(): number;
+  /** Resolves when exactly `count` sockets are open; rejects after timeoutMs. */
+  waitForOpenSockets(count: number, timeoutMs?: number): Promise<void>;
+  close(): Promise<void>;
+}
+
+/** A deterministic byte stream of `totalBytes`, generated chunk by chunk (never held whole). */
+export class PatternStream extends Readable {
+  private sent = 0;
+  private index = 0;
+  private readonly hash = createHash('sha256');
+
+  constructor(
+    private readonly totalBytes: number,
+    private readonly chunkBytes = 64 * 1024,
+  ) {
+    super({ highWaterMark: chunkBytes });
+  }
+
+  /** SHA-256 of everything produced, once the stream has ended. */
+  digest(): string {
+    return this.hash.digest('hex');
+  }
+
+  override _read(): void {
+    if (this.sent >= this.totalBytes) {
+      this.push(null);
+      return;
+    }
+    const size = Math.min(this.chunkBytes, this.totalBytes - this.sent);
+    const chunk = Buffer.allocUnsafe(size);
+    // Cheap but position-dependent content: a reordered or dropped chunk changes the digest.
+    chunk.fill(this.index & 0xff);
+    if (size >= 4) chunk.writeUInt32BE(this.index >>> 0, 0);
+    this.index += 1;
+    this.sent += size;
+    this.hash.update(chunk);
+    this.push(chunk);
+  }
+}
+
+/** Consume a stream, returning its byte count and SHA-256. */
+export async function drain(stream: NodeJS.ReadableStream): Promise<{ bytes: number; sha256: string }> {
+  const hash = createHash('sha256');
+  let bytes = 0;
+  for await (const chunk of stream as AsyncIterable<Buffer>) {
+    bytes += chunk.length;
+    hash.update(chunk);
+  }
+  return { bytes, sha256: hash.digest('hex') };
+}
+
+/**
+ * The default sandbox behaviour, by path:
+ *   /echo            stream the request body back
+ *   /sink            read the body, answer {"bytes","sha256"}
+ *   /bytes/<n>       stream n generated bytes (a PatternStream: the test can recompute its digest)
+ *   /stall           send headers and one chunk, then never finish
+ *   /hang            never answer
+ *   /reset-mid-body  send headers and one chunk, then reset the connection
+ *   anything else    200 {"name","method","url","headers"}
+ */
+function defaultHandler(name: string): (req: IncomingMessage, res: ServerResponse) => void {
+  return (req, res) => {
+    const path = (req.url ?? '/').split('?')[0] ?? '/';
+    if (path === '/echo') {
+      res.writeHead(200, { 'content-type': 'application/octet-stream' });
+      req.pipe(res);
+      return;
+    }
+    if (path === '/sink') {
+      void drain(req).then((result) => {
+        res.writeHead(200, { 'content-type': 'application/json' });
+        res.end(JSON.stringify(result));
+      });
+      return;
+    }
+    const bytes = /^\/bytes\/(\d+)$/.exec(path);
+    if (bytes) {
+      res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': bytes[1] });
+      new PatternStream(Number(bytes[1])).pipe(res);
+      return;
+    }
+    if (path === '/stall') {
+      res.writeHead(200, { 'content-type': 'text/plain' });
+      res.write('first chunk\n');
+      return;
+    }
+    if (path === '/hang') return;
+    if (path === '/reset-mid-body') {
+      res.writeHead(200, { 'content-type': 'text/plain', 'content-length': '1000' });
+      res.write('partial', () => req.socket.resetAndDestroy());
+      return;
+    }
+    req.resume();
+    req.on('end', () => {
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ name, method: req.method, url: req.url, headers: req.headers }));
+    });
+  };
+}
+
+export async function startUpstream(options: UpstreamOptions = {}): Promise<Upstream> {
+  const name = options.name ?? 'upstream';
+  const requests: RecordedRequest[] = [];
+  const counter = new SocketCounter();
+  const handler = options.handler ?? defaultHandler(name);
+  const server = http.createServer((req, res) => {
+    requests.push({ method: req.method ?? '', url: req.url ?? '', headers: req.headers });
+    handler(req, res);
+  });
+  server.on('connection', (socket) => counter.track(socket));
+  const webSockets = new WebSocketServer({ noServer: true });
+  server.on('upgrade', (req, socket, head) => {
+    requests.push({ method: req.method ?? '', url: req.url ?? '', headers: req.headers });
+    webSockets.handleUpgrade(req, socket, head, (ws) => {
+      if (options.onWebSocket) options.onWebSocket(ws, req);
+      else ws.on('message', (data, isBinary) => ws.send(data, { binary: isBinary }));
+    });
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(options.port ?? 0, options.host ?? '127.0.0.1', () => resolve());
+  });
+  const address = server.address() as AddressInfo;
+  return {
+    name,
+    host: address.address,
+    port: address.port,
+    server,
+    webSockets,
+    requests,
+    openSockets: () => counter.open,
+    acceptedSockets: () => counter.total,
+    waitForOpenSockets: (count, timeoutMs = 10_000) => counter.waitForOpen(count, timeoutMs),
+    close: async () => {
+      for (const client of webSockets.clients) client.terminate();
+      await new Promise<void>((resolve) => webSockets.close(() => resolve()));
+      counter.destroyAll();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    },
+  };
+}
+
+export interface RawUpstream {
+  readonly host: string;
+  readonly port: number;
+  openSockets(): number;
+  acceptedSockets(): number;
+  waitForOpenSockets(count: number, timeoutMs?: number): Promise<void>;
+  close(): Promise<void>;
+}
+
+/** A TCP server whose behaviour per connection is the test's (reset, hang, garbage). */
+export async function startRawUpstream(onSocket: (socket: net.Socket) => void, host = '127.0.0.1'): Promise<RawUpstream> {
+  const counter = new SocketCounter();
+  const server = net.createServer((socket) => {
+    counter.track(socket);
+    socket.on('error', () => {});
+    onSocket(socket);
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(0, host, () => resolve());
+  });
+  const address = server.address() as AddressInfo;
+  return {
+    host: address.address,
+    port: address.port,
+    openSockets: () => counter.open,
+    acceptedSockets: () => counter.total,
+    waitForOpenSockets: (count, timeoutMs = 10_000) => counter.waitForOpen(count, timeoutMs),
+    close: async () => {
+      counter.destroyAll();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    },
+  };
+}
+
+/** A port on `host` that nothing listens on (bound, read, released). */
+export async function unusedPort(host = '127.0.0.1'): Promise<number> {
+  const server = net.createServer();
+  await new Promise<void>((resolve) => server.listen(0, host, () => resolve()));
+  const { port } = server.address() as AddressInfo;
+  await new Promise<void>((resolve) => server.close(() => resolve()));
+  return port;
+}

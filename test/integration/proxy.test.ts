@@ -1,0 +1,429 @@
+// The data plane against real upstream servers on loopback: mapping, admission, header
+// hygiene, access log and metrics.
+import http from 'node:http';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { proxyRequestCount, send, startDataPlane, type TestDataPlane } from '../helpers/data-plane.js';
+import { startUpstream, type Upstream } from '../helpers/upstream.js';
+
+interface Echo {
+  name: string;
+  method: string;
+  url: string;
+  headers: Record<string, string>;
+}
+
+interface ErrorAnswer {
+  error: { code: string; message: string; state?: string };
+}
+
+let dp: TestDataPlane;
+let upstream: Upstream;
+
+beforeEach(async () => {
+  upstream = await startUpstream({ name: 'a' });
+  dp = await startDataPlane({ ROUTESYNC_PROXY_TIMEOUT_MS: '2000' });
+});
+
+afterEach(async () => {
+  await dp.close(0);
+  await upstream.close();
+});
+
+describe('mapping forms reach the route upstream', () => {
+  it('path form: /kruise/<id>/<port>/<rest> is forwarded as /<rest> with the query kept', async () => {
+    dp.setRoute({ id: 'sbx-path', ip: upstream.host });
+    const reply = await send(dp.address, { path: `/kruise/sbx-path/${upstream.port}/api/v1/files?path=%2Ftmp&x=1` });
+    expect(reply.status).toBe(200);
+    const echo = reply.json<Echo>();
+    expect(echo.name).toBe('a');
+    expect(echo.url).toBe('/api/v1/files?path=%2Ftmp&x=1');
+  });
+
+  it('path form without a rest is forwarded as /', async () => {
+    dp.setRoute({ id: 'sbx-root', ip: upstream.host });
+    const bare = await send(dp.address, { path: `/kruise/sbx-root/${upstream.port}` });
+    expect(bare.json<Echo>().url).toBe('/');
+    const query = await send(dp.address, { path: `/kruise/sbx-root/${upstream.port}?a=b` });
+    expect(query.json<Echo>().url).toBe('/?a=b');
+  });
+
+  it('header form: e2b-sandbox-id and e2b-sandbox-port', async () => {
+    dp.setRoute({ id: 'sbx-header', ip: upstream.host });
+    const reply = await send(dp.address, {
+      path: '/health?deep=1',
+      headers: { 'e2b-sandbox-id': 'sbx-header', 'e2b-sandbox-port': String(upstream.port) },
+    });
+    expect(reply.status).toBe(200);
+    expect(reply.json<Echo>().url).toBe('/health?deep=1');
+  });
+
+  it('header form without a port uses the configured default sandbox port', async () => {
+    await dp.close(0);
+    dp = await startDataPlane({ ROUTESYNC_DEFAULT_SANDBOX_PORT: String(upstream.port) });
+    dp.setRoute({ id: 'sbx-default', ip: upstream.host });
+    const reply = await send(dp.address, { path: '/x', headers: { 'e2b-sandbox-id': 'sbx-default' } });
+    expect(reply.status).toBe(200);
+    expect(reply.json<Echo>().url).toBe('/x');
+  });
+
+  it('host form: <port>-<id>.<domain>, any domain when none is configured', async () => {
+    dp.setRoute({ id: 'sbx-host', ip: upstream.host });
+    const reply = await send(dp.address, { path: '/p', headers: { host: `${upstream.port}-sbx-host.sandboxes.example.com:8080` } });
+    expect(reply.status).toBe(200);
+    const echo = reply.json<Echo>();
+    expect(echo.url).toBe('/p');
+    // The sandbox sees the Host the client used.
+    expect(echo.headers.host).toBe(`${upstream.port}-sbx-host.sandboxes.example.com:8080`);
+  });
+
+  it('host form with ROUTESYNC_PROXY_DOMAIN accepts only that domain', async () => {
+    await dp.close(0);
+    dp = await startDataPlane({ ROUTESYNC_PROXY_DOMAIN: 'sbx.example.com' });
+    dp.setRoute({ id: 'sbx-dom', ip: upstream.host });
+    const ok = await send(dp.address, { headers: { host: `${upstream.port}-sbx-dom.SBX.example.com` } });
+    expect(ok.status).toBe(200);
+    const other = await send(dp.address, { headers: { host: `${upstream.port}-sbx-dom.evil.example.com` } });
+    expect(other.status).toBe(400);
+    expect(other.json<ErrorAnswer>().error.code).toBe('sandbox_not_specified');
+  });
+
+  it('forms are tried in order: the path wins over the headers, the headers over the host', async () => {
+    const b = await startUpstream({ name: 'b', host: '127.0.0.2' });
+    const c = await startUpstream({ name: 'c', host: '127.0.0.3' });
+    try {
+      dp.setRoute({ id: 'by-path', ip: upstream.host });
+      dp.setRoute({ id: 'by-header', ip: b.host });
+      dp.setRoute({ id: 'by-host', ip: c.host });
+      const all = {
+        'e2b-sandbox-id': 'by-header',
+        'e2b-sandbox-port': String(b.port),
+        host: `${c.port}-by-host.example.com`,
+      };
+      expect((await send(dp.address, { path: `/kruise/by-path/${upstream.port}/`, headers: all })).json<Echo>().name).toBe('a');
+      expect((await send(dp.address, { path: '/', headers: all })).json<Echo>().name).toBe('b');
+      expect((await send(dp.address, { path: '/', headers: { host: all.host } })).json<Echo>().name).toBe('c');
+    } finally {
+      await b.close();
+      await c.close();
+    }
+  });
+
+  it('an IPv6 route is reached at its bracketed address', async () => {
+    const v6 = await startUpstream({ name: 'v6', host: '::1' });
+    try {
+      dp.setRoute({ id: 'sbx-v6', ip: '::1' });
+      const reply = await send(dp.address, { path: `/kruise/sbx-v6/${v6.port}/six` });
+      expect(reply.status).toBe(200);
+      expect(reply.json<Echo>().name).toBe('v6');
+      expect(v6.requests).toHaveLength(1);
+    } finally {
+      await v6.close();
+    }
+  });
+
+  it('any method and body go through', async () => {
+    dp.setRoute({ id: 'sbx-methods', ip: upstream.host });
+    for (const method of ['POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS']) {
+      const reply = await send(dp.address, { method, path: `/kruise/sbx-methods/${upstream.port}/echo`, body: `body of ${method}` });
+      expect(reply.status).toBe(200);
+      expect(reply.body).toBe(`body of ${method}`);
+    }
+    const head = await send(dp.address, { method: 'HEAD', path: `/kruise/sbx-methods/${upstream.port}/` });
+    expect(head.status).toBe(200);
+    expect(head.body).toBe('');
+  });
+});
+
+describe('a route change applies to the next request', () => {
+  it('a new IP moves traffic; pausing refuses it; resuming restores it', async () => {
+    const moved = await startUpstream({ name: 'moved', host: '127.0.0.2', port: upstream.port });
+    try {
+      const path = `/kruise/sbx-moving/${upstream.port}/`;
+      dp.setRoute({ id: 'sbx-moving', ip: upstream.host });
+      expect((await send(dp.address, { path })).json<Echo>().name).toBe('a');
+
+      dp.setRoute({ id: 'sbx-moving', ip: moved.host });
+      expect((await send(dp.address, { path })).json<Echo>().name).toBe('moved');
+
+      dp.setRoute({ id: 'sbx-moving', ip: moved.host, state: 'paused' });
+      const paused = await send(dp.address, { path });
+      expect(paused.status).toBe(503);
+      expect(paused.json<ErrorAnswer>().error).toMatchObject({ code: 'sandbox_not_running', state: 'paused' });
+
+      dp.setRoute({ id: 'sbx-moving', ip: upstream.host, state: 'Running' });
+      expect((await send(dp.address, { path })).json<Echo>().name).toBe('a');
+      expect(moved.requests).toHaveLength(1);
+      expect(upstream.requests).toHaveLength(2);
+    } finally {
+      await moved.close();
+    }
+  });
+
+  it('a deleted route is not found on the next request', async () => {
+    const route = dp.setRoute({ id: 'sbx-gone', ip: upstream.host });
+    expect((await send(dp.address, { path: `/kruise/sbx-gone/${upstream.port}/` })).status).toBe(200);
+    dp.table.delete({ namespace: route.namespace, name: route.name, resourceVersion: '999999' });
+    const reply = await send(dp.address, { path: `/kruise/sbx-gone/${upstream.port}/` });
+    expect(reply.status).toBe(404);
+    expect(reply.json<ErrorAnswer>().error.code).toBe('sandbox_not_found');
+  });
+});
+
+describe('admission errors: documented status and code, upstream untouched', () => {
+  const cases: {
+    name: string;
+    route?: { id: string; state?: string; ip?: string; requireTrafficAuth?: boolean; accessToken?: string };
+    request: (port: number) => { path?: string; headers?: Record<string, string> };
+    status: number;
+    code: string;
+    state?: string;
+  }[] = [
+    { name: 'no sandbox named', request: () => ({ path: '/' }), status: 400, code: 'sandbox_not_specified' },
+    { name: 'unknown sandbox', request: (port) => ({ path: `/kruise/nope/${port}/` }), status: 404, code: 'sandbox_not_found' },
+    {
+      name: 'sandbox paused',
+      route: { id: 's1', state: 'paused' },
+      request: (port) => ({ path: `/kruise/s1/${port}/` }),
+      status: 503,
+      code: 'sandbox_not_running',
+      state: 'paused',
+    },
+    {
+      name: 'sandbox creating',
+      route: { id: 's2', state: 'creating', ip: '' },
+      request: (port) => ({ headers: { 'e2b-sandbox-id': 's2', 'e2b-sandbox-port': String(port) } }),
+      status: 503,
+      code: 'sandbox_not_running',
+      state: 'creating',
+    },
+    {
+      name: 'running without an IP',
+      route: { id: 's3', ip: '' },
+      request: (port) => ({ path: `/kruise/s3/${port}/` }),
+      status: 503,
+      code: 'sandbox_no_ip',
+    },
+    { name: 'port 0 in the path', route: { id: 's4' }, request: () => ({ path: '/kruise/s4/0/' }), status: 400, code: 'invalid_port' },
+    { name: 'port 65536 in the header', route: { id: 's5' }, request: () => ({ headers: { 'e2b-sandbox-id': 's5', 'e2b-sandbox-port': '65536' } }), status: 400, code: 'invalid_port' },
+    { name: 'non-numeric port in the path', route: { id: 's6' }, request: () => ({ path: '/kruise/s6/http/' }), status: 400, code: 'invalid_port' },
+    { name: 'port 99999 in the host', route: { id: 's7' }, request: () => ({ headers: { host: '99999-s7.example.com' } }), status: 400, code: 'invalid_port' },
+    {
+      name: 'token missing',
+      route: { id: 's8', requireTrafficAuth: true, accessToken: 'secret-token-8' },
+      request: (port) => ({ path: `/kruise/s8/${port}/` }),
+      status: 401,
+      code: 'traffic_token_missing',
+    },
+    {
+      name: 'token wrong',
+      route: { id: 's9', requireTrafficAuth: true, accessToken: 'secret-token-9' },
+      request: (port) => ({ path: `/kruise/s9/${port}/`, headers: { 'e2b-traffic-access-token': 'secret-token-8' } }),
+      status: 401,
+      code: 'traffic_token_invalid',
+    },
+    {
+      name: 'token wrong in x-access-token, and a paused state not revealed',
+      route: { id: 's10', requireTrafficAuth: true, accessToken: 'secret-token-10', state: 'paused' },
+      request: (port) => ({ path: `/kruise/s10/${port}/`, headers: { 'x-access-token': 'nope' } }),
+      status: 401,
+      code: 'traffic_token_invalid',
+    },
+    {
+      name: 'token demanded but the route has none',
+      route: { id: 's11', requireTrafficAuth: true },
+      request: (port) => ({ path: `/kruise/s11/${port}/`, headers: { 'e2b-traffic-access-token': 'anything' } }),
+      status: 401,
+      code: 'traffic_token_invalid',
+    },
+    {
+      name: 'a WebSocket-less upgrade (h2c)',
+      route: { id: 's12' },
+      request: (port) => ({ path: `/kruise/s12/${port}/`, headers: { connection: 'Upgrade, HTTP2-Settings', upgrade: 'h2c', 'http2-settings': 'AAMAAABkAAQAAP__' } }),
+      status: 400,
+      code: 'unsupported_upgrade',
+    },
+  ];
+
+  for (const testCase of cases) {
+    it(`${testCase.name} -> ${testCase.status} ${testCase.code}`, async () => {
+      if (testCase.route) dp.setRoute({ ip: upstream.host, ...testCase.route });
+      const reply = await send(dp.address, testCase.request(upstream.port));
+      expect(reply.status).toBe(testCase.status);
+      expect(reply.headers['content-type']).toBe('application/json; charset=utf-8');
+      expect(reply.headers['x-routesync-error']).toBe(testCase.code);
+      const body = reply.json<ErrorAnswer>();
+      expect(body.error.code).toBe(testCase.code);
+      expect(typeof body.error.message).toBe('string');
+      if (testCase.state !== undefined) expect(body.error.state).toBe(testCase.state);
+      else expect(body.error.state).toBeUndefined();
+      expect(upstream.requests).toHaveLength(0);
+      expect(upstream.acceptedSockets()).toBe(0);
+      expect(await proxyRequestCount(dp.metrics, testCase.code)).toBe(1);
+    });
+  }
+
+  it('the right token in either header is admitted', async () => {
+    dp.setRoute({ id: 'tok', ip: upstream.host, requireTrafficAuth: true, accessToken: 'the-token' });
+    const a = await send(dp.address, { path: `/kruise/tok/${upstream.port}/`, headers: { 'e2b-traffic-access-token': 'the-token' } });
+    const b = await send(dp.address, { path: `/kruise/tok/${upstream.port}/`, headers: { 'x-access-token': 'the-token' } });
+    expect([a.status, b.status]).toEqual([200, 200]);
+  });
+
+  it('a refused request with Expect: 100-continue never gets to send its body', async () => {
+    const reply = await new Promise<{ status: number; continued: boolean }>((resolve, reject) => {
+      let continued = false;
+      const req = http.request({
+        host: dp.address.address,
+        port: dp.address.port,
+        method: 'PUT',
+        path: '/kruise/unknown/80/upload',
+        headers: { expect: '100-continue', 'content-length': '5' },
+        agent: false,
+      });
+      req.on('continue', () => {
+        continued = true;
+        req.end('hello');
+      });
+      req.on('response', (res) => {
+        res.resume();
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, continued }));
+      });
+      req.on('error', reject);
+      req.flushHeaders();
+    });
+    expect(reply).toEqual({ status: 404, continued: false });
+  });
+
+  it('an admitted request with Expect: 100-continue is continued and proxied', async () => {
+    dp.setRoute({ id: 'cont', ip: upstream.host });
+    const body = await new Promise<string>((resolve, reject) => {
+      const req = http.request({
+        host: dp.address.address,
+        port: dp.address.port,
+        method: 'PUT',
+        path: `/kruise/cont/${upstream.port}/echo`,
+        headers: { expect: '100-continue', 'content-length': '5' },
+        agent: false,
+      });
+      req.on('continue', () => req.end('hello'));
+      req.on('response', (res) => {
+        let text = '';
+        res.setEncoding('utf8');
+        res.on('data', (chunk: string) => (text += chunk));
+        res.on('end', () => resolve(text));
+      });
+      req.on('error', reject);
+      req.flushHeaders();
+    });
+    expect(body).toBe('hello');
+    expect(upstream.requests[0]?.headers.expect).toBeUndefined();
+  });
+});
+
+describe('headers', () => {
+  it('strips tokens, routing and hop-by-hop headers; sets X-Forwarded-*', async () => {
+    dp.setRoute({ id: 'hdr', ip: upstream.host, requireTrafficAuth: true, accessToken: 'tok-123' });
+    const reply = await send(dp.address, {
+      path: '/inspect',
+      headers: {
+        host: 'client.example.com',
+        'e2b-sandbox-id': 'hdr',
+        'e2b-sandbox-port': String(upstream.port),
+        'e2b-traffic-access-token': 'tok-123',
+        'x-access-token': 'tok-123',
+        authorization: 'Bearer user-credential',
+        'x-forwarded-for': '203.0.113.9',
+        'x-forwarded-proto': 'https',
+        'x-forwarded-host': 'spoofed.example.com',
+        connection: 'keep-alive, x-hop, content-length',
+        'x-hop': 'must go',
+        'keep-alive': 'timeout=5',
+        'proxy-authorization': 'Basic xyz',
+        te: 'trailers',
+        'x-app': 'kept',
+      },
+    });
+    expect(reply.status).toBe(200);
+    const seen = reply.json<Echo>().headers;
+    for (const name of ['e2b-sandbox-id', 'e2b-sandbox-port', 'e2b-traffic-access-token', 'x-access-token', 'x-hop', 'keep-alive', 'proxy-authorization', 'te']) {
+      expect(seen[name], name).toBeUndefined();
+    }
+    expect(JSON.stringify(seen)).not.toContain('tok-123');
+    expect(seen['x-app']).toBe('kept');
+    // The sandbox's own credentials are the sandbox's business: Authorization passes.
+    expect(seen.authorization).toBe('Bearer user-credential');
+    expect(seen['x-forwarded-for']).toBe('203.0.113.9, 127.0.0.1');
+    expect(seen['x-forwarded-proto']).toBe('http');
+    expect(seen['x-forwarded-host']).toBe('client.example.com');
+    expect(seen.host).toBe('client.example.com');
+    // A keep-alive agent to the sandbox, whatever the client asked for.
+    expect(seen.connection).toBe('keep-alive');
+  });
+
+  it('answers carry no hop-by-hop headers from the sandbox', async () => {
+    const custom = await startUpstream({
+      host: '127.0.0.2',
+      handler: (_req, res) => {
+        res.writeHead(200, { 'keep-alive': 'timeout=99', connection: 'keep-alive, x-internal', 'x-internal': 'secret', 'x-visible': 'yes' });
+        res.end('ok');
+      },
+    });
+    try {
+      dp.setRoute({ id: 'resp', ip: custom.host });
+      const reply = await send(dp.address, { path: `/kruise/resp/${custom.port}/` });
+      expect(reply.body).toBe('ok');
+      expect(reply.headers['x-visible']).toBe('yes');
+      expect(reply.headers['x-internal']).toBeUndefined();
+      expect(reply.headers['keep-alive']).not.toBe('timeout=99');
+    } finally {
+      await custom.close();
+    }
+  });
+});
+
+describe('access log and metrics', () => {
+  it('one info line per request with the chosen fields and no secret', async () => {
+    dp.setRoute({ id: 'logged', ip: upstream.host, requireTrafficAuth: true, accessToken: 'super-secret-token' });
+    await send(dp.address, {
+      path: `/kruise/logged/${upstream.port}/files?token=query-secret`,
+      headers: { 'e2b-traffic-access-token': 'super-secret-token', authorization: 'Bearer auth-secret' },
+    });
+    await send(dp.address, { path: `/kruise/logged/${upstream.port}/files`, headers: { 'x-access-token': 'wrong-secret' } });
+    const lines = dp.logs.filter((line) => line.msg === 'proxy request');
+    expect(lines).toHaveLength(2);
+    expect(lines[0]).toMatchObject({
+      level: 'info',
+      kind: 'http',
+      method: 'GET',
+      path: `/kruise/logged/${upstream.port}/files`,
+      sandboxId: 'logged',
+      port: upstream.port,
+      status: 200,
+      outcome: 'proxied',
+    });
+    expect(typeof lines[0]!.durationMs).toBe('number');
+    expect(lines[1]).toMatchObject({ status: 401, outcome: 'traffic_token_invalid' });
+    const raw = dp.rawLog();
+    for (const secret of ['super-secret-token', 'auth-secret', 'query-secret', 'wrong-secret']) expect(raw).not.toContain(secret);
+  });
+
+  it('ROUTESYNC_ACCESS_LOG=false writes no line but still counts', async () => {
+    await dp.close(0);
+    dp = await startDataPlane({ ROUTESYNC_ACCESS_LOG: 'false' });
+    dp.setRoute({ id: 'quiet', ip: upstream.host });
+    await send(dp.address, { path: `/kruise/quiet/${upstream.port}/` });
+    expect(dp.logs.filter((line) => line.msg === 'proxy request')).toHaveLength(0);
+    expect(await proxyRequestCount(dp.metrics, 'proxied')).toBe(1);
+  });
+
+  it('counts and times requests by outcome', async () => {
+    dp.setRoute({ id: 'm', ip: upstream.host });
+    await send(dp.address, { path: `/kruise/m/${upstream.port}/` });
+    await send(dp.address, { path: `/kruise/m/${upstream.port}/` });
+    await send(dp.address, { path: '/kruise/missing/1/' });
+    expect(await proxyRequestCount(dp.metrics, 'proxied')).toBe(2);
+    expect(await proxyRequestCount(dp.metrics, 'sandbox_not_found')).toBe(1);
+    const text = await dp.metrics.registry.metrics();
+    expect(text).toContain('routesync_proxy_request_duration_seconds_count{outcome="proxied"} 2');
+  });
+});
