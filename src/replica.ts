@@ -13,6 +13,7 @@ import { Metrics } from './metrics.js';
 import { PeerClient } from './peers/client.js';
 import { selfAddresses, staticPeers } from './peers/discovery.js';
 import { PeerSync } from './peers/fanout.js';
+import { DataPlane } from './proxy/server.js';
 import { RouteTable } from './routes/table.js';
 import { RouteService } from './service.js';
 
@@ -29,6 +30,7 @@ export interface ReplicaAddresses {
   /** Bound addresses, host:port (IPv6 bracketed). */
   readonly api: string;
   readonly peer: string;
+  readonly proxy: string;
 }
 
 export class Replica {
@@ -41,6 +43,7 @@ export class Replica {
   readonly service: RouteService;
   readonly apiServer: Server;
   readonly peerServer: Server;
+  readonly dataPlane: DataPlane;
   private ready = false;
   private closing: Promise<void> | undefined;
   private readonly timers: NodeJS.Timeout[] = [];
@@ -82,6 +85,7 @@ export class Replica {
     // connection is never closed by the server just as a peer reuses it.
     this.peerServer.keepAliveTimeout = 65_000;
     this.peerServer.headersTimeout = 66_000;
+    this.dataPlane = new DataPlane({ config, table: this.table, metrics: this.metrics, logger: this.logger });
   }
 
   /** Build the replica and open its listeners. */
@@ -108,7 +112,12 @@ export class Replica {
   private async listen(): Promise<void> {
     const peer = await listenOn(this.peerServer, this.config.peerAddr);
     const api = await listenOn(this.apiServer, this.config.apiAddr);
-    this.bound = { api: formatHostPort(api.address, api.port), peer: formatHostPort(peer.address, peer.port) };
+    const proxy = await this.dataPlane.listen();
+    this.bound = {
+      api: formatHostPort(api.address, api.port),
+      peer: formatHostPort(peer.address, peer.port),
+      proxy: formatHostPort(proxy.address, proxy.port),
+    };
 
     const self = selfAddresses(this.config, peer.port);
     this.sync.setPeers(staticPeers(this.config, self));
@@ -127,7 +136,7 @@ export class Replica {
       );
     }
     this.ready = true;
-    this.logger.info({ api: this.bound.api, peer: this.bound.peer, peers: this.sync.peerAddresses() }, 'routesync listening');
+    this.logger.info({ api: this.bound.api, peer: this.bound.peer, proxy: this.bound.proxy, peers: this.sync.peerAddresses() }, 'routesync listening');
   }
 
   refreshGauges(): void {
@@ -147,8 +156,12 @@ export class Replica {
     const deadline = Date.now() + graceMs;
     this.ready = false;
     this.logger.info({ graceMs }, 'shutting down');
+    // The data plane drains in parallel: in-flight requests finish, WebSockets get close 1001
+    // at the end of the grace period.
+    const proxyClosed = this.dataPlane.close(graceMs);
     await closeServer(this.apiServer, graceMs);
     const delivered = await this.sync.drain(Math.max(0, deadline - Date.now()));
+    await proxyClosed;
     if (!delivered) this.logger.warn({ queued: this.sync.outboxSize() }, 'grace period over with changes still queued; peers will reconcile');
     await this.close();
     return delivered;
@@ -160,7 +173,7 @@ export class Replica {
       this.ready = false;
       for (const timer of this.timers) clearInterval(timer);
       this.sync.close();
-      await Promise.all([closeServer(this.apiServer, 0), closeServer(this.peerServer, 0)]);
+      await Promise.all([closeServer(this.apiServer, 0), closeServer(this.peerServer, 0), this.dataPlane.close(0)]);
       await this.client.destroy();
       this.logger.info('stopped');
       this.logger.flush();
