@@ -154,10 +154,15 @@ function defaultHandler(name: string): (req: IncomingMessage, res: ServerRespons
       return;
     }
     if (path === '/sink') {
-      void drain(req).then((result) => {
-        res.writeHead(200, { 'content-type': 'application/json' });
-        res.end(JSON.stringify(result));
-      });
+      drain(req).then(
+        (result) => {
+          res.writeHead(200, { 'content-type': 'application/json' });
+          res.end(JSON.stringify(result));
+        },
+        // The proxy hung up mid-upload (its client went away): the request stream rejects
+        // with "aborted"; the sandbox simply drops the exchange.
+        () => res.destroy(),
+      );
       return;
     }
     const bytes = /^\/bytes\/(\d+)$/.exec(path);

@@ -1,0 +1,158 @@
+// Upstreams that refuse, reset, hang or speak garbage: each becomes its documented answer, and
+// the data plane keeps serving afterwards.
+import http from 'node:http';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { proxyRequestCount, send, startDataPlane, type TestDataPlane } from '../helpers/data-plane.js';
+import { startRawUpstream, startUpstream, unusedPort, type RawUpstream, type Upstream } from '../helpers/upstream.js';
+
+interface ErrorAnswer {
+  error: { code: string; message: string };
+}
+
+const TIMEOUT_MS = 300;
+
+let dp: TestDataPlane;
+let healthy: Upstream;
+const raws: RawUpstream[] = [];
+
+async function raw(onSocket: Parameters<typeof startRawUpstream>[0]): Promise<RawUpstream> {
+  const server = await startRawUpstream(onSocket, '127.0.0.2');
+  raws.push(server);
+  return server;
+}
+
+/** The data plane still proxies a normal request. */
+async function expectStillServing(): Promise<void> {
+  const reply = await send(dp.address, { path: `/kruise/healthy/${healthy.port}/` });
+  expect(reply.status).toBe(200);
+}
+
+beforeEach(async () => {
+  healthy = await startUpstream({ name: 'healthy' });
+  dp = await startDataPlane({ ROUTESYNC_PROXY_TIMEOUT_MS: String(TIMEOUT_MS) });
+  dp.setRoute({ id: 'healthy', ip: healthy.host });
+});
+
+afterEach(async () => {
+  await dp.close(0);
+  await healthy.close();
+  await Promise.all(raws.splice(0).map((server) => server.close()));
+});
+
+describe('upstream failures', () => {
+  it('connection refused -> 502 upstream_unreachable', async () => {
+    const port = await unusedPort('127.0.0.2');
+    dp.setRoute({ id: 'refusing', ip: '127.0.0.2' });
+    const reply = await send(dp.address, { path: `/kruise/refusing/${port}/` });
+    expect(reply.status).toBe(502);
+    expect(reply.json<ErrorAnswer>().error.code).toBe('upstream_unreachable');
+    await expectStillServing();
+  });
+
+  it('connection reset before answering -> 502 upstream_unreachable', async () => {
+    const resetting = await raw((socket) => socket.once('data', () => socket.resetAndDestroy()));
+    dp.setRoute({ id: 'resetting', ip: resetting.host });
+    const reply = await send(dp.address, { path: `/kruise/resetting/${resetting.port}/` });
+    expect(reply.status).toBe(502);
+    expect(reply.json<ErrorAnswer>().error.code).toBe('upstream_unreachable');
+    expect(await proxyRequestCount(dp.metrics, 'upstream_unreachable')).toBe(1);
+    await expectStillServing();
+  });
+
+  it('an upstream that accepts and never answers -> 504 upstream_timeout after the proxy timeout', async () => {
+    // Reads (so it notices when the proxy hangs up) and never answers.
+    const hanging = await raw((socket) => socket.resume());
+    dp.setRoute({ id: 'hanging', ip: hanging.host });
+    const started = performance.now();
+    const reply = await send(dp.address, { path: `/kruise/hanging/${hanging.port}/` });
+    const elapsed = performance.now() - started;
+    expect(reply.status).toBe(504);
+    expect(reply.json<ErrorAnswer>().error.code).toBe('upstream_timeout');
+    expect(elapsed).toBeGreaterThanOrEqual(TIMEOUT_MS - 20);
+    expect(elapsed).toBeLessThan(TIMEOUT_MS + 3000);
+    // The timed-out request's upstream socket is released.
+    await hanging.waitForOpenSockets(0);
+    await expectStillServing();
+  });
+
+  it('an HTTP upstream that hangs on one path times out while it still serves others', async () => {
+    const sandbox = await startUpstream({ host: '127.0.0.2' });
+    try {
+      dp.setRoute({ id: 'partly', ip: sandbox.host });
+      const [hung, ok] = await Promise.all([
+        send(dp.address, { path: `/kruise/partly/${sandbox.port}/hang` }),
+        send(dp.address, { path: `/kruise/partly/${sandbox.port}/fine` }),
+      ]);
+      expect(hung.status).toBe(504);
+      expect(ok.status).toBe(200);
+    } finally {
+      await sandbox.close();
+    }
+  });
+
+  it('a response that starts in time is not cut by the proxy timeout', async () => {
+    // The sandbox's behaviour under test: headers at once, the rest of the body after 3x the
+    // proxy timeout of silence.
+    const slowBody = await startUpstream({
+      host: '127.0.0.2',
+      handler: (_req, res) => {
+        res.writeHead(200, { 'content-type': 'text/plain' });
+        res.write('head;');
+        const timer = setTimeout(() => res.end('tail'), TIMEOUT_MS * 3);
+        res.on('close', () => clearTimeout(timer));
+      },
+    });
+    try {
+      dp.setRoute({ id: 'slow-body', ip: slowBody.host });
+      const reply = await send(dp.address, { path: `/kruise/slow-body/${slowBody.port}/` });
+      expect(reply.status).toBe(200);
+      expect(reply.body).toBe('head;tail');
+    } finally {
+      await slowBody.close();
+    }
+  });
+
+  it('a response that is not HTTP -> 502 upstream_protocol_error', async () => {
+    const garbage = await raw((socket) => socket.once('data', () => socket.end('SSH-2.0-OpenSSH_9.6\r\n\r\n')));
+    dp.setRoute({ id: 'garbage', ip: garbage.host });
+    const reply = await send(dp.address, { path: `/kruise/garbage/${garbage.port}/` });
+    expect(reply.status).toBe(502);
+    expect(reply.json<ErrorAnswer>().error.code).toBe('upstream_protocol_error');
+    await expectStillServing();
+  });
+
+  it('a reset in the middle of the body cuts the client response instead of hanging it', async () => {
+    const sandbox = await startUpstream({ host: '127.0.0.2' });
+    try {
+      dp.setRoute({ id: 'mid', ip: sandbox.host });
+      const result = await new Promise<{ status: number; error: string }>((resolve) => {
+        const req = http.get({ host: dp.address.address, port: dp.address.port, path: `/kruise/mid/${sandbox.port}/reset-mid-body`, agent: false });
+        req.on('error', (error) => resolve({ status: -1, error: error.message }));
+        req.on('response', (res) => {
+          res.on('data', () => {});
+          res.on('error', (error) => resolve({ status: res.statusCode ?? 0, error: error.message }));
+          res.on('end', () => resolve({ status: res.statusCode ?? 0, error: 'ended normally' }));
+        });
+      });
+      expect(result.status).toBe(200);
+      expect(result.error).toBe('aborted');
+      await sandbox.waitForOpenSockets(0);
+      await expectStillServing();
+      await expect.poll(() => proxyRequestCount(dp.metrics, 'upstream_unreachable')).toBe(1);
+    } finally {
+      await sandbox.close();
+    }
+  });
+
+  it('a storm of failing upstreams leaves the process up and serving', async () => {
+    const resetting = await raw((socket) => socket.once('data', () => socket.resetAndDestroy()));
+    const garbage = await raw((socket) => socket.once('data', () => socket.end('\u0000\u0001garbage')));
+    dp.setRoute({ id: 'r', ip: resetting.host });
+    dp.setRoute({ id: 'g', ip: garbage.host });
+    const replies = await Promise.all(
+      Array.from({ length: 50 }, (_, i) => send(dp.address, { path: i % 2 === 0 ? `/kruise/r/${resetting.port}/` : `/kruise/g/${garbage.port}/` })),
+    );
+    expect(new Set(replies.map((reply) => reply.status))).toEqual(new Set([502]));
+    await expectStillServing();
+  });
+});
