@@ -1,0 +1,304 @@
+// WebSockets through the data plane against a real `ws` echo sandbox: every mapping form,
+// refusals before the handshake, long-lived connections past the HTTP timeout, big and many
+// messages, and a clean close (1001) when the data plane shuts down.
+import { createHash, randomBytes } from 'node:crypto';
+import type { AddressInfo } from 'node:net';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import WebSocket, { type RawData } from 'ws';
+import { proxyRequestCount, startDataPlane, type TestDataPlane } from '../helpers/data-plane.js';
+import { startRawUpstream, startUpstream, unusedPort, type Upstream } from '../helpers/upstream.js';
+import { waitUntil } from '../helpers/wait.js';
+
+const TIMEOUT_MS = 300;
+
+interface ErrorAnswer {
+  error: { code: string; message: string; state?: string };
+}
+
+interface Refusal {
+  status: number;
+  code: string | undefined;
+  body: ErrorAnswer;
+}
+
+let dp: TestDataPlane;
+let upstream: Upstream;
+/** The sandbox side of every WebSocket it accepted, in order. */
+let sandboxSockets: WebSocket[];
+const clients: WebSocket[] = [];
+
+/**
+ * The sandbox: echoes every message; `wait:<ms>` is answered with `waited:<ms>` after ms of
+ * silence on both sides (how a test waits past a timer as an event, without sleeping itself).
+ */
+function sandboxBehaviour(ws: WebSocket): void {
+  sandboxSockets.push(ws);
+  ws.on('message', (data: RawData, isBinary: boolean) => {
+    const text = isBinary ? '' : data.toString();
+    const wait = /^wait:(\d+)$/.exec(text);
+    if (!wait) {
+      ws.send(data, { binary: isBinary });
+      return;
+    }
+    const timer = setTimeout(() => ws.send(`waited:${wait[1]}`), Number(wait[1]));
+    ws.once('close', () => clearTimeout(timer));
+  });
+}
+
+beforeEach(async () => {
+  sandboxSockets = [];
+  upstream = await startUpstream({ name: 'ws-sandbox', onWebSocket: sandboxBehaviour });
+  // The pooled-socket idle timeout is short too: an upgraded socket must not inherit it.
+  dp = await startDataPlane({ ROUTESYNC_PROXY_TIMEOUT_MS: String(TIMEOUT_MS) }, { upstreamIdleSocketTimeoutMs: TIMEOUT_MS, webSocketCloseTimeoutMs: 2000 });
+  dp.setRoute({ id: 'ws', ip: upstream.host });
+});
+
+afterEach(async () => {
+  for (const client of clients.splice(0)) client.terminate();
+  await dp.close(0);
+  await upstream.close();
+});
+
+function url(address: AddressInfo, path: string): string {
+  return `ws://${address.address}:${address.port}${path}`;
+}
+
+/** Open a WebSocket through the data plane; rejects if the handshake fails. */
+function connect(path: string, headers: Record<string, string> = {}): Promise<WebSocket> {
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(url(dp.address, path), { headers, maxPayload: 256 * 1024 * 1024 });
+    clients.push(ws);
+    ws.once('open', () => resolve(ws));
+    ws.once('error', reject);
+    ws.once('unexpected-response', (_req, res) => reject(new Error(`handshake answered ${res.statusCode}`)));
+  });
+}
+
+/** A handshake the data plane must refuse: its status, error code and JSON body. */
+function refusal(path: string, headers: Record<string, string> = {}): Promise<Refusal> {
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(url(dp.address, path), { headers });
+    ws.once('open', () => {
+      ws.terminate();
+      reject(new Error('the handshake was accepted'));
+    });
+    ws.once('error', reject);
+    ws.once('unexpected-response', (_req, res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (chunk: Buffer) => chunks.push(chunk));
+      res.on('end', () => {
+        const code = res.headers['x-routesync-error'];
+        resolve({ status: res.statusCode ?? 0, code: Array.isArray(code) ? code[0] : code, body: JSON.parse(Buffer.concat(chunks).toString()) as ErrorAnswer });
+      });
+    });
+  });
+}
+
+function nextMessage(ws: WebSocket): Promise<{ data: Buffer; isBinary: boolean }> {
+  return new Promise((resolve, reject) => {
+    const onClose = (code: number): void => reject(new Error(`closed with ${code} before a message`));
+    ws.once('close', onClose);
+    ws.once('message', (data: RawData, isBinary: boolean) => {
+      ws.off('close', onClose);
+      resolve({ data: data as Buffer, isBinary });
+    });
+  });
+}
+
+async function echo(ws: WebSocket, text: string): Promise<string> {
+  const reply = nextMessage(ws);
+  ws.send(text);
+  return (await reply).data.toString();
+}
+
+function closed(ws: WebSocket): Promise<{ code: number; at: number }> {
+  return new Promise((resolve) => ws.once('close', (code: number) => resolve({ code, at: performance.now() })));
+}
+
+describe('mapping forms', () => {
+  it('path form: the sandbox sees /<rest> with the query; echo works', async () => {
+    const ws = await connect(`/kruise/ws/${upstream.port}/chat/room?user=1`);
+    expect(await echo(ws, 'hello')).toBe('hello');
+    expect(upstream.requests).toHaveLength(1);
+    expect(upstream.requests[0]!.url).toBe('/chat/room?user=1');
+  });
+
+  it('header form: e2b-sandbox-id and e2b-sandbox-port; the request path is kept', async () => {
+    const ws = await connect('/events', { 'e2b-sandbox-id': 'ws', 'e2b-sandbox-port': String(upstream.port) });
+    expect(await echo(ws, 'via headers')).toBe('via headers');
+    expect(upstream.requests[0]!.url).toBe('/events');
+    expect(upstream.requests[0]!.headers['e2b-sandbox-id']).toBeUndefined();
+  });
+
+  it('host form: <port>-<id>.<domain>', async () => {
+    const ws = await connect('/terminal', { host: `${upstream.port}-ws.sandboxes.example.com` });
+    expect(await echo(ws, 'via host')).toBe('via host');
+    expect(upstream.requests[0]!.url).toBe('/terminal');
+    expect(upstream.requests[0]!.headers['x-forwarded-host']).toBe(`${upstream.port}-ws.sandboxes.example.com`);
+  });
+
+  it('with traffic auth: the token admits the upgrade and is not forwarded', async () => {
+    dp.setRoute({ id: 'ws', ip: upstream.host, requireTrafficAuth: true, accessToken: 'ws-secret' });
+    const ws = await connect(`/kruise/ws/${upstream.port}/`, { 'x-access-token': 'ws-secret' });
+    expect(await echo(ws, 'authed')).toBe('authed');
+    const headers = upstream.requests[0]!.headers;
+    expect(headers['x-access-token']).toBeUndefined();
+    expect(headers['e2b-traffic-access-token']).toBeUndefined();
+    expect(headers['x-forwarded-for']).toBe('127.0.0.1');
+    expect(dp.rawLog()).not.toContain('ws-secret');
+  });
+
+  it('is counted, logged once with status 101, and tracked as an open WebSocket', async () => {
+    const ws = await connect(`/kruise/ws/${upstream.port}/`);
+    expect(await echo(ws, 'x')).toBe('x');
+    expect((await dp.metrics.proxyWebsockets.get()).values[0]?.value).toBe(1);
+    const line = dp.logs.find((entry) => entry.msg === 'proxy request');
+    expect(line).toMatchObject({ kind: 'websocket', method: 'GET', sandboxId: 'ws', status: 101, outcome: 'proxied' });
+    ws.close(1000);
+    await upstream.waitForOpenSockets(0);
+    await waitUntil(async () => (await dp.metrics.proxyWebsockets.get()).values[0]?.value === 0, 5000, 'the WebSocket gauge to drop to 0');
+    expect(await proxyRequestCount(dp.metrics, 'proxied')).toBe(1);
+  });
+});
+
+describe('admission on upgrade: documented status and code, sandbox untouched', () => {
+  const cases: {
+    name: string;
+    route?: { state?: string; requireTrafficAuth?: boolean; accessToken?: string };
+    path: (port: number) => string;
+    headers?: Record<string, string>;
+    status: number;
+    code: string;
+  }[] = [
+    { name: 'unknown sandbox', path: (port) => `/kruise/unknown/${port}/`, status: 404, code: 'sandbox_not_found' },
+    { name: 'paused sandbox', route: { state: 'paused' }, path: (port) => `/kruise/ws/${port}/`, status: 503, code: 'sandbox_not_running' },
+    { name: 'invalid port', path: () => '/kruise/ws/70000/', status: 400, code: 'invalid_port' },
+    { name: 'missing token', route: { requireTrafficAuth: true, accessToken: 't' }, path: (port) => `/kruise/ws/${port}/`, status: 401, code: 'traffic_token_missing' },
+    {
+      name: 'wrong token',
+      route: { requireTrafficAuth: true, accessToken: 'right-token' },
+      path: (port) => `/kruise/ws/${port}/`,
+      headers: { 'e2b-traffic-access-token': 'wrong-token' },
+      status: 401,
+      code: 'traffic_token_invalid',
+    },
+  ];
+
+  for (const testCase of cases) {
+    it(`${testCase.name} -> ${testCase.status} ${testCase.code}`, async () => {
+      if (testCase.route) dp.setRoute({ id: 'ws', ip: upstream.host, ...testCase.route });
+      const answer = await refusal(testCase.path(upstream.port), testCase.headers);
+      expect(answer.status).toBe(testCase.status);
+      expect(answer.code).toBe(testCase.code);
+      expect(answer.body.error.code).toBe(testCase.code);
+      if (testCase.code === 'sandbox_not_running') expect(answer.body.error.state).toBe('paused');
+      expect(upstream.requests).toHaveLength(0);
+      expect(upstream.acceptedSockets()).toBe(0);
+      expect(await proxyRequestCount(dp.metrics, testCase.code)).toBe(1);
+    });
+  }
+
+  it('a sandbox that refuses the connection -> 502; one that never answers the handshake -> 504', async () => {
+    const closedPort = await unusedPort();
+    expect((await refusal(`/kruise/ws/${closedPort}/`)).code).toBe('upstream_unreachable');
+    const silent = await startRawUpstream((socket) => socket.resume());
+    try {
+      const answer = await refusal(`/kruise/ws/${silent.port}/`);
+      expect(answer.status).toBe(504);
+      expect(answer.code).toBe('upstream_timeout');
+      await silent.waitForOpenSockets(0);
+    } finally {
+      await silent.close();
+    }
+    // Still serving.
+    expect(await echo(await connect(`/kruise/ws/${upstream.port}/`), 'after')).toBe('after');
+  });
+});
+
+describe('an open WebSocket', () => {
+  it(`stays open and working well past the ${TIMEOUT_MS} ms HTTP timeout`, async () => {
+    const ws = await connect(`/kruise/ws/${upstream.port}/`);
+    const quietMs = TIMEOUT_MS * 4;
+    // Both directions silent for 4x the timeout (and 4x the pooled-socket idle timeout); the
+    // sandbox says when that time has passed.
+    expect(await echo(ws, `wait:${quietMs}`)).toBe(`waited:${quietMs}`);
+    expect(await echo(ws, 'still here')).toBe('still here');
+    expect(ws.readyState).toBe(WebSocket.OPEN);
+    expect(await proxyRequestCount(dp.metrics, 'upstream_timeout')).toBe(0);
+  });
+
+  it('passes a 32 MiB binary message intact both ways', async () => {
+    const ws = await connect(`/kruise/ws/${upstream.port}/`);
+    const payload = randomBytes(32 * 1024 * 1024);
+    const reply = nextMessage(ws);
+    ws.send(payload, { binary: true });
+    const { data, isBinary } = await reply;
+    expect(isBinary).toBe(true);
+    expect(data.length).toBe(payload.length);
+    expect(createHash('sha256').update(data).digest('hex')).toBe(createHash('sha256').update(payload).digest('hex'));
+  });
+
+  it('passes 5,000 messages in order, text and binary interleaved', async () => {
+    const ws = await connect(`/kruise/ws/${upstream.port}/`);
+    const COUNT = 5000;
+    const received: string[] = [];
+    const all = new Promise<void>((resolve) => {
+      ws.on('message', (data: RawData, isBinary: boolean) => {
+        received.push(`${isBinary ? 'b' : 't'}:${(data as Buffer).toString()}`);
+        if (received.length === COUNT) resolve();
+      });
+    });
+    const sent: string[] = [];
+    for (let i = 0; i < COUNT; i++) {
+      const binary = i % 3 === 0;
+      const text = `message-${i}-${'x'.repeat(i % 200)}`;
+      sent.push(`${binary ? 'b' : 't'}:${text}`);
+      ws.send(binary ? Buffer.from(text) : text, { binary });
+    }
+    await all;
+    expect(received).toEqual(sent);
+  });
+
+  it('a client close reaches the sandbox with its code, and no upstream socket is left', async () => {
+    const ws = await connect(`/kruise/ws/${upstream.port}/`);
+    expect(await echo(ws, 'x')).toBe('x');
+    const sandboxClosed = closed(sandboxSockets[0]!);
+    ws.close(4000, 'done');
+    expect((await sandboxClosed).code).toBe(4000);
+    await upstream.waitForOpenSockets(0);
+  });
+});
+
+describe('data-plane shutdown', () => {
+  it('close(grace): WebSockets keep working during the grace, then both ends get close 1001', async () => {
+    const GRACE_MS = 500;
+    const first = await connect(`/kruise/ws/${upstream.port}/a`);
+    const second = await connect(`/kruise/ws/${upstream.port}/b`);
+    expect(await echo(first, 'before')).toBe('before');
+    const clientClosed = [closed(first), closed(second)];
+    const sandboxClosed = sandboxSockets.map((ws) => closed(ws));
+
+    const started = performance.now();
+    const closing = dp.close(GRACE_MS);
+    // Draining: an open WebSocket still carries messages.
+    expect(await echo(second, 'during grace')).toBe('during grace');
+    const results = await Promise.all(clientClosed);
+    await closing;
+
+    expect(results.map((result) => result.code)).toEqual([1001, 1001]);
+    for (const result of results) expect(result.at - started).toBeGreaterThanOrEqual(GRACE_MS - 20);
+    expect((await Promise.all(sandboxClosed)).map((result) => result.code)).toEqual([1001, 1001]);
+    await upstream.waitForOpenSockets(0);
+  });
+
+  it('close(grace) resolves at once when no WebSocket is open', async () => {
+    const ws = await connect(`/kruise/ws/${upstream.port}/`);
+    const gone = closed(ws);
+    ws.close(1000);
+    await gone;
+    await upstream.waitForOpenSockets(0);
+    await waitUntil(async () => (await dp.metrics.proxyWebsockets.get()).values[0]?.value === 0, 5000, 'the WebSocket gauge to drop to 0');
+    // A 60 s grace would time the test out if close() waited for it.
+    await dp.close(60_000);
+  });
+});
