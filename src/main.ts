@@ -33,8 +33,29 @@ async function main(argv: readonly string[]): Promise<void> {
   process.on('SIGINT', stop);
 }
 
-main(process.argv.slice(2)).catch((error: unknown) => {
-  const message = error instanceof Error ? error.message : String(error);
-  process.stderr.write(`routesync: failed to start: ${message}\n`);
-  process.exit(1);
-});
+const argv = process.argv.slice(2);
+if (argv[0] === 'ctl') {
+  // The operator CLI: same binary, no listeners. Loaded on demand so the server never pays for it.
+  import('./ctl.js')
+    .then(({ runCtl }) => runCtl(argv.slice(1)))
+    .then(
+      (code) => {
+        process.exitCode = code;
+      },
+      (error: unknown) => {
+        // Not a usage error and not a difference: the command could not complete.
+        process.stderr.write(`routesync ctl: ${error instanceof Error ? error.message : String(error)}\n`);
+        process.exitCode = 3;
+      },
+    );
+} else {
+  startServer(argv);
+}
+
+function startServer(args: readonly string[]): void {
+  main(args).catch((error: unknown) => {
+    const message = error instanceof Error ? error.message : String(error);
+    process.stderr.write(`routesync: failed to start: ${message}\n`);
+    process.exit(1);
+  });
+}

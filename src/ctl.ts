@@ -1,0 +1,599 @@
+// routesync ctl: the operator's view of a replica, over the same HTTP APIs the replicas use.
+//   status  one replica: liveness, readiness, route count, peers
+//   routes  the route table (GET /v1/routes on the local API)
+//   peers   every peer's health (GET /v1/peers on the local API)
+//   diff    two replicas' tables compared through their digests (peer API), listing the
+//           routes that differ; only the buckets whose digests differ are pulled.
+// Exit codes: 0 ok, 1 a difference found or not ready, 2 usage error, 3 unreachable (or an
+// answer that is not what the API documents). The peer token is read from
+// ROUTESYNC_PEER_TOKEN or --token-file and only ever sent as a header, never printed.
+import { readFileSync } from 'node:fs';
+import { parseArgs } from 'node:util';
+import { Agent, type Dispatcher } from 'undici';
+
+export const EXIT_OK = 0;
+export const EXIT_DIFFERENT = 1;
+export const EXIT_USAGE = 2;
+export const EXIT_UNREACHABLE = 3;
+
+const DEFAULT_API = '127.0.0.1:7788';
+const DEFAULT_PEER = '127.0.0.1:7789';
+const DEFAULT_TIMEOUT_MS = 5_000;
+/** Buckets named in one pull: keeps a pull's body and answer bounded on a large table. */
+const PULL_CHUNK_BUCKETS = 256;
+
+export const CTL_HELP = `Usage: routesync ctl <command> [options]
+
+Commands:
+  status                  one replica: alive, ready, routes, peers (exit 1 when not ready)
+  routes                  the route table of the local API (tokens never shown)
+  peers                   every peer with its health, ejection, outbox and last reconcile
+  diff <peerA> <peerB>    compare two replicas' tables through their peer APIs' digests and
+                          list the routes that differ (exit 1 when they differ)
+
+Options:
+  --api <host:port>       local API (default ${DEFAULT_API})
+  --peer <host:port>      peer API, for status probes (default ${DEFAULT_PEER}); for diff,
+                          give it twice instead of the positional addresses
+  --namespace <ns>        routes: only this namespace
+  --token-file <path>     file holding the peer token (default: ROUTESYNC_PEER_TOKEN)
+  --timeout-ms <n>        per-request timeout (default ${DEFAULT_TIMEOUT_MS})
+  --json                  machine-readable output
+  -h, --help              this text
+
+Addresses are host:port, [v6]:port, or a full http:// or https:// URL.
+Exit codes: 0 ok, 1 difference found / not ready, 2 usage error, 3 unreachable.
+`;
+
+export interface CtlIo {
+  readonly stdout: (text: string) => void;
+  readonly stderr: (text: string) => void;
+  readonly env: NodeJS.ProcessEnv;
+  /** Wall clock, for "12s ago". */
+  readonly now: () => number;
+}
+
+/** A failure that ends the command with an exit code and one line on stderr. */
+export class CtlError extends Error {
+  constructor(
+    readonly exitCode: number,
+    message: string,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+    this.name = 'CtlError';
+  }
+}
+
+interface Options {
+  readonly api: string;
+  readonly peers: readonly string[];
+  readonly namespace: string | undefined;
+  readonly json: boolean;
+  readonly token: string;
+  readonly timeoutMs: number;
+}
+
+/** Run `routesync ctl <argv...>`; resolves to the exit code. Never calls process.exit. */
+export async function runCtl(argv: readonly string[], io: Partial<CtlIo> = {}): Promise<number> {
+  const out: CtlIo = {
+    stdout: io.stdout ?? ((text) => process.stdout.write(text)),
+    stderr: io.stderr ?? ((text) => process.stderr.write(text)),
+    env: io.env ?? process.env,
+    now: io.now ?? Date.now,
+  };
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args: [...argv],
+      allowPositionals: true,
+      strict: true,
+      options: {
+        api: { type: 'string' },
+        peer: { type: 'string', multiple: true },
+        namespace: { type: 'string' },
+        'token-file': { type: 'string' },
+        'timeout-ms': { type: 'string' },
+        json: { type: 'boolean', default: false },
+        help: { type: 'boolean', short: 'h', default: false },
+      },
+    });
+  } catch (error) {
+    out.stderr(`routesync ctl: ${(error as Error).message}\nRun "routesync ctl --help" for usage.\n`);
+    return EXIT_USAGE;
+  }
+  const { values, positionals } = parsed;
+  const [command, ...args] = positionals;
+  if (values.help || command === 'help') {
+    out.stdout(CTL_HELP);
+    return EXIT_OK;
+  }
+
+  const http = new CtlHttp(values['timeout-ms'] === undefined ? DEFAULT_TIMEOUT_MS : Number(values['timeout-ms']));
+  try {
+    if (!/^\d+$/.test(values['timeout-ms'] ?? '1') || http.timeoutMs < 1) throw usage('--timeout-ms must be a positive integer');
+    const options: Options = {
+      api: origin(values.api ?? DEFAULT_API, '--api'),
+      peers: (values.peer ?? []).map((peer) => origin(peer, '--peer')),
+      namespace: values.namespace,
+      json: values.json,
+      token: readToken(values['token-file'], out.env),
+      timeoutMs: http.timeoutMs,
+    };
+    switch (command) {
+      case 'status':
+        if (args.length > 0) throw usage(`status takes no arguments (got ${args.join(' ')})`);
+        return await status(http, options, out);
+      case 'routes':
+        if (args.length > 0) throw usage(`routes takes no arguments (got ${args.join(' ')})`);
+        return await routes(http, options, out);
+      case 'peers':
+        if (args.length > 0) throw usage(`peers takes no arguments (got ${args.join(' ')})`);
+        return await peers(http, options, out);
+      case 'diff': {
+        const targets = [...options.peers, ...args.map((arg) => origin(arg, 'diff'))];
+        if (targets.length !== 2) throw usage('diff needs exactly two peer addresses: routesync ctl diff <peerA> <peerB>');
+        return await diff(http, options, targets[0]!, targets[1]!, out);
+      }
+      case undefined:
+        throw usage('a command is required');
+      default:
+        throw usage(`unknown command "${command}"`);
+    }
+  } catch (error) {
+    if (!(error instanceof CtlError)) throw error;
+    out.stderr(`routesync ctl: ${error.message}\n`);
+    if (error.exitCode === EXIT_USAGE) out.stderr('Run "routesync ctl --help" for usage.\n');
+    return error.exitCode;
+  } finally {
+    await http.close();
+  }
+}
+
+function usage(message: string): CtlError {
+  return new CtlError(EXIT_USAGE, message);
+}
+
+/** `host:port`, `[v6]:port` or a URL -> an origin `http(s)://host:port`. */
+export function origin(address: string, what: string): string {
+  const text = address.trim();
+  const withScheme = /^https?:\/\//i.test(text) ? text : `http://${text}`;
+  let url: URL;
+  try {
+    url = new URL(withScheme);
+  } catch {
+    throw usage(`${what}: "${address}" is not host:port or an http(s) URL`);
+  }
+  if (url.port === '' && !/^https?:\/\//i.test(text)) throw usage(`${what}: "${address}" has no port (host:port)`);
+  if ((url.pathname !== '/' && url.pathname !== '') || url.search !== '' || url.username !== '') {
+    throw usage(`${what}: "${address}" must be just an address, without a path, query or credentials`);
+  }
+  return url.origin;
+}
+
+function readToken(file: string | undefined, env: NodeJS.ProcessEnv): string {
+  if (file === undefined) return env.ROUTESYNC_PEER_TOKEN ?? '';
+  try {
+    return readFileSync(file, 'utf8').trim();
+  } catch (error) {
+    // The path only: the content is a secret.
+    throw usage(`--token-file: cannot read "${file}" (${(error as { code?: string }).code ?? (error as Error).message})`);
+  }
+}
+
+interface Answer {
+  readonly status: number;
+  readonly body: unknown;
+  readonly instance: string | undefined;
+}
+
+/** One undici Agent for the command's requests; every request bounded by the timeout. */
+class CtlHttp {
+  private readonly agent = new Agent({ connections: 4, keepAliveTimeout: 1_000 });
+
+  constructor(readonly timeoutMs: number) {}
+
+  async get(base: string, path: string, token?: string): Promise<Answer> {
+    return this.send(base, 'GET', path, undefined, token);
+  }
+
+  async post(base: string, path: string, body: unknown, token?: string): Promise<Answer> {
+    return this.send(base, 'POST', path, JSON.stringify(body), token);
+  }
+
+  private async send(base: string, method: Dispatcher.HttpMethod, path: string, body: string | undefined, token: string | undefined): Promise<Answer> {
+    const headers: Record<string, string> = { accept: 'application/json' };
+    if (body !== undefined) headers['content-type'] = 'application/json';
+    if (token) headers.authorization = `Bearer ${token}`;
+    let response: Dispatcher.ResponseData;
+    try {
+      response = await this.agent.request({
+        origin: base,
+        path,
+        method,
+        headers,
+        ...(body === undefined ? {} : { body }),
+        signal: AbortSignal.timeout(this.timeoutMs),
+      });
+    } catch (error) {
+      throw new CtlError(EXIT_UNREACHABLE, `${base}${path}: unreachable (${errorCode(error)})`, { cause: error });
+    }
+    const text = await response.body.text();
+    let parsed: unknown = text;
+    try {
+      parsed = text === '' ? undefined : JSON.parse(text);
+    } catch {
+      // not JSON (for example /metrics); callers that need JSON check the shape
+    }
+    const instance = response.headers['x-routesync-instance'];
+    return { status: response.statusCode, body: parsed, instance: typeof instance === 'string' ? instance : undefined };
+  }
+
+  async close(): Promise<void> {
+    await this.agent.close();
+  }
+}
+
+function errorCode(error: unknown): string {
+  for (let current: unknown = error, depth = 0; current && depth < 5; current = (current as { cause?: unknown }).cause, depth++) {
+    const code = (current as { code?: unknown }).code;
+    if (typeof code === 'string') return code;
+    if ((current as { name?: unknown }).name === 'TimeoutError') return 'timeout';
+  }
+  return (error as Error).message;
+}
+
+/** A 2xx JSON object, or a CtlError that says what came back (401 names the token). */
+function expectOk(answer: Answer, what: string): Record<string, unknown> {
+  if (answer.status === 401) throw new CtlError(EXIT_UNREACHABLE, `${what}: 401 unauthorized (set ROUTESYNC_PEER_TOKEN or --token-file)`);
+  if (answer.status < 200 || answer.status >= 300) {
+    const code = (answer.body as { error?: { code?: unknown } } | undefined)?.error?.code;
+    throw new CtlError(EXIT_UNREACHABLE, `${what}: answered ${answer.status}${typeof code === 'string' ? ` ${code}` : ''}`);
+  }
+  if (typeof answer.body !== 'object' || answer.body === null || Array.isArray(answer.body)) {
+    throw new CtlError(EXIT_UNREACHABLE, `${what}: the answer is not a JSON object`);
+  }
+  return answer.body as Record<string, unknown>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// status, routes, peers
+
+interface PeerRow {
+  readonly peer: string;
+  readonly reachable: boolean;
+  readonly consecutiveFailures: number;
+  readonly ejected: boolean;
+  readonly ejectedUntil: string | null;
+  readonly lastSuccess: string | null;
+  readonly lastFailure: { readonly errorClass: string; readonly at: string } | null;
+  readonly pendingRoutes: number;
+  readonly lastReconcile: string | null;
+}
+
+async function status(http: CtlHttp, options: Options, io: CtlIo): Promise<number> {
+  const peerApi = options.peers[0] ?? origin(DEFAULT_PEER, '--peer');
+  const [healthz, readyz, table, peerList] = await Promise.all([
+    http.get(peerApi, '/healthz'),
+    http.get(peerApi, '/readyz'),
+    http.get(options.api, '/v1/routes'),
+    http.get(options.api, '/v1/peers'),
+  ]);
+  const tableBody = expectOk(table, `${options.api} GET /v1/routes`);
+  const peerRows = (expectOk(peerList, `${options.api} GET /v1/peers`).peers ?? []) as PeerRow[];
+  const alive = healthz.status === 200;
+  const ready = readyz.status === 200;
+  const report = {
+    api: options.api,
+    peerApi,
+    instance: readyz.instance ?? healthz.instance ?? null,
+    alive,
+    ready,
+    notReadyReason: ready ? null : ((readyz.body as { error?: { code?: string } } | undefined)?.error?.code ?? `status ${readyz.status}`),
+    routes: Number(tableBody.count ?? 0),
+    fences: Number(tableBody.tombstones ?? 0),
+    peers: {
+      total: peerRows.length,
+      reachable: peerRows.filter((p) => p.reachable).length,
+      ejected: peerRows.filter((p) => p.ejected).map((p) => p.peer),
+      queuedRoutes: peerRows.reduce((sum, p) => sum + p.pendingRoutes, 0),
+    },
+  };
+  if (options.json) {
+    io.stdout(`${JSON.stringify(report, null, 2)}\n`);
+  } else {
+    const lines: [string, string][] = [
+      ['local API', report.api],
+      ['peer API', `${report.peerApi}${report.instance ? ` (instance ${report.instance})` : ''}`],
+      ['alive', alive ? 'yes' : `NO (status ${healthz.status})`],
+      ['ready', ready ? 'yes' : `NO (${report.notReadyReason})`],
+      ['routes', `${report.routes} (${report.fences} deletion fences)`],
+      [
+        'peers',
+        `${report.peers.total} (${report.peers.reachable} reachable, ${report.peers.ejected.length} ejected, ${report.peers.queuedRoutes} changes queued)`,
+      ],
+    ];
+    if (report.peers.ejected.length > 0) lines.push(['ejected', report.peers.ejected.join(', ')]);
+    io.stdout(formatPairs(lines));
+  }
+  return alive && ready ? EXIT_OK : EXIT_DIFFERENT;
+}
+
+interface ListedRoute {
+  readonly namespace: string;
+  readonly name: string;
+  readonly id: string;
+  readonly resourceVersion: string;
+  readonly ip: string;
+  readonly state: string;
+  readonly owner?: string;
+  readonly requireTrafficAuth?: boolean;
+  readonly hasAccessToken?: boolean;
+}
+
+async function routes(http: CtlHttp, options: Options, io: CtlIo): Promise<number> {
+  const query = options.namespace === undefined ? '' : `?namespace=${encodeURIComponent(options.namespace)}`;
+  const body = expectOk(await http.get(options.api, `/v1/routes${query}`), `${options.api} GET /v1/routes`);
+  const list = (Array.isArray(body.routes) ? body.routes : []) as ListedRoute[];
+  if (options.json) {
+    io.stdout(`${JSON.stringify(body, null, 2)}\n`);
+    return EXIT_OK;
+  }
+  const sorted = [...list].sort((a, b) => `${a.namespace}/${a.name}`.localeCompare(`${b.namespace}/${b.name}`));
+  io.stdout(
+    formatTable(
+      ['NAMESPACE', 'NAME', 'ID', 'STATE', 'IP', 'VERSION', 'OWNER', 'AUTH'],
+      sorted.map((r) => [
+        r.namespace,
+        r.name,
+        r.id,
+        r.state === '' ? '-' : r.state,
+        r.ip === '' ? '-' : r.ip,
+        r.resourceVersion,
+        r.owner ?? '-',
+        r.requireTrafficAuth ? 'token' : '-',
+      ]),
+    ),
+  );
+  io.stdout(`${list.length} routes, ${Number(body.tombstones ?? 0)} deletion fences\n`);
+  return EXIT_OK;
+}
+
+async function peers(http: CtlHttp, options: Options, io: CtlIo): Promise<number> {
+  const body = expectOk(await http.get(options.api, '/v1/peers'), `${options.api} GET /v1/peers`);
+  const list = (Array.isArray(body.peers) ? body.peers : []) as PeerRow[];
+  if (options.json) {
+    io.stdout(`${JSON.stringify(body, null, 2)}\n`);
+    return EXIT_OK;
+  }
+  const ago = (iso: string | null) => (iso === null ? 'never' : age(io.now() - Date.parse(iso)));
+  io.stdout(
+    formatTable(
+      ['PEER', 'REACHABLE', 'EJECTED', 'FAILURES', 'OUTBOX', 'LAST SUCCESS', 'LAST FAILURE', 'LAST RECONCILE'],
+      list.map((p) => [
+        p.peer,
+        p.reachable ? 'yes' : 'no',
+        p.ejected ? `yes, until ${p.ejectedUntil === null ? '?' : in_(Date.parse(p.ejectedUntil) - io.now())}` : 'no',
+        String(p.consecutiveFailures),
+        String(p.pendingRoutes),
+        ago(p.lastSuccess),
+        p.lastFailure === null ? '-' : `${p.lastFailure.errorClass} ${ago(p.lastFailure.at)}`,
+        ago(p.lastReconcile),
+      ]),
+    ),
+  );
+  io.stdout(`${list.length} peers\n`);
+  return EXIT_OK;
+}
+
+// ---------------------------------------------------------------------------------------------
+// diff
+
+interface Digest {
+  readonly instance: string;
+  readonly buckets: number;
+  readonly root: string;
+  readonly digests: readonly string[];
+  readonly routes: number;
+  readonly fences: number;
+}
+
+/** One identity's entry as pulled: a route, or a deletion fence (`state: dead`). */
+interface Entry {
+  readonly key: string;
+  readonly resourceVersion: string;
+  readonly state: string;
+  readonly dead: boolean;
+  readonly id: string | undefined;
+  readonly ip: string | undefined;
+  /** The entry's content without secrets, for comparison. */
+  readonly fingerprint: string;
+}
+
+export interface RouteDifference {
+  readonly key: string;
+  readonly kind: 'only_in_a' | 'only_in_b' | 'different_version' | 'different_content';
+  readonly a: Omit<Entry, 'fingerprint' | 'key'> | null;
+  readonly b: Omit<Entry, 'fingerprint' | 'key'> | null;
+}
+
+async function fetchDigest(http: CtlHttp, base: string, token: string): Promise<Digest> {
+  const body = expectOk(await http.get(base, '/v1/peer/digest', token), `${base} GET /v1/peer/digest`);
+  const { instance, buckets, root, digests, routes: routeCount, fences } = body;
+  if (
+    typeof buckets !== 'number' ||
+    !Number.isInteger(buckets) ||
+    buckets < 1 ||
+    typeof root !== 'string' ||
+    !Array.isArray(digests) ||
+    digests.length !== buckets
+  ) {
+    throw new CtlError(EXIT_UNREACHABLE, `${base} GET /v1/peer/digest: the answer does not match the digest contract`);
+  }
+  return {
+    instance: String(instance ?? ''),
+    buckets,
+    root,
+    digests: digests.map(String),
+    routes: Number(routeCount ?? 0),
+    fences: Number(fences ?? 0),
+  };
+}
+
+async function pull(http: CtlHttp, base: string, token: string, buckets: readonly number[]): Promise<Map<string, Entry>> {
+  const entries = new Map<string, Entry>();
+  for (let start = 0; start < buckets.length; start += PULL_CHUNK_BUCKETS) {
+    const chunk = buckets.slice(start, start + PULL_CHUNK_BUCKETS);
+    const body = expectOk(await http.post(base, '/v1/peer/pull', { buckets: chunk }, token), `${base} POST /v1/peer/pull`);
+    if (!Array.isArray(body.changes)) throw new CtlError(EXIT_UNREACHABLE, `${base} POST /v1/peer/pull: the answer has no "changes" array`);
+    for (const change of body.changes as Record<string, unknown>[]) {
+      const entry = toEntry(change);
+      if (entry) entries.set(entry.key, entry);
+    }
+  }
+  return entries;
+}
+
+function toEntry(change: Record<string, unknown>): Entry | undefined {
+  if (typeof change !== 'object' || change === null) return undefined;
+  const { namespace, name, resourceVersion, state } = change;
+  if (typeof namespace !== 'string' || typeof name !== 'string' || typeof resourceVersion !== 'string') return undefined;
+  const stateText = typeof state === 'string' ? state : '';
+  const dead = stateText.toLowerCase() === 'dead';
+  // The fingerprint holds every field (a changed accessToken is a difference too); it is
+  // compared, never printed. A fence's creation time is not content: replicas may differ by
+  // milliseconds on it without disagreeing about the route.
+  const { fencedAtMs: _fencedAtMs, ...content } = change;
+  return {
+    key: `${namespace}/${name}`,
+    resourceVersion,
+    state: dead ? 'dead' : stateText,
+    dead,
+    id: typeof change.id === 'string' ? change.id : undefined,
+    ip: typeof change.ip === 'string' ? change.ip : undefined,
+    fingerprint: JSON.stringify(Object.keys(content).sort().map((key) => [key, content[key]])),
+  };
+}
+
+function publicEntry(entry: Entry | undefined): RouteDifference['a'] {
+  if (!entry) return null;
+  const { fingerprint: _fingerprint, key: _key, ...visible } = entry;
+  return visible;
+}
+
+/** Compare by numeric resourceVersion (canonical decimal strings: length first). */
+function compareVersions(a: string, b: string): number {
+  return a.length === b.length ? (a < b ? -1 : a > b ? 1 : 0) : a.length - b.length;
+}
+
+export function compareEntries(a: ReadonlyMap<string, Entry>, b: ReadonlyMap<string, Entry>): RouteDifference[] {
+  const keys = [...new Set([...a.keys(), ...b.keys()])].sort();
+  const differences: RouteDifference[] = [];
+  for (const key of keys) {
+    const left = a.get(key);
+    const right = b.get(key);
+    let kind: RouteDifference['kind'] | undefined;
+    // A fence on one side and nothing on the other is a difference too (one side forgot a delete).
+    if (!right) kind = 'only_in_a';
+    else if (!left) kind = 'only_in_b';
+    else if (compareVersions(left.resourceVersion, right.resourceVersion) !== 0 || left.dead !== right.dead) kind = 'different_version';
+    else if (left.fingerprint !== right.fingerprint) kind = 'different_content';
+    if (kind) differences.push({ key, kind, a: publicEntry(left), b: publicEntry(right) });
+  }
+  return differences;
+}
+
+async function diff(http: CtlHttp, options: Options, a: string, b: string, io: CtlIo): Promise<number> {
+  const [digestA, digestB] = await Promise.all([fetchDigest(http, a, options.token), fetchDigest(http, b, options.token)]);
+  const comparable = digestA.buckets === digestB.buckets;
+  const buckets: number[] = [];
+  if (comparable) for (let i = 0; i < digestA.buckets; i++) if (digestA.digests[i] !== digestB.digests[i]) buckets.push(i);
+  let differences: RouteDifference[] = [];
+  if (!comparable || buckets.length > 0) {
+    // Different bucket counts cannot be compared bucket by bucket: then pull everything.
+    const all = (n: number) => Array.from({ length: n }, (_v, i) => i);
+    const [entriesA, entriesB] = await Promise.all([
+      pull(http, a, options.token, comparable ? buckets : all(digestA.buckets)),
+      pull(http, b, options.token, comparable ? buckets : all(digestB.buckets)),
+    ]);
+    differences = compareEntries(entriesA, entriesB);
+  }
+  const same = digestA.root === digestB.root && comparable && differences.length === 0;
+  const summary = (base: string, d: Digest) => ({ address: base, instance: d.instance, routes: d.routes, fences: d.fences, root: d.root, buckets: d.buckets });
+  if (options.json) {
+    io.stdout(
+      `${JSON.stringify(
+        {
+          same,
+          a: summary(a, digestA),
+          b: summary(b, digestB),
+          differingBuckets: comparable ? buckets : null,
+          differences,
+        },
+        null,
+        2,
+      )}\n`,
+    );
+    return same ? EXIT_OK : EXIT_DIFFERENT;
+  }
+  io.stdout(
+    formatTable(
+      ['', 'REPLICA', 'INSTANCE', 'ROUTES', 'FENCES', 'ROOT DIGEST'],
+      [
+        ['A', a, digestA.instance, String(digestA.routes), String(digestA.fences), digestA.root],
+        ['B', b, digestB.instance, String(digestB.routes), String(digestB.fences), digestB.root],
+      ],
+    ),
+  );
+  if (same) {
+    io.stdout('\nThe tables are identical.\n');
+    return EXIT_OK;
+  }
+  const bucketNote =
+    comparable
+      ? `${buckets.length} of ${digestA.buckets} digest buckets differ`
+      : `bucket counts differ (${digestA.buckets} vs ${digestB.buckets}); compared every bucket`;
+  io.stdout(`\n${bucketNote}; ${differences.length} routes differ:\n\n`);
+  const show = (e: RouteDifference['a']) => (e === null ? '-' : e.dead ? `v${e.resourceVersion} deleted` : `v${e.resourceVersion} ${e.state || '-'} ${e.ip || '-'}`);
+  io.stdout(
+    formatTable(
+      ['DIFFERENCE', 'NAMESPACE/NAME', 'A', 'B'],
+      differences.map((d) => [d.kind.replaceAll('_', '-'), d.key, show(d.a), show(d.b)]),
+    ),
+  );
+  return EXIT_DIFFERENT;
+}
+
+// ---------------------------------------------------------------------------------------------
+// formatting
+
+/** Columns aligned to their widest cell, two spaces apart. */
+export function formatTable(header: readonly string[], rows: readonly (readonly string[])[]): string {
+  const widths = header.map((title, column) => Math.max(title.length, ...rows.map((row) => (row[column] ?? '').length)));
+  const line = (cells: readonly string[]) =>
+    cells
+      .map((cell, column) => (column === cells.length - 1 ? cell : cell.padEnd(widths[column]!)))
+      .join('  ')
+      .trimEnd();
+  return `${[line(header), ...rows.map(line)].join('\n')}\n`;
+}
+
+function formatPairs(pairs: readonly (readonly [string, string])[]): string {
+  const width = Math.max(...pairs.map(([label]) => label.length));
+  return pairs.map(([label, value]) => `${label.padEnd(width)}  ${value}\n`).join('');
+}
+
+function age(ms: number): string {
+  return `${duration(Math.max(0, ms))} ago`;
+}
+
+function in_(ms: number): string {
+  return ms <= 0 ? 'now' : `in ${duration(ms)}`;
+}
+
+function duration(ms: number): string {
+  if (ms < 1_000) return `${Math.round(ms)}ms`;
+  if (ms < 60_000) return `${Math.round(ms / 1_000)}s`;
+  if (ms < 3_600_000) return `${Math.round(ms / 60_000)}m`;
+  return `${Math.round(ms / 3_600_000)}h`;
+}
