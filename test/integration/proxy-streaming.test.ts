@@ -117,7 +117,9 @@ describe('clients that go away', () => {
     };
     await Promise.all(Array.from({ length: CONCURRENCY }, worker));
     expect(upstream.requests).toHaveLength(CLIENTS);
+    const openRightAfter = upstream.openSockets();
     await upstream.waitForOpenSockets(0, 10_000);
+    console.info(`${CLIENTS} aborts: ${upstream.acceptedSockets()} upstream sockets opened, ${openRightAfter} still open as the last client left, 0 after`);
     await expect.poll(() => proxyRequestCount(dp.metrics, 'client_aborted'), { timeout: 10_000 }).toBe(CLIENTS);
     // And the data plane still serves.
     expect((await send(dp.address, { path: `/kruise/big/${upstream.port}/` })).status).toBe(200);
