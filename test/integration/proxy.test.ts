@@ -3,7 +3,7 @@
 import http from 'node:http';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { proxyRequestCount, send, startDataPlane, type TestDataPlane } from '../helpers/data-plane.js';
-import { startUpstream, type Upstream } from '../helpers/upstream.js';
+import { startUpstream, unusedPort, type Upstream } from '../helpers/upstream.js';
 
 interface Echo {
   name: string;
@@ -405,6 +405,21 @@ describe('access log and metrics', () => {
     expect(lines[1]).toMatchObject({ status: 401, outcome: 'traffic_token_invalid' });
     const raw = dp.rawLog();
     for (const secret of ['super-secret-token', 'auth-secret', 'query-secret', 'wrong-secret']) expect(raw).not.toContain(secret);
+  });
+
+  it('no token or Authorization value reaches the log even at trace level, on success and on failure', async () => {
+    await dp.close(0);
+    dp = await startDataPlane({ ROUTESYNC_LOG_LEVEL: 'trace' });
+    const secrets = { token: 'trace-secret-token', auth: 'trace-auth-secret', wrong: 'trace-wrong-secret' };
+    dp.setRoute({ id: 'traced', ip: upstream.host, requireTrafficAuth: true, accessToken: secrets.token });
+    const headers = { 'e2b-traffic-access-token': secrets.token, 'x-access-token': secrets.token, authorization: `Bearer ${secrets.auth}` };
+    expect((await send(dp.address, { path: `/kruise/traced/${upstream.port}/`, headers })).status).toBe(200);
+    expect((await send(dp.address, { path: `/kruise/traced/${upstream.port}/`, headers: { 'x-access-token': secrets.wrong } })).status).toBe(401);
+    // The sandbox port is closed: the upstream error path logs too.
+    expect((await send(dp.address, { path: `/kruise/traced/${await unusedPort()}/`, headers })).status).toBe(502);
+    expect(dp.logs.filter((line) => line.msg === 'proxy request')).toHaveLength(3);
+    const raw = dp.rawLog();
+    for (const secret of Object.values(secrets)) expect(raw).not.toContain(secret);
   });
 
   it('ROUTESYNC_ACCESS_LOG=false writes no line but still counts', async () => {
