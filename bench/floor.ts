@@ -1,0 +1,66 @@
+// The physical floor: the least any server can do to deliver a change to every peer.
+//
+//   node --import tsx bench/floor.ts --listen 127.0.0.3:PORT --peers 127.0.0.11:P,127.0.0.12:P,...
+//
+// A bare node:http server. For each PUT /v1/routes it sends the body, wrapped as a one-route
+// batch, to every peer in parallel through one bare undici Agent (its defaults), waits for
+// every answer, and answers 200. No validation, table, outbox, retries, timeouts or metrics:
+// a hung peer hangs it. GET /noop answers at once (the HTTP stack alone).
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { parseArgs } from 'node:util';
+import { Agent } from 'undici';
+
+const { values } = parseArgs({ options: { listen: { type: 'string', default: '127.0.0.3:0' }, peers: { type: 'string', default: '' } } });
+const [host, port] = splitHostPort(values.listen ?? '127.0.0.3:0');
+const origins = (values.peers ?? '')
+  .split(',')
+  .filter((peer) => peer !== '')
+  .map((peer) => `http://${peer}`);
+const agent = new Agent();
+const headers = { 'content-type': 'application/json' };
+
+const server = createServer((req, res) => {
+  if (req.method === 'GET' && req.url === '/noop') {
+    res.writeHead(200, { 'content-type': 'application/json' }).end('{}');
+    return;
+  }
+  const chunks: Buffer[] = [];
+  req.on('data', (chunk: Buffer) => chunks.push(chunk));
+  req.on('end', () => {
+    const body = `{"routes":[${Buffer.concat(chunks).toString('utf8')}]}`;
+    Promise.all(
+      origins.map(async (origin) => {
+        const response = await agent.request({ origin, path: '/v1/peer/routes', method: 'POST', headers, body });
+        await response.body.text();
+        return response.statusCode;
+      }),
+    ).then(
+      (statuses) => {
+        const acked = statuses.filter((status) => status === 200).length;
+        res.writeHead(200, { 'content-type': 'application/json' }).end(`{"peers":${origins.length},"acked":${acked}}`);
+      },
+      () => res.writeHead(502).end(),
+    );
+  });
+});
+
+server.listen(port, host, () => {
+  const address = server.address() as AddressInfo;
+  if (process.send) process.send({ type: 'listening', address: `${address.address}:${address.port}` });
+  else process.stdout.write(`floor listening on ${address.address}:${address.port}\n`);
+});
+
+const shutdown = () => {
+  server.closeAllConnections();
+  server.close();
+  void agent.destroy().finally(() => process.exit(0));
+  setTimeout(() => process.exit(0), 1_000).unref();
+};
+process.on('SIGTERM', shutdown);
+process.on('SIGINT', shutdown);
+
+function splitHostPort(text: string): [string, number] {
+  const colon = text.lastIndexOf(':');
+  return [text.slice(0, colon), Number(text.slice(colon + 1))];
+}
