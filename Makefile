@@ -22,8 +22,9 @@ lint:
 typecheck:
 	npm run typecheck
 
+# BENCH_ARGS passes options to bench/run.ts (for example --suite lifecycle --quick, or --rev HEAD).
 bench: build
-	npm run bench
+	npm run bench -- $(BENCH_ARGS)
 
 clean:
 	rm -rf dist coverage
