@@ -26,5 +26,11 @@ typecheck:
 bench: build
 	npm run bench -- $(BENCH_ARGS)
 
+# Three replicas as processes on 127.0.0.1-3 with fake sandboxes: routes applied on one replica
+# arrive on the others, traffic flows through every data plane, a paused sandbox is refused,
+# and SIGTERM stops everything with exit 0. DEMO_ARGS, for example `--ports 17788,17789,18080`.
+demo:
+	npm run demo -- $(DEMO_ARGS)
+
 clean:
 	rm -rf dist coverage
