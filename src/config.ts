@@ -4,7 +4,10 @@
 // (lower case, dashes): ROUTESYNC_SYNC_DEADLINE_MS <-> --sync-deadline-ms. A flag wins over
 // the variable. Bad configuration throws ConfigError whose message is one line naming the
 // variable; main.ts prints it and exits 2.
+import { X509Certificate } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { isIP } from 'node:net';
+import { createSecureContext } from 'node:tls';
 import { parseArgs } from 'node:util';
 
 export interface ListenAddress {
@@ -26,6 +29,8 @@ export interface Config {
   /** A DNS name (headless Service) whose A/AAAA records are the peers; `name` or `name:port`. */
   readonly peerDns: string;
   readonly peerDnsIntervalMs: number;
+  /** DNS servers for ROUTESYNC_PEER_DNS, comma-separated `ip[:port]`; '' = the system's resolvers. */
+  readonly peerDnsServers: string;
   /** This replica's own peer address (`host:port`), excluded from its peer list; '' = derived. */
   readonly self: string;
   readonly peerToken: string;
@@ -109,6 +114,7 @@ export const SETTINGS: Readonly<Record<string, Setting>> = {
   ROUTESYNC_PEERS: { key: 'peers', kind: 'peers', fallback: '' },
   ROUTESYNC_PEER_DNS: { key: 'peerDns', kind: 'string', fallback: '' },
   ROUTESYNC_PEER_DNS_INTERVAL_MS: { key: 'peerDnsIntervalMs', kind: 'int', fallback: '5000', min: 100, max: 3_600_000 },
+  ROUTESYNC_PEER_DNS_SERVERS: { key: 'peerDnsServers', kind: 'string', fallback: '' },
   ROUTESYNC_SELF: { key: 'self', kind: 'string', fallback: '' },
   ROUTESYNC_PEER_TOKEN: { key: 'peerToken', kind: 'string', fallback: '' },
   ROUTESYNC_PEER_TLS_CERT: { key: 'peerTlsCert', kind: 'file', fallback: '' },
@@ -232,6 +238,13 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, argv: readonly 
   if (config.peerDns !== '' && !/^[A-Za-z0-9.-]+(?::\d{1,5})?$/.test(config.peerDns)) {
     throw new ConfigError('ROUTESYNC_PEER_DNS', `"${config.peerDns}" is not a DNS name (name or name:port)`);
   }
+  for (const server of config.peerDnsServers.split(',').map((part) => part.trim()).filter((part) => part !== '')) {
+    const hostPort = parseHostPort(server);
+    const host = hostPort ? hostPort.host : server;
+    if (isIP(host) === 0 || (hostPort && hostPort.port === 0) || (!hostPort && server.includes(':') && isIP(server) !== 6)) {
+      throw new ConfigError('ROUTESYNC_PEER_DNS_SERVERS', `"${server}" is not an IP address or ip:port`);
+    }
+  }
   if (config.retryMinMs > config.retryMaxMs) {
     throw new ConfigError('ROUTESYNC_RETRY_MIN_MS', `${config.retryMinMs} is above ROUTESYNC_RETRY_MAX_MS ${config.retryMaxMs}`);
   }
@@ -248,7 +261,65 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, argv: readonly 
   if (tls === 1) {
     throw new ConfigError(config.peerTlsCert === '' ? 'ROUTESYNC_PEER_TLS_CERT' : 'ROUTESYNC_PEER_TLS_KEY', 'TLS needs both a certificate and a key');
   }
+  if (tls === 0 && config.peerTlsCa !== '') {
+    // Replicas are symmetric: a CA alone would make this replica dial HTTPS peers while serving
+    // plain HTTP itself, which no peer of the same configuration could talk to.
+    throw new ConfigError('ROUTESYNC_PEER_TLS_CA', 'a CA needs ROUTESYNC_PEER_TLS_CERT and ROUTESYNC_PEER_TLS_KEY too');
+  }
   return Object.freeze(config);
+}
+
+/** The peer TLS files' contents, read once at start-up. */
+export interface PeerTlsMaterial {
+  readonly cert: Buffer;
+  readonly key: Buffer;
+  /** Trusted CA for peers' certificates; when set, peers must also present a client certificate it signed (mTLS). */
+  readonly ca: Buffer | undefined;
+}
+
+/**
+ * Read and check the peer TLS files (undefined when TLS is off). An unreadable or unusable
+ * file throws ConfigError naming its variable, so start-up stops with one clear line.
+ */
+export function readPeerTls(
+  config: Pick<Config, 'peerTlsCert' | 'peerTlsKey' | 'peerTlsCa'>,
+  readFile: (path: string) => Buffer = (path) => readFileSync(path),
+): PeerTlsMaterial | undefined {
+  if (config.peerTlsCert === '' || config.peerTlsKey === '') return undefined;
+  const read = (variable: string, path: string): Buffer => {
+    try {
+      return readFile(path);
+    } catch (error) {
+      const code = (error as { code?: unknown }).code;
+      throw new ConfigError(variable, `cannot read "${path}" (${typeof code === 'string' ? code : (error as Error).message})`);
+    }
+  };
+  const cert = read('ROUTESYNC_PEER_TLS_CERT', config.peerTlsCert);
+  const key = read('ROUTESYNC_PEER_TLS_KEY', config.peerTlsKey);
+  const ca = config.peerTlsCa === '' ? undefined : read('ROUTESYNC_PEER_TLS_CA', config.peerTlsCa);
+  // Load each part on its own first, so the message names the file that is wrong.
+  const check = (variable: string, what: string, options: Parameters<typeof createSecureContext>[0]) => {
+    try {
+      createSecureContext(options);
+    } catch (error) {
+      throw new ConfigError(variable, `${what}: ${firstLine((error as Error).message)}`);
+    }
+  };
+  check('ROUTESYNC_PEER_TLS_CERT', `"${config.peerTlsCert}" is not a usable PEM certificate`, { cert });
+  check('ROUTESYNC_PEER_TLS_KEY', `"${config.peerTlsKey}" is not a usable PEM key for the certificate`, { cert, key });
+  if (ca) {
+    // createSecureContext skips a CA it cannot parse without a word; X509Certificate does not.
+    try {
+      new X509Certificate(ca);
+    } catch (error) {
+      throw new ConfigError('ROUTESYNC_PEER_TLS_CA', `"${config.peerTlsCa}" is not a PEM CA certificate: ${firstLine((error as Error).message)}`);
+    }
+  }
+  return Object.freeze({ cert, key, ca });
+}
+
+function firstLine(text: string): string {
+  return text.split('\n')[0] ?? text;
 }
 
 /** Sum of p-retry's waits with `randomize` at its maximum (factor 2), exponent 2. */

@@ -52,6 +52,12 @@ export class Metrics {
   readonly peerEjections = new Counter({ name: 'routesync_peer_ejections_total', help: 'Times a peer was ejected', registers: [this.registry] });
   readonly routesPushed = new Counter({ name: 'routesync_routes_pushed_total', help: 'Route changes acknowledged by peers (one per peer)', registers: [this.registry] });
   readonly outboxRoutes = new Gauge({ name: 'routesync_outbox_routes', help: 'Route changes queued for peers, all outboxes together', registers: [this.registry] });
+  readonly dnsResolutions = new Counter({
+    name: 'routesync_peer_dns_resolutions_total',
+    help: 'Peer DNS resolutions, by result (ok, or the error code: ESERVFAIL, ETIMEOUT, ENOTFOUND, EMPTY_ANSWER, ...)',
+    labelNames: ['result'] as const,
+    registers: [this.registry],
+  });
   readonly outboxDropped = new Counter({
     name: 'routesync_outbox_dropped_total',
     help: 'Queued changes dropped because an outbox was full (reconciliation repairs them)',
@@ -61,7 +67,7 @@ export class Metrics {
   // Reconciliation
   readonly reconcileRounds = new Counter({
     name: 'routesync_reconcile_rounds_total',
-    help: 'Anti-entropy rounds, by result (in_sync, repaired, failed)',
+    help: 'Anti-entropy rounds, by result (in_sync, repaired, unchanged, rebuilt, skipped, failed)',
     labelNames: ['result'] as const,
     registers: [this.registry],
   });

@@ -7,12 +7,15 @@ import type { AddressInfo } from 'node:net';
 import type { DestinationStream } from 'pino';
 import { createLocalApp } from './api/local.js';
 import { createPeerApp } from './api/peer.js';
+import { reconcileEndpoints } from './api/reconcile.js';
 import { formatHostPort, type Config, type ListenAddress } from './config.js';
 import { createLogger, type Logger } from './log.js';
 import { Metrics } from './metrics.js';
 import { PeerClient } from './peers/client.js';
-import { selfAddresses, staticPeers } from './peers/discovery.js';
+import { DnsDiscovery, selfAddresses, staticPeers } from './peers/discovery.js';
 import { PeerSync } from './peers/fanout.js';
+import { PeerFaults } from './peers/faults.js';
+import { Reconciler, type BootstrapOutcome } from './peers/reconcile.js';
 import { DataPlane } from './proxy/server.js';
 import { RouteTable } from './routes/table.js';
 import { RouteService } from './service.js';
@@ -44,6 +47,14 @@ export class Replica {
   readonly apiServer: Server;
   readonly peerServer: Server;
   readonly dataPlane: DataPlane;
+  readonly reconciler: Reconciler;
+  /** Test hook: cut this replica off from its peers (see src/peers/faults.ts). Off unless a test turns it on. */
+  readonly faults = new PeerFaults();
+  /** DNS discovery, when ROUTESYNC_PEER_DNS is set. */
+  dns: DnsDiscovery | undefined;
+  /** Settles when bootstrap is over and the replica is ready (or closed). */
+  readonly bootstrapped: Promise<BootstrapOutcome>;
+  private resolveBootstrapped!: (outcome: BootstrapOutcome) => void;
   private ready = false;
   private closing: Promise<void> | undefined;
   private readonly timers: NodeJS.Timeout[] = [];
@@ -64,10 +75,27 @@ export class Replica {
       connections: config.peerConnections,
       token: config.peerToken,
       instanceId: this.instanceId,
-      ...(options.onPeerRequest ? { onRequest: options.onPeerRequest } : {}),
+      onRequest: (peer, path) => {
+        this.faults.checkOutgoing(peer, path);
+        options.onPeerRequest?.(peer, path);
+      },
     });
     this.sync = new PeerSync({ config, client: this.client, metrics: this.metrics, logger: this.logger });
     this.service = new RouteService(this.table, this.sync, this.metrics, this.logger);
+    this.reconciler = new Reconciler({
+      config,
+      table: this.table,
+      service: this.service,
+      sync: this.sync,
+      client: this.client,
+      metrics: this.metrics,
+      logger: this.logger,
+      instanceId: this.instanceId,
+    });
+    this.service.onLocalApplied = (key) => this.reconciler.noteLocalChange(key);
+    this.bootstrapped = new Promise((resolve) => {
+      this.resolveBootstrapped = resolve;
+    });
 
     const localApp = createLocalApp({ service: this.service, table: this.table, sync: this.sync, logger: this.logger });
     const peerApp = createPeerApp({
@@ -78,9 +106,16 @@ export class Replica {
       instanceId: this.instanceId,
       isReady: () => this.ready,
       beforeMetrics: () => this.refreshGauges(),
+      extend: reconcileEndpoints(this.reconciler, this.table.digestBuckets),
     });
     this.apiServer = createServer(localApp);
-    this.peerServer = createServer(peerApp);
+    this.peerServer = createServer((req, res) => {
+      if (this.faults.refusesIncoming(req)) {
+        res.writeHead(503, { 'content-type': 'application/json' }).end('{"error":{"code":"fault_injected","message":"isolated by a test fault"}}');
+        return;
+      }
+      peerApp(req, res);
+    });
     // Outlive the peers' pooled idle connections (undici keeps them 30 s at most), so a
     // connection is never closed by the server just as a peer reuses it.
     this.peerServer.keepAliveTimeout = 65_000;
@@ -120,7 +155,14 @@ export class Replica {
     };
 
     const self = selfAddresses(this.config, peer.port);
-    this.sync.setPeers(staticPeers(this.config, self));
+    const fixedPeers = staticPeers(this.config, self);
+    this.sync.setPeers(fixedPeers);
+    if (this.config.peerDns !== '') {
+      this.dns = new DnsDiscovery({ config: this.config, self, staticPeers: fixedPeers, defaultPort: peer.port, sync: this.sync, metrics: this.metrics, logger: this.logger });
+      // The first answer decides whom bootstrap asks; a failure is logged and retried on the timer.
+      await this.dns.refresh();
+      this.dns.start();
+    }
 
     // Fences expire on a timer of their own; TTL/10 (at most a minute) keeps expiry precise
     // enough without scanning the fences often.
@@ -135,8 +177,16 @@ export class Replica {
         'LOCAL API IS NOT ON LOOPBACK: anything that reaches this address can change routes without a token',
       );
     }
-    this.ready = true;
     this.logger.info({ api: this.bound.api, peer: this.bound.peer, proxy: this.bound.proxy, peers: this.sync.peerAddresses() }, 'routesync listening');
+    // Not ready until the table is bootstrapped from a peer (or no peer answered in time); the
+    // local API takes changes meanwhile (a manager's batch push at start merges with the pull).
+    void this.reconciler.bootstrap().then((outcome) => {
+      if (this.closing) return this.resolveBootstrapped(outcome);
+      this.ready = true;
+      this.reconciler.start();
+      this.logger.info({ bootstrap: outcome, routes: this.table.size }, 'ready');
+      this.resolveBootstrapped(outcome);
+    });
   }
 
   refreshGauges(): void {
@@ -145,6 +195,7 @@ export class Replica {
     this.metrics.peers.set(this.sync.peerAddresses().length);
     this.metrics.peersEjected.set(this.sync.ejectedCount());
     this.metrics.outboxRoutes.set(this.sync.outboxSize());
+    this.metrics.convergenceLag.set(this.reconciler.lagSeconds());
   }
 
   /**
@@ -172,6 +223,8 @@ export class Replica {
     this.closing ??= (async () => {
       this.ready = false;
       for (const timer of this.timers) clearInterval(timer);
+      this.dns?.close();
+      this.reconciler.close();
       this.sync.close();
       await Promise.all([closeServer(this.apiServer, 0), closeServer(this.peerServer, 0), this.dataPlane.close(0)]);
       await this.client.destroy();

@@ -22,6 +22,9 @@ export interface LocalBatchResult {
 }
 
 export class RouteService {
+  /** Told of every change the local manager applied (the reconciler keeps them through a suspect rebuild). */
+  onLocalApplied: ((key: string) => void) | undefined;
+
   constructor(
     private readonly table: RouteTable,
     private readonly sync: PeerSync,
@@ -67,6 +70,7 @@ export class RouteService {
   }
 
   private count(source: ChangeSource, result: ApplyResult): void {
+    if (source === 'local' && result.outcome === 'applied') this.onLocalApplied?.(result.key);
     this.metrics.changes.inc({ source, outcome: result.outcome, reason: result.reason });
     if (result.idTakeover) {
       this.logger.info({ id: result.idTakeover.id, from: result.idTakeover.from, to: result.key, source }, 'id_takeover');

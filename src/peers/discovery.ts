@@ -1,13 +1,17 @@
 // Discovery: the current peer set, with this replica's own address excluded.
 //
-// Static peers come from ROUTESYNC_PEERS. This replica's own address is ROUTESYNC_SELF when
+// Static peers come from ROUTESYNC_PEERS; DNS peers from ROUTESYNC_PEER_DNS (DnsDiscovery below). This replica's own address is ROUTESYNC_SELF when
 // set; otherwise it is derived: the peer listen address, or, when that is a wildcard
 // (0.0.0.0 / ::), every address of this host's interfaces at the peer port. Peers named by a
 // host name that is really this replica are caught at the first request: the peer API answers
 // with its instance ID and PeerSync drops a peer that answers with ours.
+import { Resolver } from 'node:dns/promises';
 import { networkInterfaces } from 'node:os';
 import type { Config } from '../config.js';
 import { formatHostPort, parseHostPort } from '../config.js';
+import type { Logger } from '../log.js';
+import type { Metrics } from '../metrics.js';
+import type { PeerSync } from './fanout.js';
 
 /** The addresses (canonical host:port) that mean "this replica". */
 export function selfAddresses(config: Pick<Config, 'self' | 'peerAddr'>, boundPort?: number): Set<string> {
@@ -33,4 +37,113 @@ export function selfAddresses(config: Pick<Config, 'self' | 'peerAddr'>, boundPo
 /** The static peer list minus this replica. */
 export function staticPeers(config: Pick<Config, 'peers'>, self: ReadonlySet<string>): string[] {
   return config.peers.filter((peer) => !self.has(peer));
+}
+
+/**
+ * DNS discovery: the A and AAAA records of ROUTESYNC_PEER_DNS (a Kubernetes headless Service),
+ * re-resolved every ROUTESYNC_PEER_DNS_INTERVAL_MS. Peers = static peers ∪ resolved addresses,
+ * minus this replica. New peers start empty in PeerSync and get the table by pulling it
+ * (bootstrap, then reconcile rounds); vanished peers are dropped and no longer waited on.
+ *
+ * A failed resolution (SERVFAIL, timeout, NXDOMAIN, or an answer with no address at all) keeps
+ * the last good set and logs a warning with the error code: a DNS hiccup must never empty the
+ * peer list of a running fleet.
+ */
+export interface DnsDiscoveryOptions {
+  readonly config: Pick<Config, 'peerDns' | 'peerDnsIntervalMs' | 'peerDnsServers'>;
+  readonly self: ReadonlySet<string>;
+  readonly staticPeers: readonly string[];
+  /** Port for a name given without one: this replica's peer port (every replica listens alike). */
+  readonly defaultPort: number;
+  readonly sync: Pick<PeerSync, 'setPeers' | 'peerAddresses'>;
+  readonly metrics: Metrics;
+  readonly logger: Logger;
+}
+
+/** ENODATA: the name exists but has no record of that type (an IPv4-only Service has no AAAA). */
+const NO_RECORDS = 'ENODATA';
+
+export class DnsDiscovery {
+  readonly name: string;
+  readonly port: number;
+  private readonly resolver: Resolver;
+  private timer: NodeJS.Timeout | null = null;
+  private closed = false;
+  private lastGood: string[] | undefined;
+
+  constructor(private readonly options: DnsDiscoveryOptions) {
+    const { name, port } = parseDnsTarget(options.config.peerDns, options.defaultPort);
+    this.name = name;
+    this.port = port;
+    // c-ares' own timeout and tries: a resolution never outlives its period.
+    this.resolver = new Resolver({ timeout: Math.max(50, Math.min(2000, Math.floor(options.config.peerDnsIntervalMs / 2))), tries: 2 });
+    const servers = parseDnsServers(options.config.peerDnsServers);
+    if (servers.length > 0) this.resolver.setServers(servers);
+  }
+
+  /** Resolve once and apply the answer; false (and the last good set kept) on failure. Never throws. */
+  async refresh(): Promise<boolean> {
+    const [v4, v6] = await Promise.allSettled([this.resolver.resolve4(this.name), this.resolver.resolve6(this.name)]);
+    if (this.closed) return false;
+    const addresses: string[] = [];
+    let failure: string | undefined;
+    for (const answer of [v4, v6]) {
+      if (answer.status === 'fulfilled') addresses.push(...answer.value);
+      else {
+        const code = dnsCode(answer.reason);
+        if (code !== NO_RECORDS) failure ??= code;
+      }
+    }
+    if (failure === undefined && addresses.length === 0) failure = 'EMPTY_ANSWER';
+    if (failure !== undefined) {
+      this.options.metrics.dnsResolutions.inc({ result: failure });
+      this.options.logger.warn({ name: this.name, code: failure, keptPeers: this.options.sync.peerAddresses().length }, 'peer DNS resolution failed; keeping the last good peer set');
+      return false;
+    }
+    this.options.metrics.dnsResolutions.inc({ result: 'ok' });
+    const resolved = [...new Set(addresses.map((address) => formatHostPort(address, this.port)))].filter((peer) => !this.options.self.has(peer)).sort();
+    const peers = [...new Set([...this.options.staticPeers, ...resolved])];
+    if (!this.lastGood || this.lastGood.join(',') !== peers.join(',')) {
+      this.options.logger.info({ name: this.name, peers }, 'peer DNS answer changed the peer set');
+    }
+    this.lastGood = peers;
+    this.options.sync.setPeers(peers);
+    return true;
+  }
+
+  start(): void {
+    if (this.closed) return;
+    this.timer = setTimeout(() => {
+      this.timer = null;
+      void this.refresh().finally(() => this.start());
+    }, this.options.config.peerDnsIntervalMs);
+    this.timer.unref();
+  }
+
+  close(): void {
+    this.closed = true;
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+    this.resolver.cancel();
+  }
+}
+
+/** `name` or `name:port` (validated by config). */
+export function parseDnsTarget(text: string, defaultPort: number): { name: string; port: number } {
+  const match = /^(.*?)(?::(\d{1,5}))?$/.exec(text.trim());
+  const name = match?.[1] ?? text;
+  return { name, port: match?.[2] ? Number(match[2]) : defaultPort };
+}
+
+/** ROUTESYNC_PEER_DNS_SERVERS: comma-separated `ip`, `ip:port` or `[v6]:port` (validated by config). */
+export function parseDnsServers(text: string): string[] {
+  return text
+    .split(',')
+    .map((part) => part.trim())
+    .filter((part) => part !== '');
+}
+
+function dnsCode(error: unknown): string {
+  const code = (error as { code?: unknown } | null)?.code;
+  return typeof code === 'string' ? code : 'UNKNOWN';
 }

@@ -161,6 +161,16 @@ export class PeerSync {
     return this.selfAddresses.has(address);
   }
 
+  /** A peer address found to be this replica (it answered a reconcile request with our instance ID): drop it for good. */
+  excludeSelf(address: string): void {
+    this.selfAddresses.add(address);
+    const peer = this.peers.get(address);
+    if (!peer) return;
+    this.logger.info({ peer: address }, 'peer address is this replica; excluded');
+    this.removePeer(peer, 'peer_removed');
+    this.metrics.peers.set(this.peers.size);
+  }
+
   /** Record a completed reconcile round with a peer (shown by GET /v1/peers). */
   markReconciled(address: string): void {
     const peer = this.peers.get(address);

@@ -1,0 +1,500 @@
+// Reconciler: anti-entropy rounds and bootstrap. Pushes are best-effort; this is what makes
+// every replica converge anyway, without anyone re-sending.
+//
+// A round (one per jittered interval):
+//  1. pick ONE peer, round-robin over the healthy peers from a random start, so each replica
+//     costs the fleet one small request per interval however large the fleet is;
+//  2. GET /v1/peer/digest?root=1 from it (~150 bytes); equal roots: done (`in_sync`);
+//  3. otherwise GET /v1/peer/digest (one 16-hex-digit digest per bucket, ~20 KB for 1024
+//     buckets), compare bucket by bucket, POST /v1/peer/pull for the differing buckets only,
+//     and apply what comes back through RouteService.applyRemote(..., 'reconcile') — the same
+//     table rules as every push. Bytes moved grow with the difference, not with the table.
+//
+// Pull-only, in both directions: a round never pushes. If this replica holds something newer
+// than the peer, the peer's own rounds pull it from us (every replica visits every peer once
+// per `peers` rounds), and the local change is in the peer's outbox anyway (hinted handoff).
+//
+// Spread: past LARGE_FLEET_PEERS peers the interval grows with the peer count
+// (interval × peers / LARGE_FLEET_PEERS), so the whole fleet's digest traffic stops growing
+// with its size (a fleet of 500 at 5 s does 50 requests per second in all, not 500). A missed
+// push is repaired by the missing replica's next round, since almost every peer has it.
+//
+// No resurrection (the rule, precisely): a deletion fence lives tombstoneTtlMs everywhere,
+// counted from its first creation. A replica holding a route that was deleted elsewhere can
+// only bring it back by offering it after every fence of it has expired. So:
+//  - A replica is SUSPECT when it has peers and has not completed a round with a non-suspect
+//    peer for longer than SUSPECT_AFTER_TTL_FRACTION (1/2) of tombstoneTtlMs. The half-TTL
+//    margin covers a fence that reached the peers this replica talks to later than the
+//    deletion itself (it spreads by push in milliseconds and by these pulls in a few rounds).
+//  - A suspect replica says `suspect: true` in its digest; peers never pull from a suspect
+//    (or still bootstrapping) replica, and count the round as `skipped`.
+//  - A suspect replica's next successful contact with a non-suspect peer REBUILDS: it pulls
+//    the peer's whole table, applies it, and deletes (with a fresh fence at the stored
+//    version) every local route the peer has neither as a route nor as a fence, unless the
+//    local manager changed that identity since the last good contact (those are newer than
+//    anything the peer could have seen; they reach the peer by push or by its own pulls).
+//  - Pushes need no such rule: a replica pushes only changes its own manager made, and those
+//    carry fresh resourceVersions from the one etcd counter.
+import { performance } from 'node:perf_hooks';
+import { setTimeout as delay } from 'node:timers/promises';
+import type { Config } from '../config.js';
+import type { Logger } from '../log.js';
+import type { Metrics } from '../metrics.js';
+import { changeKey, changeToWire, parseChange, routeKey, type RouteChange } from '../routes/route.js';
+import type { RouteTable } from '../routes/table.js';
+import type { RouteService } from '../service.js';
+import { attemptSignal, classifyPeerError, PeerRequestError, SyncAbortedError, type PeerClient } from './client.js';
+import type { PeerSync } from './fanout.js';
+
+export const DIGEST_PATH = '/v1/peer/digest';
+export const PULL_PATH = '/v1/peer/pull';
+/** Past this many peers the interval grows with the peer count (see the header). */
+export const LARGE_FLEET_PEERS = 50;
+/** A replica out of contact for longer than this fraction of the fence TTL is suspect. */
+export const SUSPECT_AFTER_TTL_FRACTION = 0.5;
+/** Buckets per pull request: with 100,000 routes over 1024 buckets, ~6,000 routes (~1.3 MB) a request. */
+export const PULL_BUCKETS_PER_REQUEST = 64;
+/** Peers asked at once for their digest during bootstrap (the first good answer wins). */
+const BOOTSTRAP_FANOUT = 8;
+/** Pause between bootstrap attempts when no peer answered. */
+const BOOTSTRAP_RETRY_MS = 200;
+
+export type ReconcileConfig = Pick<Config, 'reconcileIntervalMs' | 'bootstrapTimeoutMs' | 'tombstoneTtlMs'>;
+
+/** GET /v1/peer/digest's body (the wire contract; extra fields allowed). */
+export interface TableDigest {
+  readonly instance: string;
+  readonly buckets: number;
+  readonly root: string;
+  readonly digests?: readonly string[];
+  readonly routes: number;
+  readonly fences: number;
+  /** True while this replica's table must not be offered: suspect, or not bootstrapped yet. */
+  readonly suspect: boolean;
+}
+
+export type RoundResult = 'in_sync' | 'repaired' | 'unchanged' | 'rebuilt' | 'skipped' | 'failed' | 'no_peers';
+
+export interface RoundReport {
+  readonly peer: string | null;
+  readonly result: RoundResult;
+  /** Routes and fences the round changed. */
+  readonly repaired: number;
+  /** Response bytes the round received. */
+  readonly bytes: number;
+  readonly buckets: number;
+  readonly errorClass?: string;
+}
+
+export type BootstrapOutcome = 'no_peers' | 'pulled' | 'timeout';
+
+export interface ReconcilerOptions {
+  readonly config: ReconcileConfig;
+  readonly table: RouteTable;
+  readonly service: RouteService;
+  readonly sync: PeerSync;
+  readonly client: PeerClient;
+  readonly metrics: Metrics;
+  readonly logger: Logger;
+  readonly instanceId: string;
+  /** Wall clock (compared with the fence TTL). */
+  readonly now?: () => number;
+  /** Random source for jitter and the round-robin start, in [0, 1). */
+  readonly random?: () => number;
+}
+
+export class Reconciler {
+  private readonly config: ReconcileConfig;
+  private readonly table: RouteTable;
+  private readonly service: RouteService;
+  private readonly sync: PeerSync;
+  private readonly client: PeerClient;
+  private readonly metrics: Metrics;
+  private readonly logger: Logger;
+  private readonly instanceId: string;
+  private readonly now: () => number;
+  private readonly random: () => number;
+  private readonly stop = new AbortController();
+  /** Identities the local manager changed since the last good contact, with when. */
+  private readonly localChangedAtMs = new Map<string, number>();
+  /** Last completed round with a non-suspect peer (or the start of this replica's life). */
+  private lastContactMs: number;
+  private bootstrapped = false;
+  private cursor: number;
+  private timer: NodeJS.Timeout | null = null;
+  private running: Promise<RoundReport> | null = null;
+  private closed = false;
+
+  constructor(options: ReconcilerOptions) {
+    this.config = options.config;
+    this.table = options.table;
+    this.service = options.service;
+    this.sync = options.sync;
+    this.client = options.client;
+    this.metrics = options.metrics;
+    this.logger = options.logger;
+    this.instanceId = options.instanceId;
+    this.now = options.now ?? Date.now;
+    this.random = options.random ?? Math.random;
+    this.lastContactMs = this.now();
+    this.cursor = Math.floor(this.random() * 1_000_000);
+  }
+
+  // --- serving side ----------------------------------------------------------------------
+
+  /** Record a change the local manager made (it survives a suspect rebuild). */
+  noteLocalChange(key: string): void {
+    this.localChangedAtMs.set(key, this.now());
+  }
+
+  /** Out of contact for too long while having peers: this table must not be offered. */
+  isSuspect(): boolean {
+    if (this.sync.peerAddresses().length === 0) {
+      // Alone, there is no one to have missed a deletion from; the clock starts with the first peer.
+      this.lastContactMs = this.now();
+      return false;
+    }
+    return this.now() - this.lastContactMs > this.config.tombstoneTtlMs * SUSPECT_AFTER_TTL_FRACTION;
+  }
+
+  /** GET /v1/peer/digest. */
+  digest(withBuckets: boolean): TableDigest {
+    return {
+      instance: this.instanceId,
+      buckets: this.table.digestBuckets,
+      root: this.table.rootDigest(),
+      ...(withBuckets ? { digests: this.table.digest() } : {}),
+      routes: this.table.size,
+      fences: this.table.fenceCount,
+      suspect: !this.bootstrapped || this.isSuspect(),
+    };
+  }
+
+  /** POST /v1/peer/pull: every route and live fence in the buckets, in push wire form. */
+  pull(buckets: readonly number[]): Record<string, unknown>[] {
+    return this.table.changesInBuckets(buckets).map(changeToWire);
+  }
+
+  /** Seconds since the last completed round with a non-suspect peer. */
+  lagSeconds(): number {
+    return Math.max(0, this.now() - this.lastContactMs) / 1000;
+  }
+
+  // --- bootstrap -------------------------------------------------------------------------
+
+  /**
+   * Pull the table from the first peer that answers (and is not itself suspect or still
+   * bootstrapping), within bootstrapTimeoutMs. Never throws. Local changes made meanwhile
+   * (a manager's batch push at start) stay: the pull merges through the usual rules.
+   */
+  async bootstrap(): Promise<BootstrapOutcome> {
+    const started = performance.now();
+    try {
+      if (this.sync.peerAddresses().length === 0) {
+        this.logger.info('no peers: ready at once with the table as it is');
+        return 'no_peers';
+      }
+      const { signal, clear } = attemptSignal(this.config.bootstrapTimeoutMs, this.stop.signal);
+      try {
+        let lastError: PeerRequestError | undefined;
+        while (!signal.aborted) {
+          try {
+            const report = await this.bootstrapOnce(signal);
+            this.logger.info(
+              { peer: report.peer, routes: this.table.size, fences: this.table.fenceCount, bytes: report.bytes, ms: Math.round(performance.now() - started) },
+              'bootstrap: table pulled from a peer',
+            );
+            return 'pulled';
+          } catch (error) {
+            lastError = classifyPeerError(error);
+            if (signal.aborted) break;
+            await delay(BOOTSTRAP_RETRY_MS, undefined, { signal }).catch(() => undefined);
+          }
+        }
+        if (this.closed) return 'timeout';
+        this.logger.warn(
+          {
+            peers: this.sync.peerAddresses().length,
+            timeoutMs: this.config.bootstrapTimeoutMs,
+            ...(lastError ? { errorClass: lastError.errorClass, code: lastError.code } : {}),
+          },
+          'bootstrap: no peer answered in time; ready with the table as it is (reconciliation fills it later)',
+        );
+        return 'timeout';
+      } finally {
+        clear();
+      }
+    } finally {
+      this.bootstrapped = true;
+      this.lastContactMs = this.now();
+    }
+  }
+
+  /** Ask up to BOOTSTRAP_FANOUT peers at once; pull from the first non-suspect one that answers. */
+  private async bootstrapOnce(signal: AbortSignal): Promise<RoundReport> {
+    const peers = this.shuffled(this.sync.peerAddresses()).slice(0, BOOTSTRAP_FANOUT);
+    if (peers.length === 0) throw new PeerRequestError('unreachable', 'no peers');
+    const losers = new AbortController();
+    const combined = AbortSignal.any([signal, losers.signal]);
+    const answers = peers.map(async (peer) => {
+      const { digest, bytes } = await this.fetchDigest(peer, true, combined);
+      if (digest.suspect) throw new PeerRequestError('unknown', `peer ${peer} is suspect or bootstrapping`, { code: 'ROUTESYNC_PEER_SUSPECT' });
+      return { peer, digest, bytes };
+    });
+    let first: Awaited<(typeof answers)[number]>;
+    try {
+      first = await Promise.any(answers);
+    } catch (error) {
+      const errors = error instanceof AggregateError ? error.errors : [error];
+      throw classifyPeerError(errors[0]);
+    } finally {
+      losers.abort(new SyncAbortedError('another peer answered first'));
+      for (const answer of answers) answer.catch(() => undefined);
+    }
+    const differing = this.differingBuckets(first.digest);
+    const pulled = await this.pullAndApply(first.peer, differing, signal);
+    this.sync.markReconciled(first.peer);
+    this.metrics.reconcileDigests.inc();
+    return { peer: first.peer, result: 'repaired', repaired: pulled.repaired, bytes: first.bytes + pulled.bytes, buckets: differing.length };
+  }
+
+  // --- rounds ----------------------------------------------------------------------------
+
+  /** Start the jittered timer (after bootstrap). */
+  start(): void {
+    this.schedule();
+  }
+
+  /** The interval for the current peer count, before jitter. */
+  intervalMs(peerCount = this.sync.peerAddresses().length): number {
+    return this.config.reconcileIntervalMs * Math.max(1, peerCount / LARGE_FLEET_PEERS);
+  }
+
+  /**
+   * One round now (the timer calls this; tests may too). Never throws: every failure is
+   * classified, counted and logged. Rounds never overlap: a call during a round joins it.
+   */
+  runRound(): Promise<RoundReport> {
+    this.running ??= this.round().finally(() => {
+      this.running = null;
+    });
+    return this.running;
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+    this.stop.abort(new SyncAbortedError('shutting down'));
+  }
+
+  private schedule(): void {
+    if (this.closed) return;
+    // ±25 % jitter: replicas started together drift apart, and the next round is never later
+    // than 1.25 intervals, so a healed cut converges within two intervals.
+    const waitMs = this.intervalMs() * (0.75 + 0.5 * this.random());
+    this.timer = setTimeout(() => {
+      this.timer = null;
+      void this.runRound().finally(() => this.schedule());
+    }, waitMs);
+    this.timer.unref();
+  }
+
+  private async round(): Promise<RoundReport> {
+    const peer = this.pickPeer();
+    this.metrics.convergenceLag.set(this.lagSeconds());
+    if (!peer) return { peer: null, result: 'no_peers', repaired: 0, bytes: 0, buckets: 0 };
+    // The whole round shares one budget: its own interval (at least 1 s, at most 30 s), so a
+    // slow peer costs one round, never a pile-up of them.
+    const budgetMs = Math.max(1000, Math.min(this.intervalMs(), 30_000));
+    const { signal, clear } = attemptSignal(budgetMs, this.stop.signal);
+    const wasSuspect = this.isSuspect();
+    let bytes = 0;
+    try {
+      const head = await this.fetchDigest(peer, false, signal);
+      bytes += head.bytes;
+      this.metrics.reconcileDigests.inc();
+      let report: RoundReport;
+      if (head.digest.suspect) {
+        report = { peer, result: 'skipped', repaired: 0, bytes, buckets: 0 };
+        this.metrics.reconcileRounds.inc({ result: 'skipped' });
+        this.logger.debug({ peer }, 'reconcile: peer is suspect or bootstrapping; not pulling from it');
+        return report;
+      }
+      if (wasSuspect) {
+        report = await this.rebuildFrom(peer, signal, bytes);
+      } else if (head.digest.root === this.table.rootDigest()) {
+        report = { peer, result: 'in_sync', repaired: 0, bytes, buckets: 0 };
+      } else {
+        const full = await this.fetchDigest(peer, true, signal);
+        bytes += full.bytes;
+        const differing = this.differingBuckets(full.digest);
+        const pulled = await this.pullAndApply(peer, differing, signal);
+        bytes += pulled.bytes;
+        report = { peer, result: pulled.repaired > 0 ? 'repaired' : 'unchanged', repaired: pulled.repaired, bytes, buckets: differing.length };
+      }
+      this.contact(peer);
+      this.metrics.reconcileRounds.inc({ result: report.result });
+      if (report.repaired > 0) {
+        this.logger.info({ peer, repaired: report.repaired, buckets: report.buckets, bytes: report.bytes, result: report.result }, 'reconcile: repaired from peer');
+      }
+      return report;
+    } catch (error) {
+      const classified = this.closed ? new PeerRequestError('aborted', 'shutting down', { cause: error }) : classifyPeerError(error);
+      if (classified.errorClass === 'self') this.sync.excludeSelf(peer);
+      if (classified.errorClass !== 'aborted') {
+        this.metrics.reconcileRounds.inc({ result: 'failed' });
+        this.logger.warn({ peer, errorClass: classified.errorClass, code: classified.code, status: classified.status }, 'reconcile round failed');
+      }
+      return { peer, result: 'failed', repaired: 0, bytes, buckets: 0, errorClass: classified.errorClass };
+    } finally {
+      clear();
+      this.metrics.convergenceLag.set(this.lagSeconds());
+    }
+  }
+
+  /** Round-robin over healthy peers (all peers if every one is ejected), from a random start. */
+  private pickPeer(): string | undefined {
+    let candidates = this.sync.healthyPeerAddresses();
+    if (candidates.length === 0) candidates = this.sync.peerAddresses();
+    if (candidates.length === 0) return undefined;
+    candidates.sort();
+    return candidates[this.cursor++ % candidates.length];
+  }
+
+  /** A completed round with a non-suspect peer. */
+  private contact(peer: string): void {
+    this.lastContactMs = this.now();
+    this.sync.markReconciled(peer);
+    // Local changes older than the last good contact can no longer matter to a rebuild.
+    for (const [key, atMs] of this.localChangedAtMs) if (atMs < this.lastContactMs) this.localChangedAtMs.delete(key);
+  }
+
+  /**
+   * The suspect rebuild (see the header): pull the peer's whole table, apply it, then delete
+   * every local route the peer does not hold, unless the local manager changed it since the
+   * cut began.
+   */
+  private async rebuildFrom(peer: string, signal: AbortSignal, bytesSoFar: number): Promise<RoundReport> {
+    const cutStartMs = this.lastContactMs;
+    const all = Array.from({ length: this.table.digestBuckets }, (_, i) => i);
+    const seen = new Set<string>();
+    const pulled = await this.pullAndApply(peer, all, signal, seen);
+    const stale: RouteChange[] = [];
+    for (const route of this.table.list()) {
+      const key = routeKey(route);
+      if (seen.has(key)) continue;
+      const changedAt = this.localChangedAtMs.get(key);
+      if (changedAt !== undefined && changedAt >= cutStartMs) continue;
+      stale.push({ op: 'delete', deletion: { namespace: route.namespace, name: route.name, resourceVersion: route.resourceVersion } });
+    }
+    const dropped = this.service.applyRemote(stale, 'reconcile').filter((result) => result.outcome === 'applied').length;
+    this.metrics.reconcileRepaired.inc(dropped);
+    this.logger.warn(
+      { peer, outOfContactMs: this.now() - cutStartMs, pulledChanges: seen.size, repaired: pulled.repaired, droppedStale: dropped },
+      'reconcile: table was suspect (out of contact too long); rebuilt from a peer',
+    );
+    return { peer, result: 'rebuilt', repaired: pulled.repaired + dropped, bytes: bytesSoFar + pulled.bytes, buckets: all.length };
+  }
+
+  private differingBuckets(remote: TableDigest): number[] {
+    const digests = remote.digests;
+    if (!digests || remote.buckets !== this.table.digestBuckets || digests.length !== this.table.digestBuckets) {
+      throw new PeerRequestError('protocol', `peer digest has ${remote.buckets} buckets, this replica ${this.table.digestBuckets}`);
+    }
+    const differing: number[] = [];
+    for (let i = 0; i < digests.length; i++) if (digests[i] !== this.table.bucketDigest(i)) differing.push(i);
+    return differing;
+  }
+
+  /** Pull buckets in chunks and apply each chunk as it arrives; `seen` collects the keys pulled. */
+  private async pullAndApply(peer: string, buckets: readonly number[], signal: AbortSignal, seen?: Set<string>): Promise<{ repaired: number; bytes: number }> {
+    let repaired = 0;
+    let bytes = 0;
+    for (let i = 0; i < buckets.length; i += PULL_BUCKETS_PER_REQUEST) {
+      const chunk = buckets.slice(i, i + PULL_BUCKETS_PER_REQUEST);
+      const started = performance.now();
+      let body: unknown;
+      try {
+        const answer = await this.requestJson(peer, 'POST', PULL_PATH, JSON.stringify({ buckets: chunk }), signal);
+        body = answer.json;
+        bytes += answer.bytes;
+      } finally {
+        this.metrics.peerRequestDuration.observe({ kind: 'pull' }, (performance.now() - started) / 1000);
+      }
+      const entries = (body as { changes?: unknown } | null)?.changes;
+      if (!Array.isArray(entries)) throw new PeerRequestError('protocol', `peer ${peer} answered a pull without "changes"`);
+      const changes: RouteChange[] = [];
+      for (const entry of entries) {
+        try {
+          changes.push(parseChange(entry));
+        } catch (error) {
+          // All or nothing, as for pushes: a peer sending what we refuse runs an incompatible version.
+          throw new PeerRequestError('protocol', `peer ${peer} sent an invalid change in a pull`, { cause: error });
+        }
+      }
+      if (seen) for (const change of changes) seen.add(changeKey(change));
+      const applied = this.service.applyRemote(changes, 'reconcile').filter((result) => result.outcome === 'applied').length;
+      repaired += applied;
+      this.metrics.reconcileRepaired.inc(applied);
+    }
+    return { repaired, bytes };
+  }
+
+  private async fetchDigest(peer: string, withBuckets: boolean, signal: AbortSignal): Promise<{ digest: TableDigest; bytes: number }> {
+    const started = performance.now();
+    try {
+      const { json, bytes } = await this.requestJson(peer, 'GET', withBuckets ? DIGEST_PATH : `${DIGEST_PATH}?root=1`, undefined, signal);
+      return { digest: parseDigest(peer, json, withBuckets), bytes };
+    } finally {
+      this.metrics.peerRequestDuration.observe({ kind: 'digest' }, (performance.now() - started) / 1000);
+    }
+  }
+
+  /** One request through the shared PeerClient, counting the response bytes. */
+  private async requestJson(peer: string, method: 'GET' | 'POST', path: string, body: string | undefined, signal: AbortSignal): Promise<{ json: unknown; bytes: number }> {
+    const response = await this.client.request(peer, method, path, body, signal, false);
+    let raw: ArrayBuffer;
+    try {
+      raw = await response.body.arrayBuffer();
+    } catch (error) {
+      throw classifyPeerError(error);
+    }
+    this.metrics.reconcileBytes.inc(raw.byteLength);
+    try {
+      return { json: JSON.parse(Buffer.from(raw).toString('utf8')) as unknown, bytes: raw.byteLength };
+    } catch (error) {
+      throw new PeerRequestError('protocol', `peer ${peer} sent a body that is not JSON`, { cause: error });
+    }
+  }
+
+  private shuffled(list: readonly string[]): string[] {
+    const out = [...list];
+    for (let i = out.length - 1; i > 0; i--) {
+      const j = Math.floor(this.random() * (i + 1));
+      [out[i], out[j]] = [out[j]!, out[i]!];
+    }
+    return out;
+  }
+}
+
+function parseDigest(peer: string, json: unknown, withBuckets: boolean): TableDigest {
+  const body = json as Partial<Record<keyof TableDigest, unknown>> | null;
+  const ok =
+    typeof body === 'object' &&
+    body !== null &&
+    typeof body.root === 'string' &&
+    typeof body.buckets === 'number' &&
+    (!withBuckets || (Array.isArray(body.digests) && body.digests.every((digest) => typeof digest === 'string')));
+  if (!ok) throw new PeerRequestError('protocol', `peer ${peer} answered a digest request with something else`);
+  return {
+    instance: typeof body.instance === 'string' ? body.instance : '',
+    buckets: body.buckets as number,
+    root: body.root as string,
+    ...(withBuckets ? { digests: body.digests as string[] } : {}),
+    routes: typeof body.routes === 'number' ? body.routes : 0,
+    fences: typeof body.fences === 'number' ? body.fences : 0,
+    suspect: body.suspect === true,
+  };
+}

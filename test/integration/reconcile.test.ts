@@ -1,0 +1,279 @@
+// Anti-entropy between real replicas on loopback: bootstrap, repair after a cut, bytes moved
+// for one difference in 100,000 routes, no resurrection, and the wire contract.
+import { afterEach, describe, expect, it } from 'vitest';
+import { configFromEnv } from '../../src/config.js';
+import { Replica } from '../../src/replica.js';
+import { changeToWire, parseChange, type Route } from '../../src/routes/route.js';
+import { FakePeer } from '../helpers/fake-peer.js';
+import { LogSink, TEST_ENV, makeRoute, putRoute } from '../helpers/cluster.js';
+import { waitUntil } from '../helpers/wait.js';
+
+interface Node {
+  readonly replica: Replica;
+  readonly logs: LogSink;
+  readonly api: string;
+  readonly peerUrl: string;
+  /** Peer requests this replica sent, by `peer path` (the onPeerRequest hook). */
+  readonly requests: { peer: string; path: string }[];
+}
+
+const nodes: Node[] = [];
+const fakes: FakePeer[] = [];
+
+afterEach(async () => {
+  await Promise.all(nodes.splice(0).map((node) => node.replica.close()));
+  await Promise.all(fakes.splice(0).map((peer) => peer.close()));
+});
+
+async function start(env: Record<string, string> = {}): Promise<Node> {
+  const logs = new LogSink();
+  const requests: { peer: string; path: string }[] = [];
+  const replica = await Replica.start(configFromEnv({ ...TEST_ENV, ...env }), {
+    logDestination: logs,
+    processMetrics: false,
+    onPeerRequest: (peer, path) => requests.push({ peer, path }),
+  });
+  const node = { replica, logs, api: `http://${replica.addresses.api}`, peerUrl: `http://${replica.addresses.peer}`, requests };
+  nodes.push(node);
+  return node;
+}
+
+/** N replicas that know each other from the start (static peers), on fixed ports picked by a first bind. */
+async function cluster(count: number, env: Record<string, string> = {}): Promise<Node[]> {
+  const started: Node[] = [];
+  for (let i = 0; i < count; i++) started.push(await start(env));
+  for (const node of started) node.replica.sync.setPeers(started.filter((other) => other !== node).map((other) => other.replica.addresses.peer));
+  await Promise.all(started.map((node) => node.replica.bootstrapped));
+  return started;
+}
+
+async function counter(metric: { get(): Promise<{ values: { value: number; labels: Record<string, unknown> }[] }> }, labels: Record<string, string> = {}): Promise<number> {
+  const { values } = await metric.get();
+  return values.filter((entry) => Object.entries(labels).every(([key, value]) => entry.labels[key] === value)).reduce((sum, entry) => sum + entry.value, 0);
+}
+
+function same(a: Replica, b: Replica): boolean {
+  return a.table.rootDigest() === b.table.rootDigest() && JSON.stringify(a.table.snapshot()) === JSON.stringify(b.table.snapshot());
+}
+
+async function postBatch(api: string, routes: Record<string, unknown>[]): Promise<{ status: number; body: any }> {
+  const response = await fetch(`${api}/v1/routes/batch`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ routes }) });
+  return { status: response.status, body: await response.json() };
+}
+
+/** 1,000 changes: 600 creates, 200 updates of earlier routes, 200 deletes. */
+function thousandChanges(existing: Record<string, unknown>[]): Record<string, unknown>[] {
+  const creates = Array.from({ length: 600 }, (_, i) => makeRoute({ namespace: 'reconcile', resourceVersion: String(1000 + i) }));
+  const updates = existing.slice(0, 200).map((route, i) => ({ ...route, resourceVersion: String(5000 + i), ip: '10.9.9.9' }));
+  const deletes = existing.slice(200, 400).map((route, i) => ({ namespace: route.namespace, name: route.name, resourceVersion: String(6000 + i), state: 'dead' }));
+  return [...creates, ...updates, ...deletes];
+}
+
+describe('bootstrap', () => {
+  it('a replica stopped while 1,000 changes happen elsewhere and restarted empty is ready with the same table', async () => {
+    const [a, b, c] = await cluster(3, { ROUTESYNC_RECONCILE_INTERVAL_MS: '60000', ROUTESYNC_EJECT_PROBE_MS: '100' });
+    const initial = Array.from({ length: 400 }, (_, i) => makeRoute({ namespace: 'reconcile', resourceVersion: String(10 + i) }));
+    expect((await postBatch(a!.api, initial)).body.sync.acked).toBe(2);
+    expect(same(a!.replica, c!.replica)).toBe(true);
+
+    const cPeerAddress = c!.replica.addresses.peer;
+    await c!.replica.close();
+    nodes.splice(nodes.indexOf(c!), 1);
+
+    const { status, body } = await postBatch(a!.api, thousandChanges(initial));
+    expect(status).toBe(200);
+    expect(body.results.filter((result: { outcome: string }) => result.outcome === 'applied')).toHaveLength(1000);
+    await waitUntil(() => same(a!.replica, b!.replica), 10_000, 'b to have the 1,000 changes');
+
+    const restarted = await start({
+      ROUTESYNC_PEER_ADDR: cPeerAddress,
+      ROUTESYNC_PEERS: [a!.replica.addresses.peer, b!.replica.addresses.peer].join(','),
+      ROUTESYNC_RECONCILE_INTERVAL_MS: '60000',
+    });
+    expect(restarted.replica.table.size).toBe(0);
+    const outcome = await restarted.replica.bootstrapped;
+    expect(outcome).toBe('pulled');
+    // Ready, and at that very moment already equal: bootstrap ran before readiness.
+    expect(restarted.replica.isReady()).toBe(true);
+    expect(same(restarted.replica, a!.replica)).toBe(true);
+    expect(restarted.replica.table.size).toBe(800);
+    expect(restarted.replica.table.fenceCount).toBe(200);
+    expect((await fetch(`${restarted.peerUrl}/readyz`)).status).toBe(200);
+    expect(restarted.logs.lines.some((line) => line.includes('bootstrap: table pulled from a peer'))).toBe(true);
+  });
+
+  it('takes a batch push while bootstrapping, and turns ready empty with a warning when no peer answers in time', async () => {
+    const hung = await FakePeer.start();
+    fakes.push(hung);
+    hung.mode = { kind: 'hang' };
+    const node = await start({ ROUTESYNC_PEERS: hung.address, ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '1500', ROUTESYNC_SYNC_DEADLINE_MS: '200' });
+    expect(node.replica.isReady()).toBe(false);
+    expect((await fetch(`${node.peerUrl}/readyz`)).status).toBe(503);
+
+    const routes = Array.from({ length: 50 }, () => makeRoute({ namespace: 'boot' }));
+    const { status, body } = await postBatch(node.api, routes);
+    expect(status).toBe(200);
+    expect(body.results.every((result: { outcome: string }) => result.outcome === 'applied')).toBe(true);
+    expect(node.replica.table.size).toBe(50);
+
+    expect(await node.replica.bootstrapped).toBe('timeout');
+    expect((await fetch(`${node.peerUrl}/readyz`)).status).toBe(200);
+    expect(node.replica.table.size).toBe(50);
+    const warning = node.logs.lines.map((line) => JSON.parse(line)).find((line) => line.msg?.startsWith('bootstrap: no peer answered'));
+    expect(warning).toMatchObject({ level: 'warn' });
+  });
+
+  it('a replica without peers is ready at once', async () => {
+    const node = await start();
+    expect(await node.replica.bootstrapped).toBe('no_peers');
+    expect((await fetch(`${node.peerUrl}/readyz`)).status).toBe(200);
+  });
+});
+
+describe('anti-entropy rounds', () => {
+  it('a replica cut off from pushes converges within two reconcile intervals after the cut is lifted', async () => {
+    const intervalMs = 1500;
+    // A small outbox bound: what the cut keeps from C is dropped by A, so it is reconciliation,
+    // not hinted handoff, that has to bring C up to date.
+    const [a, b, c] = await cluster(3, { ROUTESYNC_RECONCILE_INTERVAL_MS: String(intervalMs), ROUTESYNC_OUTBOX_MAX_ROUTES: '10' });
+    c!.replica.faults.isolate();
+
+    const routes = Array.from({ length: 1000 }, () => makeRoute({ namespace: 'cut', resourceVersion: '7' }));
+    expect((await postBatch(a!.api, routes)).status).toBe(200);
+    await waitUntil(() => b!.replica.table.size === 1000, 10_000, 'b to have the batch');
+    const failedBefore = await counter(c!.replica.metrics.reconcileRounds, { result: 'failed' });
+    await waitUntil(async () => (await counter(c!.replica.metrics.reconcileRounds, { result: 'failed' })) >= failedBefore + 1, 10_000, 'a failed round on c during the cut');
+    expect(c!.replica.table.size).toBe(0);
+
+    c!.replica.faults.heal();
+    const healedAt = performance.now();
+    await waitUntil(() => same(c!.replica, a!.replica), 2 * intervalMs, 'c to converge within two intervals');
+    console.log(`cut lifted: converged after ${Math.round(performance.now() - healedAt)} ms (interval ${intervalMs} ms)`);
+    expect(await counter(c!.replica.metrics.reconcileRepaired)).toBeGreaterThanOrEqual(1000 - 10);
+    const status = (await (await fetch(`${c!.api}/v1/peers`)).json()) as { peers: { lastReconcile: string | null }[] };
+    expect(status.peers.some((peer) => peer.lastReconcile !== null)).toBe(true);
+  });
+
+  it('with 100,000 routes and one difference, a round moves a small number of bytes', async () => {
+    const [a, b] = await cluster(2, { ROUTESYNC_RECONCILE_INTERVAL_MS: '3600000' });
+    const changes = Array.from({ length: 100_000 }, (_, i) =>
+      parseChange({ namespace: `ns-${i % 50}`, name: `sandbox-${i}`, id: `sb-${i}`, uid: `uid-${i}`, resourceVersion: String(100 + i), ip: `10.${(i >> 16) & 255}.${(i >> 8) & 255}.${i & 255}`, state: 'Running' }),
+    );
+    a!.replica.service.applyRemote(changes, 'peer');
+    b!.replica.service.applyRemote(changes, 'peer');
+    a!.replica.service.applyRemote([parseChange(makeRoute({ namespace: 'extra', resourceVersion: '999999' }))], 'peer');
+    expect(a!.replica.table.rootDigest()).not.toBe(b!.replica.table.rootDigest());
+
+    const fullTableBytes = Buffer.byteLength(JSON.stringify({ changes: a!.replica.table.allChanges().map(changeToWire) }));
+    const requestsBefore = b!.requests.length;
+    const report = await b!.replica.reconciler.runRound();
+    expect(report).toMatchObject({ result: 'repaired', repaired: 1, buckets: 1 });
+    expect(same(a!.replica, b!.replica)).toBe(true);
+    expect(b!.requests.slice(requestsBefore).map((request) => request.path)).toEqual(['/v1/peer/digest?root=1', '/v1/peer/digest', '/v1/peer/pull']);
+    expect(await counter(b!.replica.metrics.reconcileBytes)).toBe(report.bytes);
+    console.log(`100,000 routes, 1 difference: round moved ${report.bytes} bytes; full table is ${fullTableBytes} bytes (${((100 * report.bytes) / fullTableBytes).toFixed(3)} %)`);
+    expect(report.bytes).toBeLessThan(fullTableBytes / 100);
+
+    // In sync now: the next round is the root digest alone.
+    const next = await b!.replica.reconciler.runRound();
+    expect(next).toMatchObject({ result: 'in_sync' });
+    expect(next.bytes).toBeLessThan(300);
+  });
+});
+
+describe('no resurrection', () => {
+  it('a route deleted while a replica is cut off for longer than the TTL stays deleted everywhere after the cut heals', async () => {
+    const ttlMs = 3000;
+    const [a, b, c] = await cluster(3, { ROUTESYNC_TOMBSTONE_TTL_MS: String(ttlMs), ROUTESYNC_RECONCILE_INTERVAL_MS: '200', ROUTESYNC_EJECT_PROBE_MS: '100' });
+    const doomed = makeRoute({ namespace: 'zombie', resourceVersion: '10' });
+    expect((await putRoute(a!.api, doomed)).body.sync.acked).toBe(2);
+    expect(c!.replica.table.get('zombie', doomed.name as string)).toBeDefined();
+
+    c!.replica.faults.isolate();
+    const deleted = await fetch(`${a!.api}/v1/routes/zombie/${doomed.name as string}?resourceVersion=11`, { method: 'DELETE' });
+    expect(((await deleted.json()) as any).result).toMatchObject({ outcome: 'applied', reason: 'deleted' });
+    // A change C's own manager makes during the cut: it must survive the rebuild.
+    const local = makeRoute({ namespace: 'zombie', resourceVersion: '20' });
+    expect((await putRoute(c!.api, local)).body.result.outcome).toBe('applied');
+
+    // The cut outlasts the fence: gone from A and B (route and fence), still held by C.
+    await waitUntil(
+      () => [a!, b!].every((node) => !node.replica.table.get('zombie', doomed.name as string) && !node.replica.table.getFence('zombie', doomed.name as string)),
+      ttlMs + 5000,
+      'the fence to expire on a and b',
+    );
+    expect(c!.replica.table.get('zombie', doomed.name as string)).toBeDefined();
+    expect(c!.replica.reconciler.isSuspect()).toBe(true);
+    expect(c!.replica.reconciler.digest(false).suspect).toBe(true);
+
+    c!.replica.faults.heal();
+    await waitUntil(async () => (await counter(c!.replica.metrics.reconcileRounds, { result: 'rebuilt' })) >= 1, 10_000, 'c to rebuild');
+    // Let A and B each run several more rounds against the healed C before judging.
+    const roundsA = await counter(a!.replica.metrics.reconcileRounds);
+    const roundsB = await counter(b!.replica.metrics.reconcileRounds);
+    await waitUntil(
+      async () => (await counter(a!.replica.metrics.reconcileRounds)) >= roundsA + 4 && (await counter(b!.replica.metrics.reconcileRounds)) >= roundsB + 4,
+      10_000,
+      'more rounds on a and b',
+    );
+    for (const node of [a!, b!, c!]) {
+      expect(node.replica.table.get('zombie', doomed.name as string), 'the deleted route stays deleted').toBeUndefined();
+      expect(node.replica.table.get('zombie', local.name as string)?.resourceVersion, "c's own change is everywhere").toBe('20');
+    }
+    expect(c!.replica.reconciler.isSuspect()).toBe(false);
+    expect(c!.logs.lines.some((line) => line.includes('rebuilt from a peer'))).toBe(true);
+  });
+});
+
+describe('wire contract', () => {
+  it('serves the digest, its cheap variant and pulls, and refuses bad pulls with 400', async () => {
+    const [a] = await cluster(1);
+    const route = makeRoute({ namespace: 'wire', accessToken: 'secret-token-1' });
+    await putRoute(a!.api, route);
+    await fetch(`${a!.api}/v1/routes/wire/${route.name as string}?resourceVersion=5`, { method: 'DELETE' });
+    await putRoute(a!.api, makeRoute({ namespace: 'wire' }));
+
+    const digest = (await (await fetch(`${a!.peerUrl}/v1/peer/digest`)).json()) as any;
+    expect(digest).toMatchObject({ instance: a!.replica.instanceId, buckets: 1024, routes: 1, fences: 1, suspect: false });
+    expect(digest.root).toBe(a!.replica.table.rootDigest());
+    expect(digest.digests).toHaveLength(1024);
+    const cheap = (await (await fetch(`${a!.peerUrl}/v1/peer/digest?root=1`)).json()) as any;
+    expect(cheap.root).toBe(digest.root);
+    expect(cheap.digests).toBeUndefined();
+
+    const nonEmpty = (digest.digests as string[]).flatMap((value, index) => (value === '0000000000000000' ? [] : [index]));
+    const pull = await fetch(`${a!.peerUrl}/v1/peer/pull`, { method: 'POST', body: JSON.stringify({ buckets: nonEmpty }) });
+    expect(pull.status).toBe(200);
+    const { changes } = (await pull.json()) as { changes: unknown[] };
+    const parsed = changes.map(parseChange);
+    expect(parsed.map((change) => change.op).sort()).toEqual(['delete', 'upsert']);
+    const dead = changes.find((change: any) => change.state === 'dead') as any;
+    expect(dead).toMatchObject({ namespace: 'wire', name: route.name, resourceVersion: '5' });
+    expect(typeof dead.fencedAtMs).toBe('number');
+
+    for (const body of ['{"buckets": [1024]}', '{"buckets": [-1]}', '{"buckets": [1.5]}', '{"buckets": "all"}', '{}', 'not json']) {
+      const answer = await fetch(`${a!.peerUrl}/v1/peer/pull`, { method: 'POST', body });
+      expect(answer.status, body).toBe(400);
+      expect(((await answer.json()) as any).error.code).toMatch(/^invalid_/);
+    }
+    expect((await fetch(`${a!.peerUrl}/v1/peer/digest`, { method: 'POST' })).status).toBe(405);
+  });
+
+  it('puts digest and pull behind the peer token, and never logs the routes it serves', async () => {
+    const token = 'peer-token-for-reconcile-test';
+    const [a, b] = await cluster(2, { ROUTESYNC_PEER_TOKEN: token, ROUTESYNC_RECONCILE_INTERVAL_MS: '3600000' });
+    expect((await fetch(`${a!.peerUrl}/v1/peer/digest`)).status).toBe(401);
+    expect((await fetch(`${a!.peerUrl}/v1/peer/pull`, { method: 'POST', body: '{"buckets":[0]}' })).status).toBe(401);
+    const ok = await fetch(`${a!.peerUrl}/v1/peer/digest?root=1`, { headers: { authorization: `Bearer ${token}` } });
+    expect(ok.status).toBe(200);
+
+    const secret = makeRoute({ namespace: 'wire', accessToken: 'route-secret-abc' }) as unknown as Route;
+    a!.replica.service.applyRemote([{ op: 'upsert', route: secret }], 'peer');
+    expect(await b!.replica.reconciler.runRound()).toMatchObject({ result: 'repaired', repaired: 1 });
+    expect(b!.replica.table.get('wire', secret.name)?.accessToken).toBe('route-secret-abc');
+    for (const line of [...a!.logs.lines, ...b!.logs.lines]) {
+      expect(line).not.toContain(token);
+      expect(line).not.toContain('route-secret-abc');
+    }
+  });
+});
