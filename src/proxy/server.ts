@@ -56,6 +56,13 @@ export interface DataPlaneOptions {
    * sandbox does, instead of sending a request into a connection the sandbox is closing.
    */
   readonly upstreamIdleSocketTimeoutMs?: number;
+  /**
+   * How long a client may take to send its request headers before the connection is answered
+   * 408 and closed (slow-header clients). Default 60000 ms, Node's own default, which Node
+   * drops to "no limit" once requestTimeout is 0, as it is here. Checked every
+   * min(30 s, this value), so a client is cut between one and two times this value.
+   */
+  readonly clientHeadersTimeoutMs?: number;
 }
 
 /** What a request ended as: the metric label and the access log's `outcome`. */
@@ -90,6 +97,7 @@ interface ProxiedWebSocket {
 
 const DEFAULT_WS_CLOSE_TIMEOUT_MS = 1000;
 const DEFAULT_UPSTREAM_IDLE_SOCKET_TIMEOUT_MS = 4000;
+const DEFAULT_CLIENT_HEADERS_TIMEOUT_MS = 60_000;
 
 function hasRequestBody(req: IncomingMessage): boolean {
   const length = req.headers['content-length'];
@@ -149,8 +157,14 @@ export class DataPlane {
     this.proxy.on('open', (upstream) => this.onWebSocketOpen(upstream));
 
     // requestTimeout 0: Node's default (300 s for the whole request) would cut a long upload.
-    // headersTimeout keeps its default and still bounds a client that never finishes its headers.
-    this.server = http.createServer({ requestTimeout: 0 });
+    // headersTimeout must then be set explicitly: Node derives its default from requestTimeout,
+    // and 0 would let a client that never finishes its headers hold a connection forever.
+    const headersTimeoutMs = options.clientHeadersTimeoutMs ?? DEFAULT_CLIENT_HEADERS_TIMEOUT_MS;
+    this.server = http.createServer({
+      requestTimeout: 0,
+      headersTimeout: headersTimeoutMs,
+      connectionsCheckingInterval: Math.min(30_000, headersTimeoutMs),
+    });
     this.server.on('request', (req: IncomingMessage, res: ServerResponse) => this.guard(() => this.onRequest(req, res, false), res));
     // Answering Expect: 100-continue ourselves means a refused request never sends its body.
     this.server.on('checkContinue', (req: IncomingMessage, res: ServerResponse) => this.guard(() => this.onRequest(req, res, true), res));

@@ -1,8 +1,10 @@
 // Upstreams that refuse, reset, hang or speak garbage: each becomes its documented answer, and
 // the data plane keeps serving afterwards.
 import http from 'node:http';
+import net from 'node:net';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { proxyRequestCount, send, startDataPlane, type TestDataPlane } from '../helpers/data-plane.js';
+import { waitUntil } from '../helpers/wait.js';
 import { startRawUpstream, startUpstream, unusedPort, type RawUpstream, type Upstream } from '../helpers/upstream.js';
 
 interface ErrorAnswer {
@@ -142,6 +144,25 @@ describe('upstream failures', () => {
     } finally {
       await sandbox.close();
     }
+  });
+
+  it('a client that never finishes its headers is answered 408 and cut, not held forever', async () => {
+    await dp.close(0);
+    dp = await startDataPlane({ ROUTESYNC_PROXY_TIMEOUT_MS: String(TIMEOUT_MS) }, { clientHeadersTimeoutMs: TIMEOUT_MS });
+    dp.setRoute({ id: 'healthy', ip: healthy.host });
+    const socket = net.connect(dp.address.port, dp.address.address);
+    const received: Buffer[] = [];
+    socket.on('data', (chunk: Buffer) => received.push(chunk));
+    let closed = false;
+    socket.once('close', () => {
+      closed = true;
+    });
+    socket.on('error', () => {});
+    socket.write(`GET /kruise/healthy/${healthy.port}/ HTTP/1.1\r\nHost: x\r\n`);
+    await waitUntil(() => closed, 10_000, 'the data plane to cut the slow-header client');
+    expect(Buffer.concat(received).toString('latin1')).toMatch(/^HTTP\/1\.1 408 /);
+    expect(healthy.acceptedSockets()).toBe(0);
+    await expectStillServing();
   });
 
   it('a storm of failing upstreams leaves the process up and serving', async () => {
