@@ -4,10 +4,27 @@
 // come back with a documented status and a body that fits the documented schema.
 import { readFileSync } from 'node:fs';
 import { existsSync } from 'node:fs';
-import { METHODS as HTTP_METHODS, type Server } from 'node:http';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { METHODS as HTTP_METHODS } from 'node:http';
+import type { Express } from 'express';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { parse } from 'yaml';
 import { startCluster, stopAll, type TestReplica } from '../helpers/cluster.js';
+
+// The Express apps each replica builds, captured as it builds them: the servers may wrap an app
+// in a plain handler (the test fault switch does), so the app is not reachable from the server.
+const builtApps = vi.hoisted(() => ({ local: [] as unknown[], peer: [] as unknown[] }));
+vi.mock('../../src/api/local.js', async (importOriginal) => {
+  const original = await importOriginal<typeof import('../../src/api/local.js')>();
+  return { ...original, createLocalApp: (...args: Parameters<typeof original.createLocalApp>) => record(builtApps.local, original.createLocalApp(...args)) };
+});
+vi.mock('../../src/api/peer.js', async (importOriginal) => {
+  const original = await importOriginal<typeof import('../../src/api/peer.js')>();
+  return { ...original, createPeerApp: (...args: Parameters<typeof original.createPeerApp>) => record(builtApps.peer, original.createPeerApp(...args)) };
+});
+function record(list: unknown[], app: Express): Express {
+  list.push(app);
+  return app;
+}
 
 type Schema = Record<string, any>;
 interface Operation {
@@ -110,9 +127,6 @@ function registeredRoutes(app: any): Map<string, Set<string>> {
   return routes;
 }
 
-function appOf(server: Server): any {
-  return server.listeners('request')[0];
-}
 
 /** The concrete URL path of an operation: path parameters from their examples. */
 function concretePath(operation: Operation): string {
@@ -165,11 +179,14 @@ describe('docs/openapi.yaml', () => {
 
   it('documents every route the local and peer apps register, and nothing they do not', () => {
     const served = new Map<string, Set<string>>();
-    for (const [tags, server] of [
-      [['local'], node.replica.apiServer],
-      [['peer', 'probes'], node.replica.peerServer],
+    // startCluster built node 0 first: its apps are the first captured.
+    expect(builtApps.local.length).toBe(nodes.length);
+    expect(builtApps.peer.length).toBe(nodes.length);
+    for (const [tags, app] of [
+      [['local'], builtApps.local[0]],
+      [['peer', 'probes'], builtApps.peer[0]],
     ] as const) {
-      for (const [path, methods] of registeredRoutes(appOf(server))) {
+      for (const [path, methods] of registeredRoutes(app)) {
         const item = (DOC.paths as Record<string, Record<string, any>>)[path];
         expect(item, `route ${path} is registered but not documented`).toBeDefined();
         for (const method of methods) {
