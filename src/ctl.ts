@@ -396,6 +396,8 @@ interface Digest {
   readonly digests: readonly string[];
   readonly routes: number;
   readonly fences: number;
+  /** An optional field: the replica knows its table may hold routes deleted elsewhere (see docs/operations.md). */
+  readonly suspect: boolean | undefined;
 }
 
 /** One identity's entry as pulled: a route, or a deletion fence (`state: dead`). */
@@ -419,7 +421,7 @@ export interface RouteDifference {
 
 async function fetchDigest(http: CtlHttp, base: string, token: string): Promise<Digest> {
   const body = expectOk(await http.get(base, '/v1/peer/digest', token), `${base} GET /v1/peer/digest`);
-  const { instance, buckets, root, digests, routes: routeCount, fences } = body;
+  const { instance, buckets, root, digests, routes: routeCount, fences, suspect } = body;
   if (
     typeof buckets !== 'number' ||
     !Number.isInteger(buckets) ||
@@ -437,6 +439,7 @@ async function fetchDigest(http: CtlHttp, base: string, token: string): Promise<
     digests: digests.map(String),
     routes: Number(routeCount ?? 0),
     fences: Number(fences ?? 0),
+    suspect: typeof suspect === 'boolean' ? suspect : undefined,
   };
 }
 
@@ -519,7 +522,16 @@ async function diff(http: CtlHttp, options: Options, a: string, b: string, io: C
     differences = compareEntries(entriesA, entriesB);
   }
   const same = digestA.root === digestB.root && comparable && differences.length === 0;
-  const summary = (base: string, d: Digest) => ({ address: base, instance: d.instance, routes: d.routes, fences: d.fences, root: d.root, buckets: d.buckets });
+  const summary = (base: string, d: Digest) => ({
+    address: base,
+    instance: d.instance,
+    routes: d.routes,
+    fences: d.fences,
+    root: d.root,
+    buckets: d.buckets,
+    suspect: d.suspect ?? null,
+  });
+  const suspectText = (d: Digest) => (d.suspect === undefined ? '?' : d.suspect ? 'YES' : 'no');
   if (options.json) {
     io.stdout(
       `${JSON.stringify(
@@ -538,10 +550,10 @@ async function diff(http: CtlHttp, options: Options, a: string, b: string, io: C
   }
   io.stdout(
     formatTable(
-      ['', 'REPLICA', 'INSTANCE', 'ROUTES', 'FENCES', 'ROOT DIGEST'],
+      ['', 'REPLICA', 'INSTANCE', 'ROUTES', 'FENCES', 'SUSPECT', 'ROOT DIGEST'],
       [
-        ['A', a, digestA.instance, String(digestA.routes), String(digestA.fences), digestA.root],
-        ['B', b, digestB.instance, String(digestB.routes), String(digestB.fences), digestB.root],
+        ['A', a, digestA.instance, String(digestA.routes), String(digestA.fences), suspectText(digestA), digestA.root],
+        ['B', b, digestB.instance, String(digestB.routes), String(digestB.fences), suspectText(digestB), digestB.root],
       ],
     ),
   );

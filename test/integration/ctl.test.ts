@@ -197,6 +197,7 @@ describe('routesync ctl diff', () => {
     expect(same.stderr).toBe('');
     expect(same.code).toBe(EXIT_OK);
     expect(same.stdout).toContain('The tables are identical.');
+    expect(same.stdout).toMatch(/^A\s+http:\/\/127\.0\.0\.1:\d+\s+[0-9a-f-]{36}\s+20\s+0\s+no\s+\S+$/m);
 
     // Make each kind of difference on one side only, behind the fan-out's back.
     a.replica.table.apply(parseChange(makeRoute({ name: 'only-a', id: 'sb-only-a', resourceVersion: '3' })));
