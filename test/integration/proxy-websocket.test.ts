@@ -198,6 +198,30 @@ describe('admission on upgrade: documented status and code, sandbox untouched', 
     });
   }
 
+  it("a sandbox that answers the handshake with plain HTTP has its answer relayed", async () => {
+    const plain = await startUpstream({ name: 'plain' });
+    try {
+      // No WebSocket server on this path: the sandbox says 401 in plain HTTP.
+      plain.server.removeAllListeners('upgrade');
+      plain.server.on('upgrade', (_req, socket) => socket.end('HTTP/1.1 401 Unauthorized\r\ncontent-type: text/plain\r\ncontent-length: 7\r\nconnection: close\r\n\r\nsandbox'));
+      dp.setRoute({ id: 'plain', ip: plain.host });
+      const status = await new Promise<{ status: number; body: string; code: unknown }>((resolve, reject) => {
+        const ws = new WebSocket(url(dp.address, `/kruise/plain/${plain.port}/`));
+        ws.once('open', () => reject(new Error('the handshake was accepted')));
+        ws.once('error', reject);
+        ws.once('unexpected-response', (_req, res) => {
+          let body = '';
+          res.on('data', (chunk: Buffer) => (body += chunk.toString()));
+          res.on('end', () => resolve({ status: res.statusCode ?? 0, body, code: res.headers['x-routesync-error'] }));
+        });
+      });
+      expect(status).toEqual({ status: 401, body: 'sandbox', code: undefined });
+      expect(await proxyRequestCount(dp.metrics, 'proxied')).toBe(1);
+    } finally {
+      await plain.close();
+    }
+  });
+
   it('a sandbox that refuses the connection -> 502; one that never answers the handshake -> 504', async () => {
     const closedPort = await unusedPort();
     expect((await refusal(`/kruise/ws/${closedPort}/`)).code).toBe('upstream_unreachable');

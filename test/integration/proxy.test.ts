@@ -1,7 +1,9 @@
 // The data plane against real upstream servers on loopback: mapping, admission, header
 // hygiene, access log and metrics.
+import { readFileSync } from 'node:fs';
 import http from 'node:http';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { ERROR_STATUS } from '../../src/proxy/target.js';
 import { proxyRequestCount, send, startDataPlane, type TestDataPlane } from '../helpers/data-plane.js';
 import { startUpstream, unusedPort, type Upstream } from '../helpers/upstream.js';
 
@@ -261,6 +263,14 @@ describe('admission errors: documented status and code, upstream untouched', () 
       expect(await proxyRequestCount(dp.metrics, testCase.code)).toBe(1);
     });
   }
+
+  it("README's data-plane error table lists every code with its status", () => {
+    const readme = readFileSync(new URL('../../README.md', import.meta.url), 'utf8');
+    for (const [code, status] of Object.entries(ERROR_STATUS)) {
+      const row = readme.split('\n').find((line) => line.startsWith(`| ${status} | \`${code}\` |`));
+      expect(row, `README row "| ${status} | \`${code}\` | ..."`).toBeDefined();
+    }
+  });
 
   it('the right token in either header is admitted', async () => {
     dp.setRoute({ id: 'tok', ip: upstream.host, requireTrafficAuth: true, accessToken: 'the-token' });
