@@ -1,0 +1,118 @@
+// DNS discovery against a real DNS server on loopback UDP (test/helpers/dns-server.ts). The
+// replicas listen on 127.0.0.2, .3 and .4 at one shared port, as pods behind a headless
+// Service do, so the A records alone name them.
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { configFromEnv } from '../../src/config.js';
+import { Replica } from '../../src/replica.js';
+import { DnsServer } from '../helpers/dns-server.js';
+import { LogSink, TEST_ENV, makeRoute, putRoute } from '../helpers/cluster.js';
+import { waitUntil } from '../helpers/wait.js';
+
+interface Node {
+  readonly replica: Replica;
+  readonly logs: LogSink;
+  readonly api: string;
+  readonly requests: { peer: string; path: string }[];
+}
+
+const NAME = 'routesync-peers.test.svc';
+let dns: DnsServer;
+const nodes: Node[] = [];
+
+beforeEach(async () => {
+  dns = await DnsServer.start();
+});
+
+afterEach(async () => {
+  await Promise.all(nodes.splice(0).map((node) => node.replica.close()));
+  await dns.close();
+});
+
+async function start(host: string, port: number): Promise<Node> {
+  const logs = new LogSink();
+  const requests: { peer: string; path: string }[] = [];
+  const replica = await Replica.start(
+    configFromEnv({
+      ...TEST_ENV,
+      ROUTESYNC_PEER_ADDR: `${host}:${port}`,
+      ROUTESYNC_PEER_DNS: NAME,
+      ROUTESYNC_PEER_DNS_SERVERS: dns.address,
+      ROUTESYNC_PEER_DNS_INTERVAL_MS: '200',
+      ROUTESYNC_RECONCILE_INTERVAL_MS: '200',
+      ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '3000',
+    }),
+    { logDestination: logs, processMetrics: false, onPeerRequest: (peer, path) => requests.push({ peer, path }) },
+  );
+  const node = { replica, logs, api: `http://${replica.addresses.api}`, requests };
+  nodes.push(node);
+  return node;
+}
+
+async function counter(metric: { get(): Promise<{ values: { value: number; labels: Record<string, unknown> }[] }> }, labels: Record<string, string> = {}): Promise<number> {
+  const { values } = await metric.get();
+  return values.filter((entry) => Object.entries(labels).every(([key, value]) => entry.labels[key] === value)).reduce((sum, entry) => sum + entry.value, 0);
+}
+
+describe('DNS discovery', () => {
+  it('a peer added to the DNS answer gets the whole table; one removed is no longer contacted', async () => {
+    dns.set(NAME, ['127.0.0.2']);
+    const a = await start('127.0.0.2', 0);
+    const port = Number(a.replica.addresses.peer.split(':')[1]);
+    expect(await a.replica.bootstrapped).toBe('no_peers');
+    expect(a.replica.sync.peerAddresses()).toEqual([]);
+
+    // B appears in DNS and starts: both find each other.
+    dns.set(NAME, ['127.0.0.2', '127.0.0.3']);
+    const b = await start('127.0.0.3', port);
+    await waitUntil(() => a.replica.sync.peerAddresses().includes(`127.0.0.3:${port}`), 5000, 'a to discover b');
+    expect(b.replica.sync.peerAddresses()).toEqual([`127.0.0.2:${port}`]);
+    const routes = Array.from({ length: 200 }, () => makeRoute({ namespace: 'dns' }));
+    const batch = await fetch(`${a.api}/v1/routes/batch`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ routes }) });
+    expect(((await batch.json()) as any).sync.acked).toBe(1);
+
+    // C appears: it bootstraps the whole table from a peer before it is ready.
+    dns.set(NAME, ['127.0.0.2', '127.0.0.3', '127.0.0.4']);
+    const c = await start('127.0.0.4', port);
+    expect(await c.replica.bootstrapped).toBe('pulled');
+    expect(c.replica.table.size).toBe(200);
+    expect(c.replica.table.rootDigest()).toBe(a.replica.table.rootDigest());
+    await waitUntil(() => a.replica.sync.peerAddresses().length === 2 && b.replica.sync.peerAddresses().length === 2, 5000, 'a and b to discover c');
+
+    // B vanishes from DNS: A and C drop it and stop contacting it.
+    dns.set(NAME, ['127.0.0.2', '127.0.0.4']);
+    await waitUntil(() => !a.replica.sync.peerAddresses().includes(`127.0.0.3:${port}`), 5000, 'a to drop b');
+    await waitUntil(() => !c.replica.sync.peerAddresses().includes(`127.0.0.3:${port}`), 5000, 'c to drop b');
+    const toB = () => [...a.requests, ...c.requests].filter((request) => request.peer === `127.0.0.3:${port}`).length;
+    const before = toB();
+    const roundsA = await counter(a.replica.metrics.reconcileRounds);
+    const { body } = await putRoute(a.api, makeRoute({ namespace: 'dns' }));
+    expect(body.sync).toMatchObject({ peers: 1, acked: 1 });
+    await waitUntil(async () => (await counter(a.replica.metrics.reconcileRounds)) >= roundsA + 5, 10_000, 'five more rounds on a');
+    expect(toB()).toBe(before);
+    expect(a.logs.lines.some((line) => line.includes('peer removed'))).toBe(true);
+  });
+
+  it('keeps the last good peer set when resolution fails, and says why', async () => {
+    dns.set(NAME, ['127.0.0.2', '127.0.0.3']);
+    const a = await start('127.0.0.2', 0);
+    const port = Number(a.replica.addresses.peer.split(':')[1]);
+    await a.replica.bootstrapped;
+    expect(a.replica.sync.peerAddresses()).toEqual([`127.0.0.3:${port}`]);
+
+    dns.mode = 'servfail';
+    await waitUntil(async () => (await counter(a.replica.metrics.dnsResolutions, { result: 'ESERVFAIL' })) >= 2, 5000, 'failed resolutions');
+    expect(a.replica.sync.peerAddresses()).toEqual([`127.0.0.3:${port}`]);
+    const warning = a.logs.lines.map((line) => JSON.parse(line)).find((line) => line.msg?.startsWith('peer DNS resolution failed'));
+    expect(warning).toMatchObject({ level: 'warn', code: 'ESERVFAIL', name: NAME });
+
+    // An answer without addresses (the name is gone) is not taken as "no peers" either.
+    dns.mode = 'answer';
+    dns.records.delete(NAME);
+    await waitUntil(async () => (await counter(a.replica.metrics.dnsResolutions, { result: 'ENOTFOUND' })) >= 1, 5000, 'NXDOMAIN');
+    expect(a.replica.sync.peerAddresses()).toEqual([`127.0.0.3:${port}`]);
+
+    // DNS answers again, without this peer: now it goes.
+    dns.set(NAME, ['127.0.0.2']);
+    await waitUntil(() => a.replica.sync.peerAddresses().length === 0, 5000, 'the peer set to follow DNS again');
+  });
+});
