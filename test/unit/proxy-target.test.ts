@@ -1,0 +1,151 @@
+// The pure parts of the data plane: request mapping, admission, error classification, header
+// hygiene.
+import { describe, expect, it } from 'vitest';
+import { upstreamRequestHeaders } from '../../src/proxy/headers.js';
+import { admit, classifyUpstreamError, decide, mapRequest, parsePort, tokenMatches, type SandboxAddress } from '../../src/proxy/target.js';
+import type { Route } from '../../src/routes/route.js';
+
+const options = { defaultSandboxPort: 49983, proxyDomain: '' };
+
+function route(overrides: Partial<Route> = {}): Route {
+  return { namespace: 'ns', name: 'n', id: 'sb', uid: 'u', resourceVersion: '1', ip: '10.0.0.7', state: 'running', ...overrides };
+}
+
+const address: SandboxAddress = { form: 'path', sandboxId: 'sb', port: 8080, upstreamPath: '/' };
+
+describe('parsePort', () => {
+  it('accepts canonical 1-65535 only', () => {
+    expect(['1', '80', '65535', ' 8080 '].map(parsePort)).toEqual([1, 80, 65535, 8080]);
+    for (const bad of ['0', '65536', '080', '-1', '+80', '8e3', '', 'http', '99999999999']) expect(parsePort(bad), bad).toBeUndefined();
+  });
+});
+
+describe('mapRequest', () => {
+  it('path form forwards the rest with the query, and / when there is none', () => {
+    expect(mapRequest({ url: '/kruise/sb/3000/a/b?q=1', headers: {} }, options)).toEqual({
+      ok: true,
+      address: { form: 'path', sandboxId: 'sb', port: 3000, upstreamPath: '/a/b?q=1' },
+    });
+    expect(mapRequest({ url: '/kruise/sb/3000?q=1', headers: {} }, options)).toMatchObject({ ok: true, address: { upstreamPath: '/?q=1' } });
+  });
+
+  it('path form decodes the sandbox ID segment', () => {
+    expect(mapRequest({ url: '/kruise/sb%2Done/80/', headers: {} }, options)).toMatchObject({ ok: true, address: { sandboxId: 'sb-one' } });
+  });
+
+  it('/kruise/<id> without a port segment is not the path form', () => {
+    expect(mapRequest({ url: '/kruise/sb', headers: {} }, options)).toMatchObject({ ok: false, error: { code: 'sandbox_not_specified' } });
+  });
+
+  it('header form, with the default port when none is given', () => {
+    expect(mapRequest({ url: '/x', headers: { 'e2b-sandbox-id': 'sb' } }, options)).toMatchObject({ ok: true, address: { form: 'header', port: 49983, upstreamPath: undefined } });
+    expect(mapRequest({ url: '/x', headers: { 'e2b-sandbox-id': 'sb', 'e2b-sandbox-port': '7' } }, options)).toMatchObject({ ok: true, address: { port: 7 } });
+  });
+
+  it('host form, restricted to the configured domain when one is set', () => {
+    expect(mapRequest({ headers: { host: '8080-sb-1.example.com:80' } }, options)).toMatchObject({ ok: true, address: { form: 'host', sandboxId: 'sb-1', port: 8080 } });
+    const restricted = { ...options, proxyDomain: 'Sandbox.Example' };
+    expect(mapRequest({ headers: { host: '8080-sb.sandbox.example' } }, restricted)).toMatchObject({ ok: true });
+    expect(mapRequest({ headers: { host: '8080-sb.other.example' } }, restricted)).toMatchObject({ ok: false, error: { code: 'sandbox_not_specified' } });
+    expect(mapRequest({ headers: { host: '127.0.0.1:8080' } }, options)).toMatchObject({ ok: false, error: { code: 'sandbox_not_specified' } });
+  });
+
+  it('the first form present decides: a bad port is never rescued by a later form', () => {
+    const result = mapRequest({ url: '/kruise/sb/0/', headers: { 'e2b-sandbox-id': 'other', 'e2b-sandbox-port': '80' } }, options);
+    expect(result).toMatchObject({ ok: false, sandboxId: 'sb', error: { code: 'invalid_port', status: 400 } });
+  });
+});
+
+describe('admit', () => {
+  it('order: found, token, running, IP', () => {
+    expect(admit(address, undefined, {})).toMatchObject({ ok: false, error: { code: 'sandbox_not_found', status: 404 } });
+    const paused = route({ state: 'Paused', requireTrafficAuth: true, accessToken: 't' });
+    expect(admit(address, paused, {})).toMatchObject({ ok: false, error: { code: 'traffic_token_missing' } });
+    expect(admit(address, paused, { 'x-access-token': 't' })).toMatchObject({ ok: false, error: { code: 'sandbox_not_running', state: 'Paused', status: 503 } });
+    expect(admit(address, route({ ip: '' }), {})).toMatchObject({ ok: false, error: { code: 'sandbox_no_ip' } });
+  });
+
+  it('a route demanding a token but storing none admits nobody', () => {
+    expect(admit(address, route({ requireTrafficAuth: true }), { 'e2b-traffic-access-token': '' })).toMatchObject({ ok: false, error: { code: 'traffic_token_missing' } });
+    expect(admit(address, route({ requireTrafficAuth: true }), { 'e2b-traffic-access-token': 'x' })).toMatchObject({ ok: false, error: { code: 'traffic_token_invalid' } });
+  });
+
+  it('targets the route IP and the requested port, IPv6 bracketed only in the origin', () => {
+    expect(admit(address, route(), {})).toEqual({ ok: true, target: { host: '10.0.0.7', port: 8080, origin: 'http://10.0.0.7:8080' } });
+    expect(admit(address, route({ ip: 'fd00::7' }), {})).toEqual({ ok: true, target: { host: 'fd00::7', port: 8080, origin: 'http://[fd00::7]:8080' } });
+  });
+
+  it('never targets something that is not a literal IP', () => {
+    for (const ip of ['sandbox.internal', 'fe80::1%eth0', '10.0.0.7:80']) expect(admit(address, route({ ip }), {}), ip).toMatchObject({ ok: false, error: { code: 'sandbox_no_ip' } });
+  });
+
+  it('decide maps, looks up by the mapped ID and admits', () => {
+    const seen: string[] = [];
+    const lookup = (id: string): Route | undefined => {
+      seen.push(id);
+      return id === 'sb' ? route() : undefined;
+    };
+    expect(decide({ url: '/kruise/sb/81/', headers: {} }, lookup, options)).toMatchObject({ ok: true, target: { host: '10.0.0.7', port: 81 } });
+    expect(decide({ url: '/kruise/nope/81/', headers: {} }, lookup, options)).toMatchObject({ ok: false, sandboxId: 'nope', port: 81, error: { code: 'sandbox_not_found' } });
+    expect(seen).toEqual(['sb', 'nope']);
+  });
+});
+
+describe('tokenMatches', () => {
+  it('compares secrets of any lengths', () => {
+    expect(tokenMatches('abc', 'abc')).toBe(true);
+    expect(tokenMatches('abc', 'abd')).toBe(false);
+    expect(tokenMatches('abc', 'abcd')).toBe(false);
+    expect(tokenMatches('', '')).toBe(true);
+  });
+});
+
+describe('classifyUpstreamError', () => {
+  it('classifies by err.code', () => {
+    expect(classifyUpstreamError(Object.assign(new Error('x'), { code: 'ECONNREFUSED' })).code).toBe('upstream_unreachable');
+    expect(classifyUpstreamError(Object.assign(new Error('x'), { code: 'HPE_INVALID_CONSTANT' })).code).toBe('upstream_protocol_error');
+    expect(classifyUpstreamError('not even an error')).toMatchObject({ code: 'upstream_unreachable', status: 502 });
+  });
+});
+
+describe('upstreamRequestHeaders', () => {
+  const context = { remoteAddress: '192.0.2.9', protocol: 'http' as const, upgrade: false };
+
+  it('strips tokens, routing, hop-by-hop and Connection-listed headers; keeps message framing', () => {
+    const out = upstreamRequestHeaders(
+      {
+        host: '80-sb.example.com',
+        'x-access-token': 't',
+        'e2b-traffic-access-token': 't',
+        'e2b-sandbox-id': 'sb',
+        'e2b-sandbox-port': '80',
+        connection: 'keep-alive, x-private, content-length, transfer-encoding',
+        'x-private': 'p',
+        'content-length': '5',
+        te: 'trailers',
+        'proxy-authorization': 'Basic x',
+        expect: '100-continue',
+        authorization: 'Bearer sandbox-own',
+      },
+      context,
+    );
+    expect(out).toEqual({
+      host: '80-sb.example.com',
+      'content-length': '5',
+      authorization: 'Bearer sandbox-own',
+      'x-forwarded-for': '192.0.2.9',
+      'x-forwarded-proto': 'http',
+      'x-forwarded-host': '80-sb.example.com',
+    });
+  });
+
+  it('appends to X-Forwarded-For and replaces client-sent Proto and Host', () => {
+    const out = upstreamRequestHeaders({ host: 'h', 'x-forwarded-for': '198.51.100.1', 'x-forwarded-proto': 'https', 'x-forwarded-host': 'evil' }, context);
+    expect(out).toMatchObject({ 'x-forwarded-for': '198.51.100.1, 192.0.2.9', 'x-forwarded-proto': 'http', 'x-forwarded-host': 'h' });
+  });
+
+  it('a WebSocket handshake keeps Connection: Upgrade and Upgrade', () => {
+    const out = upstreamRequestHeaders({ host: 'h', connection: 'keep-alive, Upgrade', upgrade: 'websocket', 'sec-websocket-key': 'k' }, { ...context, upgrade: true });
+    expect(out).toMatchObject({ connection: 'Upgrade', upgrade: 'websocket', 'sec-websocket-key': 'k' });
+  });
+});
