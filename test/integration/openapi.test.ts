@@ -3,7 +3,6 @@
 // route the Express apps register is documented, and the documented examples, sent for real,
 // come back with a documented status and a body that fits the documented schema.
 import { readFileSync } from 'node:fs';
-import { existsSync } from 'node:fs';
 import { METHODS as HTTP_METHODS } from 'node:http';
 import type { Express } from 'express';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
@@ -39,16 +38,6 @@ const OPERATIONS: Operation[] = Object.entries(DOC.paths as Record<string, Recor
   METHODS.filter((method) => item[method]).map((method) => ({ path, method, op: item[method] })),
 );
 const TOKEN = 'openapi-test-peer-token';
-/**
- * The reconciliation endpoints (digest, pull) are documented from their wire contract while
- * they are being built; until the code registers them, their checks are skipped, not failed.
- */
-const RECONCILE_PATHS = new Set(['/v1/peer/digest', '/v1/peer/pull']);
-const RECONCILE_LANDED = ['../../src/api/peer.ts', '../../src/peers/reconcile.ts', '../../src/replica.ts'].some((file) => {
-  const url = new URL(file, import.meta.url);
-  return existsSync(url) && readFileSync(url, 'utf8').includes('/v1/peer/digest');
-});
-const pending = (operation: Operation) => !RECONCILE_LANDED && RECONCILE_PATHS.has(operation.path);
 /** The codes every app answers for a route it does not have. */
 const GENERIC = new Set(['not_found', 'method_not_allowed']);
 
@@ -196,13 +185,13 @@ describe('docs/openapi.yaml', () => {
         served.set(path, methods);
       }
     }
-    for (const { path, method } of OPERATIONS.filter((operation) => !pending(operation))) {
+    for (const { path, method } of OPERATIONS) {
       expect(served.get(path)?.has(method), `${method.toUpperCase()} ${path} is documented but no app registers it`).toBe(true);
     }
   });
 
   for (const operation of OPERATIONS) {
-    it.skipIf(pending(operation))(`${operation.method.toUpperCase()} ${operation.path} is served on its listener (not the generic 404/405)`, async () => {
+    it(`${operation.method.toUpperCase()} ${operation.path} is served on its listener (not the generic 404/405)`, async () => {
       // Path parameters that name nothing: this must not touch the examples' routes.
       const response = await send(operation, undefined, operation.path.replace(/\{(\w+)\}/g, 'served-check-$1'));
       expect(response.status).toBeLessThan(500);
@@ -219,8 +208,7 @@ describe('docs/openapi.yaml', () => {
 
   it('answers every documented example with a documented status and a body that fits its schema', async () => {
     // Deletions last, so the examples that read the example route still find it.
-    const live = OPERATIONS.filter((operation) => !pending(operation));
-    const ordered = [...live.filter((o) => o.method !== 'delete'), ...live.filter((o) => o.method === 'delete')];
+    const ordered = [...OPERATIONS.filter((o) => o.method !== 'delete'), ...OPERATIONS.filter((o) => o.method === 'delete')];
     let checked = 0;
     for (const operation of ordered) {
       const example = operation.op.requestBody?.content?.['application/json']?.example as unknown;
@@ -252,7 +240,7 @@ describe('docs/openapi.yaml', () => {
       expect(check(response.body, resolve(operation.op.responses[String(status)] as Schema).content['application/json'].schema as Schema)).toEqual([]);
     }
     // Without the token, every documented peer operation that declares peerToken answers 401.
-    const guarded = OPERATIONS.filter((o) => !pending(o) && (o.op.security as Schema[] | undefined)?.some((s) => 'peerToken' in s));
+    const guarded = OPERATIONS.filter((o) => (o.op.security as Schema[] | undefined)?.some((s) => 'peerToken' in s));
     expect(guarded.length).toBeGreaterThanOrEqual(2);
     for (const operation of guarded) {
       const response = await fetch(`${node.peerUrl}${concretePath(operation)}`, { method: operation.method.toUpperCase() });
