@@ -67,7 +67,7 @@ export class Metrics {
   // Reconciliation
   readonly reconcileRounds = new Counter({
     name: 'routesync_reconcile_rounds_total',
-    help: 'Anti-entropy rounds, by result (in_sync, repaired, unchanged, rebuilt, skipped, failed)',
+    help: 'Anti-entropy rounds, by result (in_sync, repaired, unchanged, rebuilt, kept, skipped, failed)',
     labelNames: ['result'] as const,
     registers: [this.registry],
   });

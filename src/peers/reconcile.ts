@@ -33,6 +33,14 @@
 //    version) every local route the peer has neither as a route nor as a fence, unless the
 //    local manager changed that identity since the last good contact (those are newer than
 //    anything the peer could have seen; they reach the peer by push or by its own pulls).
+//  - A rebuild needs a trustworthy source: a SEEDED peer (one that started alone, bootstrapped
+//    from a peer, or has since completed a round with a seeded peer). A replica that turned
+//    ready empty after a bootstrap timeout is not seeded: its table is only what its manager
+//    did since it started. When a suspect replica finds every one of its peers untrustworthy
+//    (suspect, or not seeded), its table is the best copy there is: the replica with the
+//    smallest instance ID among the suspect ones declares itself the reference (`kept`), and
+//    the others rebuild from it. Without this, a lone survivor whose only peer restarted empty
+//    would either stay suspect for ever or rebuild from an empty table and lose every route.
 //  - Pushes need no such rule: a replica pushes only changes its own manager made, and those
 //    carry fresh resourceVersions from the one etcd counter.
 import { performance } from 'node:perf_hooks';
@@ -71,9 +79,11 @@ export interface TableDigest {
   readonly fences: number;
   /** True while this replica's table must not be offered: suspect, or not bootstrapped yet. */
   readonly suspect: boolean;
+  /** False for a replica that turned ready empty after a bootstrap timeout and has not met a seeded peer since. */
+  readonly seeded: boolean;
 }
 
-export type RoundResult = 'in_sync' | 'repaired' | 'unchanged' | 'rebuilt' | 'skipped' | 'failed' | 'no_peers';
+export type RoundResult = 'in_sync' | 'repaired' | 'unchanged' | 'rebuilt' | 'kept' | 'skipped' | 'failed' | 'no_peers';
 
 export interface RoundReport {
   readonly peer: string | null;
@@ -120,6 +130,9 @@ export class Reconciler {
   /** Last completed round with a non-suspect peer (or the start of this replica's life). */
   private lastContactMs: number;
   private bootstrapped = false;
+  private seeded = false;
+  /** While suspect: peers that answered but cannot be rebuilt from, with their instance and whether they are suspect. */
+  private readonly untrusted = new Map<string, { instance: string; suspect: boolean }>();
   private cursor: number;
   private timer: NodeJS.Timeout | null = null;
   private running: Promise<RoundReport> | null = null;
@@ -141,6 +154,11 @@ export class Reconciler {
   }
 
   // --- serving side ----------------------------------------------------------------------
+
+  /** Whether this replica's table is a trustworthy source (see the header). */
+  isSeeded(): boolean {
+    return this.seeded;
+  }
 
   /** Record a change the local manager made (it survives a suspect rebuild). */
   noteLocalChange(key: string): void {
@@ -167,6 +185,7 @@ export class Reconciler {
       routes: this.table.size,
       fences: this.table.fenceCount,
       suspect: !this.bootstrapped || this.isSuspect(),
+      seeded: this.seeded,
     };
   }
 
@@ -192,6 +211,7 @@ export class Reconciler {
     try {
       if (this.sync.peerAddresses().length === 0) {
         this.logger.info('no peers: ready at once with the table as it is');
+        this.seeded = true;
         return 'no_peers';
       }
       const { signal, clear } = attemptSignal(this.config.bootstrapTimeoutMs, this.stop.signal);
@@ -204,6 +224,7 @@ export class Reconciler {
               { peer: report.peer, routes: this.table.size, fences: this.table.fenceCount, bytes: report.bytes, ms: Math.round(performance.now() - started) },
               'bootstrap: table pulled from a peer',
             );
+            this.seeded = true;
             return 'pulled';
           } catch (error) {
             lastError = classifyPeerError(error);
@@ -238,7 +259,9 @@ export class Reconciler {
     const combined = AbortSignal.any([signal, losers.signal]);
     const answers = peers.map(async (peer) => {
       const { digest, bytes } = await this.fetchDigest(peer, true, combined);
-      if (digest.suspect) throw new PeerRequestError('unknown', `peer ${peer} is suspect or bootstrapping`, { code: 'ROUTESYNC_PEER_SUSPECT' });
+      if (digest.suspect || !digest.seeded) {
+        throw new PeerRequestError('unknown', `peer ${peer} is suspect, bootstrapping or not seeded`, { code: 'ROUTESYNC_PEER_UNTRUSTED' });
+      }
       return { peer, digest, bytes };
     });
     let first: Awaited<(typeof answers)[number]>;
@@ -316,13 +339,19 @@ export class Reconciler {
       bytes += head.bytes;
       this.metrics.reconcileDigests.inc();
       let report: RoundReport;
-      if (head.digest.suspect) {
+      const remote = head.digest;
+      if (wasSuspect && (remote.suspect || !remote.seeded)) {
+        report = this.untrustedPeer(peer, remote, bytes);
+        if (report.result === 'skipped') {
+          this.metrics.reconcileRounds.inc({ result: 'skipped' });
+          return report;
+        }
+      } else if (remote.suspect) {
         report = { peer, result: 'skipped', repaired: 0, bytes, buckets: 0 };
         this.metrics.reconcileRounds.inc({ result: 'skipped' });
         this.logger.debug({ peer }, 'reconcile: peer is suspect or bootstrapping; not pulling from it');
         return report;
-      }
-      if (wasSuspect) {
+      } else if (wasSuspect) {
         report = await this.rebuildFrom(peer, signal, bytes);
       } else if (head.digest.root === this.table.rootDigest()) {
         report = { peer, result: 'in_sync', repaired: 0, bytes, buckets: 0 };
@@ -335,6 +364,7 @@ export class Reconciler {
         report = { peer, result: pulled.repaired > 0 ? 'repaired' : 'unchanged', repaired: pulled.repaired, bytes, buckets: differing.length };
       }
       this.contact(peer);
+      if (remote.seeded || report.result === 'kept') this.seeded = true;
       this.metrics.reconcileRounds.inc({ result: report.result });
       if (report.repaired > 0) {
         this.logger.info({ peer, repaired: report.repaired, buckets: report.buckets, bytes: report.bytes, result: report.result }, 'reconcile: repaired from peer');
@@ -363,8 +393,29 @@ export class Reconciler {
     return candidates[this.cursor++ % candidates.length];
   }
 
+  /**
+   * A suspect replica met a peer it cannot rebuild from. Once every current peer has answered
+   * so, and no suspect one among them has a smaller instance ID, this table is the reference.
+   */
+  private untrustedPeer(peer: string, remote: TableDigest, bytes: number): RoundReport {
+    this.untrusted.set(peer, { instance: remote.instance, suspect: remote.suspect });
+    const peers = this.sync.peerAddresses();
+    const allUntrusted = peers.every((address) => this.untrusted.has(address));
+    const outranked = [...this.untrusted.values()].some((other) => other.suspect && other.instance !== '' && other.instance < this.instanceId);
+    if (!allUntrusted || outranked) {
+      this.logger.debug({ peer, suspect: remote.suspect, seeded: remote.seeded }, 'reconcile: suspect, and this peer cannot be rebuilt from');
+      return { peer, result: 'skipped', repaired: 0, bytes, buckets: 0 };
+    }
+    this.logger.warn(
+      { peers: peers.length, outOfContactMs: this.now() - this.lastContactMs },
+      'reconcile: table was suspect but no peer is a trustworthy source; keeping it as the reference',
+    );
+    return { peer, result: 'kept', repaired: 0, bytes, buckets: 0 };
+  }
+
   /** A completed round with a non-suspect peer. */
   private contact(peer: string): void {
+    this.untrusted.clear();
     this.lastContactMs = this.now();
     this.sync.markReconciled(peer);
     // Local changes older than the last good contact can no longer matter to a rebuild.
@@ -496,5 +547,7 @@ function parseDigest(peer: string, json: unknown, withBuckets: boolean): TableDi
     routes: typeof body.routes === 'number' ? body.routes : 0,
     fences: typeof body.fences === 'number' ? body.fences : 0,
     suspect: body.suspect === true,
+    // Replicas that predate the field are seeded as far as anyone can tell.
+    seeded: body.seeded !== false,
   };
 }

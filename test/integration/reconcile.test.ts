@@ -225,6 +225,32 @@ describe('no resurrection', () => {
   });
 });
 
+describe('suspect tables and trust', () => {
+  it('a lone survivor whose only peer restarts empty keeps its table and the peer gets it, rather than both losing it', async () => {
+    const env = { ROUTESYNC_TOMBSTONE_TTL_MS: '2000', ROUTESYNC_RECONCILE_INTERVAL_MS: '200', ROUTESYNC_EJECT_PROBE_MS: '100' };
+    const [a, b] = await cluster(2, env);
+    const routes = Array.from({ length: 100 }, () => makeRoute({ namespace: 'survivor' }));
+    expect((await postBatch(a!.api, routes)).body.sync.acked).toBe(1);
+
+    const bPeerAddress = b!.replica.addresses.peer;
+    await b!.replica.close();
+    nodes.splice(nodes.indexOf(b!), 1);
+    // Alone for longer than half the TTL: A cannot tell a dead peer from a partition, so it is suspect.
+    await waitUntil(() => a!.replica.reconciler.isSuspect(), 5000, 'a to turn suspect');
+
+    // B restarts empty. A is suspect and B is bootstrapping (or, once its bootstrap timed out,
+    // not seeded): neither can be rebuilt from. A meets only such a peer, so A's table is the
+    // reference; B then pulls all of it (in its bootstrap, or in its first rounds).
+    const restarted = await start({ ...env, ROUTESYNC_PEER_ADDR: bPeerAddress, ROUTESYNC_PEERS: a!.replica.addresses.peer, ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '500' });
+    await restarted.replica.bootstrapped;
+    await waitUntil(async () => (await counter(a!.replica.metrics.reconcileRounds, { result: 'kept' })) >= 1, 5000, 'a to keep its table');
+    await waitUntil(() => same(a!.replica, restarted.replica), 5000, 'b to get the table from a');
+    expect(a!.replica.table.size).toBe(100);
+    expect(await counter(a!.replica.metrics.reconcileRounds, { result: 'rebuilt' })).toBe(0);
+    expect(restarted.replica.reconciler.isSeeded()).toBe(true);
+  });
+});
+
 describe('wire contract', () => {
   it('serves the digest, its cheap variant and pulls, and refuses bad pulls with 400', async () => {
     const [a] = await cluster(1);
