@@ -1,0 +1,66 @@
+// The reconciler's pure parts: interval spread, suspicion on an injected clock; the DNS settings.
+import { describe, expect, it } from 'vitest';
+import { ConfigError, configFromEnv } from '../../src/config.js';
+import { createLogger } from '../../src/log.js';
+import { Metrics } from '../../src/metrics.js';
+import { PeerClient } from '../../src/peers/client.js';
+import { parseDnsTarget } from '../../src/peers/discovery.js';
+import { PeerSync } from '../../src/peers/fanout.js';
+import { LARGE_FLEET_PEERS, Reconciler } from '../../src/peers/reconcile.js';
+import { RouteTable } from '../../src/routes/table.js';
+import { RouteService } from '../../src/service.js';
+
+function reconciler(clock: { ms: number }, env: Record<string, string> = {}) {
+  const config = configFromEnv({ ROUTESYNC_RECONCILE_INTERVAL_MS: '1000', ROUTESYNC_TOMBSTONE_TTL_MS: '10000', ...env });
+  const logger = createLogger({ level: 'silent' });
+  const metrics = new Metrics({ processMetrics: false });
+  const client = new PeerClient({ connections: 1, token: '', instanceId: 'self' });
+  const sync = new PeerSync({ config, client, metrics, logger });
+  const table = new RouteTable({ tombstoneTtlMs: config.tombstoneTtlMs, now: () => clock.ms });
+  const service = new RouteService(table, sync, metrics, logger);
+  const now = () => clock.ms;
+  return { sync, client, reconciler: new Reconciler({ config, table, service, sync, client, metrics, logger, instanceId: 'self', now, random: () => 0.5 }) };
+}
+
+describe('Reconciler', () => {
+  it('keeps the interval up to 50 peers, then grows it with the peer count', () => {
+    const { reconciler: r, client } = reconciler({ ms: 0 });
+    expect(r.intervalMs(0)).toBe(1000);
+    expect(r.intervalMs(LARGE_FLEET_PEERS)).toBe(1000);
+    expect(r.intervalMs(500)).toBe(10_000);
+    void client.close();
+  });
+
+  it('turns suspect after half the fence TTL without contact, only while it has peers', async () => {
+    const clock = { ms: 1_000_000 };
+    const { reconciler: r, sync, client } = reconciler(clock, { ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '300' });
+    clock.ms += 60_000;
+    expect(r.isSuspect()).toBe(false); // alone: nothing to have missed
+    sync.setPeers(['127.0.0.1:1']);
+    clock.ms += 5000;
+    expect(r.isSuspect()).toBe(false);
+    clock.ms += 1;
+    expect(r.isSuspect()).toBe(true);
+    expect(r.digest(false)).toMatchObject({ suspect: true, seeded: false });
+    expect(await r.bootstrap()).toBe('timeout'); // nothing listens on port 1
+    expect(r.isSuspect()).toBe(false); // a fresh start of contact time after bootstrap
+    sync.close();
+    r.close();
+    await client.close();
+  });
+});
+
+describe('DNS settings', () => {
+  it('parses name and name:port', () => {
+    expect(parseDnsTarget('peers.ns.svc', 7789)).toEqual({ name: 'peers.ns.svc', port: 7789 });
+    expect(parseDnsTarget('peers.ns.svc:9000', 7789)).toEqual({ name: 'peers.ns.svc', port: 9000 });
+  });
+
+  it('accepts IP servers with optional ports and refuses names and bad ports with one line', () => {
+    expect(configFromEnv({ ROUTESYNC_PEER_DNS_SERVERS: '127.0.0.1:5353, 10.0.0.10,::1,[::1]:53' }).peerDnsServers).toContain('127.0.0.1:5353');
+    for (const bad of ['dns.example', '127.0.0.1:0', '1.2.3:53', '127.0.0.1:99999']) {
+      expect(() => configFromEnv({ ROUTESYNC_PEER_DNS_SERVERS: bad }), bad).toThrow(ConfigError);
+      expect(() => configFromEnv({ ROUTESYNC_PEER_DNS_SERVERS: bad }), bad).toThrow(/ROUTESYNC_PEER_DNS_SERVERS/);
+    }
+  });
+});
