@@ -17,6 +17,7 @@ export const HOSTS = {
   /** A second routesync (benchmark 2's reference). */
   routesyncB: '127.0.0.5',
   legacyFresh: '127.0.0.6',
+  bareProxy: '127.0.0.7',
   upstream: '127.0.0.30',
   /** Peers are 127.0.0.11 ... 127.0.0.(10 + n). */
   peer: (index: number) => `127.0.0.${11 + index}`,
@@ -78,6 +79,10 @@ export function startLegacy(peers: readonly string[], options: { fresh?: boolean
     peers.join(','),
     ...(options.fresh ? ['--fresh'] : []),
   ]);
+}
+
+export function startBareProxy(upstream: string) {
+  return startScript('bare proxy', 'bare-proxy.ts', ['--listen', `${HOSTS.bareProxy}:0`, '--upstream', upstream]);
 }
 
 export function startUpstream() {

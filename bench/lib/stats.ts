@@ -25,7 +25,8 @@ export function summarize(values: readonly number[]): LatencySummary {
     p50: round(percentile(values, 50)),
     p90: round(percentile(values, 90)),
     p99: round(percentile(values, 99)),
-    max: round(values.length === 0 ? Number.NaN : Math.max(...values)),
+    // reduce, not Math.max(...values): a sample can be larger than the call stack allows.
+    max: round(values.length === 0 ? Number.NaN : values.reduce((most, value) => (value > most ? value : most), -Infinity)),
     mean: round(mean),
   };
 }

@@ -1,11 +1,12 @@
 // Benchmark 6: the data plane. Requests per second and latency through routesync's proxy
 // against the same upstream hit directly: at 100 connections (closed loop), then at a fixed
-// rate of half the direct maximum. autocannon drives; the upstream is a real HTTP server in a
+// rate of half the direct maximum; beside them a bare node:http proxy (bench/bare-proxy.ts), the
+// floor of any Node.js proxy. autocannon drives; the upstream is a real HTTP server in a
 // process of its own. Latencies are taken from autocannon's per-response events (sub-ms), not
 // its integer histogram.
 import autocannon, { type Options } from 'autocannon';
 import { HttpTarget } from '../lib/driver.js';
-import { listening, startRoutesync, startUpstream, stopAll } from '../lib/contenders.js';
+import { startBareProxy, startRoutesync, startUpstream, stopAll } from '../lib/contenders.js';
 import type { Child } from '../lib/proc.js';
 import type { SuiteContext, SuiteResult, TargetCheck } from '../lib/report.js';
 import { formatSpread, round, spread, summarize, type LatencySummary } from '../lib/stats.js';
@@ -21,12 +22,19 @@ interface CannonFigures {
   readonly errors: number;
 }
 
+type Path = 'direct' | 'bare' | 'routesync';
+const PATHS: readonly Path[] = ['direct', 'bare', 'routesync'];
+const LABELS: Record<Path, string> = {
+  direct: 'direct to the upstream',
+  bare: 'bare node:http proxy (floor of a Node proxy)',
+  routesync: 'through routesync',
+};
+
 interface DataPlaneRun {
-  readonly direct: CannonFigures;
-  readonly proxied: CannonFigures | null;
+  readonly max: Record<Path, CannonFigures>;
+  /** Half of this run's direct maximum. */
   readonly rate: number;
-  readonly directAtRate: CannonFigures;
-  readonly proxiedAtRate: CannonFigures | null;
+  readonly atRate: Record<Path, CannonFigures>;
 }
 
 export async function dataPlane(ctx: SuiteContext): Promise<SuiteResult> {
@@ -36,11 +44,15 @@ export async function dataPlane(ctx: SuiteContext): Promise<SuiteResult> {
   try {
     const upstream = await startUpstream();
     processes.push(upstream);
-    const routesync = await startRoutesync({ peers: [], nodeFlags: ctx.profile ? profileFlags('data-plane') : [], env: { ROUTESYNC_ACCESS_LOG: 'false' } });
-    processes.push(routesync);
+    const [bare, routesync] = await Promise.all([
+      startBareProxy(upstream.address),
+      startRoutesync({ peers: [], nodeFlags: ctx.profile ? profileFlags('data-plane') : [], env: { ROUTESYNC_ACCESS_LOG: 'false' } }),
+    ]);
+    processes.push(bare, routesync);
     const api = new HttpTarget(`http://${routesync.api}`);
     clients.push(api);
-    const [upstreamHost, upstreamPort] = [upstream.address.slice(0, upstream.address.lastIndexOf(':')), upstream.address.slice(upstream.address.lastIndexOf(':') + 1)];
+    const upstreamHost = upstream.address.slice(0, upstream.address.lastIndexOf(':'));
+    const upstreamPort = upstream.address.slice(upstream.address.lastIndexOf(':') + 1);
     const put = await api.call(
       'PUT',
       '/v1/routes',
@@ -48,95 +60,98 @@ export async function dataPlane(ctx: SuiteContext): Promise<SuiteResult> {
     );
     if (put.status !== 200) throw new Error(`could not load the upstream's route: ${put.status} ${put.text}`);
 
-    // The data plane is wired only when its listener answers and routes to the upstream.
-    let wired = false;
-    let wiredNote = '';
-    if (await listening(routesync.proxy)) {
-      const probe = new HttpTarget(`http://${routesync.proxy}`);
-      try {
-        const response = await probe.pool.request({ method: 'GET', path: '/', headers: { 'e2b-sandbox-id': SANDBOX_ID, 'e2b-sandbox-port': upstreamPort! } });
-        const text = await response.body.text();
-        wired = response.statusCode === 200 && text.includes('"sandbox":"bench"');
-        if (!wired) wiredNote = `the proxy answered ${response.statusCode} ${text.slice(0, 200)}`;
-      } finally {
-        await probe.close();
-      }
-    } else {
-      wiredNote = `nothing listens on ROUTESYNC_PROXY_ADDR (${routesync.proxy}): the data plane is not wired into the replica yet`;
+    // The data plane must answer with the upstream's body before anything is measured.
+    const probe = new HttpTarget(`http://${routesync.proxy}`);
+    try {
+      const response = await probe.pool.request({ method: 'GET', path: '/', headers: { 'e2b-sandbox-id': SANDBOX_ID, 'e2b-sandbox-port': upstreamPort } });
+      const text = await response.body.text();
+      if (response.statusCode !== 200 || !text.includes('"sandbox":"bench"')) throw new Error(`the data plane answered ${response.statusCode} ${text.slice(0, 200)}`);
+    } finally {
+      await probe.close();
     }
-    if (!wired) ctx.log(`  data plane NOT measured: ${wiredNote}`);
 
-    const direct: Options = { url: `http://${upstream.address}/` };
-    const proxied: Options = { url: `http://${routesync.proxy}/`, headers: { 'e2b-sandbox-id': SANDBOX_ID, 'e2b-sandbox-port': upstreamPort! } };
-    // Warm both paths (JIT, pools) before anything is counted.
-    await cannon({ ...direct, connections: CONNECTIONS, duration: 1 });
-    if (wired) await cannon({ ...proxied, connections: CONNECTIONS, duration: 1 });
+    const options: Record<Path, Options> = {
+      direct: { url: `http://${upstream.address}/` },
+      bare: { url: `http://${bare.address}/` },
+      routesync: { url: `http://${routesync.proxy}/`, headers: { 'e2b-sandbox-id': SANDBOX_ID, 'e2b-sandbox-port': upstreamPort } },
+    };
+    // Warm every path (JIT, pools) before anything is counted.
+    for (const path of PATHS) await cannon({ ...options[path], connections: CONNECTIONS, duration: 1 });
 
     const runs: DataPlaneRun[] = [];
     for (let run = 0; run < ctx.runs; run++) {
-      const first = run % 2 === 0;
-      const directMax = first || !wired ? await cannon({ ...direct, connections: CONNECTIONS, duration: seconds }) : null;
-      const proxiedMax = wired ? await cannon({ ...proxied, connections: CONNECTIONS, duration: seconds }) : null;
-      const directMaxFigures = directMax ?? (await cannon({ ...direct, connections: CONNECTIONS, duration: seconds }));
-      const rate = Math.max(1, Math.round(directMaxFigures.perSecond / 2));
-      const atRate = (options: Options) => cannon({ ...options, connections: CONNECTIONS, duration: seconds, overallRate: rate });
-      const proxiedAtRate = wired && !first ? await atRate(proxied) : null;
-      const directAtRate = await atRate(direct);
-      const proxiedAtRateFigures = wired ? (proxiedAtRate ?? (await atRate(proxied))) : null;
-      const result: DataPlaneRun = { direct: directMaxFigures, proxied: proxiedMax, rate, directAtRate, proxiedAtRate: proxiedAtRateFigures };
-      runs.push(result);
+      // Rotate the order each run, so that no path always runs first or last.
+      const order = PATHS.map((_, k) => PATHS[(run + k) % PATHS.length]!);
+      const max = {} as Record<Path, CannonFigures>;
+      for (const path of order) max[path] = await cannon({ ...options[path], connections: CONNECTIONS, duration: seconds });
+      const rate = Math.max(1, Math.round(max.direct.perSecond / 2));
+      const atRate = {} as Record<Path, CannonFigures>;
+      for (const path of order) atRate[path] = await cannon({ ...options[path], connections: CONNECTIONS, duration: seconds, overallRate: rate });
+      runs.push({ max, rate, atRate });
       ctx.log(
-        `  run ${run + 1}/${ctx.runs}: direct ${directMaxFigures.perSecond}/s p99 ${directMaxFigures.latency.p99} ms; ` +
-          (proxiedMax ? `proxied ${proxiedMax.perSecond}/s p99 ${proxiedMax.latency.p99} ms; ` : 'proxied: not wired; ') +
-          `at ${rate}/s direct p99 ${directAtRate.latency.p99} ms` +
-          (proxiedAtRateFigures ? `, proxied p99 ${proxiedAtRateFigures.latency.p99} ms` : ''),
+        `  run ${run + 1}/${ctx.runs}: ` +
+          PATHS.map((path) => `${path} ${max[path].perSecond}/s p99 ${max[path].latency.p99} ms`).join('; ') +
+          `; at ${rate}/s p99 ` +
+          PATHS.map((path) => `${path} ${atRate[path].latency.p99} ms${atRate[path].errors + atRate[path].non2xx > 0 ? ` (${atRate[path].errors} errors, ${atRate[path].non2xx} non-2xx)` : ''}`).join(', '),
       );
     }
 
-    const pick = (f: (r: DataPlaneRun) => number | undefined) => spread(runs.map((r) => f(r) ?? Number.NaN));
+    const pick = (f: (r: DataPlaneRun) => number) => spread(runs.map(f));
     const summary: SuiteResult['summary'] = {
-      directPerSecond: pick((r) => r.direct.perSecond),
-      directP99: pick((r) => r.direct.latency.p99),
-      proxiedPerSecond: pick((r) => r.proxied?.perSecond),
-      proxiedP99: pick((r) => r.proxied?.latency.p99),
-      throughputRatio: pick((r) => (r.proxied ? r.proxied.perSecond / r.direct.perSecond : undefined)),
+      throughputRatio: pick((r) => r.max.routesync.perSecond / r.max.direct.perSecond),
+      bareThroughputRatio: pick((r) => r.max.bare.perSecond / r.max.direct.perSecond),
+      routesyncToBareThroughput: pick((r) => r.max.routesync.perSecond / r.max.bare.perSecond),
       rate: pick((r) => r.rate),
-      directAtRateP50: pick((r) => r.directAtRate.latency.p50),
-      directAtRateP99: pick((r) => r.directAtRate.latency.p99),
-      proxiedAtRateP50: pick((r) => r.proxiedAtRate?.latency.p50),
-      proxiedAtRateP99: pick((r) => r.proxiedAtRate?.latency.p99),
-      p99RatioAtRate: pick((r) => (r.proxiedAtRate ? r.proxiedAtRate.latency.p99 / r.directAtRate.latency.p99 : undefined)),
+      p99RatioAtRate: pick((r) => r.atRate.routesync.latency.p99 / r.atRate.direct.latency.p99),
+      bareP99RatioAtRate: pick((r) => r.atRate.bare.latency.p99 / r.atRate.direct.latency.p99),
     };
+    for (const path of PATHS) {
+      summary[`${path}PerSecond`] = pick((r) => r.max[path].perSecond);
+      summary[`${path}P50`] = pick((r) => r.max[path].latency.p50);
+      summary[`${path}P99`] = pick((r) => r.max[path].latency.p99);
+      summary[`${path}AtRatePerSecond`] = pick((r) => r.atRate[path].perSecond);
+      summary[`${path}AtRateP50`] = pick((r) => r.atRate[path].latency.p50);
+      summary[`${path}AtRateP99`] = pick((r) => r.atRate[path].latency.p99);
+    }
     const f = (name: string, digits = 2) => formatSpread(summary[name]!, digits);
-    const table: string[][] = [
-      ['benchmark 6: data plane', 'req/s', 'p50 ms', 'p99 ms', 'proxied ÷ direct'],
-      [`direct, ${CONNECTIONS} connections`, f('directPerSecond', 0), formatSpread(pick((r) => r.direct.latency.p50)), f('directP99'), ''],
-      [`through routesync, ${CONNECTIONS} connections`, f('proxiedPerSecond', 0), formatSpread(pick((r) => r.proxied?.latency.p50)), f('proxiedP99'), f('throughputRatio')],
-      [`direct at half the direct max`, f('rate', 0), f('directAtRateP50'), f('directAtRateP99'), ''],
-      [`through routesync at the same rate`, f('rate', 0), f('proxiedAtRateP50'), f('proxiedAtRateP99'), f('p99RatioAtRate')],
+    const table: string[][] = [['benchmark 6: data plane', 'req/s', 'p50 ms', 'p99 ms', '÷ direct']];
+    for (const path of PATHS) {
+      table.push([
+        `${LABELS[path]}, ${CONNECTIONS} connections`,
+        f(`${path}PerSecond`, 0),
+        f(`${path}P50`),
+        f(`${path}P99`),
+        path === 'direct' ? '' : `${formatSpread(pick((r) => r.max[path].perSecond / r.max.direct.perSecond))} (req/s)`,
+      ]);
+    }
+    for (const path of PATHS) {
+      table.push([
+        `${LABELS[path]}, at half the direct max (${f('rate', 0)}/s)`,
+        f(`${path}AtRatePerSecond`, 0),
+        f(`${path}AtRateP50`),
+        f(`${path}AtRateP99`),
+        path === 'direct' ? '' : `${formatSpread(pick((r) => r.atRate[path].latency.p99 / r.atRate.direct.latency.p99))} (p99)`,
+      ]);
+    }
+    const targets: TargetCheck[] = [
+      { description: `proxied req/s ÷ direct req/s at ${CONNECTIONS} connections`, value: summary.throughputRatio!.median, target: '≥ 0.5', met: summary.throughputRatio!.median >= 0.5 },
+      { description: 'proxied p99 ÷ direct p99 at half the direct max rate', value: summary.p99RatioAtRate!.median, target: '≤ 2', met: summary.p99RatioAtRate!.median <= 2 },
+      { description: 'routesync req/s ÷ bare node:http proxy req/s (reported)', value: summary.routesyncToBareThroughput!.median, target: 'report', met: null },
     ];
-    const targets: TargetCheck[] = wired
-      ? [
-          { description: `proxied req/s ÷ direct req/s at ${CONNECTIONS} connections`, value: summary.throughputRatio!.median, target: '≥ 0.5', met: summary.throughputRatio!.median >= 0.5 },
-          { description: 'proxied p99 ÷ direct p99 at half the direct max rate', value: summary.p99RatioAtRate!.median, target: '≤ 2', met: summary.p99RatioAtRate!.median <= 2 },
-        ]
-      : [
-          { description: `proxied req/s ÷ direct req/s at ${CONNECTIONS} connections`, value: null, target: '≥ 0.5', met: null, note: wiredNote },
-          { description: 'proxied p99 ÷ direct p99 at half the direct max rate', value: null, target: '≤ 2', met: null, note: wiredNote },
-        ];
     return {
       name: 'data-plane',
       number: 6,
       title: 'Data plane: through the proxy vs direct',
       method:
-        `autocannon, ${CONNECTIONS} connections, ${seconds} s per measurement, direct and proxied alternating which goes first; then a fixed overall rate ` +
-        `of half the direct maximum of the same run. The sandbox is named by the e2b-sandbox-id/e2b-sandbox-port headers.`,
-      config: { connections: CONNECTIONS, seconds, runs: ctx.runs, wired },
+        `autocannon in the driver process, ${CONNECTIONS} connections, ${seconds} s per measurement: direct, a bare node:http proxy and routesync's data plane, ` +
+        `in an order rotated each run; then the same three at a fixed overall rate of half that run's direct maximum. ` +
+        `The sandbox is named by the e2b-sandbox-id/e2b-sandbox-port headers. Load generator, proxy and upstream share the machine's CPUs.`,
+      config: { connections: CONNECTIONS, seconds, runs: ctx.runs },
       runs,
       summary,
       targets,
       table,
-      notes: wired ? [] : [wiredNote],
+      notes: [],
     };
   } finally {
     await Promise.all(clients.map((client) => client.close()));

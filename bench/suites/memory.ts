@@ -9,12 +9,13 @@ import { distinctRoutes } from '../lib/routes.js';
 import { formatSpread, round, spread } from '../lib/stats.js';
 
 const ROUTES = 100_000;
-const CHUNK = 5_000;
+/** Routes per batch request: the size of a manager's periodic resync page, not one giant body. */
+const CHUNK = Number(process.env.ROUTESYNC_BENCH_MEMORY_CHUNK ?? 1_000);
 const MB = 1_048_576;
 
 interface MemoryRun {
   readonly baseline: { rssBytes: number; heapUsedBytes: number };
-  readonly loaded: { rssBytes: number; heapUsedBytes: number; externalBytes: number; arrayBuffersBytes: number };
+  readonly loaded: { rssBytes: number; heapUsedBytes: number; heapTotalBytes: number; externalBytes: number; arrayBuffersBytes: number };
   readonly metrics: { rssBytes: number | null; heapUsedBytes: number | null; routes: number | null };
   readonly applied: number;
   readonly heapPerRouteBytes: number;
@@ -50,7 +51,7 @@ export async function memory(ctx: SuiteContext): Promise<SuiteResult> {
       const metricsText = (await peerApi.call('GET', '/metrics')).text;
       const result: MemoryRun = {
         baseline: { rssBytes: before.rss, heapUsedBytes: before.heapUsed },
-        loaded: { rssBytes: after.rss, heapUsedBytes: after.heapUsed, externalBytes: after.external, arrayBuffersBytes: after.arrayBuffers },
+        loaded: { rssBytes: after.rss, heapUsedBytes: after.heapUsed, heapTotalBytes: after.heapTotal, externalBytes: after.external, arrayBuffersBytes: after.arrayBuffers },
         metrics: {
           rssBytes: metric(metricsText, 'routesync_process_resident_memory_bytes'),
           heapUsedBytes: metric(metricsText, 'routesync_nodejs_heap_size_used_bytes'),
@@ -65,7 +66,7 @@ export async function memory(ctx: SuiteContext): Promise<SuiteResult> {
       ctx.log(
         `  run ${run + 1}/${ctx.runs}: ${applied} applied in ${(loadMs / 1000).toFixed(1)} s; RSS ${(after.rss / MB).toFixed(1)} MB ` +
           `(baseline ${(before.rss / MB).toFixed(1)}), heap ${(after.heapUsed / MB).toFixed(1)} MB (baseline ${(before.heapUsed / MB).toFixed(1)}); ` +
-          `${result.heapPerRouteBytes} B heap/route`,
+          `heap total ${(after.heapTotal / MB).toFixed(1)} MB; ${result.heapPerRouteBytes} B heap/route`,
       );
     } finally {
       await api.close();
