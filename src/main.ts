@@ -1,12 +1,14 @@
 #!/usr/bin/env node
 // routesync: wiring only. Config -> Replica -> signals.
-import { ConfigError, loadConfig } from './config.js';
+import { ConfigError, loadConfig, readPeerTls } from './config.js';
 import { Replica } from './replica.js';
 
 async function main(argv: readonly string[]): Promise<void> {
   let config;
+  let peerTls;
   try {
     config = loadConfig(process.env, argv);
+    peerTls = readPeerTls(config);
   } catch (error) {
     if (error instanceof ConfigError) {
       process.stderr.write(`routesync: ${error.message}\n`);
@@ -15,7 +17,7 @@ async function main(argv: readonly string[]): Promise<void> {
     throw error;
   }
 
-  const replica = await Replica.start(config);
+  const replica = await Replica.start(config, peerTls ? { peerTls } : {});
   let stopping = false;
   const stop = (signal: NodeJS.Signals) => {
     if (stopping) return;

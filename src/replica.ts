@@ -2,13 +2,15 @@
 // main.ts runs one; the integration tests run several in one process, each with its own
 // registry, logger, Agent and servers.
 import { randomUUID } from 'node:crypto';
-import { createServer, type Server } from 'node:http';
+import { createServer, type RequestListener, type Server } from 'node:http';
+import { createServer as createHttpsServer } from 'node:https';
 import type { AddressInfo } from 'node:net';
+import type { TLSSocket } from 'node:tls';
 import type { DestinationStream } from 'pino';
 import { createLocalApp } from './api/local.js';
 import { createPeerApp } from './api/peer.js';
 import { reconcileEndpoints } from './api/reconcile.js';
-import { formatHostPort, type Config, type ListenAddress } from './config.js';
+import { formatHostPort, readPeerTls, type Config, type ListenAddress, type PeerTlsMaterial } from './config.js';
 import { createLogger, type Logger } from './log.js';
 import { Metrics } from './metrics.js';
 import { PeerClient } from './peers/client.js';
@@ -27,6 +29,8 @@ export interface ReplicaOptions {
   readonly processMetrics?: boolean;
   /** Test hook: called for every peer request this replica sends. */
   readonly onPeerRequest?: (peer: string, path: string) => void;
+  /** The peer TLS material, when the caller has read it already (main.ts, to fail with exit 2); read from config otherwise. */
+  readonly peerTls?: PeerTlsMaterial;
 }
 
 export interface ReplicaAddresses {
@@ -48,6 +52,8 @@ export class Replica {
   readonly peerServer: Server;
   readonly dataPlane: DataPlane;
   readonly reconciler: Reconciler;
+  /** 'https' when the peer listener and the peer client use TLS. */
+  readonly peerScheme: 'http' | 'https';
   /** Test hook: cut this replica off from its peers (see src/peers/faults.ts). Off unless a test turns it on. */
   readonly faults = new PeerFaults();
   /** DNS discovery, when ROUTESYNC_PEER_DNS is set. */
@@ -70,11 +76,16 @@ export class Replica {
       base: { replica: formatHostPort(config.peerAddr.host, config.peerAddr.port) },
     });
     this.metrics = new Metrics({ processMetrics: options.processMetrics ?? true });
+    // TLS is symmetric: a replica that serves HTTPS dials its peers over HTTPS with the same
+    // certificate (its client certificate when the peers ask for one) and the same CA.
+    const tls = options.peerTls ?? readPeerTls(config);
+    this.peerScheme = tls ? 'https' : 'http';
     this.table = new RouteTable({ tombstoneTtlMs: config.tombstoneTtlMs });
     this.client = new PeerClient({
       connections: config.peerConnections,
       token: config.peerToken,
       instanceId: this.instanceId,
+      ...(tls ? { scheme: 'https' as const, connect: { cert: tls.cert, key: tls.key, ...(tls.ca ? { ca: tls.ca } : {}) } } : {}),
       onRequest: (peer, path) => {
         this.faults.checkOutgoing(peer, path);
         options.onPeerRequest?.(peer, path);
@@ -109,13 +120,30 @@ export class Replica {
       extend: reconcileEndpoints(this.reconciler, this.table.digestBuckets),
     });
     this.apiServer = createServer(localApp);
-    this.peerServer = createServer((req, res) => {
+    const mutualTls = tls?.ca !== undefined;
+    const peerListener: RequestListener = (req, res) => {
       if (this.faults.refusesIncoming(req)) {
         res.writeHead(503, { 'content-type': 'application/json' }).end('{"error":{"code":"fault_injected","message":"isolated by a test fault"}}');
         return;
       }
+      if (mutualTls && !clientCertificateVerified(req.socket as TLSSocket) && !OPEN_PEER_PATHS.has((req.url ?? '/').split('?')[0] ?? '/')) {
+        res
+          .writeHead(403, { 'content-type': 'application/json' })
+          .end('{"error":{"code":"client_certificate_required","message":"a client certificate signed by the peer CA is required"}}');
+        return;
+      }
       peerApp(req, res);
-    });
+    };
+    // With a CA the peer listener is mTLS: it asks every client for a certificate and verifies
+    // it against the CA. The handshake itself accepts a client without one, so the kubelet's
+    // HTTPS probes and Prometheus still reach /healthz, /readyz and /metrics; every other path
+    // answers 403 unless the certificate verified (checked above, before Express sees it).
+    this.peerServer = tls
+      ? createHttpsServer(
+          { cert: tls.cert, key: tls.key, ...(tls.ca ? { ca: tls.ca, requestCert: true, rejectUnauthorized: false } : {}) },
+          peerListener,
+        )
+      : createServer(peerListener);
     // Outlive the peers' pooled idle connections (undici keeps them 30 s at most), so a
     // connection is never closed by the server just as a peer reuses it.
     this.peerServer.keepAliveTimeout = 65_000;
@@ -177,7 +205,10 @@ export class Replica {
         'LOCAL API IS NOT ON LOOPBACK: anything that reaches this address can change routes without a token',
       );
     }
-    this.logger.info({ api: this.bound.api, peer: this.bound.peer, proxy: this.bound.proxy, peers: this.sync.peerAddresses() }, 'routesync listening');
+    this.logger.info(
+      { api: this.bound.api, peer: this.bound.peer, proxy: this.bound.proxy, peers: this.sync.peerAddresses(), peerScheme: this.peerScheme },
+      'routesync listening',
+    );
     // Not ready until the table is bootstrapped from a peer (or no peer answered in time); the
     // local API takes changes meanwhile (a manager's batch push at start merges with the pull).
     void this.reconciler.bootstrap().then((outcome) => {
@@ -233,6 +264,20 @@ export class Replica {
     })();
     return this.closing;
   }
+}
+
+/** Peer paths open without a client certificate (and without the token): probes and metrics. */
+const OPEN_PEER_PATHS: ReadonlySet<string> = new Set(['/healthz', '/readyz', '/metrics']);
+
+/**
+ * Whether the client presented a certificate the peer CA verified. `authorized` alone is not
+ * enough: on a resumed TLS session of a client that presented no certificate at all, Node
+ * reports `authorized` true (seen on Node 20), so a certificate must be present as well.
+ */
+function clientCertificateVerified(socket: TLSSocket): boolean {
+  if (!socket.authorized) return false;
+  const certificate = socket.getPeerCertificate();
+  return certificate !== null && typeof certificate === 'object' && Object.keys(certificate).length > 0;
 }
 
 function isLoopback(host: string): boolean {

@@ -34,7 +34,7 @@ export interface TestReplica {
 export async function startReplica(env: Record<string, string> = {}): Promise<TestReplica> {
   const logs = new LogSink();
   const replica = await Replica.start(configFromEnv({ ...TEST_ENV, ...env }), { logDestination: logs, processMetrics: false });
-  return { replica, logs, api: `http://${replica.addresses.api}`, peerUrl: `http://${replica.addresses.peer}` };
+  return { replica, logs, api: `http://${replica.addresses.api}`, peerUrl: `${replica.peerScheme}://${replica.addresses.peer}` };
 }
 
 /** N replicas, each with every other as its peer. */

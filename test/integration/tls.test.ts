@@ -1,0 +1,200 @@
+// TLS and mTLS on the peer API and the peer client, with a CA and certificates this test makes
+// with the openssl CLI in a temporary directory (SANs for 127.0.0.1).
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync as readFile, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Agent, request } from 'undici';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ConfigError, configFromEnv, readPeerTls } from '../../src/config.js';
+import { makeRoute, putRoute, startCluster, stopAll, type TestReplica } from '../helpers/cluster.js';
+import { spawnReplica } from '../helpers/process.js';
+import { waitUntil } from '../helpers/wait.js';
+
+const OPENSSL = existsSync('/usr/bin/openssl') ? '/usr/bin/openssl' : 'openssl';
+const hasOpenssl = (() => {
+  try {
+    execFileSync(OPENSSL, ['version'], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+})();
+if (!hasOpenssl) console.warn('tls.test.ts: SKIPPED, the openssl CLI is not installed (it makes the test certificates)');
+
+interface Pki {
+  dir: string;
+  /** CA certificate, and a leaf (server + client usage, SAN 127.0.0.1) that CA signed. */
+  ca: string;
+  cert: string;
+  key: string;
+  /** A second CA and a leaf it signed: trusted by nobody in the cluster. */
+  otherCa: string;
+  otherCert: string;
+  otherKey: string;
+}
+
+function openssl(dir: string, args: string[]): void {
+  execFileSync(OPENSSL, args, { cwd: dir, stdio: ['ignore', 'ignore', 'pipe'] });
+}
+
+function makeCa(dir: string, name: string): void {
+  const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes'];
+  openssl(dir, ['req', '-x509', ...ec, '-keyout', `${name}-ca.key`, '-out', `${name}-ca.crt`, '-days', '2', '-subj', `/CN=${name} test CA`]);
+}
+
+function makeLeaf(dir: string, caName: string, leaf: string): void {
+  const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes'];
+  openssl(dir, ['req', ...ec, '-keyout', `${leaf}.key`, '-out', `${leaf}.csr`, '-subj', `/CN=${leaf}`]);
+  writeFileSync(join(dir, `${leaf}.ext`), 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n');
+  openssl(dir, [
+    'x509', '-req', '-in', `${leaf}.csr`, '-CA', `${caName}-ca.crt`, '-CAkey', `${caName}-ca.key`, '-CAcreateserial',
+    '-out', `${leaf}.crt`, '-days', '2', '-extfile', `${leaf}.ext`,
+  ]);
+}
+
+function makePki(): Pki {
+  const dir = mkdtempSync(join(tmpdir(), 'routesync-tls-'));
+  makeCa(dir, 'cluster');
+  makeLeaf(dir, 'cluster', 'replica');
+  makeCa(dir, 'other');
+  makeLeaf(dir, 'other', 'intruder');
+  return {
+    dir,
+    ca: join(dir, 'cluster-ca.crt'),
+    cert: join(dir, 'replica.crt'),
+    key: join(dir, 'replica.key'),
+    otherCa: join(dir, 'other-ca.crt'),
+    otherCert: join(dir, 'intruder.crt'),
+    otherKey: join(dir, 'intruder.key'),
+  };
+}
+
+describe.skipIf(!hasOpenssl)('peer TLS', () => {
+  let pki: Pki;
+  let cluster: TestReplica[] = [];
+  const agents: Agent[] = [];
+
+  beforeAll(async () => {
+    pki = makePki();
+    cluster = await startCluster(2, {
+      ROUTESYNC_PEER_TLS_CERT: pki.cert,
+      ROUTESYNC_PEER_TLS_KEY: pki.key,
+      ROUTESYNC_PEER_TLS_CA: pki.ca,
+    });
+  });
+  afterAll(async () => {
+    await stopAll(cluster);
+    await Promise.all(agents.map((agent) => agent.close()));
+    if (pki) rmSync(pki.dir, { recursive: true, force: true });
+  });
+
+  function agent(connect: Agent.Options['connect']): Agent {
+    const made = new Agent(connect ? { connect } : {});
+    agents.push(made);
+    return made;
+  }
+
+  it('two replicas sync over mutual TLS: the peer URL is https and a route put on one reaches the other', async () => {
+    const [a, b] = cluster as [TestReplica, TestReplica];
+    expect(b.peerUrl.startsWith('https://')).toBe(true);
+    const route = makeRoute({ accessToken: 'tls-route-token' });
+    const { status, body } = await putRoute(a.api, route);
+    expect(status).toBe(200);
+    expect(body.sync).toMatchObject({ acked: 1 });
+    expect(b.replica.table.get('default', route.name as string)?.ip).toBe('10.0.0.1');
+    // Reconciliation travels the same way: B's digest, asked over mTLS, matches A's table.
+    const digest = (await a.replica.client.requestJson(b.replica.addresses.peer, 'GET', '/v1/peer/digest?root=1', undefined, AbortSignal.timeout(5000))) as { root: string };
+    expect(digest.root).toBe(a.replica.table.rootDigest());
+  });
+
+  it('refuses a plain-HTTP client: no HTTP answer comes back from the TLS listener', async () => {
+    const b = cluster[1]!;
+    const before = b.replica.table.rootDigest();
+    await expect(fetch(`http://${b.replica.addresses.peer}/v1/peer/routes`, { method: 'POST', body: JSON.stringify({ routes: [makeRoute()] }) })).rejects.toThrow();
+    expect(b.replica.table.rootDigest()).toBe(before);
+  });
+
+  it('refuses a client whose certificate another CA signed, and one with no certificate, on everything but probes and metrics', async () => {
+    const b = cluster[1]!;
+    const before = b.replica.table.rootDigest();
+    const push = JSON.stringify({ routes: [makeRoute()] });
+    const intruder = agent({ ca: readFile(pki.ca), cert: readFile(pki.otherCert), key: readFile(pki.otherKey) });
+    const anonymous = agent({ ca: readFile(pki.ca) });
+    // Each 403 closes the connection (the body was not read), so the anonymous client's later
+    // requests resume its TLS session: Node then reports `authorized` without a certificate,
+    // which the listener must not trust.
+    for (const dispatcher of [intruder, anonymous]) {
+      for (const [method, path] of [['POST', '/v1/peer/routes'], ['POST', '/refresh'], ['GET', '/v1/peer/digest'], ['POST', '/v1/peer/pull']] as const) {
+        const response = await request(`${b.peerUrl}${path}`, { method, body: method === 'POST' ? push : undefined, dispatcher });
+        expect(response.statusCode, `${method} ${path}`).toBe(403);
+        expect(((await response.body.json()) as { error: { code: string } }).error.code).toBe('client_certificate_required');
+      }
+      const health = await request(`${b.peerUrl}/healthz`, { dispatcher });
+      expect(health.statusCode).toBe(200);
+      await health.body.dump();
+    }
+    expect(b.replica.table.rootDigest()).toBe(before);
+    // The cluster's own certificate is accepted by the same listener.
+    const member = agent({ ca: readFile(pki.ca), cert: readFile(pki.cert), key: readFile(pki.key) });
+    const ok = await request(`${b.peerUrl}/v1/peer/digest?root=1`, { dispatcher: member });
+    expect(ok.statusCode).toBe(200);
+    await ok.body.dump();
+  });
+
+  it('a replica refuses a peer whose server certificate its CA did not sign', async () => {
+    const [a] = cluster as [TestReplica];
+    const rogue = await startCluster(1, {
+      ROUTESYNC_PEER_TLS_CERT: pki.otherCert,
+      ROUTESYNC_PEER_TLS_KEY: pki.otherKey,
+      ROUTESYNC_PEER_TLS_CA: pki.otherCa,
+    });
+    try {
+      const rogueAddress = rogue[0]!.replica.addresses.peer;
+      await expect(a.replica.client.requestJson(rogueAddress, 'GET', '/v1/peer/digest', undefined, AbortSignal.timeout(5000))).rejects.toMatchObject({
+        errorClass: 'protocol',
+      });
+    } finally {
+      await stopAll(rogue);
+    }
+  });
+
+  it('bad TLS files give a one-line configuration error naming the variable', () => {
+    const garbage = join(pki.dir, 'garbage.pem');
+    writeFileSync(garbage, 'not a certificate\n');
+    const cases: [Record<string, string>, string][] = [
+      [{ ROUTESYNC_PEER_TLS_CERT: join(pki.dir, 'missing.crt'), ROUTESYNC_PEER_TLS_KEY: pki.key }, 'ROUTESYNC_PEER_TLS_CERT'],
+      [{ ROUTESYNC_PEER_TLS_CERT: garbage, ROUTESYNC_PEER_TLS_KEY: pki.key }, 'ROUTESYNC_PEER_TLS_CERT'],
+      [{ ROUTESYNC_PEER_TLS_CERT: pki.cert, ROUTESYNC_PEER_TLS_KEY: garbage }, 'ROUTESYNC_PEER_TLS_KEY'],
+      // A key that is valid but belongs to another certificate.
+      [{ ROUTESYNC_PEER_TLS_CERT: pki.cert, ROUTESYNC_PEER_TLS_KEY: pki.otherKey }, 'ROUTESYNC_PEER_TLS_KEY'],
+      [{ ROUTESYNC_PEER_TLS_CERT: pki.cert, ROUTESYNC_PEER_TLS_KEY: pki.key, ROUTESYNC_PEER_TLS_CA: garbage }, 'ROUTESYNC_PEER_TLS_CA'],
+    ];
+    for (const [env, variable] of cases) {
+      let caught: unknown;
+      try {
+        readPeerTls(configFromEnv(env));
+      } catch (error) {
+        caught = error;
+      }
+      expect(caught, variable).toBeInstanceOf(ConfigError);
+      const message = (caught as ConfigError).message;
+      expect(message.startsWith(`invalid ${variable}:`), message).toBe(true);
+      expect(message).not.toContain('\n');
+    }
+  });
+
+  it('the process stops at start with exit 2 and that one line', async () => {
+    const child = spawnReplica({
+      ROUTESYNC_API_ADDR: '127.0.0.1:0',
+      ROUTESYNC_PEER_ADDR: '127.0.0.1:0',
+      ROUTESYNC_PROXY_ADDR: '127.0.0.1:0',
+      ROUTESYNC_PEER_TLS_CERT: join(pki.dir, 'missing.crt'),
+      ROUTESYNC_PEER_TLS_KEY: pki.key,
+    });
+    expect(await child.exited).toBe(2);
+    await waitUntil(() => child.stderr.length > 0, 5000, 'the error line');
+    expect(child.stderr).toHaveLength(1);
+    expect(child.stderr[0]).toMatch(/^routesync: invalid ROUTESYNC_PEER_TLS_CERT: cannot read ".*missing\.crt" \(ENOENT\)$/);
+  });
+});
