@@ -2,7 +2,7 @@
 import express, { type Express } from 'express';
 import type { Logger } from '../log.js';
 import type { PeerSync } from '../peers/fanout.js';
-import { isCanonicalResourceVersion, parseChange, redactRoute, type RouteChange } from '../routes/route.js';
+import { isCanonicalResourceVersion, parseChange, parseDeletion, redactRoute, type RouteChange } from '../routes/route.js';
 import type { RouteTable } from '../routes/table.js';
 import type { RouteService } from '../service.js';
 import { ApiError, errorHandler, methodNotAllowed, notFound, requireJson } from './errors.js';
@@ -41,6 +41,9 @@ export function createLocalApp(deps: LocalApiDeps): Express {
         field: 'resourceVersion',
       });
     }
+    // The identity gets the same checks as a route's (length, control characters): a fence
+    // for a name no route can have would only be noise that spreads to every peer.
+    parseDeletion({ namespace, name, resourceVersion: raw ?? '1' });
     res.json(await service.deleteLocal(namespace, name, raw));
   });
 
