@@ -2,6 +2,7 @@
 import { Writable } from 'node:stream';
 import { configFromEnv } from '../../src/config.js';
 import { Replica } from '../../src/replica.js';
+import { registerLogSource, registerSecret } from './secrets.js';
 
 /** Defaults for tests: ephemeral ports on loopback, quiet logs, deadlines generous for a slow shared machine. */
 export const TEST_ENV: Record<string, string> = {
@@ -16,6 +17,11 @@ export const TEST_ENV: Record<string, string> = {
 /** Log lines a test can read (and scan for secrets). */
 export class LogSink extends Writable {
   readonly lines: string[] = [];
+  constructor() {
+    super();
+    // Every sink's lines are scanned for secrets after the test file (test/helpers/secrets-setup.ts).
+    registerLogSource({ name: 'LogSink', lines: this.lines });
+  }
   override _write(chunk: Buffer, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
     for (const line of chunk.toString('utf8').split('\n')) if (line !== '') this.lines.push(line);
     callback();
@@ -33,7 +39,9 @@ export interface TestReplica {
 
 export async function startReplica(env: Record<string, string> = {}): Promise<TestReplica> {
   const logs = new LogSink();
-  const replica = await Replica.start(configFromEnv({ ...TEST_ENV, ...env }), { logDestination: logs, processMetrics: false });
+  const config = configFromEnv({ ...TEST_ENV, ...env });
+  registerSecret(config.peerToken);
+  const replica = await Replica.start(config, { logDestination: logs, processMetrics: false });
   return { replica, logs, api: `http://${replica.addresses.api}`, peerUrl: `${replica.peerScheme}://${replica.addresses.peer}` };
 }
 
@@ -56,6 +64,7 @@ let counter = 0;
 /** A valid route; `overrides` win. */
 export function makeRoute(overrides: Record<string, unknown> = {}): Record<string, unknown> {
   counter++;
+  registerSecret(overrides.accessToken);
   return {
     namespace: 'default',
     name: `sandbox-${counter}`,

@@ -3,6 +3,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
+import { registerLogSource, registerSecret } from './secrets.js';
 
 const MAIN = fileURLToPath(new URL('../../src/main.ts', import.meta.url));
 
@@ -23,6 +24,10 @@ export function spawnReplica(env: Record<string, string>, args: string[] = []): 
   });
   const lines: string[] = [];
   const stderr: string[] = [];
+  // The process's standard output and error are scanned for secrets after the test file.
+  registerLogSource({ name: 'process stdout', lines });
+  registerLogSource({ name: 'process stderr', lines: stderr });
+  registerSecret(env.ROUTESYNC_PEER_TOKEN);
   const addresses = new Promise<{ api: string; peer: string; proxy?: string }>((resolve, reject) => {
     createInterface({ input: child.stdout! }).on('line', (line) => {
       lines.push(line);
