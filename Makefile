@@ -32,5 +32,11 @@ bench: build
 demo:
 	npm run demo -- $(DEMO_ARGS)
 
+# Soak run, not part of `make test`: three replica processes and an upstream under steady
+# changes and proxied traffic for minutes; samples heap, RSS, fds and outboxes and judges
+# whether they level off (bench/results/soak.json). SOAK_ARGS, for example `--minutes 5`.
+soak:
+	npm run soak -- $(SOAK_ARGS)
+
 clean:
 	rm -rf dist coverage
