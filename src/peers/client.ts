@@ -174,7 +174,7 @@ export class PeerClient {
 
   /** Push changes to a peer's batch endpoint. Resolves on 2xx; throws a classified PeerRequestError otherwise. */
   async push(peer: string, changes: readonly RouteChange[], signal: AbortSignal): Promise<PushAck> {
-    const body = JSON.stringify({ routes: changes.map(changeToWire) });
+    const body = pushBody(changes);
     const json = await this.requestJson(peer, 'POST', PEER_PUSH_PATH, body, signal);
     const results = (json as { results?: unknown }).results;
     if (!Array.isArray(results) || results.length !== changes.length) {
@@ -254,6 +254,27 @@ export class PeerClient {
   async destroy(): Promise<void> {
     await this.agent.destroy();
   }
+}
+
+/**
+ * Each change's wire JSON, made once however many peers it goes to: the fan-out queues one
+ * shared, immutable RouteChange object in every peer's outbox, and serializing it again for
+ * each peer was the largest self time of routesync's own code under load (bench/, docs/benchmarks.md).
+ */
+const wireJson = new WeakMap<RouteChange, string>();
+
+function changeJson(change: RouteChange): string {
+  let json = wireJson.get(change);
+  if (json === undefined) {
+    json = JSON.stringify(changeToWire(change));
+    wireJson.set(change, json);
+  }
+  return json;
+}
+
+/** The body of a push: byte for byte `JSON.stringify({ routes: changes.map(changeToWire) })`. */
+export function pushBody(changes: readonly RouteChange[]): string {
+  return `{"routes":[${changes.map(changeJson).join(',')}]}`;
 }
 
 /**
