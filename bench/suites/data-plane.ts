@@ -126,7 +126,7 @@ export async function dataPlane(ctx: SuiteContext): Promise<SuiteResult> {
     }
     for (const path of PATHS) {
       table.push([
-        `${LABELS[path]}, at half the direct max (${f('rate', 0)}/s)`,
+        `${LABELS[path]}, at half the direct max`,
         f(`${path}AtRatePerSecond`, 0),
         f(`${path}AtRateP50`),
         f(`${path}AtRateP99`),
