@@ -262,8 +262,9 @@ async function main(): Promise<number> {
     versions[key] = (versions[key] ?? 0) + 1;
     const resourceVersion = String(versions[key]);
     const name = `soak-${key}`;
-    // One change in ten is a delete; the next lap re-creates the route at a newer version.
-    const remove = versions[key] % 10 === 0;
+    // One change in five is a delete (keys take their turn on different laps); the next lap
+    // re-creates the route at a newer version.
+    const remove = (versions[key] + key) % 5 === 0;
     try {
       const response = remove
         ? await request(`http://${node.api}/v1/routes/soak/${name}?resourceVersion=${resourceVersion}`, { method: 'DELETE', dispatcher })
