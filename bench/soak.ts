@@ -361,15 +361,20 @@ async function main(): Promise<number> {
     const rows = judgements.filter((j) => j.series === series);
     console.log(
       `soak: ${series.padEnd(14)} ` +
-        rows.map((j) => `r${j.replica} ${fmt(j.middleMean)} -> ${fmt(j.lastMean)} (${j.growthPct >= 0 ? '+' : ''}${j.growthPct.toFixed(1)}%, ${fmt(j.slopePerMin)}/min)${j.levelsOff ? '' : ' CLIMBS'}`).join(' | '),
+        rows
+          .map((j) => {
+            const bytes = series.endsWith('Bytes');
+            return `r${j.replica} ${fmt(j.middleMean, bytes)} -> ${fmt(j.lastMean, bytes)} (${j.growthPct >= 0 ? '+' : ''}${j.growthPct.toFixed(1)}%, ${fmt(j.slopePerMin, bytes)}/min)${j.levelsOff ? '' : ' CLIMBS'}`;
+          })
+          .join(' | '),
     );
   }
   console.log(`soak: ${verdict ? 'every series levels off' : 'a series climbs'}; results in ${args.out ?? RESULT}`);
   return verdict ? 0 : 1;
 }
 
-function fmt(value: number): string {
-  if (Math.abs(value) >= 1048576) return `${(value / 1048576).toFixed(1)}Mi`;
+function fmt(value: number, bytes = false): string {
+  if (bytes) return `${(value / 1048576).toFixed(2)} MiB`;
   return Number.isInteger(value) ? String(value) : value.toFixed(1);
 }
 
