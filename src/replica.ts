@@ -62,6 +62,7 @@ export class Replica {
   readonly bootstrapped: Promise<BootstrapOutcome>;
   private resolveBootstrapped!: (outcome: BootstrapOutcome) => void;
   private ready = false;
+  private shuttingDown = false;
   private closing: Promise<void> | undefined;
   private readonly timers: NodeJS.Timeout[] = [];
   private bound: ReplicaAddresses | undefined;
@@ -119,7 +120,18 @@ export class Replica {
       beforeMetrics: () => this.refreshGauges(),
       extend: reconcileEndpoints(this.reconciler, this.table.digestBuckets),
     });
-    this.apiServer = createServer(localApp);
+    // Once shutdown starts, new local calls get 503 and their connection closed. server.close()
+    // alone stops only new connections: a manager's busy keep-alive connection would keep
+    // feeding changes for the whole grace period and leave the drain no time.
+    this.apiServer = createServer((req, res) => {
+      if (this.shuttingDown) {
+        res
+          .writeHead(503, { 'content-type': 'application/json', connection: 'close' })
+          .end('{"error":{"code":"shutting_down","message":"this replica is shutting down; send the change to another replica or retry"}}');
+        return;
+      }
+      localApp(req, res);
+    });
     const mutualTls = tls?.ca !== undefined;
     const peerListener: RequestListener = (req, res) => {
       if (this.faults.refusesIncoming(req)) {
@@ -237,6 +249,7 @@ export class Replica {
   async shutdown(graceMs = this.config.shutdownGraceMs): Promise<boolean> {
     const deadline = Date.now() + graceMs;
     this.ready = false;
+    this.shuttingDown = true;
     this.logger.info({ graceMs }, 'shutting down');
     // The data plane drains in parallel: in-flight requests finish, WebSockets get close 1001
     // at the end of the grace period.

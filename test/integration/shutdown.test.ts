@@ -1,6 +1,7 @@
 // Shutdown during a burst (issue 6 §6): routesync as a real process with two real peer
 // replicas; a burst of PUTs; SIGTERM in the middle of it. Every PUT the local API answered 200
-// with all peers acknowledged is on both peers, and the process exits 0 within its grace period.
+// with all peers acknowledged is on both peers, calls after SIGTERM are refused (503 on a
+// kept-alive connection, or the connection refused), and the process exits 0 within its grace period.
 import { Agent, request } from 'undici';
 import { afterEach, describe, expect, it } from 'vitest';
 import { makeRoute, startReplica, stopAll, type TestReplica } from '../helpers/cluster.js';
@@ -78,6 +79,8 @@ describe('SIGTERM during a burst of changes', () => {
         `${answers.length - answered200.length} other answers, ${refused} refused; exit ${code} ${exitMs} ms after SIGTERM (grace ${GRACE_MS} ms)`,
     );
     expect(acknowledged.length).toBeGreaterThan(0);
+    // Once shutdown starts, a call on a kept-alive connection is told so (503), not taken in.
+    for (const answer of answers) if (answer.status !== 200) expect(answer.status).toBe(503);
     const missing: string[] = [];
     for (const { route } of acknowledged) {
       for (const peer of peers) {
