@@ -24,8 +24,11 @@ const SEED = process.env.CHAOS_SEED ? Number(process.env.CHAOS_SEED) : Date.now(
 const REPLICAS = 5;
 const CHANGES = 10_000;
 const KEYS = 800;
-const MANAGERS = 12;
+/** Managers in flight at once: enough that calls waiting on a hung peer's deadline overlap. */
+const MANAGERS = 24;
 const RECONCILE_INTERVAL_MS = 1000;
+// Typically 15-30 s; the bound leaves room for a slow, shared machine running the whole suite.
+const TEST_TIMEOUT_MS = 120_000;
 
 type FaultKind = 'kill' | 'hang' | 'partition';
 
@@ -91,7 +94,7 @@ describe('chaos: five replicas, 10,000 changes, kills, hangs and partitions', ()
       ROUTESYNC_RECONCILE_INTERVAL_MS: String(RECONCILE_INTERVAL_MS),
       ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '2000',
       // A hung peer must not hold every manager's call: short budgets, quick ejection.
-      ROUTESYNC_SYNC_DEADLINE_MS: '300',
+      ROUTESYNC_SYNC_DEADLINE_MS: '200',
       ROUTESYNC_ATTEMPT_TIMEOUT_MS: '150',
       ROUTESYNC_SYNC_RETRIES: '1',
       ROUTESYNC_RETRY_MIN_MS: '10',
@@ -338,5 +341,5 @@ describe('chaos: five replicas, 10,000 changes, kills, hangs and partitions', ()
       const owner = first.table.getById(entry.id!);
       for (const slot of slots.slice(1)) expect(slot.replica!.table.getById(entry.id!)?.name, `owner of ${entry.id} (${keyName(key)})`).toBe(owner?.name);
     }
-  });
+  }, TEST_TIMEOUT_MS);
 });
