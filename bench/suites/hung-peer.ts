@@ -177,7 +177,7 @@ export async function hungPeer(ctx: SuiteContext): Promise<SuiteResult> {
       ['calls above the deadline (500 ms), driver clock', '', '', f('aboveDeadline', 0), ''],
       ['fan-outs past the deadline (routesync elapsedMs)', '', '', f('serverAboveDeadline', 0), ''],
       ['longest fan-out (routesync elapsedMs)', '', '', f('maxServerElapsedMs', 1), ''],
-      ['call at which the hung peer was ejected', '', '', f('ejectedAtCall', 0), ''],
+      ['call (counted from 0) at which the hung peer was ejected', '', '', f('ejectedAtCall', 0), ''],
     ];
     const targets: TargetCheck[] = [
       {
