@@ -1,7 +1,7 @@
 // The benchmark suite: `npm run bench` (or `make bench`, which builds first).
 //
 //   node --import tsx bench/run.ts [--suite lifecycle,hung-peer | --only 1,2] [--quick] [--runs N] [--profile] [--tsx]
-//   npm run bench -- --suite lifecycle --quick
+//   npm run bench -- --suite lifecycle --quick   (a smoke run: bench/results/quick/)
 //   npm run bench -- --rev HEAD      (measure the last commit, not the working tree)
 //
 // Each benchmark prints a table and writes bench/results/<name>.json; the run writes
@@ -52,7 +52,7 @@ if (values.help) {
       'usage: node --import tsx bench/run.ts [--suite NAME[,NAME]] [--only 1,2] [--quick] [--runs N] [--profile] [--tsx]',
       '  --suite    benchmarks to run by name (repeatable or comma-separated): lifecycle, hung-peer, throughput, connections, memory, data-plane',
       '  --only     the same by number (1 lifecycle, 2 hung-peer, 3 throughput, 4 connections, 5 memory, 6 data-plane)',
-      '  --quick    fewer calls and shorter windows (a smoke run; figures not to be quoted)',
+      '  --quick    fewer calls and shorter windows (a smoke run; figures not to be quoted; written to bench/results/quick/)',
       '  --runs N   repetitions of each benchmark (default 3, quick 1)',
       '  --profile  start routesync with --cpu-prof (bench/results/profiles/)',
       '  --tsx      run routesync from src/ through tsx even when dist/ is fresh',
@@ -75,8 +75,11 @@ if (unknown.length > 0) {
 const only = selectors.length === 0 ? [1, 2, 3, 4, 5, 6] : [...new Set(selectors.map((part) => NAMES[part] ?? Number(part)))].sort((a, b) => a - b);
 const quick = values.quick ?? false;
 const runs = Math.max(1, Math.min(20, Number(values.runs ?? (quick ? 1 : 3)) || 3));
-const resultsDir = join(BENCH_DIR, 'results');
-mkdirSync(join(resultsDir, 'profiles'), { recursive: true });
+// A quick run is a smoke test: its figures go to bench/results/quick/ (not committed), never
+// over the full run's committed results.
+const resultsDir = quick ? join(BENCH_DIR, 'results', 'quick') : join(BENCH_DIR, 'results');
+mkdirSync(resultsDir, { recursive: true });
+mkdirSync(join(BENCH_DIR, 'results', 'profiles'), { recursive: true });
 
 const log = (line: string) => process.stdout.write(`${line}\n`);
 const ctx: SuiteContext = { quick, runs, profile: values.profile ?? false, forceTsx: values.tsx ?? false, log };
@@ -164,7 +167,7 @@ async function main(): Promise<number> {
     '',
   ].join('\n');
   writeFileSync(join(resultsDir, 'latest.md'), markdown);
-  log(`\nwrote ${join('bench', 'results')}/{${results.map((r) => r.name).join(',')},latest}.json and latest.md in ${latest.durationS} s`);
+  log(`\nwrote ${join('bench', 'results', ...(quick ? ['quick'] : []))}/{${results.map((r) => r.name).join(',')},latest}.json and latest.md in ${latest.durationS} s`);
   const missed = results.flatMap((result) => result.targets.filter((target) => target.met === false).map((target) => `${result.number}: ${target.description}`));
   if (missed.length > 0) log(`targets missed: ${missed.join('; ')}`);
   return failures.length > 0 ? 1 : 0;
