@@ -32,30 +32,33 @@ export class RouteService {
     private readonly logger: Logger,
   ) {}
 
-  /** Apply a change from the local manager, then sync it to every peer within the deadline. */
-  async applyLocal(change: RouteChange): Promise<LocalChangeResult> {
+  /**
+   * Apply a change from the local manager, then sync it to every peer within the deadline.
+   * `receivedAt` (performance.now() when the call arrived) is where the deadline counts from.
+   */
+  async applyLocal(change: RouteChange, receivedAt?: number): Promise<LocalChangeResult> {
     const result = this.apply(change, 'local');
     const outgoing = this.outgoing(result);
-    return { result, sync: outgoing ? await this.sync.sync([outgoing]) : null };
+    return { result, sync: outgoing ? await this.sync.sync([outgoing], receivedAt) : null };
   }
 
   /** Delete from the local manager; without a version the stored route's version is used. */
-  async deleteLocal(namespace: string, name: string, resourceVersion: string | undefined): Promise<LocalChangeResult> {
+  async deleteLocal(namespace: string, name: string, resourceVersion: string | undefined, receivedAt?: number): Promise<LocalChangeResult> {
     const result = this.table.delete({ namespace, name, resourceVersion });
     this.count('local', result);
     const outgoing = this.outgoing(result);
-    return { result, sync: outgoing ? await this.sync.sync([outgoing]) : null };
+    return { result, sync: outgoing ? await this.sync.sync([outgoing], receivedAt) : null };
   }
 
   /** A manager's bulk push (an informer resync): apply all, sync all under one deadline. */
-  async applyLocalBatch(changes: readonly RouteChange[]): Promise<LocalBatchResult> {
+  async applyLocalBatch(changes: readonly RouteChange[], receivedAt?: number): Promise<LocalBatchResult> {
     const results = changes.map((change) => this.apply(change, 'local'));
     const outgoing = new Map<string, RouteChange>();
     for (const result of results) {
       const change = this.outgoing(result);
       if (change) outgoing.set(result.key, change);
     }
-    return { results, sync: outgoing.size > 0 ? await this.sync.sync([...outgoing.values()]) : null };
+    return { results, sync: outgoing.size > 0 ? await this.sync.sync([...outgoing.values()], receivedAt) : null };
   }
 
   /** Changes pushed by a peer or pulled by reconciliation: applied, never re-broadcast. */

@@ -1,5 +1,6 @@
 // The local API: the local manager's loopback endpoint for route changes and inspection.
-import express, { type Express } from 'express';
+import { performance } from 'node:perf_hooks';
+import express, { type Express, type Response } from 'express';
 import type { Logger } from '../log.js';
 import type { PeerSync } from '../peers/fanout.js';
 import { isCanonicalResourceVersion, parseChange, parseDeletion, redactRoute, type RouteChange } from '../routes/route.js';
@@ -26,10 +27,16 @@ export function createLocalApp(deps: LocalApiDeps): Express {
   app.set('etag', false);
   const routeJson = express.json({ limit: ROUTE_BODY_LIMIT_BYTES, type: 'application/json' });
   const batchJson = express.json({ limit: BATCH_BODY_LIMIT_BYTES, type: 'application/json' });
+  // The sync deadline counts from the call's arrival, before its body is read and parsed.
+  app.use((_req, res, next) => {
+    res.locals.receivedAt = performance.now();
+    next();
+  });
+  const receivedAt = (res: Response): number => res.locals.receivedAt as number;
 
   app.put('/v1/routes', requireJson, routeJson, async (req, res) => {
     const change = parseChange(req.body);
-    res.json(await service.applyLocal(change));
+    res.json(await service.applyLocal(change, receivedAt(res)));
   });
 
   app.delete('/v1/routes/:namespace/:name', async (req, res) => {
@@ -44,7 +51,7 @@ export function createLocalApp(deps: LocalApiDeps): Express {
     // The identity gets the same checks as a route's (length, control characters): a fence
     // for a name no route can have would only be noise that spreads to every peer.
     parseDeletion({ namespace, name, resourceVersion: raw ?? '1' });
-    res.json(await service.deleteLocal(namespace, name, raw));
+    res.json(await service.deleteLocal(namespace, name, raw, receivedAt(res)));
   });
 
   app.post('/v1/routes/batch', requireJson, batchJson, async (req, res) => {
@@ -68,7 +75,7 @@ export function createLocalApp(deps: LocalApiDeps): Express {
         invalid: invalid.slice(0, 100),
       });
     }
-    const { results, sync: outcome } = await service.applyLocalBatch(changes);
+    const { results, sync: outcome } = await service.applyLocalBatch(changes, receivedAt(res));
     res.json({ results, sync: outcome });
   });
 

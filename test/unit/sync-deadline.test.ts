@@ -1,0 +1,83 @@
+// The sync deadline is the lifecycle call's: it counts from when the call arrived, and the wait
+// ends a small reserve before it so that the answer reaches the caller by the deadline.
+import net from 'node:net';
+import { performance } from 'node:perf_hooks';
+import { afterEach, describe, expect, it } from 'vitest';
+import { configFromEnv } from '../../src/config.js';
+import { createLogger } from '../../src/log.js';
+import { Metrics } from '../../src/metrics.js';
+import { PeerClient } from '../../src/peers/client.js';
+import { answerReserveMs, PeerSync } from '../../src/peers/fanout.js';
+import { parseChange, type RouteChange } from '../../src/routes/route.js';
+import { makeRoute } from '../helpers/cluster.js';
+
+const cleanups: (() => Promise<void> | void)[] = [];
+afterEach(async () => {
+  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
+});
+
+/** A peer that accepts connections and never answers. */
+async function hungPeer(): Promise<string> {
+  const sockets = new Set<net.Socket>();
+  const server = net.createServer((socket) => {
+    sockets.add(socket);
+    socket.on('error', () => {});
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  cleanups.push(
+    () =>
+      new Promise<void>((resolve) => {
+        for (const socket of sockets) socket.destroy();
+        server.close(() => resolve());
+      }),
+  );
+  const { port } = server.address() as net.AddressInfo;
+  return `127.0.0.1:${port}`;
+}
+
+function fanout(deadlineMs: number): PeerSync {
+  const config = configFromEnv({
+    ROUTESYNC_SYNC_DEADLINE_MS: String(deadlineMs),
+    ROUTESYNC_ATTEMPT_TIMEOUT_MS: String(deadlineMs * 2),
+    ROUTESYNC_EJECT_AFTER_FAILURES: '1000',
+  });
+  const client = new PeerClient({ connections: 1, token: '', instanceId: 'self' });
+  const sync = new PeerSync({ config, client, metrics: new Metrics({ processMetrics: false }), logger: createLogger({ level: 'silent' }) });
+  cleanups.push(async () => {
+    sync.close();
+    await client.destroy();
+  });
+  return sync;
+}
+
+function change(): RouteChange {
+  return parseChange(makeRoute());
+}
+
+describe('sync deadline', () => {
+  it('keeps 2% of the deadline, at most 10 ms, for the answer', () => {
+    expect(answerReserveMs(500)).toBe(10);
+    expect(answerReserveMs(5000)).toBe(10);
+    expect(answerReserveMs(100)).toBe(2);
+    expect(answerReserveMs(0)).toBe(0);
+  });
+
+  it('counts from the call’s arrival: time spent before the fan-out comes off the wait', async () => {
+    const sync = fanout(1000);
+    sync.setPeers([await hungPeer()]);
+    // The call arrived 900 ms ago (a slow body, say): 1000 - 20 - 900 = 80 ms are left to wait.
+    const outcome = await sync.sync([change()], performance.now() - 900);
+    expect(outcome.acked).toBe(0);
+    expect(outcome.pending).toEqual([{ peer: expect.any(String), reason: 'in_flight' }]);
+    // Counted from the fan-out's own start it would wait ~980 ms.
+    expect(outcome.elapsedMs).toBeLessThan(500);
+  });
+
+  it('without an arrival time, waits the deadline less the reserve', async () => {
+    const sync = fanout(300);
+    sync.setPeers([await hungPeer()]);
+    const outcome = await sync.sync([change()]);
+    expect(outcome.pending).toHaveLength(1);
+    expect(outcome.elapsedMs).toBeGreaterThanOrEqual(300 - answerReserveMs(300) - 1);
+  });
+});
