@@ -17,6 +17,7 @@ import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { Agent, request } from 'undici';
+import { NODE_FLAGS } from '../src/node-flags.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const MAIN = fileURLToPath(new URL('../src/main.ts', import.meta.url));
@@ -99,7 +100,7 @@ async function startCluster(): Promise<Node[]> {
     const api = `127.0.0.1:${ports[i * 3]}`;
     const peer = peers[i]!;
     const proxy = `127.0.0.1:${ports[i * 3 + 2]}`;
-    const child = spawn(process.execPath, ['--import', 'tsx', MAIN], {
+    const child = spawn(process.execPath, ['--import', 'tsx', ...NODE_FLAGS, MAIN], {
       cwd: ROOT,
       env: {
         PATH: process.env.PATH ?? '',

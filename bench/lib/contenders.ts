@@ -8,6 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Child, BENCH_DIR, GiveUp, ROOT_DIR, freePort, start, waitUntil } from './proc.js';
 import type { PeerStats } from '../peer-server.js';
+import { NODE_FLAGS } from '../../src/node-flags.js';
 
 /** Loopback addresses, one per role. */
 export const HOSTS = {
@@ -192,7 +193,7 @@ export async function startRoutesync(options: RoutesyncOptions): Promise<Routesy
     ROUTESYNC_RECONCILE_INTERVAL_MS: '3600000',
     ...options.env,
   };
-  const child = start({ name: options.name ?? `routesync ${host}`, script: entry.script, tsx: entry.tsx, env, nodeFlags: options.nodeFlags ?? [] });
+  const child = start({ name: options.name ?? `routesync ${host}`, script: entry.script, tsx: entry.tsx, env, nodeFlags: [...NODE_FLAGS, ...(options.nodeFlags ?? [])] });
   const api = `${host}:${apiPort}`;
   await waitUntil(
     `${child.name} to answer on ${api}`,

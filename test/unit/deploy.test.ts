@@ -12,6 +12,7 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { parseAllDocuments } from 'yaml';
 import { SETTINGS, loadConfig, parseHostPort, type Config } from '../../src/config.js';
 import { Metrics } from '../../src/metrics.js';
+import { NODE_FLAGS } from '../../src/node-flags.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const KUBERNETES_DIR = path.join(ROOT, 'deploy/kubernetes');
@@ -302,7 +303,7 @@ function filesUnder(relative: string): string[] {
 const DOCKERFILE = readFileSync(path.join(ROOT, 'deploy/Dockerfile'), 'utf8');
 const STAGES = parseDockerfile(DOCKERFILE);
 const RUNTIME = STAGES.at(-1)!;
-const PACKAGE = JSON.parse(readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { bin: Record<string, string> };
+const PACKAGE = JSON.parse(readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { bin: Record<string, string>; scripts: Record<string, string> };
 
 function dockerfileUser(): { uid: number } {
   const users = RUNTIME.instructions.filter((instruction) => instruction.keyword === 'USER');
@@ -585,14 +586,21 @@ describe('deploy/Dockerfile', () => {
     expect(dockerfileUser().uid).toBeGreaterThan(0);
   });
 
-  it('starts dist/main.js with node as PID 1 (exec form), the file package.json names as the binary', () => {
+  it('starts dist/main.js with node as PID 1 (exec form) and the V8 flags of src/node-flags.ts, the file package.json names as the binary', () => {
     const entrypoint = RUNTIME.instructions.filter((instruction) => instruction.keyword === 'ENTRYPOINT').at(-1);
     const cmd = RUNTIME.instructions.filter((instruction) => instruction.keyword === 'CMD').at(-1);
     const command = [...(entrypoint ? (execForm(entrypoint.args) ?? ['<shell form>']) : []), ...(cmd ? (execForm(cmd.args) ?? ['<shell form>']) : [])];
-    expect(command.slice(0, 2)).toEqual(['node', 'dist/main.js']);
+    expect(command.slice(0, 2 + NODE_FLAGS.length)).toEqual(['node', ...NODE_FLAGS, 'dist/main.js']);
     expect(path.posix.normalize(PACKAGE.bin.routesync ?? '')).toBe('dist/main.js');
     const buildConfig = JSON.parse(readFileSync(path.join(ROOT, 'tsconfig.build.json'), 'utf8')) as { compilerOptions: { outDir: string; rootDir: string } };
     expect(path.posix.normalize(buildConfig.compilerOptions.outDir)).toBe('dist');
+  });
+
+  it('`make run` and `npm start` launch routesync with the same V8 flags as the container', () => {
+    const makeRun = /^run:.*\n\t(.+)$/m.exec(readFileSync(path.join(ROOT, 'Makefile'), 'utf8'))?.[1];
+    const expected = ['node', ...NODE_FLAGS, 'dist/main.js'].join(' ');
+    expect(makeRun).toBe(expected);
+    expect(PACKAGE.scripts.start).toBe(expected);
   });
 
   it('checks health with node against the peer port\'s /healthz, and exposes the three default ports', () => {
