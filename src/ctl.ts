@@ -38,6 +38,11 @@ Options:
   --namespace <ns>        routes: only this namespace
   --token-file <path>     file holding the peer token (default: ROUTESYNC_PEER_TOKEN)
   --timeout-ms <n>        per-request timeout (default ${DEFAULT_TIMEOUT_MS})
+  --ca <file>             CA that signs the peers' certificates, for https:// peer addresses
+                          (default: ROUTESYNC_PEER_TLS_CA)
+  --cert <file>, --key <file>
+                          client certificate and key, for peers that run mutual TLS
+                          (default: ROUTESYNC_PEER_TLS_CERT and ROUTESYNC_PEER_TLS_KEY)
   --json                  machine-readable output
   -h, --help              this text
 
@@ -94,6 +99,9 @@ export async function runCtl(argv: readonly string[], io: Partial<CtlIo> = {}): 
         namespace: { type: 'string' },
         'token-file': { type: 'string' },
         'timeout-ms': { type: 'string' },
+        ca: { type: 'string' },
+        cert: { type: 'string' },
+        key: { type: 'string' },
         json: { type: 'boolean', default: false },
         help: { type: 'boolean', short: 'h', default: false },
       },
@@ -109,9 +117,11 @@ export async function runCtl(argv: readonly string[], io: Partial<CtlIo> = {}): 
     return EXIT_OK;
   }
 
-  const http = new CtlHttp(values['timeout-ms'] === undefined ? DEFAULT_TIMEOUT_MS : Number(values['timeout-ms']));
+  let http: CtlHttp | undefined;
   try {
-    if (!/^\d+$/.test(values['timeout-ms'] ?? '1') || http.timeoutMs < 1) throw usage('--timeout-ms must be a positive integer');
+    const timeoutMs = values['timeout-ms'] === undefined ? DEFAULT_TIMEOUT_MS : Number(values['timeout-ms']);
+    if (!/^\d+$/.test(values['timeout-ms'] ?? '1') || timeoutMs < 1) throw usage('--timeout-ms must be a positive integer');
+    http = new CtlHttp(timeoutMs, readTls(values, out.env));
     const options: Options = {
       api: origin(values.api ?? DEFAULT_API, '--api'),
       peers: (values.peer ?? []).map((peer) => origin(peer, '--peer')),
@@ -146,7 +156,7 @@ export async function runCtl(argv: readonly string[], io: Partial<CtlIo> = {}): 
     if (error.exitCode === EXIT_USAGE) out.stderr('Run "routesync ctl --help" for usage.\n');
     return error.exitCode;
   } finally {
-    await http.close();
+    await http?.close();
   }
 }
 
@@ -181,6 +191,22 @@ function readToken(file: string | undefined, env: NodeJS.ProcessEnv): string {
   }
 }
 
+/** TLS material for https:// addresses: flags first, then the variables the replica itself reads. */
+function readTls(values: { ca?: string; cert?: string; key?: string }, env: NodeJS.ProcessEnv): { ca?: Buffer; cert?: Buffer; key?: Buffer } {
+  const file = (flag: 'ca' | 'cert' | 'key', variable: string): Buffer | undefined => {
+    const path = values[flag] ?? (env[variable] || undefined);
+    if (path === undefined) return undefined;
+    try {
+      return readFileSync(path);
+    } catch (error) {
+      throw usage(`--${flag}: cannot read "${path}" (${(error as { code?: string }).code ?? (error as Error).message})`);
+    }
+  };
+  const tls = { ca: file('ca', 'ROUTESYNC_PEER_TLS_CA'), cert: file('cert', 'ROUTESYNC_PEER_TLS_CERT'), key: file('key', 'ROUTESYNC_PEER_TLS_KEY') };
+  if ((tls.cert === undefined) !== (tls.key === undefined)) throw usage('--cert and --key go together');
+  return Object.fromEntries(Object.entries(tls).filter(([, value]) => value !== undefined));
+}
+
 interface Answer {
   readonly status: number;
   readonly body: unknown;
@@ -189,9 +215,14 @@ interface Answer {
 
 /** One undici Agent for the command's requests; every request bounded by the timeout. */
 class CtlHttp {
-  private readonly agent = new Agent({ connections: 4, keepAliveTimeout: 1_000 });
+  private readonly agent: Agent;
 
-  constructor(readonly timeoutMs: number) {}
+  constructor(
+    readonly timeoutMs: number,
+    tls: { ca?: Buffer; cert?: Buffer; key?: Buffer } = {},
+  ) {
+    this.agent = new Agent({ connections: 4, keepAliveTimeout: 1_000, ...(Object.keys(tls).length > 0 ? { connect: tls } : {}) });
+  }
 
   async get(base: string, path: string, token?: string): Promise<Answer> {
     return this.send(base, 'GET', path, undefined, token);

@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { Agent, request } from 'undici';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ConfigError, configFromEnv, readPeerTls } from '../../src/config.js';
+import { EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, runCtl } from '../../src/ctl.js';
 import { makeRoute, putRoute, startCluster, stopAll, type TestReplica } from '../helpers/cluster.js';
 import { spawnReplica } from '../helpers/process.js';
 import { waitUntil } from '../helpers/wait.js';
@@ -157,6 +158,30 @@ describe.skipIf(!hasOpenssl)('peer TLS', () => {
     } finally {
       await stopAll(rogue);
     }
+  });
+
+  it('routesync ctl diff talks to mTLS peers with the cluster CA and a client certificate, from flags or the replica\'s own variables', async () => {
+    const [a, b] = cluster as [TestReplica, TestReplica];
+    const ctl = async (args: string[], env: NodeJS.ProcessEnv = {}) => {
+      let stdout = '';
+      let stderr = '';
+      const code = await runCtl(args, { stdout: (text) => (stdout += text), stderr: (text) => (stderr += text), env });
+      return { code, stdout, stderr };
+    };
+    const diff = ['diff', a.peerUrl, b.peerUrl];
+    const withFlags = await ctl([...diff, '--ca', pki.ca, '--cert', pki.cert, '--key', pki.key]);
+    expect(withFlags.stderr).toBe('');
+    expect(withFlags.code).toBe(EXIT_OK);
+    expect(withFlags.stdout).toContain('The tables are identical.');
+    const fromEnv = await ctl(diff, { ROUTESYNC_PEER_TLS_CA: pki.ca, ROUTESYNC_PEER_TLS_CERT: pki.cert, ROUTESYNC_PEER_TLS_KEY: pki.key });
+    expect(fromEnv.code).toBe(EXIT_OK);
+    // Without a client certificate the listener refuses, and ctl says why.
+    const anonymous = await ctl([...diff, '--ca', pki.ca]);
+    expect(anonymous.code).toBe(EXIT_UNREACHABLE);
+    expect(anonymous.stderr).toContain('403 client_certificate_required');
+    const halfPair = await ctl([...diff, '--ca', pki.ca, '--cert', pki.cert]);
+    expect(halfPair.code).toBe(EXIT_USAGE);
+    expect(halfPair.stderr).toContain('--cert and --key go together');
   });
 
   it('bad TLS files give a one-line configuration error naming the variable', () => {
