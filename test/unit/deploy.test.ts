@@ -828,6 +828,7 @@ describe('deploy/grafana-dashboard.json', () => {
       'routesync_peer_retries_total',
       'routesync_peer_failures_total',
       'routesync_peer_ejections_total',
+      'routesync_peer_dns_resolutions_total',
       'routesync_outbox_routes',
       'routesync_outbox_dropped_total',
       'routesync_reconcile_rounds_total',
