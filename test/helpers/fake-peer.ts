@@ -28,6 +28,8 @@ export class FakePeer {
   failWith: 'reset' | number = 503;
   /** Sockets accepted, ever. */
   connections = 0;
+  /** Most sockets open at the same time. */
+  peakOpen = 0;
   /** Push requests received (any outcome). */
   pushes = 0;
   /** Routes received in pushes. */
@@ -46,6 +48,7 @@ export class FakePeer {
     this.server.on('connection', (socket) => {
       this.connections++;
       this.sockets.add(socket);
+      this.peakOpen = Math.max(this.peakOpen, this.sockets.size);
       socket.on('close', () => this.sockets.delete(socket));
     });
   }
