@@ -10,7 +10,7 @@ build:
 # One replica with the embedded defaults (no peers): local API 127.0.0.1:7788,
 # peer API 0.0.0.0:7789, data plane 0.0.0.0:8080.
 run: build
-	node --max-semi-space-size=4 dist/main.js
+	node --max-semi-space-size=8 dist/main.js
 
 # VITEST_ARGS passes extra options to vitest (for example a reporter, or a file filter).
 test:

@@ -3,8 +3,10 @@
 // and the benchmarks start routesync with them. They cannot be set from inside the process: V8
 // sizes its heap when the isolate is created.
 //
-// --max-semi-space-size=4: V8's young generation may grow to two 16 MiB semi-spaces by default,
-// and once grown it stays committed. routesync's allocation is short-lived and small (a change,
-// a request), so a 4 MiB semi-space costs little: holding 100,000 routes RSS went from 162.7 MB
-// to 136.8 MB in one measurement (bench/ benchmark 5; docs/benchmarks.md has the runs).
-export const NODE_FLAGS: readonly string[] = ['--max-semi-space-size=4'];
+// --max-semi-space-size=8: V8's young generation may grow to two 16 MiB semi-spaces by default,
+// and once grown it stays committed. Holding 100,000 routes (bench/ benchmark 5) RSS is
+// ~162 MB with the default, ~146 MB with 8 and ~137 MB with 4; but a smaller young generation
+// means more scavenges under load: with 4, benchmark 3's lifecycle rate was ~1.7 x the floor's,
+// with 8 ~2.3 x and with the default ~2.3 x (3 runs each). 8 keeps both (docs/benchmarks.md,
+// finding 5).
+export const NODE_FLAGS: readonly string[] = ['--max-semi-space-size=8'];
