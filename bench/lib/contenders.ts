@@ -19,6 +19,7 @@ export const HOSTS = {
   routesyncB: '127.0.0.5',
   legacyFresh: '127.0.0.6',
   bareProxy: '127.0.0.7',
+  libraryProxy: '127.0.0.8',
   upstream: '127.0.0.30',
   /** Peers are 127.0.0.11 ... 127.0.0.(10 + n). */
   peer: (index: number) => `127.0.0.${11 + index}`,
@@ -61,14 +62,14 @@ export async function stopAll(processes: readonly { child: Child }[] | readonly 
 }
 
 /** A small server (floor, legacy, upstream) that announces its address over IPC. */
-export async function startScript(name: string, script: string, args: readonly string[]): Promise<{ child: Child; address: string }> {
-  const child = start({ name, script: join(BENCH_DIR, script), args, tsx: true });
+export async function startScript(name: string, script: string, args: readonly string[], nodeFlags: readonly string[] = []): Promise<{ child: Child; address: string }> {
+  const child = start({ name, script: join(BENCH_DIR, script), args, tsx: true, nodeFlags });
   const { address } = await child.waitFor<{ address: string }>('listening');
   return { child, address };
 }
 
-export function startFloor(peers: readonly string[]) {
-  return startScript('floor', 'floor.ts', ['--listen', `${HOSTS.floor}:0`, '--peers', peers.join(',')]);
+export function startFloor(peers: readonly string[], nodeFlags: readonly string[] = []) {
+  return startScript('floor', 'floor.ts', ['--listen', `${HOSTS.floor}:0`, '--peers', peers.join(',')], nodeFlags);
 }
 
 export function startLegacy(peers: readonly string[], options: { fresh?: boolean } = {}) {
@@ -84,6 +85,10 @@ export function startLegacy(peers: readonly string[], options: { fresh?: boolean
 
 export function startBareProxy(upstream: string) {
   return startScript('bare proxy', 'bare-proxy.ts', ['--listen', `${HOSTS.bareProxy}:0`, '--upstream', upstream]);
+}
+
+export function startLibraryProxy(upstream: string) {
+  return startScript('http-proxy-3 alone', 'library-proxy.ts', ['--listen', `${HOSTS.libraryProxy}:0`, '--upstream', upstream]);
 }
 
 export function startUpstream() {

@@ -2,6 +2,7 @@
 // when the run ends, fails or is interrupted. Every wait is bounded.
 import { fork, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
+import { readFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 
@@ -75,6 +76,15 @@ export class Child {
     return this.output;
   }
 
+  /**
+   * CPU time (user + system, ms) the process has used so far, from /proc/<pid>/stat (Linux; NaN
+   * elsewhere). The difference over a window is what the window cost that process, whatever the
+   * machine's speed did to latency: a ratio of two such figures compares the work done.
+   */
+  cpuMs(): number {
+    return processCpuMs(this.process.pid);
+  }
+
   get alive(): boolean {
     return this.process.exitCode === null && this.process.signalCode === null;
   }
@@ -144,6 +154,19 @@ export function start(options: StartOptions): Child {
   });
   children.add(child);
   return new Child(options.name, child);
+}
+
+/** User + system CPU time of a process in ms (clock ticks of 10 ms), NaN when unknown. */
+export function processCpuMs(pid: number | undefined): number {
+  if (pid === undefined) return Number.NaN;
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // Fields after the command name (which may hold spaces), from field 3 on: utime is 14, stime 15.
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(fields[11]) + Number(fields[12])) * 10;
+  } catch {
+    return Number.NaN;
+  }
 }
 
 /** A port free right now on `host` (the OS picks it; a tiny race with other programs remains). */

@@ -19,8 +19,12 @@ const LABELS: Record<Series, string> = {
   floorNoop: 'floor no-op (node:http)',
 };
 
+/** Server CPU time (user + system, /proc) per measured round: one PUT and one no-op to that server. */
+type CpuPerRound = Record<'routesync' | 'floor' | 'legacy', number>;
+
 interface LifecycleRun {
   readonly latency: Record<Series, LatencySummary>;
+  readonly cpuUsPerRound: CpuPerRound;
   readonly routesyncNotAcked: number;
   readonly ratios: { readonly p50: number; readonly p99: number; readonly legacyP50: number; readonly legacyP99: number };
 }
@@ -65,8 +69,10 @@ export async function lifecycle(ctx: SuiteContext): Promise<SuiteResult> {
       const samples: Record<Series, number[]> = { floor: [], routesync: [], legacy: [], routesyncNoop: [], floorNoop: [] };
       notAcked = 0;
       const rounds = (run === 0 ? warmup : Math.round(warmup / 3)) + calls;
+      let cpuBefore: CpuPerRound | undefined;
       for (let i = 0; i < rounds; i++) {
         const measured = i >= rounds - calls;
+        if (i === rounds - calls) cpuBefore = { routesync: routesync.child.cpuMs(), floor: floor.child.cpuMs(), legacy: legacy.child.cpuMs() };
         // Rotate the order so that no contender always follows the same one.
         for (let k = 0; k < SERIES.length; k++) {
           const series = SERIES[(i + k) % SERIES.length]!;
@@ -75,8 +81,15 @@ export async function lifecycle(ctx: SuiteContext): Promise<SuiteResult> {
         }
       }
       const latency = Object.fromEntries(SERIES.map((series) => [series, summarize(samples[series])])) as Record<Series, LatencySummary>;
+      const perRound = (ms: number, before: number | undefined) => round(((ms - (before ?? Number.NaN)) * 1000) / calls, 0);
+      const cpuUsPerRound: CpuPerRound = {
+        routesync: perRound(routesync.child.cpuMs(), cpuBefore?.routesync),
+        floor: perRound(floor.child.cpuMs(), cpuBefore?.floor),
+        legacy: perRound(legacy.child.cpuMs(), cpuBefore?.legacy),
+      };
       const result: LifecycleRun = {
         latency,
+        cpuUsPerRound,
         routesyncNotAcked: notAcked,
         ratios: {
           p50: round(latency.routesync.p50 / latency.floor.p50),
@@ -88,7 +101,8 @@ export async function lifecycle(ctx: SuiteContext): Promise<SuiteResult> {
       runs.push(result);
       ctx.log(
         `  run ${run + 1}/${ctx.runs}: routesync p50 ${latency.routesync.p50} ms p99 ${latency.routesync.p99} ms; floor p50 ${latency.floor.p50} p99 ${latency.floor.p99}; ` +
-          `ratio p50 ${result.ratios.p50} p99 ${result.ratios.p99}; legacy p50 ${latency.legacy.p50} p99 ${latency.legacy.p99}` +
+          `ratio p50 ${result.ratios.p50} p99 ${result.ratios.p99}; legacy p50 ${latency.legacy.p50} p99 ${latency.legacy.p99}; ` +
+          `CPU µs per call: routesync ${cpuUsPerRound.routesync}, floor ${cpuUsPerRound.floor}, legacy ${cpuUsPerRound.legacy}` +
           (notAcked > 0 ? `; ${notAcked} routesync calls not acked by all peers` : ''),
       );
     }
@@ -98,6 +112,11 @@ export async function lifecycle(ctx: SuiteContext): Promise<SuiteResult> {
       ratioP99: spread(runs.map((r) => r.ratios.p99)),
       legacyRatioP50: spread(runs.map((r) => r.ratios.legacyP50)),
       legacyRatioP99: spread(runs.map((r) => r.ratios.legacyP99)),
+      routesyncCpuUs: spread(runs.map((r) => r.cpuUsPerRound.routesync)),
+      floorCpuUs: spread(runs.map((r) => r.cpuUsPerRound.floor)),
+      legacyCpuUs: spread(runs.map((r) => r.cpuUsPerRound.legacy)),
+      cpuRatio: spread(runs.map((r) => r.cpuUsPerRound.routesync / r.cpuUsPerRound.floor)),
+      legacyCpuRatio: spread(runs.map((r) => r.cpuUsPerRound.legacy / r.cpuUsPerRound.floor)),
     };
     for (const series of SERIES) {
       summary[`${series}P50`] = spread(runs.map((r) => r.latency[series].p50));
@@ -110,9 +129,16 @@ export async function lifecycle(ctx: SuiteContext): Promise<SuiteResult> {
       const ratio = (which: 'p50' | 'p99') => spread(runs.map((r) => r.latency[series][which] / r.latency.floor[which]));
       table.push([LABELS[series], formatSpread(p50), formatSpread(p99), formatSpread(ratio('p50')), formatSpread(ratio('p99'))]);
     }
+    // What each call costs the server itself (its process's CPU time), beside the latency: the
+    // machine's swings move latency, much less the work done per call.
+    table.push(['server CPU per call (µs, one PUT and one no-op)', '', '', '', '']);
+    table.push(['  floor', formatSpread(summary.floorCpuUs!, 0), '', '1.00', '']);
+    table.push(['  routesync', formatSpread(summary.routesyncCpuUs!, 0), '', formatSpread(summary.cpuRatio!), '']);
+    table.push(['  legacy re-enactment', formatSpread(summary.legacyCpuUs!, 0), '', formatSpread(summary.legacyCpuRatio!), '']);
     const targets: TargetCheck[] = [
       { description: 'routesync p50 / floor p50', value: summary.ratioP50!.median, target: '≤ 1.25', met: summary.ratioP50!.median <= 1.25 },
       { description: 'routesync p99 / floor p99', value: summary.ratioP99!.median, target: '≤ 1.25', met: summary.ratioP99!.median <= 1.25 },
+      { description: 'routesync server CPU per call / floor server CPU per call (reported)', value: summary.cpuRatio!.median, target: 'report', met: null },
     ];
     const totalNotAcked = runs.reduce((sum, r) => sum + r.routesyncNotAcked, 0);
     return {
@@ -121,7 +147,8 @@ export async function lifecycle(ctx: SuiteContext): Promise<SuiteResult> {
       title: 'Lifecycle latency, 10 healthy peers',
       method:
         `${calls} sequential calls per run to each contender, interleaved round by round (order rotated), ` +
-        `after ${warmup} warm-up rounds; the floor, routesync and the legacy re-enactment push to the same 10 peer processes.`,
+        `after ${warmup} warm-up rounds; the floor, routesync and the legacy re-enactment push to the same 10 peer processes. ` +
+        `Server CPU per call: each server process's user + system time (/proc) over the measured rounds, divided by the calls (each round also sends that server one no-op).`,
       config: { peers: PEERS, calls, warmup, runs: ctx.runs },
       runs,
       summary,

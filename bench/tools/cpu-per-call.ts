@@ -1,0 +1,79 @@
+// CPU time per lifecycle call, routesync against the floor, read from /proc/<pid>/stat (user +
+// system) of each server process: what a call costs the server itself, whatever the machine's
+// speed of the moment does to latency. For finding where the cost is (run it before and after
+// a change), not a benchmark of record.
+//
+//   node --import tsx bench/tools/cpu-per-call.ts [--calls 3000] [--in-flight 1] [--rev HEAD | --entry dist/main.js]
+//                                                 [--node-flag=--max-semi-space-size=16] [--profile]
+//
+// --profile starts both servers with --cpu-prof (bench/results/profiles/cpu-per-call-*/, one
+// file per thread: the floor runs through tsx, whose loader has a thread of its own).
+//
+// Calls alternate between the two servers (one to the floor, one to routesync), so both run
+// against the same ten peer processes in the same minutes.
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { buildRevision, pinRoutesyncEntry, startFloor, startPeers, startRoutesync, stopAll } from '../lib/contenders.js';
+import { fixedCount, HttpTarget } from '../lib/driver.js';
+import { BENCH_DIR } from '../lib/proc.js';
+import { RouteFactory } from '../lib/routes.js';
+import { summarize } from '../lib/stats.js';
+
+const { values } = parseArgs({
+  options: {
+    calls: { type: 'string', default: '3000' },
+    rev: { type: 'string' },
+    'in-flight': { type: 'string', default: '1' },
+    profile: { type: 'boolean', default: false },
+    entry: { type: 'string' },
+    'node-flag': { type: 'string', multiple: true },
+  },
+});
+if (values.rev !== undefined) pinRoutesyncEntry(buildRevision(values.rev));
+if (values.entry !== undefined) pinRoutesyncEntry({ script: values.entry, tsx: values.entry.endsWith('.ts'), note: values.entry });
+const calls = Number(values.calls);
+const inFlight = Number(values['in-flight']);
+
+const stamp = Date.now();
+const profile = (who: string) =>
+  values.profile ? ['--cpu-prof', '--cpu-prof-dir', join(BENCH_DIR, 'results', 'profiles', `cpu-per-call-${stamp}-${who}`)] : [];
+const peers = await startPeers(10);
+const routesync = await startRoutesync({ peers: peers.map((peer) => peer.address), nodeFlags: [...(values['node-flag'] ?? []), ...profile('routesync')] });
+const floor = await startFloor(
+  peers.map((peer) => peer.address),
+  profile('floor'),
+);
+const api = new HttpTarget(`http://${routesync.api}`, inFlight);
+const floorApi = new HttpTarget(`http://${floor.address}`, inFlight);
+const routes = new RouteFactory();
+const ms = { routesync: [] as number[], floor: [] as number[] };
+try {
+  const warm = async () => {
+    await floorApi.call('PUT', '/v1/routes', routes.nextBody());
+    await api.call('PUT', '/v1/routes', routes.nextBody());
+    return true;
+  };
+  await fixedCount(inFlight, 500, warm);
+  const before = { routesync: routesync.child.cpuMs(), floor: floor.child.cpuMs() };
+  await fixedCount(inFlight, calls, async () => {
+    const floorAnswer = await floorApi.call('PUT', '/v1/routes', routes.nextBody());
+    ms.floor.push(floorAnswer.ms);
+    const answer = await api.call('PUT', '/v1/routes', routes.nextBody());
+    ms.routesync.push(answer.ms);
+    return answer.status === 200 && floorAnswer.status === 200;
+  });
+  const used = { routesync: routesync.child.cpuMs() - before.routesync, floor: floor.child.cpuMs() - before.floor };
+  const perCallUs = (ms: number) => Math.round((ms * 1000) / calls);
+  process.stdout.write(
+    `${calls} calls each, ${inFlight} in flight\n` +
+      `  floor:     ${perCallUs(used.floor)} µs CPU per call; latency ${JSON.stringify(summarize(ms.floor))}\n` +
+      `  routesync: ${perCallUs(used.routesync)} µs CPU per call; latency ${JSON.stringify(summarize(ms.routesync))}\n` +
+      `  routesync CPU ÷ floor CPU: ${(used.routesync / used.floor).toFixed(2)}\n`,
+  );
+} finally {
+  await api.close();
+  await floorApi.close();
+  await routesync.stop();
+  await floor.child.stop();
+  await stopAll(peers);
+}
