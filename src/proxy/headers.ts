@@ -28,13 +28,23 @@ export const HOP_BY_HOP_HEADERS: readonly string[] = [
 /** Headers a `Connection` token can never remove: they frame the message or name its target. */
 const PROTECTED_HEADERS = new Set(['host', 'content-length', 'transfer-encoding']);
 
-function connectionTokens(value: string | string[] | number | undefined): string[] {
-  if (value === undefined) return [];
+/** Removed from every upstream request: hop-by-hop, the client's routing and token headers. */
+const DROPPED_REQUEST_HEADERS = new Set([...HOP_BY_HOP_HEADERS, ...STRIPPED_REQUEST_HEADERS]);
+const HOP_BY_HOP_SET = new Set(HOP_BY_HOP_HEADERS);
+const NO_TOKENS: ReadonlySet<string> = new Set();
+
+/** The header names a `Connection` value lists (lower case), or an empty set (the usual case: `keep-alive`). */
+function connectionTokens(value: string | string[] | number | undefined): ReadonlySet<string> {
+  if (value === undefined) return NO_TOKENS;
   const text = Array.isArray(value) ? value.join(',') : String(value);
-  return text
-    .split(',')
-    .map((token) => token.trim().toLowerCase())
-    .filter((token) => token !== '');
+  // The common values need no split: nothing but hop-by-hop names, which go anyway.
+  if (text === 'keep-alive' || text === 'close' || text === 'Keep-Alive') return NO_TOKENS;
+  const tokens = new Set<string>();
+  for (const part of text.split(',')) {
+    const token = part.trim().toLowerCase();
+    if (token !== '') tokens.add(token);
+  }
+  return tokens;
 }
 
 export interface ForwardingContext {
@@ -55,13 +65,15 @@ export interface ForwardingContext {
  * another host.
  */
 export function upstreamRequestHeaders(headers: IncomingHttpHeaders, context: ForwardingContext): IncomingHttpHeaders {
-  const out: IncomingHttpHeaders = { ...headers };
+  // Built by copying what is kept rather than deleting from a copy: `delete` turns the object
+  // V8 keeps for it into a slow dictionary, on every request (bench/, docs/benchmarks.md).
   const listed = connectionTokens(headers.connection);
-  for (const name of listed) {
-    if (!PROTECTED_HEADERS.has(name) && !(context.upgrade && name === 'upgrade')) delete out[name];
+  const out: IncomingHttpHeaders = {};
+  for (const name in headers) {
+    if (DROPPED_REQUEST_HEADERS.has(name)) continue;
+    if (listed.has(name) && !PROTECTED_HEADERS.has(name)) continue;
+    out[name] = headers[name];
   }
-  for (const name of HOP_BY_HOP_HEADERS) delete out[name];
-  for (const name of STRIPPED_REQUEST_HEADERS) delete out[name];
   if (context.upgrade) {
     out.connection = 'Upgrade';
     if (headers.upgrade !== undefined) out.upgrade = headers.upgrade;
@@ -74,7 +86,7 @@ export function upstreamRequestHeaders(headers: IncomingHttpHeaders, context: Fo
   out['x-forwarded-proto'] = context.protocol;
   const host = headers.host ?? headers[':authority'];
   if (host !== undefined) out['x-forwarded-host'] = Array.isArray(host) ? host[0] : host;
-  else delete out['x-forwarded-host'];
+  else if (out['x-forwarded-host'] !== undefined) delete out['x-forwarded-host'];
   return out;
 }
 
@@ -85,7 +97,10 @@ export function upstreamRequestHeaders(headers: IncomingHttpHeaders, context: Fo
  */
 export function cleanResponseHeaders(headers: IncomingHttpHeaders | OutgoingHttpHeaders): void {
   for (const name of connectionTokens(headers.connection)) {
-    if (!PROTECTED_HEADERS.has(name)) delete headers[name];
+    if (!PROTECTED_HEADERS.has(name) && name in headers) delete headers[name];
   }
-  for (const name of HOP_BY_HOP_HEADERS) delete headers[name];
+  // Only names that are there: a `delete` of any key, present or not, can cost the object its fast shape.
+  for (const name in headers) {
+    if (HOP_BY_HOP_SET.has(name)) delete headers[name];
+  }
 }
