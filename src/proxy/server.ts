@@ -11,7 +11,8 @@
 //    from a reset and keeps running while a response streams). It bounds, with the one figure
 //    `proxyTimeoutMs`: the wait for a pooled socket, the TCP connect, and then upstream silence
 //    until the response headers arrive (socket idle, so a long upload that keeps moving is never
-//    cut). Once headers are in, the response streams for as long as both ends keep it open.
+//    cut; a request without a body has nothing to keep moving, so its wait is one plain timer).
+//    Once headers are in, the response streams for as long as both ends keep it open.
 //    A WebSocket handshake gets the same figure as a hard deadline; an open WebSocket has none.
 //  - The library's `error` event always has a listener and every call passes a callback, so no
 //    proxy error can become an uncaught exception; the request handlers are wrapped as well.
@@ -84,6 +85,8 @@ interface Exchange {
   clientError: unknown;
   proxyReq: ClientRequest | undefined;
   timer: NodeJS.Timeout | undefined;
+  /** The wait for the response headers is the upstream socket's idle timer (a request with a body). */
+  idleTimer: boolean;
   recorded: boolean;
 }
 
@@ -93,6 +96,26 @@ interface ProxiedWebSocket {
   toClient?: FrameRelay;
   toUpstream?: FrameRelay;
   readonly closed: Promise<void>;
+}
+
+/**
+ * Each request carries its exchange on a property of its own, found again from the library's
+ * events. Not a WeakMap, nor a Set of exchanges in flight: a long-lived collection pointing at
+ * every request's young objects made V8's young-generation collections three times as costly
+ * (old-to-new references, ephemerons) and promoted exchanges that then died in old space;
+ * measured at ~520 ms against ~170 ms of scavenges for 30,000 proxied requests
+ * (docs/benchmarks.md, benchmark 6).
+ */
+const EXCHANGE = Symbol('routesync.exchange');
+
+type CarriesExchange = IncomingMessage & { [EXCHANGE]?: Exchange };
+
+function attachExchange(req: IncomingMessage, exchange: Exchange): void {
+  (req as CarriesExchange)[EXCHANGE] = exchange;
+}
+
+function exchangeOf(req: IncomingMessage): Exchange | undefined {
+  return (req as CarriesExchange)[EXCHANGE];
 }
 
 const DEFAULT_WS_CLOSE_TIMEOUT_MS = 1000;
@@ -122,9 +145,8 @@ export class DataPlane {
   private readonly webSocketCloseTimeoutMs: number;
   private readonly agent: http.Agent;
   private readonly proxy: ProxyServer;
-  private readonly exchanges = new WeakMap<IncomingMessage, Exchange>();
-  /** HTTP exchanges not yet recorded. */
-  private readonly inFlight = new Set<Exchange>();
+  /** HTTP exchanges not yet recorded (a count: see EXCHANGE for why no collection holds them). */
+  private inFlightCount = 0;
   /** Upgrade requests whose handshake is not settled yet. */
   private readonly upgrading = new Set<Socket>();
   private readonly webSockets = new Set<ProxiedWebSocket>();
@@ -208,7 +230,7 @@ export class DataPlane {
 
   private onRequest(req: IncomingMessage, res: ServerResponse, expectsContinue: boolean): void {
     const exchange = this.begin(req, 'http');
-    this.inFlight.add(exchange);
+    this.inFlightCount++;
     // Listeners before the library's: they run first, so the library's own reactions to the
     // same events (destroying the upstream request) find the exchange already marked.
     res.on('close', () => this.onResponseClose(exchange, res));
@@ -232,13 +254,13 @@ export class DataPlane {
     if (expectsContinue) res.writeContinue();
 
     exchange.timer = setTimeout(() => this.onUpstreamTimeout(exchange, res), this.config.proxyTimeoutMs);
-    this.exchanges.set(req, exchange);
+    attachExchange(req, exchange);
     this.proxy.web(req, res, { target: this.libraryTarget(decision.target) }, (error) => this.onWebError(exchange, res, error));
   }
 
   /** Socket assigned to the upstream request: the connect, then the wait for headers, are timed. */
   private onProxyRequest(proxyReq: ClientRequest, req: IncomingMessage): void {
-    const exchange = this.exchanges.get(req);
+    const exchange = exchangeOf(req);
     if (!exchange) return;
     if (exchange.outcome !== undefined) {
       // Already answered (timed out while waiting for a pooled socket): never send it.
@@ -248,9 +270,22 @@ export class DataPlane {
     exchange.proxyReq = proxyReq;
     const socket = proxyReq.socket;
     const startIdleTimer = (): void => {
+      if (exchange.outcome !== undefined || exchange.status !== undefined) {
+        clearTimeout(exchange.timer);
+        exchange.timer = undefined;
+        return;
+      }
+      if (!exchange.hasBody) {
+        // Nothing will move upstream before the answer, so "idle until the headers" is one
+        // plain wait from now: the exchange's own timer, re-armed (cheaper than a socket timer,
+        // which adds and removes listeners on every request).
+        exchange.timer?.refresh();
+        exchange.idleTimer = false;
+        return;
+      }
       clearTimeout(exchange.timer);
       exchange.timer = undefined;
-      if (exchange.outcome !== undefined || exchange.status !== undefined) return;
+      exchange.idleTimer = true;
       proxyReq.setTimeout(this.config.proxyTimeoutMs, () => {
         if (exchange.status !== undefined) return;
         exchange.timedOut = true;
@@ -262,7 +297,7 @@ export class DataPlane {
   }
 
   private onProxyResponse(proxyRes: IncomingMessage, req: IncomingMessage, res: ServerResponse): void {
-    const exchange = this.exchanges.get(req);
+    const exchange = exchangeOf(req);
     if (!exchange) return;
     clearTimeout(exchange.timer);
     exchange.timer = undefined;
@@ -272,7 +307,7 @@ export class DataPlane {
     }
     exchange.status = proxyRes.statusCode;
     // The response now streams for as long as it takes: no idle limit on a started response.
-    exchange.proxyReq?.setTimeout(0);
+    if (exchange.idleTimer) exchange.proxyReq?.setTimeout(0);
     cleanResponseHeaders(proxyRes.headers);
     // http-proxy-3 copies this to the client; say what Node will actually do with the connection.
     proxyRes.headers.connection = res.shouldKeepAlive ? 'keep-alive' : 'close';
@@ -337,7 +372,7 @@ export class DataPlane {
     if (exchange.outcome === undefined) exchange.outcome = res.writableFinished ? 'proxied' : 'client_aborted';
     const status = res.headersSent ? res.statusCode : exchange.outcome === 'client_aborted' ? 499 : (exchange.status ?? 0);
     this.record(exchange, status);
-    this.inFlight.delete(exchange);
+    this.inFlightCount--;
     if (this.draining) setImmediate(() => this.server.closeIdleConnections());
     this.onQuietCheck?.();
   }
@@ -394,12 +429,12 @@ export class DataPlane {
       proxyReq?.destroy();
       this.refuseUpgrade(exchange, socket, upstreamTimeoutError(this.config.proxyTimeoutMs));
     }, this.config.proxyTimeoutMs);
-    this.exchanges.set(req, exchange);
+    attachExchange(req, exchange);
     this.proxy.ws(req, socket, head, { target: this.libraryTarget(decision.target) }, (error) => this.onWebSocketError(exchange, socket, error));
   }
 
   private onProxyWebSocketRequest(proxyReq: ClientRequest, req: IncomingMessage): void {
-    const exchange = this.exchanges.get(req);
+    const exchange = exchangeOf(req);
     if (!exchange) return;
     if (exchange.outcome !== undefined) {
       proxyReq.destroy();
@@ -518,6 +553,7 @@ export class DataPlane {
       clientError: undefined,
       proxyReq: undefined,
       timer: undefined,
+      idleTimer: false,
       recorded: false,
     };
   }
@@ -555,13 +591,13 @@ export class DataPlane {
   }
 
   private markClientGone(req: IncomingMessage): void {
-    const exchange = this.exchanges.get(req);
+    const exchange = exchangeOf(req);
     if (exchange && exchange.outcome === undefined) exchange.outcome = 'client_aborted';
   }
 
   /** The library's own 'error' event: client-socket errors of upgrades, and anything unforeseen. */
   private onLibraryError(error: unknown, req: IncomingMessage): void {
-    const exchange = this.exchanges.get(req);
+    const exchange = exchangeOf(req);
     if (exchange) exchange.clientError ??= error;
     this.logger.debug({ cause: (error as { code?: string }).code, sandboxId: exchange?.sandboxId }, 'proxy client socket error');
   }
@@ -585,7 +621,7 @@ export class DataPlane {
   // --- shutdown -----------------------------------------------------------------------------
 
   private isQuiet(): boolean {
-    return this.inFlight.size === 0 && this.upgrading.size === 0 && this.webSockets.size === 0;
+    return this.inFlightCount === 0 && this.upgrading.size === 0 && this.webSockets.size === 0;
   }
 
   /** Resolves when nothing is in flight, or when graceMs have passed. */
