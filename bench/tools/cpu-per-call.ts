@@ -4,7 +4,7 @@
 // a change), not a benchmark of record.
 //
 //   node --import tsx bench/tools/cpu-per-call.ts [--calls 3000] [--in-flight 1] [--rev HEAD | --entry dist/main.js]
-//                                                 [--node-flag=--max-semi-space-size=16] [--profile]
+//                                                 [--node-flag=--max-semi-space-size=16] [--profile] [--trace-gc]
 //
 // --profile starts both servers with --cpu-prof (bench/results/profiles/cpu-per-call-*/, one
 // file per thread: the floor runs through tsx, whose loader has a thread of its own).
@@ -27,6 +27,7 @@ const { values } = parseArgs({
     profile: { type: 'boolean', default: false },
     entry: { type: 'string' },
     'node-flag': { type: 'string', multiple: true },
+    'trace-gc': { type: 'boolean', default: false },
   },
 });
 if (values.rev !== undefined) pinRoutesyncEntry(buildRevision(values.rev));
@@ -38,7 +39,22 @@ const stamp = Date.now();
 const profile = (who: string) =>
   values.profile ? ['--cpu-prof', '--cpu-prof-dir', join(BENCH_DIR, 'results', 'profiles', `cpu-per-call-${stamp}-${who}`)] : [];
 const peers = await startPeers(10);
-const routesync = await startRoutesync({ peers: peers.map((peer) => peer.address), nodeFlags: [...(values['node-flag'] ?? []), ...profile('routesync')] });
+const routesync = await startRoutesync({
+  peers: peers.map((peer) => peer.address),
+  nodeFlags: [...(values['node-flag'] ?? []), ...profile('routesync'), ...(values['trace-gc'] ? ['--trace-gc'] : [])],
+});
+// --trace-gc: routesync's collections during the measured calls, by kind (count and pause ms).
+const gc = { counting: false, byKind: new Map<string, { count: number; ms: number }>() };
+routesync.child.process.stdout?.on('data', (chunk: Buffer) => {
+  if (!gc.counting) return;
+  if (process.env.GC_LINES) process.stderr.write(chunk);
+  for (const match of chunk.toString('utf8').matchAll(/ms: (Scavenge|Mark-Compact)[^,]*, ([0-9.]+) \//g)) {
+    const entry = gc.byKind.get(match[1]!) ?? { count: 0, ms: 0 };
+    entry.count++;
+    entry.ms += Number(match[2]);
+    gc.byKind.set(match[1]!, entry);
+  }
+});
 const floor = await startFloor(
   peers.map((peer) => peer.address),
   profile('floor'),
@@ -55,6 +71,7 @@ try {
   };
   await fixedCount(inFlight, 500, warm);
   const before = { routesync: routesync.child.cpuMs(), floor: floor.child.cpuMs() };
+  gc.counting = true;
   await fixedCount(inFlight, calls, async () => {
     const floorAnswer = await floorApi.call('PUT', '/v1/routes', routes.nextBody());
     ms.floor.push(floorAnswer.ms);
@@ -68,7 +85,8 @@ try {
     `${calls} calls each, ${inFlight} in flight\n` +
       `  floor:     ${perCallUs(used.floor)} µs CPU per call; latency ${JSON.stringify(summarize(ms.floor))}\n` +
       `  routesync: ${perCallUs(used.routesync)} µs CPU per call; latency ${JSON.stringify(summarize(ms.routesync))}\n` +
-      `  routesync CPU ÷ floor CPU: ${(used.routesync / used.floor).toFixed(2)}\n`,
+      `  routesync CPU ÷ floor CPU: ${(used.routesync / used.floor).toFixed(2)}\n` +
+      [...gc.byKind].map(([kind, { count, ms: pauseMs }]) => `  routesync ${kind}: ${count}, ${pauseMs.toFixed(1)} ms (${Math.round((pauseMs * 1000) / calls)} µs per call)\n`).join(''),
   );
 } finally {
   await api.close();
