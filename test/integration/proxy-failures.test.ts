@@ -2,6 +2,7 @@
 // the data plane keeps serving afterwards.
 import http from 'node:http';
 import net from 'node:net';
+import { PassThrough } from 'node:stream';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { proxyRequestCount, send, startDataPlane, type TestDataPlane } from '../helpers/data-plane.js';
 import { waitUntil } from '../helpers/wait.js';
@@ -75,6 +76,52 @@ describe('upstream failures', () => {
     // The timed-out request's upstream socket is released.
     await hanging.waitForOpenSockets(0);
     await expectStillServing();
+  });
+
+  it('a request with a body to an upstream that reads it and never answers -> 504 after the proxy timeout', async () => {
+    // With a body, the wait for the answer is the upstream socket's idle timer (not the plain
+    // timer of a bodiless request): both paths must end in the same 504.
+    const hanging = await raw((socket) => socket.resume());
+    dp.setRoute({ id: 'hanging-post', ip: hanging.host });
+    const started = performance.now();
+    const reply = await send(dp.address, { method: 'POST', path: `/kruise/hanging-post/${hanging.port}/`, body: 'x'.repeat(1024) });
+    const elapsed = performance.now() - started;
+    expect(reply.status).toBe(504);
+    expect(reply.json<ErrorAnswer>().error.code).toBe('upstream_timeout');
+    expect(elapsed).toBeGreaterThanOrEqual(TIMEOUT_MS - 20);
+    await hanging.waitForOpenSockets(0);
+    await expectStillServing();
+  });
+
+  it('an upload that keeps moving for longer than the proxy timeout is not cut', async () => {
+    const counting = await startUpstream({
+      host: '127.0.0.2',
+      handler: (req, res) => {
+        let bytes = 0;
+        req.on('data', (chunk: Buffer) => (bytes += chunk.length));
+        req.on('end', () => res.writeHead(200, { 'content-type': 'text/plain' }).end(String(bytes)));
+      },
+    });
+    try {
+      dp.setRoute({ id: 'slow-upload', ip: counting.host });
+      // The client's behaviour under test: 12 chunks of 1 KiB, one every third of the proxy
+      // timeout, so the upload lasts four timeouts while the upstream socket is never idle for one.
+      const body = new PassThrough();
+      let sent = 0;
+      const pacer = setInterval(() => {
+        body.write(Buffer.alloc(1024, 0x61));
+        if (++sent === 12) {
+          clearInterval(pacer);
+          body.end();
+        }
+      }, TIMEOUT_MS / 3);
+      const reply = await send(dp.address, { method: 'POST', path: `/kruise/slow-upload/${counting.port}/`, headers: { 'transfer-encoding': 'chunked' }, body });
+      clearInterval(pacer);
+      expect(reply.status).toBe(200);
+      expect(reply.body).toBe(String(12 * 1024));
+    } finally {
+      await counting.close();
+    }
   });
 
   it('an HTTP upstream that hangs on one path times out while it still serves others', async () => {
@@ -175,5 +222,42 @@ describe('upstream failures', () => {
     );
     expect(new Set(replies.map((reply) => reply.status))).toEqual(new Set([502]));
     await expectStillServing();
+  });
+});
+
+describe('shutdown with HTTP requests in flight', () => {
+  it('close(grace) lets every request in flight finish, then resolves without waiting out the grace', async () => {
+    const held: http.ServerResponse[] = [];
+    const holding = await startUpstream({
+      host: '127.0.0.2',
+      handler: (req, res) => {
+        req.resume();
+        req.on('end', () => held.push(res));
+      },
+    });
+    try {
+      dp.setRoute({ id: 'held', ip: holding.host });
+      const replies = Array.from({ length: 3 }, () => send(dp.address, { path: `/kruise/held/${holding.port}/` }));
+      await waitUntil(() => held.length === 3, 10_000, 'three requests to reach the upstream');
+      const started = performance.now();
+      let closed = false;
+      const closing = dp.close(20_000).then(() => {
+        closed = true;
+      });
+      // The exchanges are still open upstream: nothing lets close() resolve yet.
+      await new Promise((resolve) => setImmediate(resolve));
+      expect(closed).toBe(false);
+      for (const res of held) res.writeHead(200, { 'content-type': 'text/plain' }).end('done');
+      const answers = await Promise.all(replies);
+      expect(answers.map((answer) => [answer.status, answer.body])).toEqual([
+        [200, 'done'],
+        [200, 'done'],
+        [200, 'done'],
+      ]);
+      await closing;
+      expect(performance.now() - started).toBeLessThan(20_000);
+    } finally {
+      await holding.close();
+    }
   });
 });
