@@ -6,8 +6,8 @@
 //
 //   node --import tsx bench/bare-proxy.ts --listen 127.0.0.7:PORT --upstream 127.0.0.30:PORT
 import { Agent, createServer, request } from 'node:http';
-import type { AddressInfo } from 'node:net';
 import { parseArgs } from 'node:util';
+import { exitOnSignal, listenAndAnnounce, splitHostPort } from './lib/serve.js';
 
 const { values } = parseArgs({ options: { listen: { type: 'string', default: '127.0.0.7:0' }, upstream: { type: 'string', default: '' } } });
 const [host, port] = splitHostPort(values.listen ?? '127.0.0.7:0');
@@ -28,22 +28,5 @@ const server = createServer((req, res) => {
 });
 server.keepAliveTimeout = 65_000;
 
-server.listen(port, host, () => {
-  const address = server.address() as AddressInfo;
-  if (process.send) process.send({ type: 'listening', address: `${address.address}:${address.port}` });
-  else process.stdout.write(`bare proxy listening on ${address.address}:${address.port} -> ${upstreamHost}:${upstreamPort}\n`);
-});
-
-const shutdown = () => {
-  server.closeAllConnections();
-  server.close();
-  agent.destroy();
-  process.exit(0);
-};
-process.on('SIGTERM', shutdown);
-process.on('SIGINT', shutdown);
-
-function splitHostPort(text: string): [string, number] {
-  const colon = text.lastIndexOf(':');
-  return [text.slice(0, colon), Number(text.slice(colon + 1))];
-}
+void listenAndAnnounce(server, host, port, 'bare proxy', ` -> ${upstreamHost}:${upstreamPort}`);
+exitOnSignal(server, () => agent.destroy());

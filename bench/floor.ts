@@ -7,9 +7,9 @@
 // every answer, and answers 200. No validation, table, outbox, retries, timeouts or metrics:
 // a hung peer hangs it. GET /noop answers at once (the HTTP stack alone).
 import { createServer } from 'node:http';
-import type { AddressInfo } from 'node:net';
 import { parseArgs } from 'node:util';
 import { Agent } from 'undici';
+import { exitOnSignal, listenAndAnnounce, splitHostPort } from './lib/serve.js';
 
 const { values } = parseArgs({ options: { listen: { type: 'string', default: '127.0.0.3:0' }, peers: { type: 'string', default: '' } } });
 const [host, port] = splitHostPort(values.listen ?? '127.0.0.3:0');
@@ -48,22 +48,5 @@ const server = createServer((req, res) => {
   });
 });
 
-server.listen(port, host, () => {
-  const address = server.address() as AddressInfo;
-  if (process.send) process.send({ type: 'listening', address: `${address.address}:${address.port}` });
-  else process.stdout.write(`floor listening on ${address.address}:${address.port}\n`);
-});
-
-const shutdown = () => {
-  server.closeAllConnections();
-  server.close();
-  void agent.destroy().finally(() => process.exit(0));
-  setTimeout(() => process.exit(0), 1_000).unref();
-};
-process.on('SIGTERM', shutdown);
-process.on('SIGINT', shutdown);
-
-function splitHostPort(text: string): [string, number] {
-  const colon = text.lastIndexOf(':');
-  return [text.slice(0, colon), Number(text.slice(colon + 1))];
-}
+void listenAndAnnounce(server, host, port, 'floor');
+exitOnSignal(server, () => agent.destroy());

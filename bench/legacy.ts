@@ -18,8 +18,8 @@
 //    re-enactment sleeps a flat 10 ms, which can only flatter it;
 //  - the caller waits for every peer (wg.Wait) before answering.
 import { Agent, createServer, request as httpRequest } from 'node:http';
-import type { AddressInfo } from 'node:net';
 import { parseArgs } from 'node:util';
+import { exitOnSignal, listenAndAnnounce, splitHostPort } from './lib/serve.js';
 
 const LEGACY_LABEL = 'legacy fan-out (re-enactment of openkruise/agents#413)';
 const ATTEMPT_TIMEOUT_MS = 100;
@@ -125,22 +125,5 @@ const server = createServer((req, res) => {
   });
 });
 
-server.listen(port, host, () => {
-  const address = server.address() as AddressInfo;
-  if (process.send) process.send({ type: 'listening', address: `${address.address}:${address.port}` });
-  else process.stdout.write(`${LEGACY_LABEL} listening on ${address.address}:${address.port}${fresh ? ' (fresh connection per attempt)' : ''}\n`);
-});
-
-const shutdown = () => {
-  server.closeAllConnections();
-  server.close();
-  agent.destroy();
-  process.exit(0);
-};
-process.on('SIGTERM', shutdown);
-process.on('SIGINT', shutdown);
-
-function splitHostPort(text: string): [string, number] {
-  const colon = text.lastIndexOf(':');
-  return [text.slice(0, colon), Number(text.slice(colon + 1))];
-}
+void listenAndAnnounce(server, host, port, LEGACY_LABEL, fresh ? ' (fresh connection per attempt)' : '');
+exitOnSignal(server, () => agent.destroy());

@@ -7,9 +7,9 @@
 //
 //   node --import tsx bench/library-proxy.ts --listen 127.0.0.8:PORT --upstream 127.0.0.30:PORT
 import { Agent, createServer } from 'node:http';
-import type { AddressInfo } from 'node:net';
 import { parseArgs } from 'node:util';
 import { ProxyServer } from 'http-proxy-3';
+import { exitOnSignal, listenAndAnnounce, splitHostPort } from './lib/serve.js';
 
 const { values } = parseArgs({ options: { listen: { type: 'string', default: '127.0.0.8:0' }, upstream: { type: 'string', default: '' } } });
 const [host, port] = splitHostPort(values.listen ?? '127.0.0.8:0');
@@ -28,22 +28,5 @@ const server = createServer({ requestTimeout: 0, headersTimeout: 60_000, connect
 // The library throws on an 'error' event nobody listens to; the callback above handles web errors.
 proxy.on('error', () => {});
 
-server.listen(port, host, () => {
-  const address = server.address() as AddressInfo;
-  if (process.send) process.send({ type: 'listening', address: `${address.address}:${address.port}` });
-  else process.stdout.write(`library proxy listening on ${address.address}:${address.port} -> ${upstreamHost}:${upstreamPort}\n`);
-});
-
-const shutdown = () => {
-  server.closeAllConnections();
-  server.close();
-  agent.destroy();
-  process.exit(0);
-};
-process.on('SIGTERM', shutdown);
-process.on('SIGINT', shutdown);
-
-function splitHostPort(text: string): [string, number] {
-  const colon = text.lastIndexOf(':');
-  return [text.slice(0, colon), Number(text.slice(colon + 1))];
-}
+void listenAndAnnounce(server, host, port, 'library proxy', ` -> ${upstreamHost}:${upstreamPort}`);
+exitOnSignal(server, () => agent.destroy());

@@ -14,6 +14,7 @@
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
 import { parseArgs } from 'node:util';
+import { exitOnSignal, listenAndAnnounce } from './lib/serve.js';
 
 export interface PeerStats {
   readonly address: string;
@@ -135,11 +136,7 @@ function reset(): void {
   hung = 0;
 }
 
-server.listen(Number(values.port), values.host, () => {
-  const address = server.address() as AddressInfo;
-  if (process.send) process.send({ type: 'listening', address: `${address.address}:${address.port}` });
-  else process.stdout.write(`peer listening on ${address.address}:${address.port}${hang ? ' (hang)' : ''}\n`);
-});
+void listenAndAnnounce(server, values.host ?? '127.0.0.1', Number(values.port), 'peer', hang ? ' (hang)' : '');
 
 process.on('message', (message: { type?: string; id?: number; hang?: boolean }) => {
   switch (message.type) {
@@ -157,10 +154,6 @@ process.on('message', (message: { type?: string; id?: number; hang?: boolean }) 
   }
 });
 
-const shutdown = () => {
+exitOnSignal(server, () => {
   for (const socket of sockets) socket.destroy();
-  server.close(() => process.exit(0));
-  setTimeout(() => process.exit(0), 1_000).unref();
-};
-process.on('SIGTERM', shutdown);
-process.on('SIGINT', shutdown);
+});
