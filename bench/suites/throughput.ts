@@ -19,8 +19,16 @@ const LABELS: Record<Phase, string> = {
   floor: 'floor: PUT acked by all 10',
 };
 
+/** CPU cores each party used during a window (CPU time ÷ wall time): where the machine's 2 cores went. */
+interface CoresUsed {
+  readonly server: number;
+  readonly peers: number;
+  readonly driver: number;
+}
+
 interface ThroughputRun {
   readonly perSecond: Record<Phase, number>;
+  readonly cores: Record<Phase, CoresUsed>;
   readonly notCounted: Record<Phase, number>;
   readonly ratios: { readonly toNoop: number; readonly toLegacy: number; readonly toFloor: number };
 }
@@ -69,19 +77,37 @@ export async function throughput(ctx: SuiteContext): Promise<SuiteResult> {
       noop: async () => (await api.noop.call('GET', '/healthz')).status === 200,
     };
 
+    const server: Record<Phase, Child> = { routesync: routesync.child, noop: routesync.child, legacy: legacy.child, floor: floor.child };
+    const cpuNow = (phase: Phase) => ({
+      server: server[phase].cpuMs(),
+      peers: peers.reduce((sum, peer) => sum + peer.child.cpuMs(), 0),
+      driver: (process.cpuUsage().user + process.cpuUsage().system) / 1000,
+      wall: performance.now(),
+    });
+
     const runs: ThroughputRun[] = [];
     for (let run = 0; run < ctx.runs; run++) {
       const perSecond = {} as Record<Phase, number>;
       const notCounted = {} as Record<Phase, number>;
+      const cores = {} as Record<Phase, CoresUsed>;
       for (let k = 0; k < PHASES.length; k++) {
         const phase = PHASES[(run + k) % PHASES.length]!;
+        const before = cpuNow(phase);
         const result = await closedLoop(IN_FLIGHT, warmupMs, durationMs, fire[phase]);
+        const after = cpuNow(phase);
+        const wall = after.wall - before.wall;
+        cores[phase] = {
+          server: round((after.server - before.server) / wall),
+          peers: round((after.peers - before.peers) / wall),
+          driver: round((after.driver - before.driver) / wall),
+        };
         perSecond[phase] = round(result.perSecond, 1);
         notCounted[phase] = result.notOk + result.errors;
         if (result.firstError) ctx.log(`    ${phase}: ${result.errors} errors, first: ${result.firstError}`);
       }
       const result: ThroughputRun = {
         perSecond,
+        cores,
         notCounted,
         ratios: {
           toNoop: round(perSecond.routesync / perSecond.noop),
@@ -92,7 +118,8 @@ export async function throughput(ctx: SuiteContext): Promise<SuiteResult> {
       runs.push(result);
       ctx.log(
         `  run ${run + 1}/${ctx.runs}: ${PHASES.map((phase) => `${phase} ${perSecond[phase]}/s${notCounted[phase] ? ` (${notCounted[phase]} not counted)` : ''}`).join(', ')}; ` +
-          `÷ no-op ${result.ratios.toNoop}, ÷ legacy ${result.ratios.toLegacy}`,
+          `÷ no-op ${result.ratios.toNoop}, ÷ legacy ${result.ratios.toLegacy}; cores used (server/peers/driver): ` +
+          PHASES.map((phase) => `${phase} ${cores[phase].server}/${cores[phase].peers}/${cores[phase].driver}`).join(', '),
       );
     }
 
@@ -101,10 +128,20 @@ export async function throughput(ctx: SuiteContext): Promise<SuiteResult> {
       ratioToLegacy: spread(runs.map((r) => r.ratios.toLegacy)),
       ratioToFloor: spread(runs.map((r) => r.ratios.toFloor)),
     };
-    for (const phase of PHASES) summary[`${phase}PerSecond`] = spread(runs.map((r) => r.perSecond[phase]));
-    const table: string[][] = [[`benchmark 3: ${IN_FLIGHT} calls in flight`, 'per second', 'routesync ÷ this']];
     for (const phase of PHASES) {
-      table.push([LABELS[phase], formatSpread(summary[`${phase}PerSecond`]!, 0), formatSpread(spread(runs.map((r) => r.perSecond.routesync / r.perSecond[phase])))]);
+      summary[`${phase}PerSecond`] = spread(runs.map((r) => r.perSecond[phase]));
+      for (const party of ['server', 'peers', 'driver'] as const) summary[`${phase}Cores_${party}`] = spread(runs.map((r) => r.cores[phase][party]));
+    }
+    const table: string[][] = [[`benchmark 3: ${IN_FLIGHT} calls in flight`, 'per second', 'routesync ÷ this', 'cores: server', 'cores: 10 peers', 'cores: driver']];
+    for (const phase of PHASES) {
+      table.push([
+        LABELS[phase],
+        formatSpread(summary[`${phase}PerSecond`]!, 0),
+        formatSpread(spread(runs.map((r) => r.perSecond.routesync / r.perSecond[phase]))),
+        formatSpread(summary[`${phase}Cores_server`]!),
+        formatSpread(summary[`${phase}Cores_peers`]!),
+        formatSpread(summary[`${phase}Cores_driver`]!),
+      ]);
     }
     const targets: TargetCheck[] = [
       { description: 'routesync lifecycle/s ÷ no-op/s', value: summary.ratioToNoop!.median, target: '≥ 0.5', met: summary.ratioToNoop!.median >= 0.5 },
@@ -116,7 +153,8 @@ export async function throughput(ctx: SuiteContext): Promise<SuiteResult> {
       title: `Sustained lifecycle calls per second, ${IN_FLIGHT} in flight, 10 peers`,
       method:
         `closed loop, ${IN_FLIGHT} calls in flight, ${warmupMs} ms warm-up then ${durationMs} ms counted per contender per run, ` +
-        `contenders one after the other in a rotated order; a call counts when every one of the 10 peers acknowledged it.`,
+        `contenders one after the other in a rotated order; a call counts when every one of the 10 peers acknowledged it. ` +
+        `Cores used: each party's CPU time (/proc for the server and the ten peer processes, process.cpuUsage for the driver) over the window's wall time; the machine has 2.`,
       config: { peers: PEERS, inFlight: IN_FLIGHT, warmupMs, durationMs, runs: ctx.runs },
       runs,
       summary,
