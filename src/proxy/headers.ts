@@ -37,8 +37,8 @@ const NO_TOKENS: ReadonlySet<string> = new Set();
 function connectionTokens(value: string | string[] | number | undefined): ReadonlySet<string> {
   if (value === undefined) return NO_TOKENS;
   const text = Array.isArray(value) ? value.join(',') : String(value);
-  // The common values need no split: nothing but hop-by-hop names, which go anyway.
-  if (text === 'keep-alive' || text === 'close' || text === 'Keep-Alive') return NO_TOKENS;
+  // The common value needs no split: it names only a hop-by-hop header, which goes anyway.
+  if (text === 'keep-alive' || text === 'Keep-Alive') return NO_TOKENS;
   const tokens = new Set<string>();
   for (const part of text.split(',')) {
     const token = part.trim().toLowerCase();

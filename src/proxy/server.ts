@@ -114,8 +114,9 @@ function attachExchange(req: IncomingMessage, exchange: Exchange): void {
   (req as CarriesExchange)[EXCHANGE] = exchange;
 }
 
-function exchangeOf(req: IncomingMessage): Exchange | undefined {
-  return (req as CarriesExchange)[EXCHANGE];
+/** The library's events pass the request they are about; tolerate one that does not. */
+function exchangeOf(req: IncomingMessage | undefined): Exchange | undefined {
+  return (req as CarriesExchange | undefined)?.[EXCHANGE];
 }
 
 const DEFAULT_WS_CLOSE_TIMEOUT_MS = 1000;

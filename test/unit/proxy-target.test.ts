@@ -1,7 +1,7 @@
 // The pure parts of the data plane: request mapping, admission, error classification, header
 // hygiene.
 import { describe, expect, it } from 'vitest';
-import { upstreamRequestHeaders } from '../../src/proxy/headers.js';
+import { cleanResponseHeaders, upstreamRequestHeaders } from '../../src/proxy/headers.js';
 import { admit, classifyUpstreamError, decide, mapRequest, parsePort, tokenMatches, type SandboxAddress } from '../../src/proxy/target.js';
 import type { Route } from '../../src/routes/route.js';
 
@@ -144,8 +144,39 @@ describe('upstreamRequestHeaders', () => {
     expect(out).toMatchObject({ 'x-forwarded-for': '198.51.100.1, 192.0.2.9', 'x-forwarded-proto': 'http', 'x-forwarded-host': 'h' });
   });
 
+  it('leaves the input untouched and keeps header order, with or without a Connection header', () => {
+    const input = { host: 'h', accept: '*/*', 'e2b-sandbox-id': 'sb', 'user-agent': 'ua' };
+    const copy = { ...input };
+    const plain = upstreamRequestHeaders(input, context);
+    expect(input).toEqual(copy);
+    expect(Object.keys(plain)).toEqual(['host', 'accept', 'user-agent', 'x-forwarded-for', 'x-forwarded-proto', 'x-forwarded-host']);
+    expect(Object.keys(upstreamRequestHeaders({ ...input, connection: 'keep-alive', 'keep-alive': 'timeout=5' }, context))).toEqual(Object.keys(plain));
+    // "close" is a connection option, but a field a client names in Connection goes all the same.
+    expect(upstreamRequestHeaders({ host: 'h', connection: 'close', close: 'x' }, context)).not.toHaveProperty('close');
+  });
+
+  it('without a Host header, a client-sent X-Forwarded-Host is dropped', () => {
+    expect(upstreamRequestHeaders({ 'x-forwarded-host': 'evil' }, context)).not.toHaveProperty('x-forwarded-host');
+  });
+
   it('a WebSocket handshake keeps Connection: Upgrade and Upgrade', () => {
     const out = upstreamRequestHeaders({ host: 'h', connection: 'keep-alive, Upgrade', upgrade: 'websocket', 'sec-websocket-key': 'k' }, { ...context, upgrade: true });
     expect(out).toMatchObject({ connection: 'Upgrade', upgrade: 'websocket', 'sec-websocket-key': 'k' });
+  });
+});
+
+describe('cleanResponseHeaders', () => {
+  it('removes hop-by-hop and Connection-listed headers in place, never the framing ones', () => {
+    const headers: Record<string, string> = {
+      'content-type': 'text/plain',
+      'content-length': '4',
+      connection: 'keep-alive, x-hop, content-length',
+      'keep-alive': 'timeout=5',
+      'x-hop': '1',
+      trailer: 'x-checksum',
+      'x-app': 'kept',
+    };
+    cleanResponseHeaders(headers);
+    expect(headers).toEqual({ 'content-type': 'text/plain', 'content-length': '4', 'x-app': 'kept' });
   });
 });
