@@ -80,12 +80,22 @@ try {
     return answer.status === 200 && floorAnswer.status === 200;
   });
   const used = { routesync: routesync.child.cpuMs() - before.routesync, floor: floor.child.cpuMs() - before.floor };
+  // How much the outboxes coalesced: push attempts per call against changes delivered per call.
+  const metrics = await (await fetch(`http://${routesync.peer}/metrics`)).text();
+  const counter = (name: string) =>
+    metrics
+      .split('\n')
+      .filter((line) => line.startsWith(name))
+      .reduce((sum, line) => sum + Number(line.slice(line.lastIndexOf(' ') + 1)), 0);
+  const totalCalls = calls + 500;
   const perCallUs = (ms: number) => Math.round((ms * 1000) / calls);
   process.stdout.write(
     `${calls} calls each, ${inFlight} in flight\n` +
       `  floor:     ${perCallUs(used.floor)} µs CPU per call; latency ${JSON.stringify(summarize(ms.floor))}\n` +
       `  routesync: ${perCallUs(used.routesync)} µs CPU per call; latency ${JSON.stringify(summarize(ms.routesync))}\n` +
       `  routesync CPU ÷ floor CPU: ${(used.routesync / used.floor).toFixed(2)}\n` +
+      `  routesync pushes per call (all peers, warm-up included): ${(counter('routesync_peer_attempts_total') / totalCalls).toFixed(2)}, ` +
+      `changes acknowledged per push: ${(counter('routesync_routes_pushed_total') / Math.max(1, counter('routesync_peer_attempts_total'))).toFixed(2)}\n` +
       [...gc.byKind].map(([kind, { count, ms: pauseMs }]) => `  routesync ${kind}: ${count}, ${pauseMs.toFixed(1)} ms (${Math.round((pauseMs * 1000) / calls)} µs per call)\n`).join(''),
   );
 } finally {
