@@ -15,7 +15,7 @@ import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 import { changeKey, changeVersion, type RouteChange } from '../routes/route.js';
 import { attemptSignal, classifyPeerError, PeerRequestError, SyncAbortedError, type PeerClient, type PeerErrorClass, type PushAck } from './client.js';
-import { PeerOutbox, type DeliveryOutcome, type DeliveryWaiter } from './outbox.js';
+import { PeerOutbox, type DeliveryOutcome, type OutboxWatcher } from './outbox.js';
 
 export type SyncConfig = Pick<
   Config,
@@ -201,37 +201,32 @@ export class PeerSync {
       return { peers: peers.length, acked: peers.length, failed: [], pending: [], elapsedMs: 0 };
     }
 
-    const outcomes = new Array<DeliveryOutcome | undefined>(peers.length);
-    const waiters: DeliveryWaiter[] = [];
-    const settled: Promise<void>[] = [];
+    const budgetMs = this.config.syncDeadlineMs - answerReserveMs(this.config.syncDeadlineMs) - (started - (receivedAt ?? started));
+    const wait = new CallWait(peers.length, changes.length);
+    const keys = changes.map(changeKey);
+    const watchers: ChangeWatcher[] = [];
     peers.forEach((peer, index) => {
       this.enqueueFor(peer, changes);
       if (this.closed) {
-        outcomes[index] = { status: 'pending', reason: 'shutdown' };
+        wait.decide(index, { status: 'pending', reason: 'shutdown' });
         return;
       }
       if (peer.ejected) {
-        outcomes[index] = { status: 'pending', reason: 'ejected' };
+        wait.decide(index, { status: 'pending', reason: 'ejected' });
         return;
       }
-      const own = changes.map((change) => peer.outbox.waitFor(changeKey(change), changeVersion(change)));
-      waiters.push(...own);
-      settled.push(
-        combine(own.map((waiter) => waiter.promise)).then((outcome) => {
-          outcomes[index] = outcome;
-        }),
-      );
+      changes.forEach((change, k) => {
+        const watcher = new ChangeWatcher(changeVersion(change), wait, index, peer.outbox, keys[k]!);
+        watchers.push(watcher);
+        peer.outbox.watch(watcher.key, watcher);
+      });
       this.pump(peer);
     });
 
-    let deadlineTimer: NodeJS.Timeout | undefined;
-    const deadline = new Promise<'deadline'>((resolve) => {
-      const budgetMs = this.config.syncDeadlineMs - answerReserveMs(this.config.syncDeadlineMs) - (started - (receivedAt ?? started));
-      deadlineTimer = setTimeout(() => resolve('deadline'), Math.max(0, budgetMs));
-    });
-    const result = await Promise.race([Promise.all(settled).then(() => 'acked' as const), deadline]);
-    clearTimeout(deadlineTimer);
-    for (const waiter of waiters) waiter.cancel();
+    const result = await wait.until(Math.max(0, budgetMs));
+    // Past the deadline the calls stop waiting; the changes stay queued for background delivery.
+    for (const watcher of watchers) if (!watcher.settled) watcher.outbox.unwatch(watcher.key, watcher);
+    const outcomes = wait.outcomes;
 
     const elapsedMs = performance.now() - started;
     this.metrics.syncDuration.observe({ result }, elapsedMs / 1000);
@@ -528,18 +523,69 @@ export function answerReserveMs(deadlineMs: number): number {
   return Math.min(10, deadlineMs * 0.02);
 }
 
-/** All acked -> acked; else the first failure or pending outcome, as soon as it is known. */
-function combine(promises: Promise<DeliveryOutcome>[]): Promise<DeliveryOutcome> {
-  if (promises.length === 1) return promises[0]!;
-  return new Promise((resolve) => {
-    let remaining = promises.length;
-    for (const promise of promises) {
-      void promise.then((outcome) => {
-        if (outcome.status !== 'acked') resolve(outcome);
-        else if (--remaining === 0) resolve(outcome);
-      });
-    }
-  });
+/**
+ * One lifecycle call's wait on its peers: one object and one promise per call, however many
+ * peers. A peer's outcome is `acked` once every change of the call is acknowledged, or the
+ * first failure or pending outcome as soon as it is known. Settles `acked` when every peer has
+ * an outcome, or `deadline` when the budget runs out first.
+ */
+class CallWait {
+  readonly outcomes: (DeliveryOutcome | undefined)[];
+  /** Changes of the call each peer has still to acknowledge. */
+  private readonly unacked: number[];
+  private undecided: number;
+  private finish: ((result: 'acked' | 'deadline') => void) | undefined;
+  private timer: NodeJS.Timeout | undefined;
+
+  constructor(peerCount: number, changeCount: number) {
+    this.outcomes = new Array<DeliveryOutcome | undefined>(peerCount);
+    this.unacked = new Array<number>(peerCount).fill(changeCount);
+    this.undecided = peerCount;
+  }
+
+  /** One change's outcome at one peer (from the outbox, through a ChangeWatcher). */
+  settle(peer: number, outcome: DeliveryOutcome): void {
+    if (this.outcomes[peer] !== undefined) return;
+    if (outcome.status === 'acked' && --this.unacked[peer]! > 0) return;
+    this.decide(peer, outcome);
+  }
+
+  /** The peer's outcome for the whole call. */
+  decide(peer: number, outcome: DeliveryOutcome): void {
+    if (this.outcomes[peer] !== undefined) return;
+    this.outcomes[peer] = outcome;
+    if (--this.undecided === 0) this.finish?.('acked');
+  }
+
+  /** Resolves `acked` once every peer has an outcome, or `deadline` after `budgetMs`. */
+  until(budgetMs: number): Promise<'acked' | 'deadline'> {
+    if (this.undecided === 0) return Promise.resolve('acked');
+    return new Promise((resolve) => {
+      this.finish = (result) => {
+        this.finish = undefined;
+        clearTimeout(this.timer);
+        resolve(result);
+      };
+      this.timer = setTimeout(() => this.finish?.('deadline'), budgetMs);
+    });
+  }
+}
+
+/** A call waiting for one change at one peer: what the peer's outbox tells, it passes to the call. */
+class ChangeWatcher implements OutboxWatcher {
+  settled = false;
+  constructor(
+    readonly version: string,
+    private readonly wait: CallWait,
+    private readonly peer: number,
+    readonly outbox: PeerOutbox,
+    readonly key: string,
+  ) {}
+
+  settle(outcome: DeliveryOutcome): void {
+    this.settled = true;
+    this.wait.settle(this.peer, outcome);
+  }
 }
 
 export type { PeerErrorClass };

@@ -23,15 +23,21 @@ export interface DeliveryWaiter {
   cancel(): void;
 }
 
-interface Waiter {
+/**
+ * Told once how this peer's delivery of one change at `version` (or newer) ended. The fan-out
+ * passes plain objects (one per peer and change, no closure or promise of their own): a
+ * lifecycle call waits on every peer, and the per-peer promises it used to make were among the
+ * largest allocations of a call under load (docs/benchmarks.md).
+ */
+export interface OutboxWatcher {
   readonly version: string;
-  readonly resolve: (outcome: DeliveryOutcome) => void;
+  settle(outcome: DeliveryOutcome): void;
 }
 
 export class PeerOutbox {
   private pending = new Map<string, RouteChange>();
   private inFlight: RouteChange[] = [];
-  private readonly waiters = new Map<string, Waiter[]>();
+  private readonly waiters = new Map<string, OutboxWatcher[]>();
 
   constructor(readonly maxRoutes: number) {}
 
@@ -71,26 +77,31 @@ export class PeerOutbox {
     return dropped;
   }
 
-  /** Wait until this peer acknowledges `key` at `version` or newer. */
+  /** Tell `watcher` once this peer acknowledges `key` at its version or newer, or the delivery fails. */
+  watch(key: string, watcher: OutboxWatcher): void {
+    const list = this.waiters.get(key);
+    if (list) list.push(watcher);
+    else this.waiters.set(key, [watcher]);
+  }
+
+  /** Stop telling `watcher` (the caller's deadline passed); the change itself stays queued. */
+  unwatch(key: string, watcher: OutboxWatcher): void {
+    const list = this.waiters.get(key);
+    if (!list) return;
+    const index = list.indexOf(watcher);
+    if (index >= 0) list.splice(index, 1);
+    if (list.length === 0) this.waiters.delete(key);
+  }
+
+  /** Wait until this peer acknowledges `key` at `version` or newer (a promise over watch()). */
   waitFor(key: string, version: string): DeliveryWaiter {
     let resolveWaiter!: (outcome: DeliveryOutcome) => void;
     const promise = new Promise<DeliveryOutcome>((resolve) => {
       resolveWaiter = resolve;
     });
-    const waiter: Waiter = { version, resolve: resolveWaiter };
-    const list = this.waiters.get(key);
-    if (list) list.push(waiter);
-    else this.waiters.set(key, [waiter]);
-    return {
-      promise,
-      cancel: () => {
-        const current = this.waiters.get(key);
-        if (!current) return;
-        const index = current.indexOf(waiter);
-        if (index >= 0) current.splice(index, 1);
-        if (current.length === 0) this.waiters.delete(key);
-      },
-    };
+    const watcher: OutboxWatcher = { version, settle: resolveWaiter };
+    this.watch(key, watcher);
+    return { promise, cancel: () => this.unwatch(key, watcher) };
   }
 
   /** Move up to `max` queued changes into flight and return them. */
@@ -146,7 +157,7 @@ export class PeerOutbox {
   settleAll(outcome: DeliveryOutcome): void {
     const all = [...this.waiters.values()];
     this.waiters.clear();
-    for (const list of all) for (const waiter of list) waiter.resolve(outcome);
+    for (const list of all) for (const waiter of list) waiter.settle(outcome);
   }
 
   /** Forget everything queued (a removed peer). */
@@ -161,7 +172,7 @@ export class PeerOutbox {
     if (!list) return;
     const remaining = list.filter((waiter) => {
       if (compareResourceVersions(waiter.version, version) <= 0) {
-        waiter.resolve(outcome);
+        waiter.settle(outcome);
         return false;
       }
       return true;

@@ -1,0 +1,91 @@
+// What one lifecycle call reports per peer when it carries several changes (a manager's batch):
+// a peer counts as acknowledged only once every change is, a peer that refuses is reported as
+// failed without holding up the others, an ejected peer is not waited for, and a peer still
+// owing a change at the deadline is pending. Real peers on loopback (test/helpers/fake-peer.ts).
+import { afterEach, describe, expect, it } from 'vitest';
+import { configFromEnv } from '../../src/config.js';
+import { createLogger } from '../../src/log.js';
+import { Metrics } from '../../src/metrics.js';
+import { PeerClient } from '../../src/peers/client.js';
+import { PeerSync } from '../../src/peers/fanout.js';
+import { parseChange, type RouteChange } from '../../src/routes/route.js';
+import { makeRoute } from '../helpers/cluster.js';
+import { FakePeer } from '../helpers/fake-peer.js';
+
+const cleanups: (() => Promise<void> | void)[] = [];
+afterEach(async () => {
+  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
+});
+
+async function peers(count: number): Promise<FakePeer[]> {
+  const started = await Promise.all(Array.from({ length: count }, () => FakePeer.start()));
+  for (const peer of started) cleanups.push(() => peer.close());
+  return started;
+}
+
+function fanout(env: Record<string, string> = {}): PeerSync {
+  const config = configFromEnv({ ROUTESYNC_SYNC_DEADLINE_MS: '2000', ROUTESYNC_RETRY_MIN_MS: '10', ROUTESYNC_RETRY_MAX_MS: '20', ...env });
+  const client = new PeerClient({ connections: 2, token: '', instanceId: 'self' });
+  const sync = new PeerSync({ config, client, metrics: new Metrics({ processMetrics: false }), logger: createLogger({ level: 'silent' }) });
+  cleanups.push(async () => {
+    sync.close();
+    await client.destroy();
+  });
+  return sync;
+}
+
+const changes = (count: number): RouteChange[] => Array.from({ length: count }, () => parseChange(makeRoute()));
+
+describe('a call with several changes', () => {
+  it('is acknowledged by a peer only once the peer holds every change', async () => {
+    const [a, b] = await peers(2);
+    const sync = fanout({ ROUTESYNC_BATCH_MAX_ROUTES: '2' });
+    sync.setPeers([a!.address, b!.address]);
+    // Five changes in batches of at most two: three pushes per peer before the call is acked.
+    const batch = changes(5);
+    const outcome = await sync.sync(batch);
+    expect(outcome).toMatchObject({ peers: 2, acked: 2, failed: [], pending: [] });
+    for (const peer of [a!, b!]) {
+      expect(peer.routesReceived).toBe(5);
+      expect(peer.pushes).toBeGreaterThanOrEqual(3);
+    }
+  });
+
+  it('reports a refusing peer as failed and the others as acked, without waiting for the deadline', async () => {
+    const [good, refusing] = await peers(2);
+    refusing!.mode = { kind: 'status', status: 400 };
+    const sync = fanout({ ROUTESYNC_SYNC_DEADLINE_MS: '5000' });
+    sync.setPeers([good!.address, refusing!.address]);
+    const outcome = await sync.sync(changes(3));
+    expect(outcome.acked).toBe(1);
+    expect(outcome.failed).toEqual([{ peer: refusing!.address, errorClass: 'http_4xx' }]);
+    expect(outcome.pending).toEqual([]);
+    expect(outcome.elapsedMs).toBeLessThan(5000);
+  });
+
+  it('reports a peer still owing a change at the deadline as pending, the others as acked', async () => {
+    const [good, hung] = await peers(2);
+    hung!.mode = { kind: 'hang' };
+    const sync = fanout({ ROUTESYNC_SYNC_DEADLINE_MS: '300', ROUTESYNC_ATTEMPT_TIMEOUT_MS: '1000', ROUTESYNC_EJECT_AFTER_FAILURES: '1000' });
+    sync.setPeers([good!.address, hung!.address]);
+    const outcome = await sync.sync(changes(2));
+    expect(outcome.acked).toBe(1);
+    expect(outcome.pending).toEqual([{ peer: hung!.address, reason: 'in_flight' }]);
+    expect(good!.routesReceived).toBe(2);
+  });
+
+  it('does not wait for an ejected peer, and a later call that acks leaves no waiter behind', async () => {
+    const [good, hung] = await peers(2);
+    hung!.mode = { kind: 'hang' };
+    const sync = fanout({ ROUTESYNC_SYNC_DEADLINE_MS: '2000', ROUTESYNC_ATTEMPT_TIMEOUT_MS: '100', ROUTESYNC_EJECT_AFTER_FAILURES: '1', ROUTESYNC_SYNC_RETRIES: '0' });
+    sync.setPeers([good!.address, hung!.address]);
+    // The first call's attempt to the hung peer times out, which ejects it (one failure here).
+    const first = await sync.sync(changes(1));
+    expect(first.acked).toBe(1);
+    expect(sync.status().find((peer) => peer.peer === hung!.address)?.ejected).toBe(true);
+    const second = await sync.sync(changes(2));
+    expect(second.acked).toBe(1);
+    expect(second.pending).toEqual([{ peer: hung!.address, reason: 'ejected' }]);
+    expect(second.elapsedMs).toBeLessThan(2000);
+  });
+});
