@@ -3,13 +3,10 @@
 import net from 'node:net';
 import { performance } from 'node:perf_hooks';
 import { afterEach, describe, expect, it } from 'vitest';
-import { configFromEnv } from '../../src/config.js';
-import { createLogger } from '../../src/log.js';
-import { Metrics } from '../../src/metrics.js';
-import { PeerClient } from '../../src/peers/client.js';
-import { answerReserveMs, PeerSync } from '../../src/peers/fanout.js';
+import { answerReserveMs, type PeerSync } from '../../src/peers/fanout.js';
 import { parseChange, type RouteChange } from '../../src/routes/route.js';
 import { makeRoute } from '../helpers/cluster.js';
+import { startPeerSync } from '../helpers/peer-sync.js';
 
 const cleanups: (() => Promise<void> | void)[] = [];
 afterEach(async () => {
@@ -36,18 +33,10 @@ async function hungPeer(): Promise<string> {
 }
 
 function fanout(deadlineMs: number): PeerSync {
-  const config = configFromEnv({
-    ROUTESYNC_SYNC_DEADLINE_MS: String(deadlineMs),
-    ROUTESYNC_ATTEMPT_TIMEOUT_MS: String(deadlineMs * 2),
-    ROUTESYNC_EJECT_AFTER_FAILURES: '1000',
-  });
-  const client = new PeerClient({ connections: 1, token: '', instanceId: 'self' });
-  const sync = new PeerSync({ config, client, metrics: new Metrics({ processMetrics: false }), logger: createLogger({ level: 'silent' }) });
-  cleanups.push(async () => {
-    sync.close();
-    await client.destroy();
-  });
-  return sync;
+  return startPeerSync(
+    { ROUTESYNC_SYNC_DEADLINE_MS: String(deadlineMs), ROUTESYNC_ATTEMPT_TIMEOUT_MS: String(deadlineMs * 2), ROUTESYNC_EJECT_AFTER_FAILURES: '1000' },
+    (close) => cleanups.push(close),
+  );
 }
 
 function change(): RouteChange {

@@ -3,14 +3,11 @@
 // failed without holding up the others, an ejected peer is not waited for, and a peer still
 // owing a change at the deadline is pending. Real peers on loopback (test/helpers/fake-peer.ts).
 import { afterEach, describe, expect, it } from 'vitest';
-import { configFromEnv } from '../../src/config.js';
-import { createLogger } from '../../src/log.js';
-import { Metrics } from '../../src/metrics.js';
-import { PeerClient } from '../../src/peers/client.js';
-import { PeerSync } from '../../src/peers/fanout.js';
+import type { PeerSync } from '../../src/peers/fanout.js';
 import { parseChange, type RouteChange } from '../../src/routes/route.js';
 import { makeRoute } from '../helpers/cluster.js';
 import { FakePeer } from '../helpers/fake-peer.js';
+import { startPeerSync } from '../helpers/peer-sync.js';
 
 const cleanups: (() => Promise<void> | void)[] = [];
 afterEach(async () => {
@@ -24,14 +21,7 @@ async function peers(count: number): Promise<FakePeer[]> {
 }
 
 function fanout(env: Record<string, string> = {}): PeerSync {
-  const config = configFromEnv({ ROUTESYNC_SYNC_DEADLINE_MS: '2000', ROUTESYNC_RETRY_MIN_MS: '10', ROUTESYNC_RETRY_MAX_MS: '20', ...env });
-  const client = new PeerClient({ connections: 2, token: '', instanceId: 'self' });
-  const sync = new PeerSync({ config, client, metrics: new Metrics({ processMetrics: false }), logger: createLogger({ level: 'silent' }) });
-  cleanups.push(async () => {
-    sync.close();
-    await client.destroy();
-  });
-  return sync;
+  return startPeerSync({ ROUTESYNC_SYNC_DEADLINE_MS: '2000', ROUTESYNC_RETRY_MIN_MS: '10', ROUTESYNC_RETRY_MAX_MS: '20', ...env }, (close) => cleanups.push(close), 2);
 }
 
 const changes = (count: number): RouteChange[] => Array.from({ length: count }, () => parseChange(makeRoute()));
