@@ -130,7 +130,7 @@ export async function lifecycle(ctx: SuiteContext): Promise<SuiteResult> {
       table.push([LABELS[series], formatSpread(p50), formatSpread(p99), formatSpread(ratio('p50')), formatSpread(ratio('p99'))]);
     }
     // What each call costs the server itself (its process's CPU time), beside the latency: the
-    // machine's swings move latency, much less the work done per call.
+    // machine's swings move it less than latency, and the ratio of two servers' less still.
     table.push(['server CPU per call (µs, one PUT and one no-op)', '', '', '', '']);
     table.push(['  floor', formatSpread(summary.floorCpuUs!, 0), '', '1.00', '']);
     table.push(['  routesync', formatSpread(summary.routesyncCpuUs!, 0), '', formatSpread(summary.cpuRatio!), '']);

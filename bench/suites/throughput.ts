@@ -78,12 +78,15 @@ export async function throughput(ctx: SuiteContext): Promise<SuiteResult> {
     };
 
     const server: Record<Phase, Child> = { routesync: routesync.child, noop: routesync.child, legacy: legacy.child, floor: floor.child };
-    const cpuNow = (phase: Phase) => ({
-      server: server[phase].cpuMs(),
-      peers: peers.reduce((sum, peer) => sum + peer.child.cpuMs(), 0),
-      driver: (process.cpuUsage().user + process.cpuUsage().system) / 1000,
-      wall: performance.now(),
-    });
+    const cpuNow = (phase: Phase) => {
+      const driver = process.cpuUsage();
+      return {
+        server: server[phase].cpuMs(),
+        peers: peers.reduce((sum, peer) => sum + peer.child.cpuMs(), 0),
+        driver: (driver.user + driver.system) / 1000,
+        wall: performance.now(),
+      };
+    };
 
     const runs: ThroughputRun[] = [];
     for (let run = 0; run < ctx.runs; run++) {
