@@ -56,7 +56,7 @@ describe('a call with several changes', () => {
   it('reports a peer still owing a change at the deadline as pending, the others as acked', async () => {
     const [good, hung] = await peers(2);
     hung!.mode = { kind: 'hang' };
-    const sync = fanout({ ROUTESYNC_SYNC_DEADLINE_MS: '300', ROUTESYNC_ATTEMPT_TIMEOUT_MS: '1000', ROUTESYNC_EJECT_AFTER_FAILURES: '1000' });
+    const sync = fanout({ ROUTESYNC_SYNC_DEADLINE_MS: '1000', ROUTESYNC_ATTEMPT_TIMEOUT_MS: '3000', ROUTESYNC_EJECT_AFTER_FAILURES: '1000' });
     sync.setPeers([good!.address, hung!.address]);
     const outcome = await sync.sync(changes(2));
     expect(outcome.acked).toBe(1);
