@@ -106,7 +106,7 @@ describe('upstream failures', () => {
       dp.setRoute({ id: 'slow-upload', ip: counting.host });
       // The client's behaviour under test: 24 chunks of 1 KiB, one every sixth of the proxy
       // timeout, so the upload lasts four timeouts while the upstream socket is never idle for
-      // one (a loaded machine may delay a tick; five in a row would have to slip to cut it).
+      // one (a loaded machine would have to stall this process for 250 ms to make it look idle).
       const body = new PassThrough();
       let sent = 0;
       const pacer = setInterval(() => {
