@@ -18,6 +18,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { Agent, request } from 'undici';
 import { NODE_FLAGS } from '../src/node-flags.js';
+import { metricValue } from './lib/metrics.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const MAIN = fileURLToPath(new URL('../src/main.ts', import.meta.url));
@@ -153,9 +154,9 @@ async function startUpstream(): Promise<{ child: ChildProcess; address: string }
   return { child, address: line.replace(/^.*listening on /, '').trim() };
 }
 
-function metricValue(text: string, name: string): number {
-  const match = new RegExp(`^${name} ([0-9.e+-]+)$`, 'm').exec(text);
-  return match ? Number(match[1]) : Number.NaN;
+/** An unlabelled metric's value, NaN when absent (a gap in the series, not a zero). */
+function gauge(text: string, name: string): number {
+  return metricValue(text, name) ?? Number.NaN;
 }
 
 async function sample(nodes: readonly Node[], tSec: number): Promise<Sample[]> {
@@ -168,12 +169,12 @@ async function sample(nodes: readonly Node[], tSec: number): Promise<Sample[]> {
       return {
         tSec,
         replica,
-        heapUsedBytes: metricValue(text, 'routesync_nodejs_heap_size_used_bytes'),
+        heapUsedBytes: gauge(text, 'routesync_nodejs_heap_size_used_bytes'),
         rssBytes: rssKb * 1024,
         openFds: readdirSync(`/proc/${pid}/fd`).length,
-        outboxRoutes: metricValue(text, 'routesync_outbox_routes'),
-        routes: metricValue(text, 'routesync_routes'),
-        tombstones: metricValue(text, 'routesync_tombstones'),
+        outboxRoutes: gauge(text, 'routesync_outbox_routes'),
+        routes: gauge(text, 'routesync_routes'),
+        tombstones: gauge(text, 'routesync_tombstones'),
       };
     }),
   );

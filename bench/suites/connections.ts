@@ -2,6 +2,7 @@
 // by the peer processes. Each contender starts fresh in each run (no connection carried over),
 // then takes the changes with 64 calls in flight (the burst that made the legacy fan-out dial).
 import { fixedCount, HttpTarget } from '../lib/driver.js';
+import { metricSamples } from '../lib/metrics.js';
 import { startFloor, startLegacy, startPeers, startRoutesync, stopAll, type PeerProcess } from '../lib/contenders.js';
 import { waitUntil, type Child } from '../lib/proc.js';
 import type { SuiteContext, SuiteResult, TargetCheck } from '../lib/report.js';
@@ -179,8 +180,9 @@ async function measure(contender: Contender, addresses: string[], peers: readonl
 /** routesync_peer_attempts_total by result, without the successes. */
 function attemptFailures(text: string): Record<string, number> {
   const failures: Record<string, number> = {};
-  for (const match of text.matchAll(/^routesync_peer_attempts_total\{result="([^"]+)"\} ([0-9.eE+-]+)$/gm)) {
-    if (match[1] !== 'ok' && Number(match[2]) > 0) failures[match[1]!] = Number(match[2]);
+  for (const { labels, value } of metricSamples(text, 'routesync_peer_attempts_total')) {
+    const result = /^result="([^"]+)"$/.exec(labels)?.[1];
+    if (result !== undefined && result !== 'ok' && value > 0) failures[result] = value;
   }
   return failures;
 }

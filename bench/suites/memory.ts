@@ -5,6 +5,7 @@
 import { HttpTarget } from '../lib/driver.js';
 import { startRoutesync } from '../lib/contenders.js';
 import type { SuiteContext, SuiteResult, TargetCheck } from '../lib/report.js';
+import { metricValue } from '../lib/metrics.js';
 import { distinctRoutes } from '../lib/routes.js';
 import { formatSpread, round, spread } from '../lib/stats.js';
 
@@ -53,9 +54,9 @@ export async function memory(ctx: SuiteContext): Promise<SuiteResult> {
         baseline: { rssBytes: before.rss, heapUsedBytes: before.heapUsed },
         loaded: { rssBytes: after.rss, heapUsedBytes: after.heapUsed, heapTotalBytes: after.heapTotal, externalBytes: after.external, arrayBuffersBytes: after.arrayBuffers },
         metrics: {
-          rssBytes: metric(metricsText, 'routesync_process_resident_memory_bytes'),
-          heapUsedBytes: metric(metricsText, 'routesync_nodejs_heap_size_used_bytes'),
-          routes: metric(metricsText, 'routesync_routes'),
+          rssBytes: metricValue(metricsText, 'routesync_process_resident_memory_bytes'),
+          heapUsedBytes: metricValue(metricsText, 'routesync_nodejs_heap_size_used_bytes'),
+          routes: metricValue(metricsText, 'routesync_routes'),
         },
         applied,
         heapPerRouteBytes: round((after.heapUsed - before.heapUsed) / routes, 1),
@@ -108,9 +109,4 @@ export async function memory(ctx: SuiteContext): Promise<SuiteResult> {
     table,
     notes: incomplete > 0 ? [`${incomplete} run(s) did not apply every route`] : [],
   };
-}
-
-function metric(text: string, name: string): number | null {
-  const match = new RegExp(`^${name}(?:\\{[^}]*\\})? ([0-9.eE+-]+)$`, 'm').exec(text);
-  return match ? Number(match[1]) : null;
 }

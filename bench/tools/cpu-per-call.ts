@@ -15,6 +15,7 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { buildRevision, pinRoutesyncEntry, startFloor, startPeers, startRoutesync, stopAll } from '../lib/contenders.js';
 import { fixedCount, HttpTarget } from '../lib/driver.js';
+import { metricTotal } from '../lib/metrics.js';
 import { BENCH_DIR } from '../lib/proc.js';
 import { RouteFactory } from '../lib/routes.js';
 import { summarize } from '../lib/stats.js';
@@ -47,7 +48,6 @@ const routesync = await startRoutesync({
 const gc = { counting: false, byKind: new Map<string, { count: number; ms: number }>() };
 routesync.child.process.stdout?.on('data', (chunk: Buffer) => {
   if (!gc.counting) return;
-  if (process.env.GC_LINES) process.stderr.write(chunk);
   for (const match of chunk.toString('utf8').matchAll(/ms: (Scavenge|Mark-Compact)[^,]*, ([0-9.]+) \//g)) {
     const entry = gc.byKind.get(match[1]!) ?? { count: 0, ms: 0 };
     entry.count++;
@@ -82,11 +82,8 @@ try {
   const used = { routesync: routesync.child.cpuMs() - before.routesync, floor: floor.child.cpuMs() - before.floor };
   // How much the outboxes coalesced: push attempts per call against changes delivered per call.
   const metrics = await (await fetch(`http://${routesync.peer}/metrics`)).text();
-  const counter = (name: string) =>
-    metrics
-      .split('\n')
-      .filter((line) => line.startsWith(name))
-      .reduce((sum, line) => sum + Number(line.slice(line.lastIndexOf(' ') + 1)), 0);
+  const attempts = metricTotal(metrics, 'routesync_peer_attempts_total');
+  const pushed = metricTotal(metrics, 'routesync_routes_pushed_total');
   const totalCalls = calls + 500;
   const perCallUs = (ms: number) => Math.round((ms * 1000) / calls);
   process.stdout.write(
@@ -94,8 +91,8 @@ try {
       `  floor:     ${perCallUs(used.floor)} µs CPU per call; latency ${JSON.stringify(summarize(ms.floor))}\n` +
       `  routesync: ${perCallUs(used.routesync)} µs CPU per call; latency ${JSON.stringify(summarize(ms.routesync))}\n` +
       `  routesync CPU ÷ floor CPU: ${(used.routesync / used.floor).toFixed(2)}\n` +
-      `  routesync pushes per call (all peers, warm-up included): ${(counter('routesync_peer_attempts_total') / totalCalls).toFixed(2)}, ` +
-      `changes acknowledged per push: ${(counter('routesync_routes_pushed_total') / Math.max(1, counter('routesync_peer_attempts_total'))).toFixed(2)}\n` +
+      `  routesync pushes per call (all peers, warm-up included): ${(attempts / totalCalls).toFixed(2)}, ` +
+      `changes acknowledged per push: ${(pushed / Math.max(1, attempts)).toFixed(2)}\n` +
       [...gc.byKind].map(([kind, { count, ms: pauseMs }]) => `  routesync ${kind}: ${count}, ${pauseMs.toFixed(1)} ms (${Math.round((pauseMs * 1000) / calls)} µs per call)\n`).join(''),
   );
 } finally {
