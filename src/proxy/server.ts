@@ -281,7 +281,6 @@ export class DataPlane {
         // plain wait from now: the exchange's own timer, re-armed (cheaper than a socket timer,
         // which adds and removes listeners on every request).
         exchange.timer?.refresh();
-        exchange.idleTimer = false;
         return;
       }
       clearTimeout(exchange.timer);
