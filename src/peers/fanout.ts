@@ -73,6 +73,8 @@ interface PeerState {
   lastReconcileAtMs: number | null;
   /** Background retry of a failed batch, or the next probe of an ejected peer. */
   timer: NodeJS.Timeout | null;
+  /** In the queue of peers to pump at the end of this event-loop turn. */
+  pumpQueued: boolean;
 }
 
 export interface PeerSyncOptions {
@@ -93,6 +95,8 @@ export class PeerSync {
   private readonly limit: LimitFunction;
   private readonly stop = new AbortController();
   private readonly idleWaiters = new Set<() => void>();
+  private readonly pumpQueue: PeerState[] = [];
+  private pumpImmediate: NodeJS.Immediate | null = null;
   private readonly config: SyncConfig;
   private readonly client: PeerClient;
   private readonly metrics: Metrics;
@@ -142,6 +146,7 @@ export class PeerSync {
         lastFailure: null,
         lastReconcileAtMs: null,
         timer: null,
+        pumpQueued: false,
       });
       this.logger.info({ peer: address }, 'peer added');
     }
@@ -181,7 +186,7 @@ export class PeerSync {
   enqueue(changes: readonly RouteChange[]): void {
     for (const peer of this.peers.values()) {
       this.enqueueFor(peer, changes);
-      this.pump(peer);
+      this.schedulePump(peer);
     }
   }
 
@@ -220,7 +225,7 @@ export class PeerSync {
         watchers.push(watcher);
         peer.outbox.watch(watcher.key, watcher);
       });
-      this.pump(peer);
+      this.schedulePump(peer);
     });
 
     const result = await wait.until(Math.max(0, budgetMs));
@@ -297,6 +302,9 @@ export class PeerSync {
     if (this.closed) return;
     this.closed = true;
     this.stop.abort(new SyncAbortedError('shutting down'));
+    if (this.pumpImmediate) clearImmediate(this.pumpImmediate);
+    this.pumpImmediate = null;
+    this.pumpQueue.length = 0;
     for (const peer of this.peers.values()) {
       if (peer.timer) clearTimeout(peer.timer);
       peer.timer = null;
@@ -343,10 +351,32 @@ export class PeerSync {
     const batch = peer.outbox.takeBatch(this.config.batchMaxRoutes);
     void this.send(peer, batch).finally(() => {
       peer.sending = false;
-      this.pump(peer);
+      this.schedulePump(peer);
       this.notifyIfIdle();
     });
   }
+
+  /**
+   * Pump `peer` at the end of this event-loop turn rather than now: every change queued in the
+   * same turn (the lifecycle calls whose requests arrived together, the acks read together)
+   * leaves in one batch. Under load that is what makes a push carry many changes; a lone call
+   * loses only the rest of its turn, microseconds.
+   */
+  private schedulePump(peer: PeerState): void {
+    if (peer.pumpQueued || this.closed) return;
+    peer.pumpQueued = true;
+    this.pumpQueue.push(peer);
+    this.pumpImmediate ??= setImmediate(this.flushPumps);
+  }
+
+  private readonly flushPumps = (): void => {
+    this.pumpImmediate = null;
+    const queue = this.pumpQueue.splice(0);
+    for (const peer of queue) {
+      peer.pumpQueued = false;
+      this.pump(peer);
+    }
+  };
 
   private async send(peer: PeerState, batch: RouteChange[]): Promise<void> {
     let ack: PushAck;

@@ -79,3 +79,20 @@ describe('a call with several changes', () => {
     expect(second.elapsedMs).toBeLessThan(2000);
   });
 });
+
+describe('calls that arrive together', () => {
+  it('share one push per peer: what is queued in one event-loop turn leaves in one batch', async () => {
+    const [a, b] = await peers(2);
+    const sync = fanout();
+    sync.setPeers([a!.address, b!.address]);
+    // Twenty lifecycle calls started in the same turn, as when a manager's requests are read
+    // from several connections at once: one push each peer, not one for the first call and a
+    // second for the rest.
+    const outcomes = await Promise.all(changes(20).map((change) => sync.sync([change])));
+    for (const outcome of outcomes) expect(outcome).toMatchObject({ peers: 2, acked: 2, failed: [], pending: [] });
+    for (const peer of [a!, b!]) {
+      expect(peer.routesReceived).toBe(20);
+      expect(peer.pushes).toBe(1);
+    }
+  });
+});
