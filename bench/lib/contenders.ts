@@ -158,6 +158,8 @@ export interface RoutesyncOptions {
   readonly nodeFlags?: readonly string[];
   readonly name?: string;
   readonly forceTsx?: boolean;
+  /** Run this build instead of the pinned or default one (bench/tools/compare-builds.ts). */
+  readonly entry?: RoutesyncEntry;
 }
 
 export class RoutesyncProcess {
@@ -187,7 +189,7 @@ export class RoutesyncProcess {
 export async function startRoutesync(options: RoutesyncOptions): Promise<RoutesyncProcess> {
   const host = options.host ?? HOSTS.routesync;
   const [apiPort, peerPort, proxyPort] = [await freePort(host), await freePort(host), await freePort(host)];
-  const entry = routesyncEntry(options.forceTsx);
+  const entry = options.entry ?? routesyncEntry(options.forceTsx);
   const env: Record<string, string> = {
     ROUTESYNC_API_ADDR: `${host}:${apiPort}`,
     ROUTESYNC_PEER_ADDR: `${host}:${peerPort}`,

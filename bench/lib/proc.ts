@@ -158,14 +158,20 @@ export function start(options: StartOptions): Child {
 
 /** User + system CPU time of a process in ms (clock ticks of 10 ms), NaN when unknown. */
 export function processCpuMs(pid: number | undefined): number {
-  if (pid === undefined) return Number.NaN;
+  const times = processCpuTimes(pid);
+  return times.userMs + times.systemMs;
+}
+
+/** User and kernel CPU time of a process so far, from /proc (NaN once it is gone). */
+export function processCpuTimes(pid: number | undefined): { userMs: number; systemMs: number } {
+  if (pid === undefined) return { userMs: Number.NaN, systemMs: Number.NaN };
   try {
     const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
     // Fields after the command name (which may hold spaces), from field 3 on: utime is 14, stime 15.
     const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return (Number(fields[11]) + Number(fields[12])) * 10;
+    return { userMs: Number(fields[11]) * 10, systemMs: Number(fields[12]) * 10 };
   } catch {
-    return Number.NaN;
+    return { userMs: Number.NaN, systemMs: Number.NaN };
   }
 }
 

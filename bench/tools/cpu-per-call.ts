@@ -16,7 +16,7 @@ import { parseArgs } from 'node:util';
 import { buildRevision, pinRoutesyncEntry, startFloor, startPeers, startRoutesync, stopAll } from '../lib/contenders.js';
 import { fixedCount, HttpTarget } from '../lib/driver.js';
 import { metricTotal } from '../lib/metrics.js';
-import { BENCH_DIR } from '../lib/proc.js';
+import { BENCH_DIR, processCpuTimes } from '../lib/proc.js';
 import { RouteFactory } from '../lib/routes.js';
 import { summarize } from '../lib/stats.js';
 
@@ -71,6 +71,7 @@ try {
   };
   await fixedCount(inFlight, 500, warm);
   const before = { routesync: routesync.child.cpuMs(), floor: floor.child.cpuMs() };
+  const splitBefore = { routesync: processCpuTimes(routesync.child.process.pid), floor: processCpuTimes(floor.child.process.pid) };
   gc.counting = true;
   await fixedCount(inFlight, calls, async () => {
     const floorAnswer = await floorApi.call('PUT', '/v1/routes', routes.nextBody());
@@ -80,6 +81,13 @@ try {
     return answer.status === 200 && floorAnswer.status === 200;
   });
   const used = { routesync: routesync.child.cpuMs() - before.routesync, floor: floor.child.cpuMs() - before.floor };
+  // How much of it is the kernel's (socket writes and reads on loopback do the receiving side's work too).
+  const kernelShare = (who: 'routesync' | 'floor', pid: number | undefined) => {
+    const now = processCpuTimes(pid);
+    const kernel = now.systemMs - splitBefore[who].systemMs;
+    return `${Math.round((100 * kernel) / (kernel + now.userMs - splitBefore[who].userMs))} % in the kernel`;
+  };
+  const kernel = { routesync: kernelShare('routesync', routesync.child.process.pid), floor: kernelShare('floor', floor.child.process.pid) };
   // How much the outboxes coalesced: push attempts per call against changes delivered per call.
   const metrics = await (await fetch(`http://${routesync.peer}/metrics`)).text();
   const attempts = metricTotal(metrics, 'routesync_peer_attempts_total');
@@ -88,8 +96,8 @@ try {
   const perCallUs = (ms: number) => Math.round((ms * 1000) / calls);
   process.stdout.write(
     `${calls} calls each, ${inFlight} in flight\n` +
-      `  floor:     ${perCallUs(used.floor)} µs CPU per call; latency ${JSON.stringify(summarize(ms.floor))}\n` +
-      `  routesync: ${perCallUs(used.routesync)} µs CPU per call; latency ${JSON.stringify(summarize(ms.routesync))}\n` +
+      `  floor:     ${perCallUs(used.floor)} µs CPU per call (${kernel.floor}); latency ${JSON.stringify(summarize(ms.floor))}\n` +
+      `  routesync: ${perCallUs(used.routesync)} µs CPU per call (${kernel.routesync}); latency ${JSON.stringify(summarize(ms.routesync))}\n` +
       `  routesync CPU ÷ floor CPU: ${(used.routesync / used.floor).toFixed(2)}\n` +
       `  routesync pushes per call (all peers, warm-up included): ${(attempts / totalCalls).toFixed(2)}, ` +
       `changes acknowledged per push: ${(pushed / Math.max(1, attempts)).toFixed(2)}\n` +
