@@ -184,8 +184,9 @@ export class PeerSync {
 
   /** Queue changes for every peer without waiting (reconciliation never re-pushes; this is for callers that do not wait). */
   enqueue(changes: readonly RouteChange[]): void {
+    const keys = changes.map(changeKey);
     for (const peer of this.peers.values()) {
-      this.enqueueFor(peer, changes);
+      this.enqueueFor(peer, changes, keys);
       this.schedulePump(peer);
     }
   }
@@ -211,7 +212,7 @@ export class PeerSync {
     const keys = changes.map(changeKey);
     const watchers: ChangeWatcher[] = [];
     peers.forEach((peer, index) => {
-      this.enqueueFor(peer, changes);
+      this.enqueueFor(peer, changes, keys);
       if (this.closed) {
         wait.decide(index, { status: 'pending', reason: 'shutdown' });
         return;
@@ -315,9 +316,10 @@ export class PeerSync {
 
   // --- sender ----------------------------------------------------------------------------
 
-  private enqueueFor(peer: PeerState, changes: readonly RouteChange[]): void {
-    for (const change of changes) {
-      const dropped = peer.outbox.enqueue(change);
+  /** `keys[k]` is `changeKey(changes[k])`, made once for all peers. */
+  private enqueueFor(peer: PeerState, changes: readonly RouteChange[], keys: readonly string[]): void {
+    for (let k = 0; k < changes.length; k++) {
+      const dropped = peer.outbox.enqueue(changes[k]!, keys[k]);
       if (dropped.length > 0) this.countDropped(peer, dropped.length);
     }
   }

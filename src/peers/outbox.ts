@@ -37,6 +37,8 @@ export interface OutboxWatcher {
 export class PeerOutbox {
   private pending = new Map<string, RouteChange>();
   private inFlight: RouteChange[] = [];
+  /** The identity keys of `inFlight`, index for index (made once, when the change was queued). */
+  private inFlightKeys: string[] = [];
   private readonly waiters = new Map<string, OutboxWatcher[]>();
 
   constructor(readonly maxRoutes: number) {}
@@ -61,9 +63,12 @@ export class PeerOutbox {
     return this.inFlight.length > 0;
   }
 
-  /** Queue a change; returns the changes dropped to stay within the bound (their waiters are told). */
-  enqueue(change: RouteChange): RouteChange[] {
-    const key = changeKey(change);
+  /**
+   * Queue a change; returns the changes dropped to stay within the bound (their waiters are
+   * told). `key` is `changeKey(change)`, passed in when the caller has it already (the fan-out
+   * queues the same change for every peer).
+   */
+  enqueue(change: RouteChange, key = changeKey(change)): RouteChange[] {
     const queued = this.pending.get(key);
     if (queued && !supersedes(change, queued)) return [];
     this.pending.set(key, change);
@@ -108,20 +113,25 @@ export class PeerOutbox {
   takeBatch(max: number): RouteChange[] {
     if (this.inFlight.length > 0) throw new Error('a batch is already in flight');
     const batch: RouteChange[] = [];
+    const keys: string[] = [];
     for (const [key, change] of this.pending) {
       if (batch.length >= max) break;
       batch.push(change);
+      keys.push(key);
       this.pending.delete(key);
     }
     this.inFlight = batch;
+    this.inFlightKeys = keys;
     return batch;
   }
 
   /** The peer acknowledged the batch in flight. */
   ackInFlight(): void {
-    const batch = this.inFlight;
+    const [batch, keys] = [this.inFlight, this.inFlightKeys];
     this.inFlight = [];
-    for (const change of batch) this.settle(changeKey(change), changeVersion(change), { status: 'acked' });
+    this.inFlightKeys = [];
+    const acked: DeliveryOutcome = { status: 'acked' };
+    for (let i = 0; i < batch.length; i++) this.settle(keys[i]!, changeVersion(batch[i]!), acked);
   }
 
   /**
@@ -129,14 +139,15 @@ export class PeerOutbox {
    * version was queued meanwhile) for background delivery; the calls waiting on them are told.
    */
   failInFlight(outcome: DeliveryOutcome, requeue: boolean): RouteChange[] {
-    const batch = this.inFlight;
+    const [batch, keys] = [this.inFlight, this.inFlightKeys];
     this.inFlight = [];
+    this.inFlightKeys = [];
     const dropped: RouteChange[] = [];
     if (requeue) {
       // Failed changes go back in front of anything queued meanwhile, in their original order.
       const merged = new Map<string, RouteChange>();
-      for (const change of batch) {
-        const key = changeKey(change);
+      for (let i = 0; i < batch.length; i++) {
+        const [key, change] = [keys[i]!, batch[i]!];
         const newer = this.pending.get(key);
         merged.set(key, newer && supersedes(newer, change) ? newer : change);
       }
@@ -149,7 +160,7 @@ export class PeerOutbox {
         this.settle(oldest[0], changeVersion(oldest[1]), { status: 'failed', errorClass: 'outbox_full' });
       }
     }
-    for (const change of batch) this.settle(changeKey(change), changeVersion(change), outcome);
+    for (let i = 0; i < batch.length; i++) this.settle(keys[i]!, changeVersion(batch[i]!), outcome);
     return dropped;
   }
 
@@ -164,12 +175,20 @@ export class PeerOutbox {
   clear(): void {
     this.pending.clear();
     this.inFlight = [];
+    this.inFlightKeys = [];
   }
 
   /** Resolve the waiters of `key` whose version is at or below `version`. */
   private settle(key: string, version: string, outcome: DeliveryOutcome): void {
     const list = this.waiters.get(key);
     if (!list) return;
+    // Nearly always one call waits for a route at a time: no new array for it.
+    if (list.length === 1) {
+      if (compareResourceVersions(list[0]!.version, version) > 0) return;
+      this.waiters.delete(key);
+      list[0]!.settle(outcome);
+      return;
+    }
     const remaining = list.filter((waiter) => {
       if (compareResourceVersions(waiter.version, version) <= 0) {
         waiter.settle(outcome);
