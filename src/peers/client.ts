@@ -278,6 +278,66 @@ export function pushBody(changes: readonly RouteChange[]): string {
 }
 
 /**
+ * The per-attempt timeout of one peer's pushes, as one AbortSignal reused from attempt to
+ * attempt. A peer has at most one push attempt in flight, so one controller and one timer serve
+ * them all: `start()` re-arms the timer (`refresh()`) and hands out the same signal until a
+ * timeout (or `outer`) has fired it, and only then makes a new one. A fresh controller, timer
+ * and listener on `outer` for every attempt cost ~5 µs, ten times per lifecycle call
+ * (docs/benchmarks.md, finding 1).
+ *
+ * Between attempts the timer is left armed and its firing ignored, since clearing it would mean
+ * making a new one next time. undici lets go of the signal when a response body closes, so an
+ * answered request may keep its listener a tick longer: aborting a request that has finished
+ * is a no-op.
+ */
+export class AttemptDeadline {
+  private controller = new AbortController();
+  private timer: NodeJS.Timeout | null = null;
+  private active = false;
+  private readonly onOuterAbort = (): void => this.controller.abort(this.outer.reason);
+
+  constructor(
+    readonly timeoutMs: number,
+    private readonly outer: AbortSignal,
+  ) {
+    outer.addEventListener('abort', this.onOuterAbort, { once: true });
+  }
+
+  /** The signal for an attempt starting now: it fires `timeoutMs` from now, or with `outer`. */
+  start(): AbortSignal {
+    if (this.outer.aborted) return AbortSignal.abort(this.outer.reason);
+    if (this.controller.signal.aborted) this.controller = new AbortController();
+    this.active = true;
+    if (this.timer) this.timer.refresh();
+    else {
+      this.timer = setTimeout(this.onTimeout, this.timeoutMs);
+      this.timer.unref();
+    }
+    return this.controller.signal;
+  }
+
+  /** The attempt started last has ended (its body consumed or dumped). */
+  end(): void {
+    this.active = false;
+  }
+
+  /** Abort the attempt in flight, if any, and release the timer and the listener on `outer` (the peer is gone or the sync closed). */
+  close(): void {
+    if (this.active) this.controller.abort(new SyncAbortedError('peer removed'));
+    this.active = false;
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+    this.outer.removeEventListener('abort', this.onOuterAbort);
+  }
+
+  private readonly onTimeout = (): void => {
+    if (!this.active) return;
+    this.active = false;
+    this.controller.abort(new AttemptTimeoutError(this.timeoutMs));
+  };
+}
+
+/**
  * An AbortSignal that fires after `timeoutMs` with an AttemptTimeoutError, or when `outer`
  * fires (with its reason). `clear()` releases the timer.
  */

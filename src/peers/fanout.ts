@@ -14,7 +14,7 @@ import type { Config } from '../config.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 import { changeKey, changeVersion, type RouteChange } from '../routes/route.js';
-import { attemptSignal, classifyPeerError, PeerRequestError, SyncAbortedError, type PeerClient, type PeerErrorClass, type PushAck } from './client.js';
+import { AttemptDeadline, attemptSignal, classifyPeerError, PeerRequestError, SyncAbortedError, type PeerClient, type PeerErrorClass, type PushAck } from './client.js';
 import { PeerOutbox, type DeliveryOutcome, type OutboxWatcher } from './outbox.js';
 
 export type SyncConfig = Pick<
@@ -75,6 +75,8 @@ interface PeerState {
   timer: NodeJS.Timeout | null;
   /** In the queue of peers to pump at the end of this event-loop turn. */
   pumpQueued: boolean;
+  /** The timeout of its push attempts (one in flight at a time). */
+  readonly attemptDeadline: AttemptDeadline;
 }
 
 export interface PeerSyncOptions {
@@ -147,6 +149,7 @@ export class PeerSync {
         lastReconcileAtMs: null,
         timer: null,
         pumpQueued: false,
+        attemptDeadline: new AttemptDeadline(this.config.attemptTimeoutMs, this.stop.signal),
       });
       this.logger.info({ peer: address }, 'peer added');
     }
@@ -309,6 +312,7 @@ export class PeerSync {
     for (const peer of this.peers.values()) {
       if (peer.timer) clearTimeout(peer.timer);
       peer.timer = null;
+      peer.attemptDeadline.close();
       peer.outbox.settleAll({ status: 'pending', reason: 'shutdown' });
     }
     this.limit.clearQueue();
@@ -414,7 +418,7 @@ export class PeerSync {
   /** One request under the concurrency cap, with its own timeout. */
   private async attempt(peer: PeerState, batch: RouteChange[], attemptNumber: number): Promise<PushAck> {
     if (attemptNumber > 1) this.metrics.peerRetries.inc();
-    const { signal, clear } = attemptSignal(this.config.attemptTimeoutMs, this.stop.signal);
+    const signal = peer.attemptDeadline.start();
     const started = performance.now();
     try {
       const ack = await this.client.push(peer.address, batch, signal);
@@ -426,7 +430,7 @@ export class PeerSync {
       this.metrics.peerAttempts.inc({ result: classified.errorClass });
       throw classified;
     } finally {
-      clear();
+      peer.attemptDeadline.end();
       this.metrics.peerRequestDuration.observe({ kind: 'push' }, (performance.now() - started) / 1000);
     }
   }
@@ -536,6 +540,7 @@ export class PeerSync {
     peer.removed = true;
     if (peer.timer) clearTimeout(peer.timer);
     peer.timer = null;
+    peer.attemptDeadline.close();
     peer.outbox.settleAll({ status: 'failed', errorClass });
     peer.outbox.clear();
     this.peers.delete(peer.address);
