@@ -5,11 +5,13 @@
 // benchmark runs than the change moves them; not a benchmark of record.
 //
 //   node --import tsx bench/tools/compare-builds.ts [--a HEAD] [--b DIR/dist/main.js | --b REV]
-//                                                   [--in-flight 64] [--rounds 6] [--seconds 3] [--profile]
+//                                                   [--in-flight 64] [--rounds 6] [--seconds 3] [--profile] [--interleave]
 //
 // --a and --b each take a git revision (built into a directory of its own, as `--rev` does) or
 // a path to a built main.js; --b defaults to this tree's dist/ (`npm run build` first).
-// --profile starts b with --cpu-prof (bench/results/profiles/compare-builds-*/).
+// --profile starts b with --cpu-prof (bench/results/profiles/compare-builds-*/). --interleave
+// alternates single calls between a and b within each round instead of alternating whole rounds:
+// much less noise on CPU per call and latency, but each server then sees half the calls in flight.
 import { existsSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -28,6 +30,7 @@ const { values } = parseArgs({
     rounds: { type: 'string', default: '6' },
     seconds: { type: 'string', default: '3' },
     profile: { type: 'boolean', default: false },
+    interleave: { type: 'boolean', default: false },
   },
 });
 
@@ -76,41 +79,62 @@ async function counters(which: 'a' | 'b'): Promise<{ cpuMs: number; attempts: nu
   };
 }
 
-async function round(which: 'a' | 'b'): Promise<Round> {
-  let latencies: number[] = [];
+/**
+ * One measured window of `who`: one server alone, or with `interleave` both, each worker
+ * calling a then b (b then a on odd workers), so that both see the same minutes of the
+ * machine; calls/s is then the pair's rate, and the comparison is of CPU and latency.
+ */
+async function round(who: readonly ('a' | 'b')[]): Promise<Partial<Record<'a' | 'b', Round>>> {
+  let latencies: Record<'a' | 'b', number[]> = { a: [], b: [] };
+  let worker = 0;
   const fire = async () => {
-    const answer = await targets[which].call('PUT', '/v1/routes', routes.nextBody());
-    latencies.push(answer.ms);
-    return answer.status === 200;
+    const order = worker++ % 2 === 0 ? who : [...who].reverse();
+    let ok = true;
+    for (const which of order) {
+      const answer = await targets[which].call('PUT', '/v1/routes', routes.nextBody());
+      latencies[which].push(answer.ms);
+      ok &&= answer.status === 200;
+    }
+    return ok;
   };
   // The warm-up window is not counted, so the counters are read once it is over.
   await closedLoop(inFlight, 0, 500, fire);
-  latencies = [];
-  const before = await counters(which);
+  latencies = { a: [], b: [] };
+  const before = Object.fromEntries(await Promise.all(who.map(async (which) => [which, await counters(which)] as const)));
   const result = await closedLoop(inFlight, 0, durationMs, fire);
-  const after = await counters(which);
-  const calls = result.ok + result.notOk + result.errors;
-  return {
-    perSecond: result.perSecond,
-    cpuUsPerCall: ((after.cpuMs - before.cpuMs) * 1000) / Math.max(1, calls),
-    changesPerPush: (after.pushed - before.pushed) / Math.max(1, after.attempts - before.attempts),
-    p50Ms: percentile(latencies, 50),
-    p99Ms: percentile(latencies, 99),
-  };
+  const after = Object.fromEntries(await Promise.all(who.map(async (which) => [which, await counters(which)] as const)));
+  const rounds: Partial<Record<'a' | 'b', Round>> = {};
+  for (const which of who) {
+    const [was, now] = [before[which]!, after[which]!];
+    const calls = latencies[which].length;
+    rounds[which] = {
+      perSecond: result.perSecond,
+      cpuUsPerCall: ((now.cpuMs - was.cpuMs) * 1000) / Math.max(1, calls),
+      changesPerPush: (now.pushed - was.pushed) / Math.max(1, now.attempts - was.attempts),
+      p50Ms: percentile(latencies[which], 50),
+      p99Ms: percentile(latencies[which], 99),
+    };
+  }
+  return rounds;
 }
 
 const results: Record<'a' | 'b', Round[]> = { a: [], b: [] };
 try {
-  // One round each first, not counted: JIT warm-up and the peers' first connections.
-  await round('a');
-  await round('b');
+  // One round first, not counted: JIT warm-up and the peers' first connections.
+  await round(['a', 'b']);
   for (let r = 0; r < rounds; r++) {
-    // Alternate which goes first, so that a drift in the machine's speed favours neither.
-    const order: ('a' | 'b')[] = r % 2 === 0 ? ['a', 'b'] : ['b', 'a'];
-    for (const which of order) results[which].push(await round(which));
+    if (values.interleave) {
+      const both = await round(['a', 'b']);
+      results.a.push(both.a!);
+      results.b.push(both.b!);
+    } else {
+      // Alternate which goes first, so that a drift in the machine's speed favours neither.
+      const order: ('a' | 'b')[] = r % 2 === 0 ? ['a', 'b'] : ['b', 'a'];
+      for (const which of order) results[which].push((await round([which]))[which]!);
+    }
     const [a, b] = [results.a.at(-1)!, results.b.at(-1)!];
     const line = (x: Round) =>
-      `${x.perSecond.toFixed(0)}/s, ${x.cpuUsPerCall.toFixed(0)} µs/call, ${x.changesPerPush.toFixed(1)} changes/push, p50 ${x.p50Ms.toFixed(2)} p99 ${x.p99Ms.toFixed(2)} ms`;
+      `${x.perSecond.toFixed(0)}/s, ${x.cpuUsPerCall.toFixed(0)} µs/call, ${x.changesPerPush.toFixed(1)} changes/push, p50 ${x.p50Ms.toFixed(3)} p99 ${x.p99Ms.toFixed(3)} ms`;
     process.stdout.write(`round ${r + 1}: a ${line(a)}; b ${line(b)}\n`);
   }
   const ratio = (pick: (round: Round) => number) => spread(results.b.map((b, i) => pick(b) / pick(results.a[i]!))).median;

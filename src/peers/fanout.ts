@@ -9,7 +9,7 @@
 import { setMaxListeners } from 'node:events';
 import { performance } from 'node:perf_hooks';
 import pLimit, { type LimitFunction } from 'p-limit';
-import pRetry from 'p-retry';
+import pRetry, { type Options as RetryOptions } from 'p-retry';
 import type { Config } from '../config.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
@@ -77,6 +77,15 @@ interface PeerState {
   pumpQueued: boolean;
   /** The timeout of its push attempts (one in flight at a time). */
   readonly attemptDeadline: AttemptDeadline;
+  /** The batch being sent (taken from the outbox), read by `retry.input`. */
+  batch: RouteChange[];
+  /** What p-retry is given for each of this peer's sends: made once, since the peer is all it refers to. */
+  readonly retry: PeerRetry;
+}
+
+interface PeerRetry {
+  readonly input: (attemptNumber: number) => Promise<PushAck>;
+  readonly options: RetryOptions;
 }
 
 export interface PeerSyncOptions {
@@ -116,8 +125,8 @@ export class PeerSync {
     this.random = options.random ?? Math.random;
     // rejectOnClear: on shutdown, sends queued behind the cap settle instead of hanging forever.
     this.limit = pLimit({ concurrency: this.config.syncConcurrency, rejectOnClear: true });
-    // Every in-flight attempt and retry wait listens on the one shutdown signal: many
-    // listeners are the design here, not a leak (each is removed when its attempt settles).
+    // Every peer's attempt deadline and every retry wait listens on the one shutdown signal:
+    // many listeners are the design here, not a leak (each is removed with its peer or wait).
     setMaxListeners(0, this.stop.signal);
   }
 
@@ -134,23 +143,7 @@ export class PeerSync {
     }
     for (const address of wanted) {
       if (this.peers.has(address)) continue;
-      this.peers.set(address, {
-        address,
-        outbox: new PeerOutbox(this.config.outboxMaxRoutes),
-        sending: false,
-        removed: false,
-        consecutiveFailures: 0,
-        ejected: false,
-        ejectedUntilMs: 0,
-        ejections: 0,
-        recoveredAtMs: 0,
-        lastSuccessAtMs: null,
-        lastFailure: null,
-        lastReconcileAtMs: null,
-        timer: null,
-        pumpQueued: false,
-        attemptDeadline: new AttemptDeadline(this.config.attemptTimeoutMs, this.stop.signal),
-      });
+      this.peers.set(address, this.newPeer(address));
       this.logger.info({ peer: address }, 'peer added');
     }
     this.metrics.peers.set(this.peers.size);
@@ -384,22 +377,53 @@ export class PeerSync {
     }
   };
 
+  private newPeer(address: string): PeerState {
+    const peer: PeerState = {
+      address,
+      outbox: new PeerOutbox(this.config.outboxMaxRoutes),
+      sending: false,
+      removed: false,
+      consecutiveFailures: 0,
+      ejected: false,
+      ejectedUntilMs: 0,
+      ejections: 0,
+      recoveredAtMs: 0,
+      lastSuccessAtMs: null,
+      lastFailure: null,
+      lastReconcileAtMs: null,
+      timer: null,
+      pumpQueued: false,
+      attemptDeadline: new AttemptDeadline(this.config.attemptTimeoutMs, this.stop.signal),
+      batch: [],
+      // Each attempt of the batch in flight (`peer.batch`) under the cap; the closures are made
+      // once per peer rather than once per send.
+      retry: {
+        input: (attemptNumber) => this.limit(this.runAttempt, peer, attemptNumber),
+        options: {
+          retries: this.config.syncRetries,
+          minTimeout: this.config.retryMinMs,
+          maxTimeout: this.config.retryMaxMs,
+          factor: 2,
+          randomize: true,
+          signal: this.stop.signal,
+          unref: true,
+          onFailedAttempt: ({ error }) => this.recordFailure(peer, classifyPeerError(error)),
+          // Transient failures only, and never once the peer is ejected or gone: the background
+          // path and the probe take over from there.
+          shouldRetry: ({ error }) => classifyPeerError(error).transient && !peer.ejected && !peer.removed,
+        },
+      },
+    };
+    return peer;
+  }
+
+  private readonly runAttempt = (peer: PeerState, attemptNumber: number): Promise<PushAck> => this.attempt(peer, peer.batch, attemptNumber);
+
   private async send(peer: PeerState, batch: RouteChange[]): Promise<void> {
     let ack: PushAck;
+    peer.batch = batch;
     try {
-      ack = await pRetry((attemptNumber) => this.limit(() => this.attempt(peer, batch, attemptNumber)), {
-        retries: this.config.syncRetries,
-        minTimeout: this.config.retryMinMs,
-        maxTimeout: this.config.retryMaxMs,
-        factor: 2,
-        randomize: true,
-        signal: this.stop.signal,
-        unref: true,
-        onFailedAttempt: ({ error }) => this.recordFailure(peer, classifyPeerError(error)),
-        // Transient failures only, and never once the peer is ejected or gone: the background
-        // path and the probe take over from there.
-        shouldRetry: ({ error }) => classifyPeerError(error).transient && !peer.ejected && !peer.removed,
-      });
+      ack = await pRetry(peer.retry.input, peer.retry.options);
     } catch (error) {
       const classified = this.closed ? new PeerRequestError('aborted', 'shutting down', { cause: error }) : classifyPeerError(error);
       this.failBatch(peer, classified, batch.length);
