@@ -4,14 +4,17 @@
 // a change), not a benchmark of record.
 //
 //   node --import tsx bench/tools/cpu-per-call.ts [--calls 3000] [--in-flight 1] [--rev HEAD | --entry dist/main.js]
-//                                                 [--node-flag=--max-semi-space-size=16] [--profile] [--trace-gc]
+//                                                 [--node-flag=--max-semi-space-size=16] [--profile] [--trace-gc] [--alloc]
 //
 // --profile starts both servers with --cpu-prof (bench/results/profiles/cpu-per-call-*/, one
-// file per thread: the floor runs through tsx, whose loader has a thread of its own).
+// file per thread: the floor runs through tsx, whose loader has a thread of its own). --alloc
+// samples everything routesync allocates (bench/tools/alloc-sampler.mjs) into
+// bench/results/profiles/alloc-*.heapprofile, for bench/tools/profile-top.ts --per.
 //
 // Calls alternate between the two servers (one to the floor, one to routesync), so both run
 // against the same ten peer processes in the same minutes.
-import { join } from 'node:path';
+import { mkdirSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { buildRevision, pinRoutesyncEntry, startFloor, startPeers, startRoutesync, stopAll } from '../lib/contenders.js';
 import { fixedCount, HttpTarget } from '../lib/driver.js';
@@ -29,6 +32,7 @@ const { values } = parseArgs({
     entry: { type: 'string' },
     'node-flag': { type: 'string', multiple: true },
     'trace-gc': { type: 'boolean', default: false },
+    alloc: { type: 'boolean', default: false },
   },
 });
 if (values.rev !== undefined) pinRoutesyncEntry(buildRevision(values.rev));
@@ -39,10 +43,19 @@ const inFlight = Number(values['in-flight']);
 const stamp = Date.now();
 const profile = (who: string) =>
   values.profile ? ['--cpu-prof', '--cpu-prof-dir', join(BENCH_DIR, 'results', 'profiles', `cpu-per-call-${stamp}-${who}`)] : [];
+// --alloc: everything routesync allocates, sampled (bench/tools/alloc-sampler.mjs), warm-up included.
+const allocProfile = join(BENCH_DIR, 'results', 'profiles', `alloc-${stamp}.heapprofile`);
+if (values.alloc) mkdirSync(dirname(allocProfile), { recursive: true });
 const peers = await startPeers(10);
 const routesync = await startRoutesync({
   peers: peers.map((peer) => peer.address),
-  nodeFlags: [...(values['node-flag'] ?? []), ...profile('routesync'), ...(values['trace-gc'] ? ['--trace-gc'] : [])],
+  nodeFlags: [
+    ...(values['node-flag'] ?? []),
+    ...profile('routesync'),
+    ...(values['trace-gc'] ? ['--trace-gc'] : []),
+    ...(values.alloc ? ['--import', join(BENCH_DIR, 'tools', 'alloc-sampler.mjs')] : []),
+  ],
+  ...(values.alloc ? { env: { ROUTESYNC_ALLOC_PROFILE: allocProfile } } : {}),
 });
 // --trace-gc: routesync's collections during the measured calls, by kind (count and pause ms).
 const gc = { counting: false, byKind: new Map<string, { count: number; ms: number }>() };
@@ -109,4 +122,10 @@ try {
   await routesync.stop();
   await floor.child.stop();
   await stopAll(peers);
+}
+if (values.alloc) {
+  process.stdout.write(
+    `  allocation profile (${calls + 500} calls, warm-up included): ${allocProfile}\n` +
+      `  node --import tsx bench/tools/profile-top.ts ${allocProfile} --per ${calls + 500}\n`,
+  );
 }
