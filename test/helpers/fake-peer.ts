@@ -53,6 +53,11 @@ export class FakePeer {
     });
   }
 
+  /** Sockets open right now. */
+  get openSockets(): number {
+    return this.sockets.size;
+  }
+
   static async start(options: { host?: string; gauge?: InFlightGauge } = {}): Promise<FakePeer> {
     const peer = new FakePeer(options.gauge);
     await new Promise<void>((resolve) => peer.server.listen(0, options.host ?? '127.0.0.1', resolve));

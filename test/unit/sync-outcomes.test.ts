@@ -8,6 +8,7 @@ import { parseChange, type RouteChange } from '../../src/routes/route.js';
 import { makeRoute } from '../helpers/cluster.js';
 import { FakePeer } from '../helpers/fake-peer.js';
 import { startPeerSync } from '../helpers/peer-sync.js';
+import { waitUntil } from '../helpers/wait.js';
 
 const cleanups: (() => Promise<void> | void)[] = [];
 afterEach(async () => {
@@ -94,5 +95,20 @@ describe('calls that arrive together', () => {
       expect(peer.routesReceived).toBe(20);
       expect(peer.pushes).toBe(1);
     }
+  });
+});
+
+describe('a peer removed by discovery', () => {
+  it('has its hanging push aborted at once, not left open until the attempt times out', async () => {
+    const [hung] = await peers(1);
+    hung!.mode = { kind: 'hang' };
+    const sync = fanout({ ROUTESYNC_SYNC_DEADLINE_MS: '300', ROUTESYNC_ATTEMPT_TIMEOUT_MS: '60000', ROUTESYNC_EJECT_AFTER_FAILURES: '1000' });
+    sync.setPeers([hung!.address]);
+    const outcome = await sync.sync(changes(1));
+    expect(outcome.pending).toEqual([{ peer: hung!.address, reason: 'in_flight' }]);
+    expect(hung!.openSockets).toBe(1);
+    sync.setPeers([]);
+    await waitUntil(() => hung!.openSockets === 0, 5_000, "the removed peer's request to be aborted");
+    expect(sync.status()).toEqual([]);
   });
 });
