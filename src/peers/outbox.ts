@@ -127,7 +127,8 @@ export class PeerOutbox {
 
   /** The peer acknowledged the batch in flight. */
   ackInFlight(): void {
-    const [batch, keys] = [this.inFlight, this.inFlightKeys];
+    const batch = this.inFlight;
+    const keys = this.inFlightKeys;
     this.inFlight = [];
     this.inFlightKeys = [];
     const acked: DeliveryOutcome = { status: 'acked' };
@@ -139,7 +140,8 @@ export class PeerOutbox {
    * version was queued meanwhile) for background delivery; the calls waiting on them are told.
    */
   failInFlight(outcome: DeliveryOutcome, requeue: boolean): RouteChange[] {
-    const [batch, keys] = [this.inFlight, this.inFlightKeys];
+    const batch = this.inFlight;
+    const keys = this.inFlightKeys;
     this.inFlight = [];
     this.inFlightKeys = [];
     const dropped: RouteChange[] = [];
@@ -147,7 +149,8 @@ export class PeerOutbox {
       // Failed changes go back in front of anything queued meanwhile, in their original order.
       const merged = new Map<string, RouteChange>();
       for (let i = 0; i < batch.length; i++) {
-        const [key, change] = [keys[i]!, batch[i]!];
+        const key = keys[i]!;
+        const change = batch[i]!;
         const newer = this.pending.get(key);
         merged.set(key, newer && supersedes(newer, change) ? newer : change);
       }
