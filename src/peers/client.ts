@@ -176,12 +176,7 @@ export class PeerClient {
   async push(peer: string, changes: readonly RouteChange[], signal: AbortSignal): Promise<PushAck> {
     // One await on the request and one on its body: this runs ten times per lifecycle call.
     const response = await this.request(peer, 'POST', PEER_PUSH_PATH, pushBody(changes), signal, false);
-    let json: unknown;
-    try {
-      json = await response.body.json();
-    } catch (error) {
-      throw new PeerRequestError('protocol', `peer ${peer} sent a body that is not JSON`, { cause: error });
-    }
+    const json = await jsonBody(peer, response);
     const results = (json as { results?: unknown }).results;
     if (!Array.isArray(results) || results.length !== changes.length) {
       throw new PeerRequestError('protocol', `peer ${peer} answered a push without one result per route`);
@@ -204,12 +199,7 @@ export class PeerClient {
 
   /** GET or POST returning parsed JSON; throws a classified PeerRequestError. */
   async requestJson(peer: string, method: 'GET' | 'POST', path: string, body: string | undefined, signal: AbortSignal): Promise<unknown> {
-    const response = await this.request(peer, method, path, body, signal, false);
-    try {
-      return (await response.body.json()) as unknown;
-    } catch (error) {
-      throw new PeerRequestError('protocol', `peer ${peer} sent a body that is not JSON`, { cause: error });
-    }
+    return jsonBody(peer, await this.request(peer, method, path, body, signal, false));
   }
 
   /**
@@ -254,6 +244,13 @@ export class PeerClient {
   async destroy(): Promise<void> {
     await this.agent.destroy();
   }
+}
+
+/** A 2xx response's body as JSON; a body that is not JSON is a `protocol` error. (No async frame of its own: pushes call it.) */
+function jsonBody(peer: string, response: Dispatcher.ResponseData): Promise<unknown> {
+  return response.body.json().catch((error: unknown) => {
+    throw new PeerRequestError('protocol', `peer ${peer} sent a body that is not JSON`, { cause: error });
+  });
 }
 
 /**

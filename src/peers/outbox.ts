@@ -17,12 +17,6 @@ export type DeliveryOutcome =
   | { readonly status: 'failed'; readonly errorClass: PeerErrorClass | 'outbox_full' | 'peer_removed' }
   | { readonly status: 'pending'; readonly reason: 'ejected' | 'in_flight' | 'shutdown' };
 
-export interface DeliveryWaiter {
-  readonly promise: Promise<DeliveryOutcome>;
-  /** Stop waiting (the caller's deadline passed); the change itself stays queued. */
-  cancel(): void;
-}
-
 /**
  * Told once how this peer's delivery of one change at `version` (or newer) ended. The fan-out
  * passes plain objects (one per peer and change, no closure or promise of their own): a
@@ -96,17 +90,6 @@ export class PeerOutbox {
     const index = list.indexOf(watcher);
     if (index >= 0) list.splice(index, 1);
     if (list.length === 0) this.waiters.delete(key);
-  }
-
-  /** Wait until this peer acknowledges `key` at `version` or newer (a promise over watch()). */
-  waitFor(key: string, version: string): DeliveryWaiter {
-    let resolveWaiter!: (outcome: DeliveryOutcome) => void;
-    const promise = new Promise<DeliveryOutcome>((resolve) => {
-      resolveWaiter = resolve;
-    });
-    const watcher: OutboxWatcher = { version, settle: resolveWaiter };
-    this.watch(key, watcher);
-    return { promise, cancel: () => this.unwatch(key, watcher) };
   }
 
   /** Move up to `max` queued changes into flight and return them. */

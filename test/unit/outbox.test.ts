@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { PeerOutbox } from '../../src/peers/outbox.js';
+import { PeerOutbox, type DeliveryOutcome } from '../../src/peers/outbox.js';
 import type { RouteChange } from '../../src/routes/route.js';
 
 function upsert(name: string, resourceVersion: string): RouteChange {
@@ -8,6 +8,17 @@ function upsert(name: string, resourceVersion: string): RouteChange {
 
 function remove(name: string, resourceVersion: string): RouteChange {
   return { op: 'delete', deletion: { namespace: 'ns', name, resourceVersion } };
+}
+
+/** A promise over watch(), with its cancel (unwatch): one call waiting on one change. */
+function waitFor(outbox: PeerOutbox, key: string, version: string): { promise: Promise<DeliveryOutcome>; cancel: () => void } {
+  let settle!: (outcome: DeliveryOutcome) => void;
+  const promise = new Promise<DeliveryOutcome>((resolve) => {
+    settle = resolve;
+  });
+  const watcher = { version, settle };
+  outbox.watch(key, watcher);
+  return { promise, cancel: () => outbox.unwatch(key, watcher) };
 }
 
 describe('PeerOutbox', () => {
@@ -25,9 +36,9 @@ describe('PeerOutbox', () => {
   it('resolves a waiter when the same or a newer version is acknowledged', async () => {
     const outbox = new PeerOutbox(100);
     outbox.enqueue(upsert('a', '1'));
-    const first = outbox.waitFor('ns/a', '1');
+    const first = waitFor(outbox, 'ns/a', '1');
     outbox.enqueue(upsert('a', '2'));
-    const second = outbox.waitFor('ns/a', '2');
+    const second = waitFor(outbox, 'ns/a', '2');
     outbox.takeBatch(10);
     outbox.ackInFlight();
     await expect(first.promise).resolves.toEqual({ status: 'acked' });
@@ -40,7 +51,7 @@ describe('PeerOutbox', () => {
     outbox.enqueue(upsert('a', '1'));
     outbox.takeBatch(10);
     outbox.enqueue(upsert('a', '2'));
-    const newer = outbox.waitFor('ns/a', '2');
+    const newer = waitFor(outbox, 'ns/a', '2');
     outbox.ackInFlight();
     expect(outbox.size).toBe(1);
     let settled = false;
@@ -54,7 +65,7 @@ describe('PeerOutbox', () => {
     const outbox = new PeerOutbox(100);
     outbox.enqueue(upsert('a', '1'));
     outbox.enqueue(upsert('b', '1'));
-    const waiter = outbox.waitFor('ns/a', '1');
+    const waiter = waitFor(outbox, 'ns/a', '1');
     outbox.takeBatch(10);
     outbox.enqueue(upsert('c', '1'));
     outbox.enqueue(upsert('b', '5'));
@@ -66,7 +77,7 @@ describe('PeerOutbox', () => {
   it('drops the oldest change past its bound and tells its waiters', async () => {
     const outbox = new PeerOutbox(2);
     outbox.enqueue(upsert('a', '1'));
-    const oldest = outbox.waitFor('ns/a', '1');
+    const oldest = waitFor(outbox, 'ns/a', '1');
     outbox.enqueue(upsert('b', '1'));
     expect(outbox.enqueue(upsert('c', '1'))).toEqual([upsert('a', '1')]);
     await expect(oldest.promise).resolves.toEqual({ status: 'failed', errorClass: 'outbox_full' });
@@ -76,7 +87,7 @@ describe('PeerOutbox', () => {
   it('forgets a cancelled waiter', () => {
     const outbox = new PeerOutbox(10);
     outbox.enqueue(upsert('a', '1'));
-    const waiter = outbox.waitFor('ns/a', '1');
+    const waiter = waitFor(outbox, 'ns/a', '1');
     waiter.cancel();
     expect(outbox.waiterCount).toBe(0);
   });
