@@ -83,8 +83,8 @@ try {
     return true;
   };
   await fixedCount(inFlight, 500, warm);
-  const before = { routesync: routesync.child.cpuMs(), floor: floor.child.cpuMs() };
-  const splitBefore = { routesync: processCpuTimes(routesync.child.process.pid), floor: processCpuTimes(floor.child.process.pid) };
+  const times = () => ({ routesync: processCpuTimes(routesync.child.process.pid), floor: processCpuTimes(floor.child.process.pid) });
+  const before = times();
   gc.counting = true;
   await fixedCount(inFlight, calls, async () => {
     const floorAnswer = await floorApi.call('PUT', '/v1/routes', routes.nextBody());
@@ -93,14 +93,14 @@ try {
     ms.routesync.push(answer.ms);
     return answer.status === 200 && floorAnswer.status === 200;
   });
-  const used = { routesync: routesync.child.cpuMs() - before.routesync, floor: floor.child.cpuMs() - before.floor };
-  // How much of it is the kernel's (socket writes and reads on loopback do the receiving side's work too).
-  const kernelShare = (who: 'routesync' | 'floor', pid: number | undefined) => {
-    const now = processCpuTimes(pid);
-    const kernel = now.systemMs - splitBefore[who].systemMs;
-    return `${Math.round((100 * kernel) / (kernel + now.userMs - splitBefore[who].userMs))} % in the kernel`;
+  const after = times();
+  const usedOf = (who: 'routesync' | 'floor') => {
+    const userMs = after[who].userMs - before[who].userMs;
+    const systemMs = after[who].systemMs - before[who].systemMs;
+    // How much of it is the kernel's (socket writes and reads on loopback do the receiving side's work too).
+    return { totalMs: userMs + systemMs, kernel: `${Math.round((100 * systemMs) / (userMs + systemMs))} % in the kernel` };
   };
-  const kernel = { routesync: kernelShare('routesync', routesync.child.process.pid), floor: kernelShare('floor', floor.child.process.pid) };
+  const used = { routesync: usedOf('routesync'), floor: usedOf('floor') };
   // How much the outboxes coalesced: push attempts per call against changes delivered per call.
   const metrics = await (await fetch(`http://${routesync.peer}/metrics`)).text();
   const attempts = metricTotal(metrics, 'routesync_peer_attempts_total');
@@ -109,9 +109,9 @@ try {
   const perCallUs = (ms: number) => Math.round((ms * 1000) / calls);
   process.stdout.write(
     `${calls} calls each, ${inFlight} in flight\n` +
-      `  floor:     ${perCallUs(used.floor)} µs CPU per call (${kernel.floor}); latency ${JSON.stringify(summarize(ms.floor))}\n` +
-      `  routesync: ${perCallUs(used.routesync)} µs CPU per call (${kernel.routesync}); latency ${JSON.stringify(summarize(ms.routesync))}\n` +
-      `  routesync CPU ÷ floor CPU: ${(used.routesync / used.floor).toFixed(2)}\n` +
+      `  floor:     ${perCallUs(used.floor.totalMs)} µs CPU per call (${used.floor.kernel}); latency ${JSON.stringify(summarize(ms.floor))}\n` +
+      `  routesync: ${perCallUs(used.routesync.totalMs)} µs CPU per call (${used.routesync.kernel}); latency ${JSON.stringify(summarize(ms.routesync))}\n` +
+      `  routesync CPU ÷ floor CPU: ${(used.routesync.totalMs / used.floor.totalMs).toFixed(2)}\n` +
       `  routesync pushes per call (all peers, warm-up included): ${(attempts / totalCalls).toFixed(2)}, ` +
       `changes acknowledged per push: ${(pushed / Math.max(1, attempts)).toFixed(2)}\n` +
       [...gc.byKind].map(([kind, { count, ms: pauseMs }]) => `  routesync ${kind}: ${count}, ${pauseMs.toFixed(1)} ms (${Math.round((pauseMs * 1000) / calls)} µs per call)\n`).join(''),

@@ -29,6 +29,21 @@ interface Profile {
   readonly endTime: number;
 }
 
+/** Self time or bytes summed by function and by package or source file. */
+class Tally {
+  readonly byFunction = new Map<string, number>();
+  readonly byGroup = new Map<string, number>();
+  total = 0;
+
+  add(frame: ProfileNode['callFrame'], amount: number): void {
+    const name = `${frame.functionName || '(anonymous)'} ${shorten(frame.url)}${frame.url ? `:${frame.lineNumber + 1}` : ''}`;
+    this.byFunction.set(name, (this.byFunction.get(name) ?? 0) + amount);
+    const where = group(frame.url, frame.functionName);
+    this.byGroup.set(where, (this.byGroup.get(where) ?? 0) + amount);
+    this.total += amount;
+  }
+}
+
 const { values, positionals } = parseArgs({
   allowPositionals: true,
   options: { top: { type: 'string', default: '30' }, per: { type: 'string' } },
@@ -50,51 +65,35 @@ for (const file of positionals) {
   profile.samples.forEach((id, i) => selfUs.set(id, (selfUs.get(id) ?? 0) + (profile.timeDeltas[i] ?? 0)));
   const totalUs = profile.endTime - profile.startTime;
 
-  const byFunction = new Map<string, number>();
-  const byGroup = new Map<string, number>();
-  for (const [id, us] of selfUs) {
-    const frame = byId.get(id)!.callFrame;
-    const where = shorten(frame.url);
-    const name = `${frame.functionName || '(anonymous)'} ${where}${frame.url ? `:${frame.lineNumber + 1}` : ''}`;
-    byFunction.set(name, (byFunction.get(name) ?? 0) + us);
-    byGroup.set(group(frame.url, frame.functionName), (byGroup.get(group(frame.url, frame.functionName)) ?? 0) + us);
-  }
-  const print = (title: string, entries: Map<string, number>) => {
-    process.stdout.write(`\n${title}\n`);
-    for (const [name, us] of [...entries].sort((a, b) => b[1] - a[1]).slice(0, top)) {
-      process.stdout.write(`${(us / 1000).toFixed(0).padStart(8)} ms ${((100 * us) / totalUs).toFixed(1).padStart(5)}%  ${name}\n`);
-    }
-  };
+  const tally = new Tally();
+  for (const [id, us] of selfUs) tally.add(byId.get(id)!.callFrame, us);
+  const ms = (us: number) => `${(us / 1000).toFixed(0).padStart(8)} ms`;
   process.stdout.write(`${file}: ${(totalUs / 1e6).toFixed(1)} s profiled, ${profile.samples.length} samples\n`);
-  print('self time by group', byGroup);
-  print('self time by function', byFunction);
+  printTop('self time by group', tally.byGroup, totalUs, ms);
+  printTop('self time by function', tally.byFunction, totalUs, ms);
 }
 
 function summarizeAllocations(file: string, per: number): void {
   const head = (JSON.parse(readFileSync(file, 'utf8')) as { head: HeapNode }).head;
-  const byFunction = new Map<string, number>();
-  const byGroup = new Map<string, number>();
-  let total = 0;
+  const tally = new Tally();
   const walk = (node: HeapNode) => {
-    const frame = node.callFrame;
-    const name = `${frame.functionName || '(anonymous)'} ${shorten(frame.url)}${frame.url ? `:${frame.lineNumber + 1}` : ''}`;
-    byFunction.set(name, (byFunction.get(name) ?? 0) + node.selfSize);
-    const where = group(frame.url, frame.functionName);
-    byGroup.set(where, (byGroup.get(where) ?? 0) + node.selfSize);
-    total += node.selfSize;
+    tally.add(node.callFrame, node.selfSize);
     for (const child of node.children) walk(child);
   };
   walk(head);
   const unit = per > 1 ? ' per call' : '';
-  const print = (title: string, entries: Map<string, number>) => {
-    process.stdout.write(`\n${title}\n`);
-    for (const [name, bytes] of [...entries].sort((a, b) => b[1] - a[1]).slice(0, top)) {
-      process.stdout.write(`${(bytes / per / 1024).toFixed(2).padStart(10)} KB ${((100 * bytes) / total).toFixed(1).padStart(5)}%  ${name}\n`);
-    }
-  };
-  process.stdout.write(`${file}: ${(total / 1024 / 1024).toFixed(1)} MB allocated, ${(total / per / 1024).toFixed(1)} KB${unit}\n`);
-  print(`allocated${unit} by group`, byGroup);
-  print(`allocated${unit} by function`, byFunction);
+  const kb = (bytes: number) => `${(bytes / per / 1024).toFixed(2).padStart(10)} KB`;
+  process.stdout.write(`${file}: ${(tally.total / 1024 / 1024).toFixed(1)} MB allocated, ${(tally.total / per / 1024).toFixed(1)} KB${unit}\n`);
+  printTop(`allocated${unit} by group`, tally.byGroup, tally.total, kb);
+  printTop(`allocated${unit} by function`, tally.byFunction, tally.total, kb);
+}
+
+/** The `top` largest entries, each formatted and as a share of `total`. */
+function printTop(title: string, entries: Map<string, number>, total: number, format: (amount: number) => string): void {
+  process.stdout.write(`\n${title}\n`);
+  for (const [name, amount] of [...entries].sort((a, b) => b[1] - a[1]).slice(0, top)) {
+    process.stdout.write(`${format(amount)} ${((100 * amount) / total).toFixed(1).padStart(5)}%  ${name}\n`);
+  }
 }
 
 function shorten(url: string): string {
