@@ -7,26 +7,13 @@
 //   node --import tsx bench/tools/profile-top.ts bench/results/profiles/alloc-....heapprofile --per 3500
 import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
-
-interface ProfileNode {
-  readonly id: number;
-  readonly callFrame: { readonly functionName: string; readonly url: string; readonly lineNumber: number };
-  readonly children?: readonly number[];
-}
+import { frameName, groupOf, selfTimes, type CallFrame, type CpuProfile } from '../lib/cpuprofile.js';
 
 /** A sampling heap profile: a tree of call frames, each with the bytes allocated in it. */
 interface HeapNode {
-  readonly callFrame: ProfileNode['callFrame'];
+  readonly callFrame: CallFrame;
   readonly selfSize: number;
   readonly children: readonly HeapNode[];
-}
-
-interface Profile {
-  readonly nodes: readonly ProfileNode[];
-  readonly samples: readonly number[];
-  readonly timeDeltas: readonly number[];
-  readonly startTime: number;
-  readonly endTime: number;
 }
 
 /** Self time or bytes summed by function and by package or source file. */
@@ -35,10 +22,10 @@ class Tally {
   readonly byGroup = new Map<string, number>();
   total = 0;
 
-  add(frame: ProfileNode['callFrame'], amount: number): void {
-    const name = `${frame.functionName || '(anonymous)'} ${shorten(frame.url)}${frame.url ? `:${frame.lineNumber + 1}` : ''}`;
+  add(frame: CallFrame, amount: number): void {
+    const name = frameName(frame);
     this.byFunction.set(name, (this.byFunction.get(name) ?? 0) + amount);
-    const where = group(frame.url, frame.functionName);
+    const where = groupOf(frame);
     this.byGroup.set(where, (this.byGroup.get(where) ?? 0) + amount);
     this.total += amount;
   }
@@ -59,10 +46,9 @@ for (const file of positionals) {
     summarizeAllocations(file, Number(values.per ?? 1));
     continue;
   }
-  const profile = JSON.parse(readFileSync(file, 'utf8')) as Profile;
+  const profile = JSON.parse(readFileSync(file, 'utf8')) as CpuProfile;
   const byId = new Map(profile.nodes.map((node) => [node.id, node]));
-  const selfUs = new Map<number, number>();
-  profile.samples.forEach((id, i) => selfUs.set(id, (selfUs.get(id) ?? 0) + (profile.timeDeltas[i] ?? 0)));
+  const selfUs = selfTimes(profile);
   const totalUs = profile.endTime - profile.startTime;
 
   const tally = new Tally();
@@ -94,22 +80,4 @@ function printTop(title: string, entries: Map<string, number>, total: number, fo
   for (const [name, amount] of [...entries].sort((a, b) => b[1] - a[1]).slice(0, top)) {
     process.stdout.write(`${format(amount)} ${((100 * amount) / total).toFixed(1).padStart(5)}%  ${name}\n`);
   }
-}
-
-function shorten(url: string): string {
-  const nm = url.lastIndexOf('node_modules/');
-  if (nm >= 0) return url.slice(nm + 'node_modules/'.length);
-  const src = url.search(/\/(src|dist)\//);
-  return src >= 0 ? url.slice(src + 1) : url.replace(/^file:\/\//, '');
-}
-
-function group(url: string, functionName: string): string {
-  if (url === '') return functionName.startsWith('(') ? functionName : '(native)';
-  const nm = url.lastIndexOf('node_modules/');
-  if (nm >= 0) {
-    const rest = url.slice(nm + 'node_modules/'.length).split('/');
-    return rest[0]!.startsWith('@') ? `${rest[0]}/${rest[1]}` : rest[0]!;
-  }
-  if (url.startsWith('node:')) return url.split('/')[0]!.replace(/^node:internal.*/, 'node:internal');
-  return shorten(url);
 }
