@@ -65,6 +65,20 @@ export function selfTimes(profile: CpuProfile): Map<number, number> {
   return selfUs;
 }
 
+/** The profile without its samples of the first `skipUs` (start-up: module loading, compilation). */
+export function skipStart(profile: CpuProfile, skipUs: number): CpuProfile {
+  let at = 0;
+  let first = profile.samples.length;
+  for (let i = 0; i < profile.samples.length; i++) {
+    at += profile.timeDeltas[i] ?? 0;
+    if (at >= skipUs) {
+      first = i;
+      break;
+    }
+  }
+  return { ...profile, samples: profile.samples.slice(first), timeDeltas: profile.timeDeltas.slice(first), startTime: profile.startTime + Math.min(at, skipUs) };
+}
+
 /**
  * The profile as a call tree rooted at one `all` node, siblings with the same name merged.
  * Top-level frames named in `drop` (`(idle)` by default: time spent waiting in the event loop)

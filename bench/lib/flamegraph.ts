@@ -1,6 +1,6 @@
 // A flame graph of a call tree (bench/lib/cpuprofile.ts) as one self-contained SVG: no script,
 // each frame's name, time and share in its tooltip. Frames are coloured by what they belong to
-// (routesync's own code, the HTTP framework, undici, p-retry/p-limit, Node.js, GC), and a legend
+// (the profiled server's own code, the HTTP framework, undici, p-retry/p-limit, Node.js, GC), and a legend
 // gives each colour's share of the busy time, so the picture answers "where does a call's time
 // go" at a glance; a frame narrower than `minWidthPx` is left out (its time stays in its parent).
 import type { StackNode } from './cpuprofile.js';
@@ -14,7 +14,7 @@ export interface FlameGraphOptions {
 }
 
 /** What a frame is coloured as, from its group (`groupOf`). */
-export type FrameKind = 'routesync' | 'framework' | 'undici' | 'retry and cap' | 'metrics and logs' | 'proxy' | 'node' | 'native' | 'gc' | 'v8';
+export type FrameKind = 'own code' | 'framework' | 'undici' | 'retry and cap' | 'metrics and logs' | 'proxy' | 'node' | 'native' | 'gc' | 'v8';
 
 const FRAMEWORK = new Set([
   'express',
@@ -52,7 +52,7 @@ const FRAMEWORK = new Set([
 ]);
 
 const HUES: Record<FrameKind, [number, number]> = {
-  routesync: [120, 50],
+  'own code': [120, 50],
   framework: [30, 80],
   undici: [210, 60],
   'retry and cap': [275, 45],
@@ -77,7 +77,8 @@ export function frameKind(group: string): FrameKind {
   }
   if (group === 'http-proxy-3' || group === 'follow-redirects') return 'proxy';
   if (FRAMEWORK.has(group)) return 'framework';
-  if (/^(src|dist|bench)\//.test(group)) return 'routesync';
+  // routesync's src/ or dist/, or a contender's file under bench/.
+  if (/(^|\/)(src|dist|bench)\//.test(group)) return 'own code';
   return 'v8';
 }
 

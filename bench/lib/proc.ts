@@ -175,6 +175,22 @@ export function processCpuTimes(pid: number | undefined): { userMs: number; syst
   }
 }
 
+/**
+ * Time the process's main thread (where JavaScript runs) has spent on a CPU and runnable but
+ * waiting for one, in ms, from /proc/<pid>/schedstat (Linux with schedstats; NaN otherwise).
+ * The wait is what the machine's other processes (here: the peers and the load generator on the
+ * same two cores) cost a call on top of its own CPU time.
+ */
+export function processSchedMs(pid: number | undefined): { onCpuMs: number; waitingMs: number } {
+  if (pid === undefined) return { onCpuMs: Number.NaN, waitingMs: Number.NaN };
+  try {
+    const [onCpuNs, waitingNs] = readFileSync(`/proc/${pid}/schedstat`, 'utf8').trim().split(' ').map(Number);
+    return { onCpuMs: (onCpuNs ?? Number.NaN) / 1e6, waitingMs: (waitingNs ?? Number.NaN) / 1e6 };
+  } catch {
+    return { onCpuMs: Number.NaN, waitingMs: Number.NaN };
+  }
+}
+
 /** A port free right now on `host` (the OS picks it; a tiny race with other programs remains). */
 export async function freePort(host: string): Promise<number> {
   const server = createServer();

@@ -1,7 +1,9 @@
 // CPU time per lifecycle call, routesync against the floor, read from /proc/<pid>/stat (user +
 // system) of each server process: what a call costs the server itself, whatever the machine's
-// speed of the moment does to latency. For finding where the cost is (run it before and after
-// a change), not a benchmark of record.
+// speed of the moment does to latency; and how long each server's main thread was runnable but
+// waiting for a CPU (/proc/<pid>/schedstat), the share of a call's latency that the peers and the
+// driver on the same cores cost it. For finding where the cost is (run it before and after a
+// change), not a benchmark of record.
 //
 //   node --import tsx bench/tools/cpu-per-call.ts [--calls 3000] [--in-flight 1] [--rev HEAD | --entry dist/main.js]
 //                                                 [--node-flag=--max-semi-space-size=16] [--profile] [--trace-gc] [--alloc]
@@ -19,7 +21,7 @@ import { parseArgs } from 'node:util';
 import { buildRevision, pinRoutesyncEntry, startFloor, startPeers, startRoutesync, stopAll } from '../lib/contenders.js';
 import { fixedCount, HttpTarget } from '../lib/driver.js';
 import { metricTotal } from '../lib/metrics.js';
-import { BENCH_DIR, processCpuTimes } from '../lib/proc.js';
+import { BENCH_DIR, processCpuTimes, processSchedMs } from '../lib/proc.js';
 import { RouteFactory } from '../lib/routes.js';
 import { summarize } from '../lib/stats.js';
 
@@ -83,7 +85,10 @@ try {
     return true;
   };
   await fixedCount(inFlight, 500, warm);
-  const times = () => ({ routesync: processCpuTimes(routesync.child.process.pid), floor: processCpuTimes(floor.child.process.pid) });
+  const times = () => ({
+    routesync: { ...processCpuTimes(routesync.child.process.pid), ...processSchedMs(routesync.child.process.pid) },
+    floor: { ...processCpuTimes(floor.child.process.pid), ...processSchedMs(floor.child.process.pid) },
+  });
   const before = times();
   gc.counting = true;
   await fixedCount(inFlight, calls, async () => {
@@ -98,7 +103,10 @@ try {
     const userMs = after[who].userMs - before[who].userMs;
     const systemMs = after[who].systemMs - before[who].systemMs;
     // How much of it is the kernel's (socket writes and reads on loopback do the receiving side's work too).
-    return { totalMs: userMs + systemMs, kernel: `${Math.round((100 * systemMs) / (userMs + systemMs))} % in the kernel` };
+    // Runnable but not running: behind the peers and the driver for one of the two cores.
+    const waitingMs = after[who].waitingMs - before[who].waitingMs;
+    const mainMs = after[who].onCpuMs - before[who].onCpuMs;
+    return { totalMs: userMs + systemMs, kernel: `${Math.round((100 * systemMs) / (userMs + systemMs))} % in the kernel`, mainMs, waitingMs };
   };
   const used = { routesync: usedOf('routesync'), floor: usedOf('floor') };
   // How much the outboxes coalesced: push attempts per call against changes delivered per call.
@@ -109,8 +117,8 @@ try {
   const perCallUs = (ms: number) => Math.round((ms * 1000) / calls);
   process.stdout.write(
     `${calls} calls each, ${inFlight} in flight\n` +
-      `  floor:     ${perCallUs(used.floor.totalMs)} µs CPU per call (${used.floor.kernel}); latency ${JSON.stringify(summarize(ms.floor))}\n` +
-      `  routesync: ${perCallUs(used.routesync.totalMs)} µs CPU per call (${used.routesync.kernel}); latency ${JSON.stringify(summarize(ms.routesync))}\n` +
+      `  floor:     ${perCallUs(used.floor.totalMs)} µs CPU per call (${used.floor.kernel}; main thread ${perCallUs(used.floor.mainMs)} µs), ${perCallUs(used.floor.waitingMs)} µs waiting for a CPU; latency ${JSON.stringify(summarize(ms.floor))}\n` +
+      `  routesync: ${perCallUs(used.routesync.totalMs)} µs CPU per call (${used.routesync.kernel}; main thread ${perCallUs(used.routesync.mainMs)} µs), ${perCallUs(used.routesync.waitingMs)} µs waiting for a CPU; latency ${JSON.stringify(summarize(ms.routesync))}\n` +
       `  routesync CPU ÷ floor CPU: ${(used.routesync.totalMs / used.floor.totalMs).toFixed(2)}\n` +
       `  routesync pushes per call (all peers, warm-up included): ${(attempts / totalCalls).toFixed(2)}, ` +
       `changes acknowledged per push: ${(pushed / Math.max(1, attempts)).toFixed(2)}\n` +

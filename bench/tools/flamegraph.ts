@@ -4,13 +4,14 @@
 // Time waiting in the event loop, `(idle)`, is left out: widths are shares of busy time.
 //
 //   node --import tsx bench/tools/flamegraph.ts FILE.cpuprofile [--out FILE.svg] [--folded FILE.txt]
-//                                               [--title TEXT] [--subtitle TEXT] [--min-width PX]
+//                                               [--title TEXT] [--subtitle TEXT] [--min-width PX] [--skip S]
 //
-// --out defaults to FILE.svg beside the profile.
+// --out defaults to FILE.svg beside the profile. --skip leaves out the first S seconds (the
+// server's start-up, when the profile began with the process).
 import { readFileSync, writeFileSync } from 'node:fs';
 import { basename } from 'node:path';
 import { parseArgs } from 'node:util';
-import { callTree, foldedStacks, type CpuProfile } from '../lib/cpuprofile.js';
+import { callTree, foldedStacks, skipStart, type CpuProfile } from '../lib/cpuprofile.js';
 import { kindShares, renderFlameGraph } from '../lib/flamegraph.js';
 
 const { values, positionals } = parseArgs({
@@ -21,6 +22,7 @@ const { values, positionals } = parseArgs({
     title: { type: 'string' },
     subtitle: { type: 'string' },
     'min-width': { type: 'string', default: '0.5' },
+    skip: { type: 'string', default: '0' },
   },
 });
 const file = positionals[0];
@@ -29,7 +31,7 @@ if (file === undefined || positionals.length > 1) {
   process.exit(2);
 }
 
-const profile = JSON.parse(readFileSync(file, 'utf8')) as CpuProfile;
+const profile = skipStart(JSON.parse(readFileSync(file, 'utf8')) as CpuProfile, Number(values.skip) * 1e6);
 const tree = callTree(profile);
 const seconds = (profile.endTime - profile.startTime) / 1e6;
 const out = values.out ?? file.replace(/\.cpuprofile$/, '') + '.svg';
@@ -37,7 +39,9 @@ writeFileSync(
   out,
   renderFlameGraph(tree, {
     title: values.title ?? basename(file),
-    subtitle: values.subtitle ?? `${(tree.totalUs / 1e6).toFixed(2)} s busy of ${seconds.toFixed(1)} s profiled (idle left out); hover a frame for its time`,
+    subtitle:
+      values.subtitle ??
+      `${(tree.totalUs / 1e6).toFixed(2)} s busy of ${seconds.toFixed(1)} s profiled (idle left out${Number(values.skip) > 0 ? `, the first ${values.skip} s skipped` : ''}); hover a frame for its time`,
     minWidthPx: Number(values['min-width']),
   }),
 );

@@ -1,7 +1,7 @@
 // The flame graph tool's reading of a CPU profile: what it merges, drops and sums, the folded
 // stacks it writes, and that the SVG's frames are as wide as their share of busy time.
 import { describe, expect, it } from 'vitest';
-import { callTree, foldedStacks, type CpuProfile, type ProfileNode } from '../../bench/lib/cpuprofile.js';
+import { callTree, foldedStacks, skipStart, type CpuProfile, type ProfileNode } from '../../bench/lib/cpuprofile.js';
 import { frameKind, kindShares, renderFlameGraph } from '../../bench/lib/flamegraph.js';
 
 const frame = (functionName: string, url = '', lineNumber = 0) => ({ functionName, url, lineNumber });
@@ -70,11 +70,11 @@ describe('flame graph', () => {
     expect(svg).not.toContain('(idle)');
     expect([...kindShares(tree)]).toEqual([
       ['framework', 100 / 600],
-      ['routesync', 300 / 600],
+      ['own code', 300 / 600],
       ['undici', 100 / 600],
       ['gc', 100 / 600],
     ]);
-    expect(svg).toContain('routesync 50.0 %');
+    expect(svg).toContain('own code 50.0 %');
   });
 
   it('leaves out frames narrower than the minimum width, keeping their time in the parent', () => {
@@ -85,9 +85,23 @@ describe('flame graph', () => {
     expect(svg).not.toContain('<title>(garbage collector)');
   });
 
+  it('can leave out the start of a profile', () => {
+    // Samples are taken at 100, 200, … 1000 µs: skipping 550 µs drops the four idle ones and
+    // one of send's three, keeping the last five (send ×2, request, handle, GC).
+    const tree = callTree(skipStart(profile(), 550));
+    expect(tree.totalUs).toBe(500);
+    expect(foldedStacks(tree)).toEqual([
+      'handle express/lib/application.js:153 100',
+      'handle express/lib/application.js:153;send dist/peers/fanout.js:331 200',
+      'handle express/lib/application.js:153;request undici/lib/api/api-request.js:191 100',
+      '(garbage collector) 100',
+    ]);
+  });
+
   it('colours frames by what they belong to', () => {
-    expect(frameKind('dist/peers/fanout.js')).toBe('routesync');
-    expect(frameKind('src/api/local.ts')).toBe('routesync');
+    expect(frameKind('dist/peers/fanout.js')).toBe('own code');
+    expect(frameKind('src/api/local.ts')).toBe('own code');
+    expect(frameKind('work/main/bench/floor.ts')).toBe('own code');
     expect(frameKind('body-parser')).toBe('framework');
     expect(frameKind('p-retry')).toBe('retry and cap');
     expect(frameKind('prom-client')).toBe('metrics and logs');
