@@ -1,6 +1,7 @@
 // Two builds of routesync side by side against the same ten peer processes, in alternating
 // rounds: lifecycle calls per second at a given number in flight (benchmark 3's measure), CPU
-// time per call from /proc, and how many changes each push carried. For telling whether a
+// time per call from /proc (and the main thread's time runnable but waiting for a CPU), and how
+// many changes each push carried. For telling whether a
 // change to the code moved the figures, when the machine's speed swings more between two
 // benchmark runs than the change moves them; not a benchmark of record.
 //
@@ -18,7 +19,7 @@ import { parseArgs } from 'node:util';
 import { buildRevision, HOSTS, startPeers, startRoutesync, stopAll, type RoutesyncEntry, type RoutesyncProcess } from '../lib/contenders.js';
 import { closedLoop, HttpTarget } from '../lib/driver.js';
 import { metricTotal } from '../lib/metrics.js';
-import { BENCH_DIR, ROOT_DIR } from '../lib/proc.js';
+import { BENCH_DIR, processSchedMs, ROOT_DIR } from '../lib/proc.js';
 import { RouteFactory } from '../lib/routes.js';
 import { percentile, spread } from '../lib/stats.js';
 
@@ -64,16 +65,19 @@ const routes = new RouteFactory();
 interface Round {
   readonly perSecond: number;
   readonly cpuUsPerCall: number;
+  /** Time the main thread was runnable but waiting for a CPU (the peers and the driver share the cores). */
+  readonly waitingUsPerCall: number;
   readonly changesPerPush: number;
   readonly p50Ms: number;
   readonly p99Ms: number;
 }
 
 /** Counters to subtract: CPU time, push attempts, changes acknowledged. */
-async function counters(which: 'a' | 'b'): Promise<{ cpuMs: number; attempts: number; pushed: number }> {
+async function counters(which: 'a' | 'b'): Promise<{ cpuMs: number; waitingMs: number; attempts: number; pushed: number }> {
   const text = await (await fetch(`http://${servers[which].peer}/metrics`)).text();
   return {
     cpuMs: servers[which].child.cpuMs(),
+    waitingMs: processSchedMs(servers[which].child.process.pid).waitingMs,
     attempts: metricTotal(text, 'routesync_peer_attempts_total'),
     pushed: metricTotal(text, 'routesync_routes_pushed_total'),
   };
@@ -110,6 +114,7 @@ async function round(who: readonly ('a' | 'b')[]): Promise<Partial<Record<'a' | 
     rounds[which] = {
       perSecond: result.perSecond,
       cpuUsPerCall: ((now.cpuMs - was.cpuMs) * 1000) / Math.max(1, calls),
+      waitingUsPerCall: ((now.waitingMs - was.waitingMs) * 1000) / Math.max(1, calls),
       changesPerPush: (now.pushed - was.pushed) / Math.max(1, now.attempts - was.attempts),
       p50Ms: percentile(latencies[which], 50),
       p99Ms: percentile(latencies[which], 99),
@@ -134,7 +139,7 @@ try {
     }
     const [a, b] = [results.a.at(-1)!, results.b.at(-1)!];
     const line = (x: Round) =>
-      `${x.perSecond.toFixed(0)}/s, ${x.cpuUsPerCall.toFixed(0)} µs/call, ${x.changesPerPush.toFixed(1)} changes/push, p50 ${x.p50Ms.toFixed(3)} p99 ${x.p99Ms.toFixed(3)} ms`;
+      `${x.perSecond.toFixed(0)}/s, ${x.cpuUsPerCall.toFixed(0)} µs/call (+${x.waitingUsPerCall.toFixed(0)} waiting for a CPU), ${x.changesPerPush.toFixed(1)} changes/push, p50 ${x.p50Ms.toFixed(3)} p99 ${x.p99Ms.toFixed(3)} ms`;
     process.stdout.write(`round ${r + 1}: a ${line(a)}; b ${line(b)}\n`);
   }
   const ratio = (pick: (round: Round) => number) => spread(results.b.map((b, i) => pick(b) / pick(results.a[i]!))).median;
