@@ -1,9 +1,9 @@
 // Two builds of routesync side by side against the same ten peer processes, in alternating
 // rounds: lifecycle calls per second at a given number in flight (benchmark 3's measure), CPU
 // time per call from /proc (and the main thread's time runnable but waiting for a CPU), and how
-// many changes each push carried. For telling whether a
-// change to the code moved the figures, when the machine's speed swings more between two
-// benchmark runs than the change moves them; not a benchmark of record.
+// many changes each push carried. For telling whether a change to the code moved the figures,
+// when the machine's speed swings more between two benchmark runs than the change moves them;
+// not a benchmark of record. Two copies of one build differ by ~5 % over two rounds here.
 //
 //   node --import tsx bench/tools/compare-builds.ts [--a HEAD] [--b DIR/dist/main.js | --b REV]
 //                                                   [--in-flight 64] [--rounds 6] [--seconds 3] [--profile] [--interleave]
