@@ -75,7 +75,7 @@ export function frameKind(group: string): FrameKind {
   if (group === 'prom-client' || group.startsWith('pino') || group === '@pinojs/redact' || group === 'sonic-boom' || group === 'tdigest' || group === 'bintrees') {
     return 'metrics and logs';
   }
-  if (group === 'http-proxy-3' || group === 'follow-redirects') return 'proxy';
+  if (group === 'http-proxy-3') return 'proxy';
   if (FRAMEWORK.has(group)) return 'framework';
   // routesync's src/ or dist/, or a contender's file under bench/.
   if (/(^|\/)(src|dist|bench)\//.test(group)) return 'own code';
