@@ -77,8 +77,6 @@ interface PeerState {
   pumpQueued: boolean;
   /** The timeout of its push attempts (one in flight at a time). */
   readonly attemptDeadline: AttemptDeadline;
-  /** The batch being sent (taken from the outbox), read by `retry.input`. */
-  batch: RouteChange[];
   /** What p-retry is given for each of this peer's sends: made once, since the peer is all it refers to. */
   readonly retry: PeerRetry;
 }
@@ -394,9 +392,8 @@ export class PeerSync {
       timer: null,
       pumpQueued: false,
       attemptDeadline: new AttemptDeadline(this.config.attemptTimeoutMs, this.stop.signal),
-      batch: [],
-      // Each attempt of the batch in flight (`peer.batch`) under the cap; the closures are made
-      // once per peer rather than once per send.
+      // Each attempt of the outbox's batch in flight under the cap; the closures are made once
+      // per peer rather than once per send.
       retry: {
         input: (attemptNumber) => this.limit(this.runAttempt, peer, attemptNumber),
         options: {
@@ -417,11 +414,10 @@ export class PeerSync {
     return peer;
   }
 
-  private readonly runAttempt = (peer: PeerState, attemptNumber: number): Promise<PushAck> => this.attempt(peer, peer.batch, attemptNumber);
+  private readonly runAttempt = (peer: PeerState, attemptNumber: number): Promise<PushAck> => this.attempt(peer, attemptNumber);
 
   private async send(peer: PeerState, batch: RouteChange[]): Promise<void> {
     let ack: PushAck;
-    peer.batch = batch;
     try {
       ack = await pRetry(peer.retry.input, peer.retry.options);
     } catch (error) {
@@ -439,8 +435,14 @@ export class PeerSync {
     }
   }
 
-  /** One request under the concurrency cap, with its own timeout. */
-  private async attempt(peer: PeerState, batch: RouteChange[], attemptNumber: number): Promise<PushAck> {
+  /**
+   * One request of the outbox's batch in flight, under the concurrency cap, with its own timeout.
+   * A peer removed while this attempt waited for the cap is sent nothing (its outbox is empty by
+   * then): the attempt fails as aborted, which is never retried.
+   */
+  private async attempt(peer: PeerState, attemptNumber: number): Promise<PushAck> {
+    if (peer.removed) throw new SyncAbortedError('peer removed');
+    const batch = peer.outbox.inFlightBatch;
     if (attemptNumber > 1) this.metrics.peerRetries.inc();
     const signal = peer.attemptDeadline.start();
     const started = performance.now();

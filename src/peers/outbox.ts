@@ -57,6 +57,11 @@ export class PeerOutbox {
     return this.inFlight.length > 0;
   }
 
+  /** The batch taken by `takeBatch` and not yet acknowledged or failed (empty when none). */
+  get inFlightBatch(): readonly RouteChange[] {
+    return this.inFlight;
+  }
+
   /**
    * Queue a change; returns the changes dropped to stay within the bound (their waiters are
    * told). `key` is `changeKey(change)`, passed in when the caller has it already (the fan-out

@@ -111,4 +111,29 @@ describe('a peer removed by discovery', () => {
     await waitUntil(() => hung!.openSockets === 0, 5_000, "the removed peer's request to be aborted");
     expect(sync.status()).toEqual([]);
   });
+
+  it('is sent nothing by a push still queued behind the concurrency cap when it was removed', async () => {
+    const [hung, queued] = await peers(2);
+    hung!.mode = { kind: 'hang' };
+    // A cap of one: the hung peer's push holds it, the other peer's waits behind it.
+    const sync = fanout({
+      ROUTESYNC_SYNC_CONCURRENCY: '1',
+      ROUTESYNC_SYNC_DEADLINE_MS: '300',
+      ROUTESYNC_ATTEMPT_TIMEOUT_MS: '60000',
+      ROUTESYNC_EJECT_AFTER_FAILURES: '1000',
+    });
+    sync.setPeers([hung!.address, queued!.address]);
+    const outcome = await sync.sync(changes(1));
+    expect(outcome.pending).toEqual([
+      { peer: hung!.address, reason: 'in_flight' },
+      { peer: queued!.address, reason: 'in_flight' },
+    ]);
+    expect(sync.limiter).toMatchObject({ active: 1, pending: 1 });
+    // Discovery drops the waiting peer, then the hung one, whose aborted push frees the cap.
+    sync.setPeers([hung!.address]);
+    sync.setPeers([]);
+    await waitUntil(() => sync.limiter.active === 0 && sync.limiter.pending === 0, 5_000, 'the queued push to leave the cap');
+    expect(queued!.pushes).toBe(0);
+    expect(queued!.openSockets).toBe(0);
+  });
 });
