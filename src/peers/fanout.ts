@@ -580,9 +580,9 @@ export class PeerSync {
  * Time kept back from the sync deadline for answering the lifecycle call: a timer fires late on
  * a busy event loop, and the answer has to be serialized, written and carried back to a caller
  * whose own process may not run at once. Usually 2-3 ms in all here, but one call in 5,000 of
- * benchmark 2 reached its caller 13 ms after the wait's planned end (the hung peer's retry timing
- * out at the same moment, on a machine whose no-op request has a p99 of 13-20 ms); 5% of the
- * deadline, at most 25 ms, covers that without shortening the wait noticeably.
+ * benchmark 2 reached its caller about 13 ms after the wait's planned end, on a slow minute of a
+ * machine whose no-op request has a p99 of 13-20 ms; 5% of the deadline, at most 25 ms, covers
+ * that without shortening the wait noticeably.
  */
 export function answerReserveMs(deadlineMs: number): number {
   return Math.min(25, deadlineMs * 0.05);
