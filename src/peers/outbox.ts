@@ -53,10 +53,6 @@ export class PeerOutbox {
     return count;
   }
 
-  hasInFlight(): boolean {
-    return this.inFlight.length > 0;
-  }
-
   /** The batch taken by `takeBatch` and not yet acknowledged or failed (empty when none). */
   get inFlightBatch(): readonly RouteChange[] {
     return this.inFlight;
