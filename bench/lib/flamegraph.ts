@@ -123,7 +123,7 @@ export function renderFlameGraph(root: StackNode, options: FlameGraphOptions): s
   return `${out.join('\n')}\n`;
 }
 
-/** Self time per frame kind, as a share of everything under `root`. */
+/** Self time per frame kind, as a share of everything under `root`; kinds under 0.05 % are left out. */
 export function kindShares(root: StackNode): Map<FrameKind, number> {
   const shares = new Map<FrameKind, number>();
   const walk = (node: StackNode): void => {
@@ -135,6 +135,7 @@ export function kindShares(root: StackNode): Map<FrameKind, number> {
   };
   walk(root);
   if (root.totalUs > 0) for (const [kind, us] of shares) shares.set(kind, us / root.totalUs);
+  for (const [kind, share] of shares) if (!(share >= 0.0005)) shares.delete(kind);
   return shares;
 }
 
@@ -142,7 +143,6 @@ function legend(root: StackNode, y: number): string {
   const parts: string[] = [];
   let x = 4;
   for (const [kind, share] of [...kindShares(root)].sort((a, b) => b[1] - a[1])) {
-    if (share < 0.0005) continue;
     const [hue, saturation] = HUES[kind];
     const text = `${kind} ${(100 * share).toFixed(1)} %`;
     parts.push(`<rect x="${x}" y="${y - 9}" width="10" height="10" fill="hsl(${hue}, ${saturation}%, 60%)"/><text x="${x + 14}" y="${y}">${escapeXml(text)}</text>`);

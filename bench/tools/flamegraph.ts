@@ -47,7 +47,6 @@ writeFileSync(
 );
 if (values.folded !== undefined) writeFileSync(values.folded, `${foldedStacks(tree).join('\n')}\n`);
 const shares = [...kindShares(tree)]
-  .filter(([, share]) => share >= 0.0005)
   .sort((a, b) => b[1] - a[1])
   .map(([kind, share]) => `${kind} ${(100 * share).toFixed(1)} %`);
 process.stdout.write(`${out}: ${(tree.totalUs / 1e6).toFixed(2)} s busy; ${shares.join(', ')}\n`);
