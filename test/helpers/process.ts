@@ -1,8 +1,10 @@
 // Run routesync as a real process (the way it is shipped) and read its log lines.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
+import { readFile, writeFile } from 'node:fs/promises';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
+import { NODE_FLAGS } from '../../src/node-flags.js';
 import { registerLogSource, registerSecret } from './secrets.js';
 
 const MAIN = fileURLToPath(new URL('../../src/main.ts', import.meta.url));
@@ -16,9 +18,9 @@ export interface ProcessReplica {
   readonly exited: Promise<number | null>;
 }
 
-/** Start `src/main.ts` under tsx with the given environment (plus PATH). */
+/** Start `src/main.ts` under tsx, with the V8 flags it ships with, and the given environment (plus PATH). */
 export function spawnReplica(env: Record<string, string>, args: string[] = []): ProcessReplica {
-  const child = spawn(process.execPath, ['--import', 'tsx', MAIN, ...args], {
+  const child = spawn(process.execPath, [...NODE_FLAGS, '--import', 'tsx', MAIN, ...args], {
     env: { PATH: process.env.PATH ?? '', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -39,4 +41,23 @@ export function spawnReplica(env: Record<string, string>, args: string[] = []): 
   createInterface({ input: child.stderr! }).on('line', (line) => stderr.push(line));
   const exited = once(child, 'exit').then(([code]) => code as number | null);
   return { child, lines, stderr, addresses, exited };
+}
+
+async function procStatusBytes(pid: number, field: 'VmRSS' | 'VmHWM'): Promise<number> {
+  const status = await readFile(`/proc/${pid}/status`, 'utf8');
+  const match = new RegExp(`^${field}:\\s+(\\d+) kB$`, 'm').exec(status);
+  if (!match) throw new Error(`no ${field} in /proc/${pid}/status`);
+  return Number(match[1]) * 1024;
+}
+
+/**
+ * How far a process's resident memory rose above where it stood when `work` began, at its
+ * highest while `work` ran: the kernel's own high-water mark (VmHWM), reset to the current
+ * RSS first (`clear_refs` 5), so no peak between samples is missed. Linux only.
+ */
+export async function peakRssGrowth<T>(pid: number, work: () => Promise<T>): Promise<{ result: T; bytes: number }> {
+  await writeFile(`/proc/${pid}/clear_refs`, '5');
+  const before = await procStatusBytes(pid, 'VmRSS');
+  const result = await work();
+  return { result, bytes: (await procStatusBytes(pid, 'VmHWM')) - before };
 }
