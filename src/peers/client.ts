@@ -246,10 +246,21 @@ export class PeerClient {
   }
 }
 
-/** A 2xx response's body as JSON; a body that is not JSON is a `protocol` error. (No async frame of its own: pushes call it.) */
+/**
+ * A 2xx response's body as JSON. (No async frame of its own: pushes call it.)
+ *
+ * Reading the body is part of the request: our attempt timeout, a reset or a short body while
+ * it is being read are classified by `code` like any request error (so transient ones are
+ * retried and count toward ejection). Only a body that arrived whole and does not parse — the
+ * SyntaxError of JSON.parse, which has no code — is `protocol`. In every case the body is done
+ * with: read to its end, or destroyed by undici with the error; the `destroy()` is for a
+ * failure before reading started, which would otherwise pin the connection.
+ */
 function jsonBody(peer: string, response: Dispatcher.ResponseData): Promise<unknown> {
   return response.body.json().catch((error: unknown) => {
-    throw new PeerRequestError('protocol', `peer ${peer} sent a body that is not JSON`, { cause: error });
+    response.body.destroy();
+    if (error instanceof SyntaxError) throw new PeerRequestError('protocol', `peer ${peer} sent a body that is not JSON`, { cause: error });
+    throw classifyPeerError(error);
   });
 }
 
