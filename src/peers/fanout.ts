@@ -216,7 +216,7 @@ export class PeerSync {
         return;
       }
       changes.forEach((change, k) => {
-        const watcher = new ChangeWatcher(changeVersion(change), wait, index, peer.outbox, keys[k]!);
+        const watcher = new ChangeWatcher(changeVersion(change), change.op, wait, index, peer.outbox, keys[k]!);
         watchers.push(watcher);
         peer.outbox.watch(watcher.key, watcher);
       });
@@ -641,6 +641,7 @@ class ChangeWatcher implements OutboxWatcher {
   settled = false;
   constructor(
     readonly version: string,
+    readonly op: RouteChange['op'],
     private readonly wait: CallWait,
     private readonly peer: number,
     readonly outbox: PeerOutbox,

@@ -6,8 +6,11 @@
 //   reconciliation repairs whatever a peer missed.
 // - At most one batch in flight (taken by the sender); changes that arrive meanwhile wait for
 //   the next batch, which is what makes a burst cost far fewer requests than changes.
-// - Ack waiters: a lifecycle call waits for (identity, version); an ack of that identity at the
-//   same or a newer version satisfies it.
+// - Ack waiters: a lifecycle call waits for (identity, version, op); an ack of that identity
+//   satisfies it only when the acked change is at least as strong by the order `supersedes`
+//   keeps: a newer version, or the same version and the same op, or a delete at the same
+//   version. So a delete at the version of an upsert still in flight (a manager deletes at the
+//   sandbox's current version) waits for its own ack, not the upsert's. Failures likewise.
 import { changeKey, changeVersion, compareResourceVersions, type RouteChange } from '../routes/route.js';
 import type { PeerErrorClass } from './client.js';
 
@@ -18,13 +21,14 @@ export type DeliveryOutcome =
   | { readonly status: 'pending'; readonly reason: 'ejected' | 'in_flight' | 'shutdown' };
 
 /**
- * Told once how this peer's delivery of one change at `version` (or newer) ended. The fan-out
+ * Told once how this peer's delivery of one change (`op` at `version`, or a stronger one) ended. The fan-out
  * passes plain objects (one per peer and change, no closure or promise of their own): a
  * lifecycle call waits on every peer, and the per-peer promises it used to make were among the
  * largest allocations of a call under load (docs/benchmarks.md).
  */
 export interface OutboxWatcher {
   readonly version: string;
+  readonly op: RouteChange['op'];
   settle(outcome: DeliveryOutcome): void;
 }
 
@@ -72,12 +76,12 @@ export class PeerOutbox {
       const oldest = this.pending.entries().next().value as [string, RouteChange];
       this.pending.delete(oldest[0]);
       dropped.push(oldest[1]);
-      this.settle(oldest[0], changeVersion(oldest[1]), { status: 'failed', errorClass: 'outbox_full' });
+      this.settle(oldest[0], oldest[1], { status: 'failed', errorClass: 'outbox_full' });
     }
     return dropped;
   }
 
-  /** Tell `watcher` once this peer acknowledges `key` at its version or newer, or the delivery fails. */
+  /** Tell `watcher` once this peer acknowledges `key` by a change at least as strong as the watched one, or its delivery fails. */
   watch(key: string, watcher: OutboxWatcher): void {
     const list = this.waiters.get(key);
     if (list) list.push(watcher);
@@ -116,7 +120,7 @@ export class PeerOutbox {
     this.inFlight = [];
     this.inFlightKeys = [];
     const acked: DeliveryOutcome = { status: 'acked' };
-    for (let i = 0; i < batch.length; i++) this.settle(keys[i]!, changeVersion(batch[i]!), acked);
+    for (let i = 0; i < batch.length; i++) this.settle(keys[i]!, batch[i]!, acked);
   }
 
   /**
@@ -144,10 +148,10 @@ export class PeerOutbox {
         const oldest = this.pending.entries().next().value as [string, RouteChange];
         this.pending.delete(oldest[0]);
         dropped.push(oldest[1]);
-        this.settle(oldest[0], changeVersion(oldest[1]), { status: 'failed', errorClass: 'outbox_full' });
+        this.settle(oldest[0], oldest[1], { status: 'failed', errorClass: 'outbox_full' });
       }
     }
-    for (let i = 0; i < batch.length; i++) this.settle(keys[i]!, changeVersion(batch[i]!), outcome);
+    for (let i = 0; i < batch.length; i++) this.settle(keys[i]!, batch[i]!, outcome);
     return dropped;
   }
 
@@ -165,19 +169,20 @@ export class PeerOutbox {
     this.inFlightKeys = [];
   }
 
-  /** Resolve the waiters of `key` whose version is at or below `version`. */
-  private settle(key: string, version: string, outcome: DeliveryOutcome): void {
+  /** Tell the waiters of `key` whose change `change` delivers (or, failing, fails to) the outcome of `change`. */
+  private settle(key: string, change: RouteChange, outcome: DeliveryOutcome): void {
     const list = this.waiters.get(key);
     if (!list) return;
+    const version = changeVersion(change);
     // Nearly always one call waits for a route at a time: no new array for it.
     if (list.length === 1) {
-      if (compareResourceVersions(list[0]!.version, version) > 0) return;
+      if (!delivers(change.op, version, list[0]!)) return;
       this.waiters.delete(key);
       list[0]!.settle(outcome);
       return;
     }
     const remaining = list.filter((waiter) => {
-      if (compareResourceVersions(waiter.version, version) <= 0) {
+      if (delivers(change.op, version, waiter)) {
         waiter.settle(outcome);
         return false;
       }
@@ -188,9 +193,25 @@ export class PeerOutbox {
   }
 }
 
-/** Does `next` replace `queued` for the same identity? Newer version; at the same version a delete wins. */
+/**
+ * Does `next` replace `queued` for the same identity? Newer version; at the same version a
+ * delete wins. The table's order too: an upsert applies over a strictly lower version, a
+ * delete over the same or a lower one.
+ */
 function supersedes(next: RouteChange, queued: RouteChange): boolean {
   const order = compareResourceVersions(changeVersion(next), changeVersion(queued));
   if (order !== 0) return order > 0;
   return next.op === 'delete' && queued.op === 'upsert';
+}
+
+/**
+ * Does delivering `op` at `version` deliver what `watcher` waits for? Exactly when it is not
+ * superseded by the watched change (the same order, seen from the other side): a newer version,
+ * or the same version and the same op, or a delete at the same version. An upsert's ack at the
+ * version of a watched delete is not the delete's.
+ */
+function delivers(op: RouteChange['op'], version: string, watcher: OutboxWatcher): boolean {
+  const order = compareResourceVersions(version, watcher.version);
+  if (order !== 0) return order > 0;
+  return op === watcher.op || op === 'delete';
 }

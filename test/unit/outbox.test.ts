@@ -10,13 +10,13 @@ function remove(name: string, resourceVersion: string): RouteChange {
   return { op: 'delete', deletion: { namespace: 'ns', name, resourceVersion } };
 }
 
-/** A promise over watch(), with its cancel (unwatch): one call waiting on one change. */
-function waitFor(outbox: PeerOutbox, key: string, version: string): { promise: Promise<DeliveryOutcome>; cancel: () => void } {
+/** A promise over watch(), with its cancel (unwatch): one call waiting on one change (an upsert unless `op` says). */
+function waitFor(outbox: PeerOutbox, key: string, version: string, op: RouteChange['op'] = 'upsert'): { promise: Promise<DeliveryOutcome>; cancel: () => void } {
   let settle!: (outcome: DeliveryOutcome) => void;
   const promise = new Promise<DeliveryOutcome>((resolve) => {
     settle = resolve;
   });
-  const watcher = { version, settle };
+  const watcher = { version, op, settle };
   outbox.watch(key, watcher);
   return { promise, cancel: () => outbox.unwatch(key, watcher) };
 }
@@ -44,6 +44,55 @@ describe('PeerOutbox', () => {
     await expect(first.promise).resolves.toEqual({ status: 'acked' });
     await expect(second.promise).resolves.toEqual({ status: 'acked' });
     expect(outbox.waiterCount).toBe(0);
+  });
+
+  it('does not resolve a delete waiter with the ack of an upsert at the same version, in flight when the delete came', async () => {
+    // A manager deletes at the sandbox's current version: the upsert at that version may still be on its way.
+    const outbox = new PeerOutbox(100);
+    outbox.enqueue(upsert('a', '5'));
+    const upserted = waitFor(outbox, 'ns/a', '5');
+    outbox.takeBatch(10);
+    outbox.enqueue(remove('a', '5'));
+    const deleted = waitFor(outbox, 'ns/a', '5', 'delete');
+    let deleteSettled = false;
+    void deleted.promise.then(() => (deleteSettled = true));
+    outbox.ackInFlight();
+    await expect(upserted.promise).resolves.toEqual({ status: 'acked' });
+    expect(deleteSettled).toBe(false);
+    expect(outbox.takeBatch(10)).toEqual([remove('a', '5')]);
+    outbox.ackInFlight();
+    await expect(deleted.promise).resolves.toEqual({ status: 'acked' });
+    expect(outbox.waiterCount).toBe(0);
+  });
+
+  it('does not fail a delete waiter with the failure of an upsert at the same version', async () => {
+    const outbox = new PeerOutbox(100);
+    outbox.enqueue(upsert('a', '5'));
+    const upserted = waitFor(outbox, 'ns/a', '5');
+    outbox.takeBatch(10);
+    outbox.enqueue(remove('a', '5'));
+    const deleted = waitFor(outbox, 'ns/a', '5', 'delete');
+    let deleteSettled = false;
+    void deleted.promise.then(() => (deleteSettled = true));
+    // A permanent failure: the upsert is not requeued, the delete it did not carry stays queued.
+    outbox.failInFlight({ status: 'failed', errorClass: 'http_4xx' }, false);
+    await expect(upserted.promise).resolves.toEqual({ status: 'failed', errorClass: 'http_4xx' });
+    expect(deleteSettled).toBe(false);
+    expect(outbox.takeBatch(10)).toEqual([remove('a', '5')]);
+    outbox.ackInFlight();
+    await expect(deleted.promise).resolves.toEqual({ status: 'acked' });
+  });
+
+  it('resolves an upsert waiter with the ack of a delete at the same version (the delete is the stronger change)', async () => {
+    const outbox = new PeerOutbox(100);
+    outbox.enqueue(upsert('a', '5'));
+    const upserted = waitFor(outbox, 'ns/a', '5');
+    outbox.enqueue(remove('a', '5'));
+    const deleted = waitFor(outbox, 'ns/a', '5', 'delete');
+    expect(outbox.takeBatch(10)).toEqual([remove('a', '5')]);
+    outbox.ackInFlight();
+    await expect(upserted.promise).resolves.toEqual({ status: 'acked' });
+    await expect(deleted.promise).resolves.toEqual({ status: 'acked' });
   });
 
   it('keeps a newer change queued while an older one is in flight', async () => {

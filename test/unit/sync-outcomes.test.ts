@@ -81,6 +81,28 @@ describe('a call with several changes', () => {
   });
 });
 
+describe('a delete at the version of an upsert still in flight', () => {
+  it('is acknowledged only once the peer has the deletion, not by the upsert’s ack', async () => {
+    const [peer] = await peers(1);
+    // The upsert's push is answered after a while: the delete call comes while it is in flight.
+    peer!.mode = { kind: 'ok', delayMs: 200 };
+    const sync = fanout({ ROUTESYNC_SYNC_DEADLINE_MS: '30000', ROUTESYNC_ATTEMPT_TIMEOUT_MS: '10000', ROUTESYNC_EJECT_AFTER_FAILURES: '1000' });
+    sync.setPeers([peer!.address]);
+    const route = makeRoute({ resourceVersion: '5' });
+    const upserted = sync.sync([parseChange(route)]);
+    // The fake peer notifies as it writes the upsert's answer, before this replica has read it.
+    await peer!.waitFor(() => peer!.pushes === 1, 10_000, 'the upsert push to be answered');
+    peer!.mode = { kind: 'ok' };
+    // A manager deletes at the sandbox's current version (SPEC §2), the version still in flight.
+    const deleted = await sync.sync([parseChange({ ...route, state: 'dead' })]);
+    expect(deleted).toMatchObject({ acked: 1, failed: [], pending: [] });
+    // Acknowledged means the peer holds the deletion: it routes the sandbox no more.
+    expect(peer!.pushes).toBe(2);
+    expect(peer!.table.get('default', route.name as string)).toBeUndefined();
+    await expect(upserted).resolves.toMatchObject({ acked: 1 });
+  });
+});
+
 describe('calls that arrive together', () => {
   it('share one push per peer: what is queued in one event-loop turn leaves in one batch', async () => {
     const [a, b] = await peers(2);
