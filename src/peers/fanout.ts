@@ -206,20 +206,21 @@ export class PeerSync {
     const keys = changes.map(changeKey);
     const watchers: ChangeWatcher[] = [];
     peers.forEach((peer, index) => {
-      this.enqueueFor(peer, changes, keys);
-      if (this.closed) {
-        wait.decide(index, { status: 'pending', reason: 'shutdown' });
+      if (this.closed || peer.ejected) {
+        this.enqueueFor(peer, changes, keys);
+        wait.decide(index, { status: 'pending', reason: this.closed ? 'shutdown' : 'ejected' });
         return;
       }
-      if (peer.ejected) {
-        wait.decide(index, { status: 'pending', reason: 'ejected' });
-        return;
-      }
+      // Watched before they are queued: a change of this call that its own later changes push
+      // out of a full outbox (a resync larger than outboxMaxRoutes) is settled `outbox_full` as
+      // it is dropped, so the call reports the peer failed at once rather than waiting out its
+      // deadline for a change that will never be sent.
       changes.forEach((change, k) => {
         const watcher = new ChangeWatcher(changeVersion(change), change.op, wait, index, peer.outbox, keys[k]!);
         watchers.push(watcher);
         peer.outbox.watch(watcher.key, watcher);
       });
+      this.enqueueFor(peer, changes, keys);
       this.schedulePump(peer);
     });
 

@@ -103,6 +103,29 @@ describe('a delete at the version of an upsert still in flight', () => {
   });
 });
 
+describe('a call with more changes than the outbox bound', () => {
+  it('is told at once that its overflowed changes were dropped: the peer failed with outbox_full, nothing left pending', async () => {
+    const [a, b] = await peers(2);
+    // A deadline that a wait for the dropped changes would run into, long past this test's own bound.
+    const sync = fanout({ ROUTESYNC_SYNC_DEADLINE_MS: '30000', ROUTESYNC_OUTBOX_MAX_ROUTES: '2' });
+    sync.setPeers([a!.address, b!.address]);
+    // A manager's informer resync larger than ROUTESYNC_OUTBOX_MAX_ROUTES: the oldest three go.
+    const outcome = await sync.sync(changes(5));
+    expect(outcome).toMatchObject({
+      peers: 2,
+      acked: 0,
+      failed: [
+        { peer: a!.address, errorClass: 'outbox_full' },
+        { peer: b!.address, errorClass: 'outbox_full' },
+      ],
+      pending: [],
+    });
+    // The two that fit are still delivered in the background; the others are left to reconciliation.
+    expect(await sync.drain(10_000)).toBe(true);
+    for (const peer of [a!, b!]) expect(peer.routesReceived).toBe(2);
+  });
+});
+
 describe('calls that arrive together', () => {
   it('share one push per peer: what is queued in one event-loop turn leaves in one batch', async () => {
     const [a, b] = await peers(2);
