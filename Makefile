@@ -1,5 +1,5 @@
 # routesync: every target is a thin wrapper over an npm script, so either works.
-.PHONY: setup build run test lint typecheck bench demo soak clean
+.PHONY: setup build run test test-node24 lint typecheck bench demo soak clean
 
 setup:
 	npm ci --no-audit --no-fund
@@ -15,6 +15,16 @@ run: build
 # VITEST_ARGS passes extra options to vitest (for example a reporter, or a file filter).
 test:
 	npm test -- $(VITEST_ARGS)
+
+# The same suite on Node 24, the container's runtime (deploy/Dockerfile), whatever node this
+# machine has: npm's node-linux-<arch> package (the official binary, from the npm registry) is
+# installed into .cache/node24 and put first on PATH, so vitest and its workers run on it.
+NODE24 ?= 24
+NODE24_DIR := $(CURDIR)/.cache/node24
+NODE_ARCH = $(shell node -p process.arch)
+test-node24:
+	npm install --no-save --no-package-lock --no-audit --no-fund --prefix "$(NODE24_DIR)" "node-linux-$(NODE_ARCH)@$(NODE24)"
+	PATH="$(NODE24_DIR)/node_modules/node-linux-$(NODE_ARCH)/bin:$$PATH" sh -c 'echo "tests on node $$(node --version)" && npm test -- $(VITEST_ARGS)'
 
 lint:
 	npm run lint
@@ -39,4 +49,4 @@ soak:
 	npm run soak -- $(SOAK_ARGS)
 
 clean:
-	rm -rf dist coverage
+	rm -rf dist coverage .cache
