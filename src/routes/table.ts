@@ -10,7 +10,8 @@
 //     the sandbox's current version) and leaves a fence at that version. A later delete with a
 //     greater version advances the fence's version; the fence's expiry is counted from its
 //     first creation (`fencedAtMs`, the earliest one seen, carried between replicas so every
-//     replica expires the same fence at the same time).
+//     replica expires the same fence at the same time; never later than this table's now, so a
+//     peer's clock ahead of ours cannot stretch a fence past the TTL).
 //  4. The table's state is a function of the set of changes applied, not of their order (a
 //     property test checks this): in particular the route serving a sandbox ID is the one with
 //     the greatest resourceVersion among the live routes carrying that ID (ties: the smallest
@@ -185,7 +186,9 @@ export class RouteTable {
       return { outcome: 'ignored', reason: fence ? 'stale_resource_version' : 'not_found', key, ...(fence ? { resourceVersion: fence.resourceVersion } : {}) };
     }
     const now = this.now();
-    const fencedAtMs = Math.min(deletion.fencedAtMs ?? now, fence?.fencedAtMs ?? Number.POSITIVE_INFINITY);
+    // A peer's fencedAtMs is clamped to now: one in the future (a clock ahead, or a bad pusher)
+    // would keep the fence past the TTL, up to for ever, and pulls would copy it fleet-wide.
+    const fencedAtMs = Math.min(deletion.fencedAtMs ?? now, now, fence?.fencedAtMs ?? Number.POSITIVE_INFINITY);
     const expired = fencedAtMs + this.tombstoneTtlMs <= now;
 
     if (stored) {

@@ -82,6 +82,27 @@ describe('RouteTable', () => {
     expect(table.fenceCount).toBe(0);
   });
 
+  it("clamps a peer's fencedAtMs in the future to now, so the fence still expires within the TTL", () => {
+    const clock = clockAt(50_000);
+    const table = new RouteTable({ tombstoneTtlMs: 10_000, now: () => clock.now });
+    // A peer whose clock is ahead, or a bad one: far in the future, and the largest value parseChange takes.
+    table.upsert(route('e', '3'));
+    expect(table.delete({ namespace: 'ns', name: 'e', resourceVersion: '3', fencedAtMs: 50_000 + 3_600_000 })).toMatchObject({ outcome: 'applied', reason: 'deleted' });
+    expect(table.delete({ namespace: 'ns', name: 'f', resourceVersion: '1', fencedAtMs: Number.MAX_SAFE_INTEGER })).toMatchObject({ outcome: 'applied', reason: 'fenced' });
+    expect(table.getFence('ns', 'e')?.fencedAtMs).toBe(50_000);
+    expect(table.getFence('ns', 'f')?.fencedAtMs).toBe(50_000);
+    // What a pull offers the fleet carries the clamped time too.
+    const offered = table.allChanges().map((change) => (change.op === 'delete' ? change.deletion.fencedAtMs : undefined));
+    expect(offered).toEqual([50_000, 50_000]);
+    // A later future-dated delete does not push the expiry out either.
+    clock.tick(5_000);
+    table.delete({ namespace: 'ns', name: 'f', resourceVersion: '2', fencedAtMs: Number.MAX_SAFE_INTEGER });
+    expect(table.getFence('ns', 'f')).toEqual({ resourceVersion: '2', fencedAtMs: 50_000 });
+    clock.tick(5_000);
+    expect(table.sweepExpiredFences()).toBe(2);
+    expect(table.upsert(route('f', '2')).outcome).toBe('applied');
+  });
+
   it('lets a newer identity take a sandbox ID over', () => {
     const table = new RouteTable({ tombstoneTtlMs: 1000 });
     table.upsert(route('old', '5', { id: 'shared', ip: '10.0.0.1' }));
