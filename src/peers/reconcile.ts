@@ -125,7 +125,7 @@ export class Reconciler {
   private readonly now: () => number;
   private readonly random: () => number;
   private readonly stop = new AbortController();
-  /** Identities the local manager changed since the last good contact, with when. */
+  /** Live routes the local manager changed since the last good contact, with when (pruned each round). */
   private readonly localChangedAtMs = new Map<string, number>();
   /** Last completed round with a non-suspect peer (or the start of this replica's life). */
   private lastContactMs: number;
@@ -165,11 +165,15 @@ export class Reconciler {
     this.localChangedAtMs.set(key, this.now());
   }
 
+  /** How many identities a suspect rebuild would spare as changed by the local manager. */
+  rememberedLocalChanges(): number {
+    return this.localChangedAtMs.size;
+  }
+
   /** Out of contact for too long while having peers: this table must not be offered. */
   isSuspect(): boolean {
     if (this.sync.peerAddresses().length === 0) {
-      // Alone, there is no one to have missed a deletion from; the clock starts with the first peer.
-      this.lastContactMs = this.now();
+      this.alone();
       return false;
     }
     return this.now() - this.lastContactMs > this.config.tombstoneTtlMs * SUSPECT_AFTER_TTL_FRACTION;
@@ -326,8 +330,13 @@ export class Reconciler {
 
   private async round(): Promise<RoundReport> {
     const peer = this.pickPeer();
+    if (!peer) {
+      this.alone();
+      this.metrics.convergenceLag.set(this.lagSeconds());
+      return { peer: null, result: 'no_peers', repaired: 0, bytes: 0, buckets: 0 };
+    }
+    this.forgetLocalChangesOfNonRoutes();
     this.metrics.convergenceLag.set(this.lagSeconds());
-    if (!peer) return { peer: null, result: 'no_peers', repaired: 0, bytes: 0, buckets: 0 };
     // The whole round shares one budget: its own interval (at least 1 s, at most 30 s), so a
     // slow peer costs one round, never a pile-up of them.
     const budgetMs = Math.max(1000, Math.min(this.intervalMs(), 30_000));
@@ -418,8 +427,32 @@ export class Reconciler {
     this.untrusted.clear();
     this.lastContactMs = this.now();
     this.sync.markReconciled(peer);
-    // Local changes older than the last good contact can no longer matter to a rebuild.
+    this.forgetLocalChangesBeforeContact();
+  }
+
+  /**
+   * No peers (a single replica, the default; or every peer gone from discovery): there is no one
+   * to have missed a deletion from, so this counts as contact. Each round does this, so the
+   * clock starts afresh with the first peer that appears, and what the local manager changed
+   * meanwhile is not remembered for ever.
+   */
+  private alone(): void {
+    this.lastContactMs = this.now();
+    this.forgetLocalChangesBeforeContact();
+  }
+
+  /** Local changes older than the last good contact can no longer matter to a rebuild. */
+  private forgetLocalChangesBeforeContact(): void {
     for (const [key, atMs] of this.localChangedAtMs) if (atMs < this.lastContactMs) this.localChangedAtMs.delete(key);
+  }
+
+  /**
+   * A rebuild spares only live routes, so an identity that is no longer one (deleted; its fence
+   * perhaps expired) needs no record. This bounds the map by the table's size during a long cut
+   * too; a later local change of the identity records it again.
+   */
+  private forgetLocalChangesOfNonRoutes(): void {
+    for (const key of this.localChangedAtMs.keys()) if (this.table.getByKey(key) === undefined) this.localChangedAtMs.delete(key);
   }
 
   /**

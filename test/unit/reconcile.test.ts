@@ -7,6 +7,7 @@ import { PeerClient } from '../../src/peers/client.js';
 import { parseDnsTarget } from '../../src/peers/discovery.js';
 import { PeerSync } from '../../src/peers/fanout.js';
 import { LARGE_FLEET_PEERS, Reconciler } from '../../src/peers/reconcile.js';
+import { parseChange } from '../../src/routes/route.js';
 import { RouteTable } from '../../src/routes/table.js';
 import { RouteService } from '../../src/service.js';
 
@@ -19,7 +20,10 @@ function reconciler(clock: { ms: number }, env: Record<string, string> = {}) {
   const table = new RouteTable({ tombstoneTtlMs: config.tombstoneTtlMs, now: () => clock.ms });
   const service = new RouteService(table, sync, metrics, logger);
   const now = () => clock.ms;
-  return { sync, client, reconciler: new Reconciler({ config, table, service, sync, client, metrics, logger, instanceId: 'self', now, random: () => 0.5 }) };
+  const r = new Reconciler({ config, table, service, sync, client, metrics, logger, instanceId: 'self', now, random: () => 0.5 });
+  // As src/replica.ts wires it.
+  service.onLocalApplied = (key) => r.noteLocalChange(key);
+  return { sync, client, table, service, reconciler: r };
 }
 
 describe('Reconciler', () => {
@@ -44,6 +48,61 @@ describe('Reconciler', () => {
     expect(r.digest(false)).toMatchObject({ suspect: true, seeded: false });
     expect(await r.bootstrap()).toBe('timeout'); // nothing listens on port 1
     expect(r.isSuspect()).toBe(false); // a fresh start of contact time after bootstrap
+    sync.close();
+    r.close();
+    await client.close();
+  });
+});
+
+describe('Reconciler: what it remembers of local changes', () => {
+  function route(name: string, resourceVersion = '1') {
+    return parseChange({ namespace: 'ns', name, id: `id-${name}`, uid: `uid-${name}`, resourceVersion, ip: '10.0.0.1', state: 'Running' });
+  }
+
+  it('forgets them while it has no peers (one replica, the default), however many identities its manager changed', async () => {
+    const clock = { ms: 1_000_000 };
+    const { reconciler: r, service, table, sync, client } = reconciler(clock);
+    for (let i = 0; i < 2000; i++) {
+      await service.applyLocal(route(`sb-${i}`));
+      await service.deleteLocal('ns', `sb-${i}`, '1');
+    }
+    expect(r.rememberedLocalChanges()).toBe(2000);
+    clock.ms += 1;
+    expect(await r.runRound()).toMatchObject({ result: 'no_peers' });
+    expect(r.rememberedLocalChanges()).toBe(0);
+    expect(table.size).toBe(0);
+    sync.close();
+    r.close();
+    await client.close();
+  });
+
+  it('while out of contact, remembers only identities that are still live routes', async () => {
+    const clock = { ms: 1_000_000 };
+    const { reconciler: r, service, sync, client } = reconciler(clock);
+    sync.setPeers(['127.0.0.1:1']); // nothing listens: every round fails, no contact ever
+    await service.applyLocal(route('kept'));
+    await service.applyLocal(route('gone'));
+    await service.deleteLocal('ns', 'gone', '1');
+    clock.ms += 6000;
+    expect(r.isSuspect()).toBe(true);
+    expect(await r.runRound()).toMatchObject({ result: 'failed', errorClass: 'refused' });
+    // 'gone' is a fence, not a route: a rebuild never looks at it, and its record would only grow the map.
+    expect(r.rememberedLocalChanges()).toBe(1);
+    sync.close();
+    r.close();
+    await client.close();
+  });
+
+  it('restarts the contact clock on every round while alone, so a peer that appears later does not find it suspect', async () => {
+    const clock = { ms: 1_000_000 };
+    const { reconciler: r, sync, client } = reconciler(clock);
+    for (let i = 0; i < 60; i++) {
+      clock.ms += 1000;
+      await r.runRound();
+    }
+    sync.setPeers(['127.0.0.1:1']);
+    expect(r.isSuspect()).toBe(false);
+    expect(r.lagSeconds()).toBeLessThanOrEqual(1);
     sync.close();
     r.close();
     await client.close();
