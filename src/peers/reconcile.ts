@@ -29,10 +29,13 @@
 //  - A suspect replica says `suspect: true` in its digest; peers never pull from a suspect
 //    (or still bootstrapping) replica, and count the round as `skipped`.
 //  - A suspect replica's next successful contact with a non-suspect peer REBUILDS: it pulls
-//    the peer's whole table, applies it, and deletes (with a fresh fence at the stored
-//    version) every local route the peer has neither as a route nor as a fence, unless the
-//    local manager changed that identity since the last good contact (those are newer than
-//    anything the peer could have seen; they reach the peer by push or by its own pulls).
+//    the peer's whole table, applies it, and drops every local route the peer has neither as a
+//    route nor as a fence, unless the local manager changed that identity since the last good
+//    contact (those are newer than anything the peer could have seen; they reach the peer by
+//    push or by its own pulls), or it arrived or changed while the rebuild ran (a push into a
+//    bucket already pulled). Dropped WITHOUT a fence: a fence at a route's live version would
+//    travel and delete it everywhere if it is live after all (a push the source has not had
+//    yet); real deletions are carried by the source's own fences, which the pull brings.
 //  - A rebuild needs a trustworthy source: a SEEDED peer (one that started alone, bootstrapped
 //    from a peer, or has since completed a round with a seeded peer). A replica that turned
 //    ready empty after a bootstrap timeout is not seeded: its table is only what its manager
@@ -456,22 +459,37 @@ export class Reconciler {
   }
 
   /**
-   * The suspect rebuild (see the header): pull the peer's whole table, apply it, then delete
-   * every local route the peer does not hold, unless the local manager changed it since the
-   * cut began.
+   * The suspect rebuild (see the header): pull the peer's whole table, apply it, then drop,
+   * without a fence, every route held since before the rebuild that the peer does not hold,
+   * unless the local manager changed it since the cut began.
    */
   private async rebuildFrom(peer: string, signal: AbortSignal, bytesSoFar: number): Promise<RoundReport> {
     const cutStartMs = this.lastContactMs;
+    // Only routes held as the rebuild begins can be stale. The pulls take many requests, and
+    // pushes (and local changes) keep landing meanwhile, some in buckets already pulled: such a
+    // route is live, and the source simply answered before it had it.
+    const heldAtStart = this.table.list();
     const all = Array.from({ length: this.table.digestBuckets }, (_, i) => i);
     const seen = new Set<string>();
     const pulled = await this.pullAndApply(peer, all, signal, seen);
+    // From here to applyRemote nothing awaits: no push can land between the check and the drop.
     const stale: RouteChange[] = [];
-    for (const route of this.table.list()) {
+    for (const route of heldAtStart) {
       const key = routeKey(route);
       if (seen.has(key)) continue;
+      // Replaced or removed since the rebuild began (routes are immutable: an update is a new object).
+      if (this.table.getByKey(key) !== route) continue;
       const changedAt = this.localChangedAtMs.get(key);
       if (changedAt !== undefined && changedAt >= cutStartMs) continue;
-      stale.push({ op: 'delete', deletion: { namespace: route.namespace, name: route.name, resourceVersion: route.resourceVersion } });
+      // Dropped as a deletion whose fence has long expired, so the table leaves no fence. A fence
+      // made here would sit at the route's live version and travel: if the route is live after
+      // all (a push that has not reached the source yet), it would delete it fleet-wide. Real
+      // deletions need none from us: the source's own fences came with the pull. A live route
+      // dropped here comes back with the next pull from a peer that holds it.
+      stale.push({
+        op: 'delete',
+        deletion: { namespace: route.namespace, name: route.name, resourceVersion: route.resourceVersion, fencedAtMs: Number.NEGATIVE_INFINITY },
+      });
     }
     const dropped = this.service.applyRemote(stale, 'reconcile').filter((result) => result.outcome === 'applied').length;
     this.metrics.reconcileRepaired.inc(dropped);

@@ -2,6 +2,7 @@
 // for one difference in 100,000 routes, no resurrection, and the wire contract.
 import { afterEach, describe, expect, it } from 'vitest';
 import { configFromEnv } from '../../src/config.js';
+import { PULL_BUCKETS_PER_REQUEST } from '../../src/peers/reconcile.js';
 import { Replica } from '../../src/replica.js';
 import { changeToWire, parseChange, type Route } from '../../src/routes/route.js';
 import { FakePeer } from '../helpers/fake-peer.js';
@@ -15,6 +16,8 @@ interface Node {
   readonly peerUrl: string;
   /** Peer requests this replica sent, by `peer path` (the onPeerRequest hook). */
   readonly requests: { peer: string; path: string }[];
+  /** Called synchronously as each peer request leaves, before it is dispatched. */
+  onPeerRequest?: (peer: string, path: string) => void;
 }
 
 const nodes: Node[] = [];
@@ -28,12 +31,17 @@ afterEach(async () => {
 async function start(env: Record<string, string> = {}): Promise<Node> {
   const logs = new LogSink();
   const requests: { peer: string; path: string }[] = [];
+  const hook: { node?: Node } = {};
   const replica = await Replica.start(configFromEnv({ ...TEST_ENV, ...env }), {
     logDestination: logs,
     processMetrics: false,
-    onPeerRequest: (peer, path) => requests.push({ peer, path }),
+    onPeerRequest: (peer, path) => {
+      requests.push({ peer, path });
+      hook.node?.onPeerRequest?.(peer, path);
+    },
   });
-  const node = { replica, logs, api: `http://${replica.addresses.api}`, peerUrl: `http://${replica.addresses.peer}`, requests };
+  const node: Node = { replica, logs, api: `http://${replica.addresses.api}`, peerUrl: `http://${replica.addresses.peer}`, requests };
+  hook.node = node;
   nodes.push(node);
   return node;
 }
@@ -248,6 +256,55 @@ describe('suspect tables and trust', () => {
     expect(a!.replica.table.size).toBe(100);
     expect(await counter(a!.replica.metrics.reconcileRounds, { result: 'rebuilt' })).toBe(0);
     expect(restarted.replica.reconciler.isSeeded()).toBe(true);
+  });
+});
+
+describe('suspect rebuild', () => {
+  it('never deletes a live route: one pushed to it while it rebuilds stays, one its source lacks is dropped here without a fence', async () => {
+    const [a, b, c] = await cluster(3, { ROUTESYNC_TOMBSTONE_TTL_MS: '1000', ROUTESYNC_RECONCILE_INTERVAL_MS: '3600000' });
+    c!.replica.faults.isolate();
+    // A and B stay in contact (rounds only when the test runs them) while C turns suspect.
+    await waitUntil(
+      async () => {
+        await a!.replica.reconciler.runRound();
+        await b!.replica.reconciler.runRound();
+        return c!.replica.reconciler.isSuspect();
+      },
+      5000,
+      'c to turn suspect',
+    );
+    const all = [a!, b!, c!];
+    const name = (route: Record<string, unknown>) => route.name as string;
+    // A live route whose push reached B and C but not A yet (still in the pusher's outbox for A).
+    const unsent = makeRoute({ namespace: 'rebuild', resourceVersion: '30' });
+    for (const node of [b!, c!]) node.replica.service.applyRemote([parseChange(unsent)], 'peer');
+    // A sandbox created elsewhere while C's rebuild runs, in the first chunk of buckets, which
+    // the rebuild has pulled already: its push lands on every replica before the last chunk.
+    let fresh: Record<string, unknown>;
+    do fresh = makeRoute({ namespace: 'rebuild', resourceVersion: '20' });
+    while (c!.replica.table.bucketOf(`rebuild/${name(fresh)}`) >= PULL_BUCKETS_PER_REQUEST);
+    let pulls = 0;
+    c!.onPeerRequest = (_peer, path) => {
+      if (path !== '/v1/peer/pull' || ++pulls !== 1024 / PULL_BUCKETS_PER_REQUEST) return;
+      for (const node of all) node.replica.service.applyRemote([parseChange(fresh)], 'peer');
+    };
+
+    c!.replica.faults.heal();
+    c!.replica.sync.setPeers([a!.replica.addresses.peer]); // rebuild from A, which lacks `unsent`
+    expect(await c!.replica.reconciler.runRound()).toMatchObject({ result: 'rebuilt', peer: a!.replica.addresses.peer });
+    expect(pulls).toBe(1024 / PULL_BUCKETS_PER_REQUEST);
+    expect(c!.replica.table.get('rebuild', name(fresh))?.resourceVersion, 'pushed during the rebuild: kept').toBe('20');
+    expect(c!.replica.table.getFence('rebuild', name(fresh))).toBeUndefined();
+    expect(c!.replica.table.getFence('rebuild', name(unsent)), 'dropped here, but no fence to travel').toBeUndefined();
+
+    // Every replica pulls from every other: nothing the rebuild did deletes a live route anywhere,
+    // and C gets `unsent` back from B.
+    c!.replica.sync.setPeers([a!.replica.addresses.peer, b!.replica.addresses.peer]);
+    for (let k = 0; k < 2; k++) for (const node of all) expect((await node.replica.reconciler.runRound()).result).not.toBe('failed');
+    for (const node of all) {
+      expect(node.replica.table.get('rebuild', name(fresh))?.resourceVersion, 'fresh everywhere').toBe('20');
+      expect(node.replica.table.get('rebuild', name(unsent))?.resourceVersion, 'unsent everywhere').toBe('30');
+    }
   });
 });
 
