@@ -39,7 +39,11 @@
 //  - A rebuild needs a trustworthy source: a SEEDED peer (one that started alone, bootstrapped
 //    from a peer, or has since completed a round with a seeded peer). A replica that turned
 //    ready empty after a bootstrap timeout is not seeded: its table is only what its manager
-//    did since it started. When a suspect replica finds every one of its peers untrustworthy
+//    did since it started. Except when the whole fleet is starting fresh (replicas started
+//    together all see each other bootstrapping): if every peer answered during the bootstrap,
+//    unseeded and not out of contact, and its table was merged, this table holds all there is
+//    and the replica seeds itself (seedFreshFleet); otherwise nothing would ever seed such a
+//    fleet. When a suspect replica finds every one of its peers untrustworthy
 //    (suspect, or not seeded), its table is the best copy there is: the replica with the
 //    smallest instance ID among the suspect ones declares itself the reference (`kept`), and
 //    the others rebuild from it. Without this, a lone survivor whose only peer restarted empty
@@ -84,6 +88,8 @@ export interface TableDigest {
   readonly suspect: boolean;
   /** False for a replica that turned ready empty after a bootstrap timeout and has not met a seeded peer since. */
   readonly seeded: boolean;
+  /** True while still bootstrapping (then `suspect` is true too, but its table is new, not out of date). */
+  readonly bootstrapping: boolean;
 }
 
 export type RoundResult = 'in_sync' | 'repaired' | 'unchanged' | 'rebuilt' | 'kept' | 'skipped' | 'failed' | 'no_peers';
@@ -134,6 +140,12 @@ export class Reconciler {
   private lastContactMs: number;
   private bootstrapped = false;
   private seeded = false;
+  /**
+   * During bootstrap: each peer that answered but could not be bootstrapped from, and whether its
+   * last answer leaves it consistent with a fleet starting fresh (unseeded, not out of contact,
+   * and its table merged into this one). See seedFreshFleet.
+   */
+  private readonly freshPeers = new Map<string, boolean>();
   /** While suspect: peers that answered but cannot be rebuilt from, with their instance and whether they are suspect. */
   private readonly untrusted = new Map<string, { instance: string; suspect: boolean }>();
   private cursor: number;
@@ -193,6 +205,7 @@ export class Reconciler {
       fences: this.table.fenceCount,
       suspect: !this.bootstrapped || this.isSuspect(),
       seeded: this.seeded,
+      bootstrapping: !this.bootstrapped,
     };
   }
 
@@ -240,6 +253,7 @@ export class Reconciler {
           }
         }
         if (this.closed) return 'timeout';
+        if (this.seedFreshFleet()) return 'timeout';
         this.logger.warn(
           {
             peers: this.sync.peerAddresses().length,
@@ -253,20 +267,62 @@ export class Reconciler {
         clear();
       }
     } finally {
+      this.freshPeers.clear();
       this.bootstrapped = true;
       this.lastContactMs = this.now();
     }
   }
 
-  /** Ask up to BOOTSTRAP_FANOUT peers at once; pull from the first non-suspect one that answers. */
+  /**
+   * Bootstrap found no seeded source. If every known peer answered during it, none is seeded,
+   * and none is out of contact (each is bootstrapping too, or ready and not suspect), the fleet
+   * is starting fresh - replicas started together all see each other bootstrapping - and no
+   * replica holds anything this one lacks: each such peer's table was merged into this one as
+   * it answered. So this table is as complete as any in the fleet, and this replica seeds
+   * itself; without that, nothing would ever seed the fleet (seeded spreads only from a seeded
+   * replica), every later restart would turn ready empty, and a cut-off replica would find no
+   * one to rebuild from. If any peer did not answer, it does not: that peer may be seeded and
+   * cut off from us. Nor if one answered seeded (it holds history this table lacks) or out of
+   * contact (its table may hold routes deleted elsewhere, which were therefore not merged).
+   */
+  private seedFreshFleet(): boolean {
+    const peers = this.sync.peerAddresses();
+    if (peers.length === 0 || !peers.every((peer) => this.freshPeers.get(peer) === true)) return false;
+    this.seeded = true;
+    this.logger.info(
+      { peers: peers.length, routes: this.table.size, fences: this.table.fenceCount, timeoutMs: this.config.bootstrapTimeoutMs },
+      'bootstrap: every peer answered, none is seeded and none is out of contact: the fleet is starting fresh; their tables are merged and this replica seeds itself',
+    );
+    return true;
+  }
+
+  /**
+   * A peer that cannot be bootstrapped from. One that is not seeded either and whose table is
+   * new (bootstrapping) or kept in contact (not suspect) has nothing a peer could not offer in
+   * a round: merge it now, so that if every peer turns out so, this table holds all there is.
+   */
+  private async noteUnfitSource(peer: string, digest: TableDigest, signal: AbortSignal): Promise<void> {
+    this.freshPeers.set(peer, false);
+    if (digest.seeded || (digest.suspect && !digest.bootstrapping)) return;
+    await this.pullAndApply(peer, this.differingBuckets(digest), signal);
+    this.freshPeers.set(peer, true);
+  }
+
+  /**
+   * Ask up to BOOTSTRAP_FANOUT peers at once (those not heard from yet first, so that in a
+   * larger fleet every peer is asked); pull from the first non-suspect, seeded one that answers.
+   */
   private async bootstrapOnce(signal: AbortSignal): Promise<RoundReport> {
-    const peers = this.shuffled(this.sync.peerAddresses()).slice(0, BOOTSTRAP_FANOUT);
+    const peers = this.shuffled(this.sync.peerAddresses())
+      .sort((x, y) => Number(this.freshPeers.has(x)) - Number(this.freshPeers.has(y)))
+      .slice(0, BOOTSTRAP_FANOUT);
     if (peers.length === 0) throw new PeerRequestError('unreachable', 'no peers');
     const losers = new AbortController();
     const combined = AbortSignal.any([signal, losers.signal]);
     const answers = peers.map(async (peer) => {
       const { digest, bytes } = await this.fetchDigest(peer, true, combined);
       if (digest.suspect || !digest.seeded) {
+        await this.noteUnfitSource(peer, digest, combined);
         throw new PeerRequestError('unknown', `peer ${peer} is suspect, bootstrapping or not seeded`, { code: 'ROUTESYNC_PEER_UNTRUSTED' });
       }
       return { peer, digest, bytes };
@@ -600,5 +656,7 @@ function parseDigest(peer: string, json: unknown, withBuckets: boolean): TableDi
     suspect: body.suspect === true,
     // Replicas that predate the field are seeded as far as anyone can tell.
     seeded: body.seeded !== false,
+    // Replicas that predate this one: a suspect one counts as out of contact (the safe reading).
+    bootstrapping: body.bootstrapping === true,
   };
 }

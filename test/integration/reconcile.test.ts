@@ -1,5 +1,7 @@
 // Anti-entropy between real replicas on loopback: bootstrap, repair after a cut, bytes moved
 // for one difference in 100,000 routes, no resurrection, and the wire contract.
+import { createServer } from 'node:net';
+import type { AddressInfo } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import { configFromEnv } from '../../src/config.js';
 import { PULL_BUCKETS_PER_REQUEST } from '../../src/peers/reconcile.js';
@@ -53,6 +55,38 @@ async function cluster(count: number, env: Record<string, string> = {}): Promise
   for (const node of started) node.replica.sync.setPeers(started.filter((other) => other !== node).map((other) => other.replica.addresses.peer));
   await Promise.all(started.map((node) => node.replica.bootstrapped));
   return started;
+}
+
+/** A port nothing listens on right now (bound, then released), to start replicas that name each other. */
+async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address() as AddressInfo;
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+/**
+ * N replicas started at once, each with the others as static peers from the start (a fresh
+ * install, a whole-fleet restart): each sees the others bootstrapping. `env(i)` restarts one.
+ */
+async function coldCluster(
+  count: number,
+  extra: Record<string, string>,
+  otherPeers: readonly string[] = [],
+): Promise<{ started: Node[]; env: (i: number) => Record<string, string>; addresses: string[] }> {
+  const addresses = (await Promise.all(Array.from({ length: count }, () => freePort()))).map((port) => `127.0.0.1:${port}`);
+  const env = (i: number) => ({
+    ...extra,
+    ROUTESYNC_PEER_ADDR: addresses[i]!,
+    ROUTESYNC_SELF: addresses[i]!,
+    ROUTESYNC_PEERS: [...addresses.filter((_, j) => j !== i), ...otherPeers].join(','),
+  });
+  const started = await Promise.all(addresses.map((_, i) => start(env(i))));
+  return { started, env, addresses };
 }
 
 async function counter(metric: { get(): Promise<{ values: { value: number; labels: Record<string, unknown> }[] }> }, labels: Record<string, string> = {}): Promise<number> {
@@ -256,6 +290,97 @@ describe('suspect tables and trust', () => {
     expect(a!.replica.table.size).toBe(100);
     expect(await counter(a!.replica.metrics.reconcileRounds, { result: 'rebuilt' })).toBe(0);
     expect(restarted.replica.reconciler.isSeeded()).toBe(true);
+  });
+});
+
+describe('a fleet that starts together', () => {
+  it('seeds itself when every peer answered unseeded, so a replica restarted later bootstraps the whole table', async () => {
+    const { started, env } = await coldCluster(3, { ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '1000', ROUTESYNC_RECONCILE_INTERVAL_MS: '3600000' });
+    // No peer can be bootstrapped from (each is bootstrapping), so each waits out the timeout.
+    expect(await Promise.all(started.map((node) => node.replica.bootstrapped))).not.toContain('no_peers');
+    expect(started.map((node) => node.replica.reconciler.isSeeded())).toEqual([true, true, true]);
+    expect(started.map((node) => node.replica.reconciler.digest(false).seeded)).toEqual([true, true, true]);
+
+    const routes = Array.from({ length: 20 }, () => makeRoute({ namespace: 'cold' }));
+    expect((await postBatch(started[0]!.api, routes)).body.sync.acked).toBe(2);
+
+    // An ordinary restart later (a rolling update): it bootstraps from a seeded peer.
+    const victim = started[2]!;
+    await victim.replica.close();
+    nodes.splice(nodes.indexOf(victim), 1);
+    const restarted = await start(env(2));
+    expect(await restarted.replica.bootstrapped).toBe('pulled');
+    expect(restarted.replica.table.size).toBe(20);
+    expect(restarted.replica.reconciler.isSeeded()).toBe(true);
+  });
+
+  it('then cut off for longer than the fence TTL, a replica rebuilds from a seeded peer and a route deleted meanwhile stays deleted', async () => {
+    const { started, addresses } = await coldCluster(3, {
+      ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '500',
+      ROUTESYNC_TOMBSTONE_TTL_MS: '1500', // suspect after 750 ms out of contact
+      ROUTESYNC_RECONCILE_INTERVAL_MS: '3600000', // rounds only when the test runs them
+    });
+    await Promise.all(started.map((node) => node.replica.bootstrapped));
+    const [a, b, c] = started.map((node) => node.replica) as [Replica, Replica, Replica];
+    const route = makeRoute({ namespace: 'cold', resourceVersion: '7' });
+    const name = route.name as string;
+    await b.service.applyLocal(parseChange(route));
+    await waitUntil(() => [a, b, c].every((replica) => replica.table.get('cold', name) !== undefined), 10_000, 'the route on every replica');
+
+    // A is cut off (and B and C stop listing it meanwhile); the sandbox is deleted on B.
+    a.faults.isolate();
+    b.sync.setPeers([addresses[2]!]);
+    c.sync.setPeers([addresses[1]!]);
+    await b.service.deleteLocal('cold', name, '7');
+    await waitUntil(() => c.table.get('cold', name) === undefined, 10_000, 'the delete on c');
+    // The cut outlasts the fence; B and C stay in contact with each other.
+    await waitUntil(
+      async () => {
+        await b.reconciler.runRound();
+        await c.reconciler.runRound();
+        return b.table.getFence('cold', name) === undefined && c.table.getFence('cold', name) === undefined && a.reconciler.isSuspect();
+      },
+      10_000,
+      'the fences to expire and a to turn suspect',
+    );
+    expect(a.table.get('cold', name)).toBeDefined();
+
+    a.faults.heal();
+    b.sync.setPeers([addresses[0]!, addresses[2]!]);
+    c.sync.setPeers([addresses[0]!, addresses[1]!]);
+    expect(await a.reconciler.runRound()).toMatchObject({ result: 'rebuilt' });
+    for (let k = 0; k < 2; k++) for (const replica of [a, b, c]) await replica.reconciler.runRound();
+    for (const replica of [a, b, c]) expect(replica.table.get('cold', name), 'the deleted route stays deleted').toBeUndefined();
+  });
+
+  it('does not seed itself while any peer has not answered: that one may be seeded and cut off', async () => {
+    // Both list a third peer that never answers.
+    const dead = `127.0.0.1:${await freePort()}`;
+    const { started } = await coldCluster(2, { ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '500', ROUTESYNC_RECONCILE_INTERVAL_MS: '3600000' }, [dead]);
+    expect(await Promise.all(started.map((node) => node.replica.bootstrapped))).toEqual(['timeout', 'timeout']);
+    expect(started.map((node) => node.replica.reconciler.isSeeded())).toEqual([false, false]);
+  });
+
+  it('a replica joining a fleet that is not seeded merges every peer\'s table before it seeds itself', async () => {
+    const joinerAddress = `127.0.0.1:${await freePort()}`;
+    // B turned ready unseeded (its only peer did not answer) and took routes since.
+    const b = await start({ ROUTESYNC_PEERS: `127.0.0.1:${await freePort()}`, ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '300', ROUTESYNC_RECONCILE_INTERVAL_MS: '3600000' });
+    expect(await b.replica.bootstrapped).toBe('timeout');
+    expect(b.replica.reconciler.isSeeded()).toBe(false);
+    const routes = Array.from({ length: 10 }, () => makeRoute({ namespace: 'cold' }));
+    expect((await postBatch(b.api, routes)).status).toBe(200);
+    // The joiner appears now, with an empty outbox: it can get the routes only by pulling them.
+    b.replica.sync.setPeers([joinerAddress]);
+
+    const joiner = await start({ ROUTESYNC_PEER_ADDR: joinerAddress, ROUTESYNC_PEERS: b.replica.addresses.peer, ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '500', ROUTESYNC_RECONCILE_INTERVAL_MS: '3600000' });
+    expect(await joiner.replica.bootstrapped).toBe('timeout');
+    // Ready with B's table already, and seeded: it holds all there is.
+    expect(joiner.replica.table.size).toBe(10);
+    expect(same(joiner.replica, b.replica)).toBe(true);
+    expect(joiner.replica.reconciler.isSeeded()).toBe(true);
+    // B is seeded by its next round with the joiner.
+    expect(await b.replica.reconciler.runRound()).toMatchObject({ result: 'in_sync' });
+    expect(b.replica.reconciler.isSeeded()).toBe(true);
   });
 });
 
