@@ -41,6 +41,8 @@ export type RouteChange = { readonly op: 'upsert'; readonly route: Route } | { r
 export const MAX_RESOURCE_VERSION_DIGITS = 128;
 /** Kubernetes names are at most 253 characters; the sandbox ID and owner get the same bound. */
 export const MAX_NAME_LENGTH = 253;
+/** A Kubernetes namespace is a DNS-1123 label: at most 63 characters. */
+export const MAX_NAMESPACE_LENGTH = 63;
 export const MAX_TOKEN_LENGTH = 4096;
 
 export const KNOWN_STATES = ['creating', 'available', 'running', 'paused', 'dead'] as const;
@@ -53,6 +55,7 @@ export type RejectReason =
   | 'empty_field'
   | 'too_long'
   | 'control_character'
+  | 'invalid_kubernetes_name'
   | 'invalid_resource_version'
   | 'invalid_ip'
   | 'invalid_fenced_at';
@@ -70,6 +73,12 @@ export class RouteValidationError extends Error {
 }
 
 const CANONICAL_RV = /^[1-9][0-9]*$/;
+// The identity is a Kubernetes object's: its namespace is a DNS-1123 label and its name a
+// DNS-1123 subdomain (what the API server itself enforces, apimachinery's IsDNS1123Label and
+// IsDNS1123Subdomain). Neither can hold '/', which is what keeps identityKey's "namespace/name"
+// unambiguous: without it {team/x, sb} and {team, x/sb} would share one key.
+const DNS1123_LABEL = /^[a-z0-9](?:[-a-z0-9]*[a-z0-9])?$/;
+const DNS1123_SUBDOMAIN = /^[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*$/;
 // C0 controls, DEL and C1 controls: nothing a Kubernetes name or a sandbox ID contains, and
 // everything that breaks a log line, a URL path or a header.
 // eslint-disable-next-line no-control-regex
@@ -87,7 +96,7 @@ export function compareResourceVersions(a: string, b: string): -1 | 0 | 1 {
 }
 
 export function identityKey(namespace: string, name: string): string {
-  // '/' cannot appear in a Kubernetes namespace, so the key is unambiguous.
+  // Unambiguous because validation (identityOf) lets no '/' into a namespace or a name.
   return `${namespace}/${name}`;
 }
 
@@ -136,6 +145,27 @@ function checkText(field: string, value: string, maxLength: number): string {
   return value;
 }
 
+/** The identity fields, checked as Kubernetes checks them (see DNS1123_LABEL). */
+function identityOf(input: Record<string, unknown>): { namespace: string; name: string } {
+  const namespace = requiredString(input, 'namespace', MAX_NAMESPACE_LENGTH);
+  if (!DNS1123_LABEL.test(namespace)) {
+    fail(
+      'invalid_kubernetes_name',
+      'namespace',
+      "namespace must be a Kubernetes namespace name (DNS-1123 label): lowercase letters, digits and '-', starting and ending with a letter or digit",
+    );
+  }
+  const name = requiredString(input, 'name');
+  if (!DNS1123_SUBDOMAIN.test(name)) {
+    fail(
+      'invalid_kubernetes_name',
+      'name',
+      "name must be a Kubernetes object name (DNS-1123 subdomain): lowercase letters, digits, '-' and '.', each dot-separated part starting and ending with a letter or digit",
+    );
+  }
+  return { namespace, name };
+}
+
 function resourceVersionOf(input: Record<string, unknown>): string {
   const value = own(input, 'resourceVersion');
   if (value === undefined || value === null) fail('missing_field', 'resourceVersion', 'resourceVersion is required');
@@ -153,8 +183,7 @@ function resourceVersionOf(input: Record<string, unknown>): string {
 /** Validate an untrusted value as a Route; returns a fresh object with only the known fields. */
 export function parseRoute(input: unknown): Route {
   if (!isPlainObject(input)) fail('not_an_object', undefined, 'a route must be a JSON object');
-  const namespace = requiredString(input, 'namespace');
-  const name = requiredString(input, 'name');
+  const { namespace, name } = identityOf(input);
   const id = requiredString(input, 'id');
   const uid = requiredString(input, 'uid');
   const resourceVersion = resourceVersionOf(input);
@@ -178,8 +207,7 @@ export function parseRoute(input: unknown): Route {
 /** Validate an untrusted deletion (namespace, name, resourceVersion; optional fencedAtMs). */
 export function parseDeletion(input: unknown): RouteDeletion {
   if (!isPlainObject(input)) fail('not_an_object', undefined, 'a deletion must be a JSON object');
-  const namespace = requiredString(input, 'namespace');
-  const name = requiredString(input, 'name');
+  const { namespace, name } = identityOf(input);
   const resourceVersion = resourceVersionOf(input);
   const fencedAt = own(input, 'fencedAtMs');
   if (fencedAt === undefined || fencedAt === null) return { namespace, name, resourceVersion };

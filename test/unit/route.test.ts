@@ -65,6 +65,32 @@ describe('parseRoute', () => {
     expect(reasonOf({ ...valid, requireTrafficAuth: 'yes' })).toBe('wrong_type');
   });
 
+  it('takes the identity as Kubernetes does: namespace a DNS-1123 label, name a DNS-1123 subdomain, never a "/"', () => {
+    // With a '/' allowed, {team/x, sb} and {team, x/sb} would share the identity key "team/x/sb".
+    const rejected = (input: Record<string, unknown>): { reason: string; field: string | undefined } => {
+      try {
+        parseRoute(input);
+      } catch (error) {
+        return { reason: (error as RouteValidationError).reason, field: (error as RouteValidationError).field };
+      }
+      throw new Error(`accepted ${JSON.stringify(input)}`);
+    };
+    for (const namespace of ['team/x', 'Team', 'team_x', '-team', 'team-', 'team.x', ' team', 'tëam']) {
+      expect(rejected({ ...valid, namespace }), namespace).toEqual({ reason: 'invalid_kubernetes_name', field: 'namespace' });
+    }
+    for (const name of ['x/sb', 'Sandbox', 'sb_1', '-sb', 'sb-', '.sb', 'sb.', 'a..b', 'sb 1', '..']) {
+      expect(rejected({ ...valid, name }), name).toEqual({ reason: 'invalid_kubernetes_name', field: 'name' });
+    }
+    expect(rejected({ ...valid, namespace: 'n'.repeat(64) })).toEqual({ reason: 'too_long', field: 'namespace' });
+    expect(rejected({ ...valid, name: 'n'.repeat(254) })).toEqual({ reason: 'too_long', field: 'name' });
+    for (const [namespace, name] of [['a', 'b'], ['kube-system', 'sandbox-7'], ['n'.repeat(63), 'n'.repeat(253)], ['0ns', 'sb.v2.team-a'], ['ns', '7']]) {
+      expect(parseRoute({ ...valid, namespace, name })).toMatchObject({ namespace, name });
+    }
+    // Deletions (a dead route, DELETE's identity) get the same checks.
+    expect(() => parseChange({ namespace: 'team', name: 'x/sb', resourceVersion: '3', state: 'dead' })).toThrow(RouteValidationError);
+    expect(() => parseChange({ namespace: 'team/x', name: 'sb', resourceVersion: '3', state: 'dead' })).toThrow(/namespace must be a Kubernetes namespace name/);
+  });
+
   it('accepts an empty ip, IPv6 and states of any case', () => {
     expect(parseRoute({ ...valid, ip: '' }).ip).toBe('');
     expect(parseRoute({ ...valid, ip: '2001:db8::1' }).ip).toBe('2001:db8::1');
