@@ -3,7 +3,7 @@ import { performance } from 'node:perf_hooks';
 import express, { type Express, type Response } from 'express';
 import type { Logger } from '../log.js';
 import type { PeerSync } from '../peers/fanout.js';
-import { isCanonicalResourceVersion, parseChange, parseDeletion, redactRoute, type RouteChange } from '../routes/route.js';
+import { isCanonicalResourceVersion, parseChange, parseDeletion, redactRoute, type ChangeParseOptions, type RouteChange } from '../routes/route.js';
 import type { RouteTable } from '../routes/table.js';
 import type { RouteService } from '../service.js';
 import { ApiError, errorHandler, methodNotAllowed, notFound, requireJson } from './errors.js';
@@ -12,6 +12,8 @@ import { ApiError, errorHandler, methodNotAllowed, notFound, requireJson } from 
 export const ROUTE_BODY_LIMIT_BYTES = 1_048_576;
 export const BATCH_BODY_LIMIT_BYTES = 64 * 1_048_576;
 export const BATCH_MAX_ROUTES = 200_000;
+/** The local manager sends Routes: fencedAtMs is a peer-only field, ignored here like any unknown one. */
+const LOCAL_CHANGE: ChangeParseOptions = { fencedAt: false };
 
 export interface LocalApiDeps {
   readonly service: RouteService;
@@ -35,7 +37,7 @@ export function createLocalApp(deps: LocalApiDeps): Express {
   const receivedAt = (res: Response): number => res.locals.receivedAt as number;
 
   app.put('/v1/routes', requireJson, routeJson, async (req, res) => {
-    const change = parseChange(req.body);
+    const change = parseChange(req.body, LOCAL_CHANGE);
     res.json(await service.applyLocal(change, receivedAt(res)));
   });
 
@@ -64,7 +66,7 @@ export function createLocalApp(deps: LocalApiDeps): Express {
     const invalid: { index: number; reason: string; field?: string; message: string }[] = [];
     entries.forEach((entry, index) => {
       try {
-        changes.push(parseChange(entry));
+        changes.push(parseChange(entry, LOCAL_CHANGE));
       } catch (error) {
         const { reason, field, message } = error as { reason: string; field?: string; message: string };
         invalid.push({ index, reason, message, ...(field ? { field } : {}) });

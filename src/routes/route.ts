@@ -204,12 +204,24 @@ export function parseRoute(input: unknown): Route {
   return route;
 }
 
+/** How a change is read: which fields its sender may set. */
+export interface ChangeParseOptions {
+  /**
+   * Read `fencedAtMs` (default true): replicas carry a fence's first creation on the peer API
+   * and in pulls. The local API passes false: fencedAtMs is not a Route field (SPEC §2), so
+   * there it is an unknown field and ignored, and the manager's deletion is fenced now. Read
+   * there, an old value would make the delete "already expired": removed locally, no fence,
+   * nothing synced.
+   */
+  readonly fencedAt?: boolean;
+}
+
 /** Validate an untrusted deletion (namespace, name, resourceVersion; optional fencedAtMs). */
-export function parseDeletion(input: unknown): RouteDeletion {
+export function parseDeletion(input: unknown, options: ChangeParseOptions = {}): RouteDeletion {
   if (!isPlainObject(input)) fail('not_an_object', undefined, 'a deletion must be a JSON object');
   const { namespace, name } = identityOf(input);
   const resourceVersion = resourceVersionOf(input);
-  const fencedAt = own(input, 'fencedAtMs');
+  const fencedAt = options.fencedAt === false ? undefined : own(input, 'fencedAtMs');
   if (fencedAt === undefined || fencedAt === null) return { namespace, name, resourceVersion };
   if (typeof fencedAt !== 'number' || !Number.isSafeInteger(fencedAt) || fencedAt < 0) {
     fail('invalid_fenced_at', 'fencedAtMs', 'fencedAtMs must be a non-negative integer');
@@ -221,8 +233,8 @@ export function parseDeletion(input: unknown): RouteDeletion {
  * One entry of a push (openkruise /refresh or our batch): a route whose state is `dead` is a
  * deletion and needs only namespace, name and resourceVersion; anything else is an upsert.
  */
-export function parseChange(input: unknown): RouteChange {
-  if (isPlainObject(input) && isDeadState(own(input, 'state'))) return { op: 'delete', deletion: parseDeletion(input) };
+export function parseChange(input: unknown, options: ChangeParseOptions = {}): RouteChange {
+  if (isPlainObject(input) && isDeadState(own(input, 'state'))) return { op: 'delete', deletion: parseDeletion(input, options) };
   return { op: 'upsert', route: parseRoute(input) };
 }
 

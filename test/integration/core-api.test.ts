@@ -89,6 +89,33 @@ describe('local API', () => {
     expect(fenced.body.result).toMatchObject({ outcome: 'applied', reason: 'fenced' });
   });
 
+  it('ignores fencedAtMs on a dead route (a peer-only field): the delete is fenced now and reaches the peers', async () => {
+    const cluster = await startCluster(2);
+    replicas.push(...cluster);
+    const [a, b] = cluster as [TestReplica, TestReplica];
+    const route = makeRoute({ resourceVersion: '5' });
+    const other = makeRoute({ resourceVersion: '5' });
+    for (const r of [route, other]) expect((await putRoute(a.api, r)).body.sync.acked).toBe(1);
+    // fencedAtMs 0 read as given would make the fence already expired: removed here, no fence, nothing sent.
+    const deleted = await putRoute(a.api, { ...route, state: 'dead', resourceVersion: '6', fencedAtMs: 0 });
+    expect(deleted.status).toBe(200);
+    expect(deleted.body).toMatchObject({ result: { outcome: 'applied', reason: 'deleted' }, sync: { peers: 1, acked: 1 } });
+    for (const node of cluster) {
+      expect(node.replica.table.get('default', route.name as string)).toBeUndefined();
+      expect(node.replica.table.getFence('default', route.name as string)?.resourceVersion).toBe('6');
+    }
+    // A value a peer would be refused for does not turn a valid delete into a 400 (batch too).
+    const batch = await send(`${a.api}/v1/routes/batch`, {
+      method: 'POST',
+      headers: json,
+      body: JSON.stringify({ routes: [{ ...other, state: 'dead', resourceVersion: '6', fencedAtMs: 'yesterday' }] }),
+    });
+    expect(batch.status).toBe(200);
+    expect(batch.body).toMatchObject({ results: [{ outcome: 'applied', reason: 'deleted' }], sync: { acked: 1 } });
+    expect(b.replica.table.get('default', other.name as string)).toBeUndefined();
+    expect(b.replica.table.getFence('default', other.name as string)).toBeDefined();
+  });
+
   it('applies a batch with one result per route', async () => {
     const node = await replica();
     const routes = [makeRoute(), makeRoute(), makeRoute({ resourceVersion: '3' })];

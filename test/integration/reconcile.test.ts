@@ -453,7 +453,7 @@ describe('wire contract', () => {
     const pull = await fetch(`${a!.peerUrl}/v1/peer/pull`, { method: 'POST', body: JSON.stringify({ buckets: nonEmpty }) });
     expect(pull.status).toBe(200);
     const { changes } = (await pull.json()) as { changes: unknown[] };
-    const parsed = changes.map(parseChange);
+    const parsed = changes.map((change) => parseChange(change));
     expect(parsed.map((change) => change.op).sort()).toEqual(['delete', 'upsert']);
     const dead = changes.find((change: any) => change.state === 'dead') as any;
     expect(dead).toMatchObject({ namespace: 'wire', name: route.name, resourceVersion: '5' });

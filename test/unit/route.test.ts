@@ -113,4 +113,20 @@ describe('parseChange', () => {
     });
     expect(() => parseChange({ namespace: 'ns', name: 'a', state: 'dead' })).toThrow(/resourceVersion is required/);
   });
+
+  it('reads fencedAtMs for replicas (peer API, pulls) and ignores it for the local manager', () => {
+    const dead = { namespace: 'ns', name: 'a', resourceVersion: '9', state: 'dead' };
+    expect(parseChange({ ...dead, fencedAtMs: 1_700_000_000_000 })).toEqual({
+      op: 'delete',
+      deletion: { namespace: 'ns', name: 'a', resourceVersion: '9', fencedAtMs: 1_700_000_000_000 },
+    });
+    expect(() => parseChange({ ...dead, fencedAtMs: 'yesterday' })).toThrow(/fencedAtMs/);
+    // Not a Route field (SPEC §2): from the local manager it is an unknown field, dropped whatever its value.
+    for (const fencedAtMs of [0, 1_700_000_000_000, 'yesterday', -1, null]) {
+      expect(parseChange({ ...dead, fencedAtMs }, { fencedAt: false }), String(fencedAtMs)).toEqual({
+        op: 'delete',
+        deletion: { namespace: 'ns', name: 'a', resourceVersion: '9' },
+      });
+    }
+  });
 });
