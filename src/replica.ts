@@ -224,7 +224,9 @@ export class Replica {
     // Not ready until the table is bootstrapped from a peer (or no peer answered in time); the
     // local API takes changes meanwhile (a manager's batch push at start merges with the pull).
     void this.reconciler.bootstrap().then((outcome) => {
-      if (this.closing) return this.resolveBootstrapped(outcome);
+      // Once shutdown has started the replica stays not-ready (and starts no rounds), even when
+      // bootstrap ends during the drain.
+      if (this.shuttingDown || this.closing) return this.resolveBootstrapped(outcome);
       this.ready = true;
       this.reconciler.start();
       this.logger.info({ bootstrap: outcome, routes: this.table.size }, 'ready');

@@ -4,7 +4,8 @@
 // kept-alive connection, or the connection refused), and the process exits 0 within its grace period.
 import { Agent, request } from 'undici';
 import { afterEach, describe, expect, it } from 'vitest';
-import { makeRoute, startReplica, stopAll, type TestReplica } from '../helpers/cluster.js';
+import { makeRoute, putRoute, startReplica, stopAll, type TestReplica } from '../helpers/cluster.js';
+import { FakePeer } from '../helpers/fake-peer.js';
 import { spawnReplica, type ProcessReplica } from '../helpers/process.js';
 import { waitUntil } from '../helpers/wait.js';
 
@@ -15,9 +16,11 @@ const TOKEN = 'shutdown-peer-token-SECRET-MARKER-0b2d';
 
 const peers: TestReplica[] = [];
 const children: ProcessReplica[] = [];
+const fakes: FakePeer[] = [];
 afterEach(async () => {
   for (const child of children.splice(0)) if (child.child.exitCode === null) child.child.kill('SIGKILL');
   await stopAll(peers.splice(0));
+  for (const fake of fakes.splice(0)) await fake.close();
 });
 
 describe('SIGTERM during a burst of changes', () => {
@@ -95,5 +98,32 @@ describe('SIGTERM during a burst of changes', () => {
     }
     expect(child.lines.some((line) => line.includes('"shutting down"'))).toBe(true);
     expect(child.lines.some((line) => line.includes('"stopped"'))).toBe(true);
+  });
+});
+
+describe('readiness during shutdown', () => {
+  it('stays not-ready once shutdown has started, even when bootstrap ends during the drain', async () => {
+    const fake = await FakePeer.start();
+    fakes.push(fake);
+    // Pushes hang, so the drain lasts its whole grace period; the fake serves no digest, so
+    // bootstrap keeps trying until its timeout, which falls inside the drain.
+    fake.mode = { kind: 'hang' };
+    const node = await startReplica({ ROUTESYNC_PEERS: fake.address, ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '500', ROUTESYNC_SYNC_DEADLINE_MS: '100' });
+    peers.push(node);
+    expect(node.replica.isReady()).toBe(false);
+    await putRoute(node.api, makeRoute({ resourceVersion: '3' })); // queued for the hung peer: the drain has work
+    const shutdown = node.replica.shutdown(3000);
+    expect(await node.replica.bootstrapped).toBe('timeout');
+    expect(node.replica.isReady(), 'isReady() after bootstrap ended during the drain').toBe(false);
+    const readyz = await request(`${node.peerUrl}/readyz`).then(
+      async (response) => {
+        await response.body.dump();
+        return response.statusCode;
+      },
+      () => 'refused', // the peer listener already closed: not ready either
+    );
+    expect(readyz).not.toBe(200);
+    expect(await shutdown).toBe(false);
+    expect(node.logs.lines.some((line) => line.includes('"msg":"ready"')), 'a "ready" log line during shutdown').toBe(false);
   });
 });
