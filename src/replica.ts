@@ -2,7 +2,7 @@
 // main.ts runs one; the integration tests run several in one process, each with its own
 // registry, logger, Agent and servers.
 import { randomUUID } from 'node:crypto';
-import { createServer, type RequestListener, type Server } from 'node:http';
+import { createServer, type RequestListener, type Server, type ServerResponse } from 'node:http';
 import { createServer as createHttpsServer } from 'node:https';
 import type { AddressInfo } from 'node:net';
 import type { TLSSocket } from 'node:tls';
@@ -66,6 +66,9 @@ export class Replica {
   private closing: Promise<void> | undefined;
   private readonly timers: NodeJS.Timeout[] = [];
   private bound: ReplicaAddresses | undefined;
+  /** Responses of the local and peer APIs, so that shutdown can make each close its connection. */
+  private readonly apiResponses = new KeepAliveCutter();
+  private readonly peerResponses = new KeepAliveCutter();
 
   private constructor(
     readonly config: Config,
@@ -124,6 +127,7 @@ export class Replica {
     // alone stops only new connections: a manager's busy keep-alive connection would keep
     // feeding changes for the whole grace period and leave the drain no time.
     this.apiServer = createServer((req, res) => {
+      this.apiResponses.track(res);
       if (this.shuttingDown) {
         res
           .writeHead(503, { 'content-type': 'application/json', connection: 'close' })
@@ -134,6 +138,7 @@ export class Replica {
     });
     const mutualTls = tls?.ca !== undefined;
     const peerListener: RequestListener = (req, res) => {
+      this.peerResponses.track(res);
       if (this.faults.refusesIncoming(req)) {
         res.writeHead(503, { 'content-type': 'application/json' }).end('{"error":{"code":"fault_injected","message":"isolated by a test fault"}}');
         return;
@@ -252,6 +257,12 @@ export class Replica {
     const deadline = Date.now() + graceMs;
     this.ready = false;
     this.shuttingDown = true;
+    // Calls in flight are answered with `Connection: close`: a kept-alive connection left idle
+    // after its answer would hold server.close() (below) for the client's keep-alive timeout,
+    // up to the grace period, before the drain of queued pushes even begins. Peers get the same,
+    // so they open a fresh connection rather than reuse one that close() is about to cut.
+    this.apiResponses.cut();
+    this.peerResponses.cut();
     this.logger.info({ graceMs }, 'shutting down');
     // The data plane drains in parallel: in-flight requests finish, WebSockets get close 1001
     // at the end of the grace period.
@@ -278,6 +289,40 @@ export class Replica {
       this.logger.flush();
     })();
     return this.closing;
+  }
+}
+
+/**
+ * The responses a server is writing, so that from one moment on (shutdown) every response
+ * closes its connection, the ones already under way included. Node offers no hook for "the
+ * headers are about to be written", so each response is tracked until it closes.
+ */
+class KeepAliveCutter {
+  private readonly inFlight = new Set<ServerResponse>();
+  private cutting = false;
+
+  /** Call first thing for every request. */
+  track(res: ServerResponse): void {
+    if (this.cutting) {
+      res.setHeader('connection', 'close');
+      return;
+    }
+    this.inFlight.add(res);
+    res.once('close', () => this.inFlight.delete(res));
+  }
+
+  /** From now on every response says `Connection: close` (Node then closes the socket after it). */
+  cut(): void {
+    this.cutting = true;
+    for (const res of this.inFlight) {
+      if (!res.headersSent) res.setHeader('connection', 'close');
+      else {
+        // Too late for the header (a response still streaming): end the connection once it is written.
+        const socket = res.socket;
+        res.once('finish', () => socket?.destroySoon());
+      }
+    }
+    this.inFlight.clear();
   }
 }
 

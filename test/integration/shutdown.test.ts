@@ -127,3 +127,57 @@ describe('readiness during shutdown', () => {
     expect(node.logs.lines.some((line) => line.includes('"msg":"ready"')), 'a "ready" log line during shutdown').toBe(false);
   });
 });
+
+describe('kept-alive connections at shutdown', () => {
+  it('answers a local call in flight at SIGTERM with Connection: close, so the drain does not wait for the client to hang up', { timeout: 30_000 }, async () => {
+    const fake = await FakePeer.start();
+    fakes.push(fake);
+    fake.mode = { kind: 'ok', delayMs: 300 };
+    const node = await startReplica({ ROUTESYNC_PEERS: fake.address, ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '0' });
+    peers.push(node);
+    // Node's own 5 s idle timeout would end a wait for the idle connection by itself, a few
+    // seconds late; lengthened, such a wait outlasts this test's timeout and fails it.
+    node.replica.apiServer.keepAliveTimeout = 120_000;
+    // A manager's HTTP client: keep-alive with a long idle timeout (Go's default is 90 s).
+    const dispatcher = new Agent({ keepAliveTimeout: 60_000, keepAliveMaxTimeout: 60_000 });
+    try {
+      const put = request(`${node.api}/v1/routes`, {
+        method: 'PUT',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify(makeRoute({ resourceVersion: '5' })),
+        dispatcher,
+      }).then(async (response) => ({ status: response.statusCode, connection: response.headers.connection, body: await response.body.json() }));
+      await fake.waitFor(() => fake.pushes > 0, 5000, 'the push to reach the peer');
+      // Grace far beyond the test's timeout: shutdown resolves only if nothing waits for it.
+      const shutdown = node.replica.shutdown(120_000);
+      const answer = await put;
+      expect(answer.status).toBe(200);
+      expect(answer.body).toMatchObject({ sync: { acked: 1 } });
+      expect(answer.connection).toBe('close');
+      expect(await shutdown).toBe(true);
+      // The client still holds its pool, yet the server has no connection left.
+      const open = await new Promise<number>((resolve, reject) => node.replica.apiServer.getConnections((error, count) => (error ? reject(error) : resolve(count))));
+      expect(open).toBe(0);
+    } finally {
+      await dispatcher.destroy();
+    }
+  });
+
+  it('answers peer API requests during the drain with Connection: close', async () => {
+    const fake = await FakePeer.start();
+    fakes.push(fake);
+    fake.mode = { kind: 'hang' }; // the drain lasts its whole grace period
+    const node = await startReplica({ ROUTESYNC_PEERS: fake.address, ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '0', ROUTESYNC_SYNC_DEADLINE_MS: '100' });
+    peers.push(node);
+    await putRoute(node.api, makeRoute({ resourceVersion: '3' }));
+    const before = await request(`${node.peerUrl}/healthz`);
+    await before.body.dump();
+    expect(before.headers.connection).toBe('keep-alive');
+    const shutdown = node.replica.shutdown(3000);
+    const during = await request(`${node.peerUrl}/healthz`);
+    await during.body.dump();
+    expect(during.statusCode).toBe(200);
+    expect(during.headers.connection).toBe('close');
+    await shutdown;
+  });
+});
