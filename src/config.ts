@@ -91,7 +91,7 @@ export class ConfigError extends Error {
   }
 }
 
-type Kind = 'addr' | 'int' | 'string' | 'peers' | 'bool' | 'level' | 'file';
+type Kind = 'addr' | 'int' | 'string' | 'peers' | 'bool' | 'level' | 'file' | 'token';
 
 interface Setting {
   readonly key: keyof Config;
@@ -116,7 +116,7 @@ export const SETTINGS: Readonly<Record<string, Setting>> = {
   ROUTESYNC_PEER_DNS_INTERVAL_MS: { key: 'peerDnsIntervalMs', kind: 'int', fallback: '5000', min: 100, max: 3_600_000 },
   ROUTESYNC_PEER_DNS_SERVERS: { key: 'peerDnsServers', kind: 'string', fallback: '' },
   ROUTESYNC_SELF: { key: 'self', kind: 'string', fallback: '' },
-  ROUTESYNC_PEER_TOKEN: { key: 'peerToken', kind: 'string', fallback: '' },
+  ROUTESYNC_PEER_TOKEN: { key: 'peerToken', kind: 'token', fallback: '' },
   ROUTESYNC_PEER_TLS_CERT: { key: 'peerTlsCert', kind: 'file', fallback: '' },
   ROUTESYNC_PEER_TLS_KEY: { key: 'peerTlsKey', kind: 'file', fallback: '' },
   ROUTESYNC_PEER_TLS_CA: { key: 'peerTlsCa', kind: 'file', fallback: '' },
@@ -203,10 +203,21 @@ function parseValue(variable: string, setting: Setting, raw: string): unknown {
       if (!(LEVELS as readonly string[]).includes(text)) throw new ConfigError(variable, `"${raw}" is not one of ${LEVELS.join(', ')}`);
       return text;
     }
+    case 'token':
+      return parsePeerToken(raw);
     case 'file':
     case 'string':
       return raw.trim();
   }
+}
+
+/**
+ * The peer token as the replica and `routesync ctl` both read it (from ROUTESYNC_PEER_TOKEN or
+ * a file): surrounding whitespace trimmed, since a Kubernetes Secret written with `echo` ends in
+ * a newline. One function, so that a token that works between replicas works for ctl too.
+ */
+export function parsePeerToken(raw: string): string {
+  return raw.trim();
 }
 
 /**

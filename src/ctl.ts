@@ -10,6 +10,7 @@
 import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { Agent, type Dispatcher } from 'undici';
+import { parsePeerToken } from './config.js';
 
 export const EXIT_OK = 0;
 export const EXIT_DIFFERENT = 1;
@@ -181,14 +182,19 @@ export function origin(address: string, what: string): string {
   return url.origin;
 }
 
+/** The peer token, read exactly as the replica reads it (parsePeerToken), so the same Secret works for both. */
 function readToken(file: string | undefined, env: NodeJS.ProcessEnv): string {
-  if (file === undefined) return env.ROUTESYNC_PEER_TOKEN ?? '';
-  try {
-    return readFileSync(file, 'utf8').trim();
-  } catch (error) {
-    // The path only: the content is a secret.
-    throw usage(`--token-file: cannot read "${file}" (${(error as { code?: string }).code ?? (error as Error).message})`);
+  let raw: string;
+  if (file === undefined) raw = env.ROUTESYNC_PEER_TOKEN ?? '';
+  else {
+    try {
+      raw = readFileSync(file, 'utf8');
+    } catch (error) {
+      // The path only: the content is a secret.
+      throw usage(`--token-file: cannot read "${file}" (${(error as { code?: string }).code ?? (error as Error).message})`);
+    }
   }
+  return parsePeerToken(raw);
 }
 
 /** TLS material for https:// addresses: flags first, then the variables the replica itself reads. */

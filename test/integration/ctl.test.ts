@@ -228,6 +228,13 @@ describe('routesync ctl diff', () => {
     expect(json.differingBuckets.length).toBeLessThan(json.a.buckets);
   });
 
+  it('reads ROUTESYNC_PEER_TOKEN as the replica does: a Secret value ending in a newline authenticates', async () => {
+    // Inside the sidecar (kubectl exec) ctl sees the replica's own variable, newline included.
+    const run = await ctl(['diff', hostPort(a.peerUrl), hostPort(b.peerUrl)], { ROUTESYNC_PEER_TOKEN: ` ${TOKEN}\n` });
+    expect(run.stderr).toBe('');
+    expect([EXIT_OK, EXIT_DIFFERENT]).toContain(run.code);
+  });
+
   it('without the peer token: exit 3 and a line that names the token, not its value', async () => {
     const run = await ctl(['diff', hostPort(a.peerUrl), hostPort(b.peerUrl)], {});
     expect(run.code).toBe(EXIT_UNREACHABLE);
