@@ -204,20 +204,30 @@ function parseValue(variable: string, setting: Setting, raw: string): unknown {
       return text;
     }
     case 'token':
-      return parsePeerToken(raw);
+      return parsePeerToken(raw, variable);
     case 'file':
     case 'string':
       return raw.trim();
   }
 }
 
+/** Visible ASCII (RFC 9110's VCHAR), what a token in `Authorization: Bearer <token>` can hold. */
+const VISIBLE_ASCII = /^[\x21-\x7e]*$/;
+
 /**
  * The peer token as the replica and `routesync ctl` both read it (from ROUTESYNC_PEER_TOKEN or
  * a file): surrounding whitespace trimmed, since a Kubernetes Secret written with `echo` ends in
- * a newline. One function, so that a token that works between replicas works for ctl too.
+ * a newline; then visible ASCII only, since it travels in a header: a character outside
+ * Latin-1 or an inner newline cannot be sent at all (every push would fail), and a space or
+ * other control character is not a bearer token. One function, so that a token that works
+ * between replicas works for ctl too. The message never shows the value: it is a secret.
  */
-export function parsePeerToken(raw: string): string {
-  return raw.trim();
+export function parsePeerToken(raw: string, variable = 'ROUTESYNC_PEER_TOKEN'): string {
+  const token = raw.trim();
+  if (!VISIBLE_ASCII.test(token)) {
+    throw new ConfigError(variable, 'the token may hold only visible ASCII characters (no spaces, control characters or non-ASCII); value not shown');
+  }
+  return token;
 }
 
 /**

@@ -10,7 +10,7 @@
 import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { Agent, type Dispatcher } from 'undici';
-import { parsePeerToken } from './config.js';
+import { ConfigError, parsePeerToken } from './config.js';
 
 export const EXIT_OK = 0;
 export const EXIT_DIFFERENT = 1;
@@ -194,7 +194,13 @@ function readToken(file: string | undefined, env: NodeJS.ProcessEnv): string {
       throw usage(`--token-file: cannot read "${file}" (${(error as { code?: string }).code ?? (error as Error).message})`);
     }
   }
-  return parsePeerToken(raw);
+  try {
+    return parsePeerToken(raw, file === undefined ? 'ROUTESYNC_PEER_TOKEN' : '--token-file');
+  } catch (error) {
+    // A token that cannot be sent is a usage error, not an unreachable peer.
+    if (error instanceof ConfigError) throw usage(error.message);
+    throw error;
+  }
 }
 
 /** TLS material for https:// addresses: flags first, then the variables the replica itself reads. */

@@ -235,6 +235,18 @@ describe('routesync ctl diff', () => {
     expect([EXIT_OK, EXIT_DIFFERENT]).toContain(run.code);
   });
 
+  it('a token that cannot be sent in a header is a usage error (exit 2) naming its source, not "unreachable"', async () => {
+    const fromEnv = await ctl(['diff', hostPort(a.peerUrl), hostPort(b.peerUrl)], { ROUTESYNC_PEER_TOKEN: 'ctl-two\nlines-SECRET' });
+    expect(fromEnv.code).toBe(EXIT_USAGE);
+    expect(fromEnv.stderr).toMatch(/^routesync ctl: invalid ROUTESYNC_PEER_TOKEN: the token may hold only visible ASCII/);
+    const badFile = join(mkdtempSync(join(tmpdir(), 'routesync-ctl-')), 'token');
+    writeFileSync(badFile, 'ctl-pass\u20acphrase-SECRET\n');
+    const fromFile = await ctl(['diff', hostPort(a.peerUrl), hostPort(b.peerUrl), '--token-file', badFile]);
+    expect(fromFile.code).toBe(EXIT_USAGE);
+    expect(fromFile.stderr).toMatch(/^routesync ctl: invalid --token-file: /);
+    for (const text of [fromEnv.stderr, fromFile.stderr]) expect(text).not.toContain('SECRET');
+  });
+
   it('without the peer token: exit 3 and a line that names the token, not its value', async () => {
     const run = await ctl(['diff', hostPort(a.peerUrl), hostPort(b.peerUrl)], {});
     expect(run.code).toBe(EXIT_UNREACHABLE);

@@ -43,4 +43,23 @@ describe('configuration', () => {
     }
     expect(() => loadConfig({}, ['--no-such-flag', '1'])).toThrow(/^invalid command line:/);
   });
+
+  it('reads the peer token trimmed, and refuses one that cannot travel in a header, naming the variable and never the value', () => {
+    expect(loadConfig({ ROUTESYNC_PEER_TOKEN: '  tok-1_~!./+=\n' }).peerToken).toBe('tok-1_~!./+=');
+    expect(loadConfig({ ROUTESYNC_PEER_TOKEN: '\n' }).peerToken).toBe('');
+    for (const token of ['pass\u20acphrase-1', 'caf\u00e9-latin1', 'two\nlines', 'with space', 'tab\there', 'nul\u0000byte', 'del\u007f']) {
+      let error: unknown;
+      try {
+        loadConfig({ ROUTESYNC_PEER_TOKEN: token });
+      } catch (caught) {
+        error = caught;
+      }
+      expect(error, JSON.stringify(token)).toBeInstanceOf(ConfigError);
+      const message = (error as ConfigError).message;
+      expect(message).toMatch(/^invalid ROUTESYNC_PEER_TOKEN: the token may hold only visible ASCII characters/);
+      expect(message).not.toContain(token.slice(0, 4));
+      expect(message.includes('\n')).toBe(false);
+    }
+    expect(() => loadConfig({}, ['--peer-token', 'pass\u20acphrase'])).toThrow(/^invalid --peer-token: /);
+  });
 });
