@@ -256,8 +256,13 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, argv: readonly 
   if (config.self !== '' && !parseHostPort(config.self)) {
     throw new ConfigError('ROUTESYNC_SELF', `"${config.self}" is not host:port`);
   }
-  if (config.peerDns !== '' && !/^[A-Za-z0-9.-]+(?::\d{1,5})?$/.test(config.peerDns)) {
-    throw new ConfigError('ROUTESYNC_PEER_DNS', `"${config.peerDns}" is not a DNS name (name or name:port)`);
+  if (config.peerDns !== '') {
+    const match = /^[A-Za-z0-9.-]+(?::(\d{1,5}))?$/.exec(config.peerDns);
+    if (!match) throw new ConfigError('ROUTESYNC_PEER_DNS', `"${config.peerDns}" is not a DNS name (name or name:port)`);
+    const port = match[1] === undefined ? undefined : Number(match[1]);
+    if (port !== undefined && (port < 1 || port > 65_535)) {
+      throw new ConfigError('ROUTESYNC_PEER_DNS', `port ${match[1]} in "${config.peerDns}" is not 1-65535`);
+    }
   }
   for (const server of config.peerDnsServers.split(',').map((part) => part.trim()).filter((part) => part !== '')) {
     const hostPort = parseHostPort(server);

@@ -36,12 +36,22 @@ describe('configuration', () => {
       [{ ROUTESYNC_DEFAULT_SANDBOX_PORT: '70000' }, /^invalid ROUTESYNC_DEFAULT_SANDBOX_PORT:/],
       [{ ROUTESYNC_RETRY_MIN_MS: '60', ROUTESYNC_RETRY_MAX_MS: '80' }, /^invalid ROUTESYNC_SYNC_RETRIES: worst-case total backoff/],
       [{ ROUTESYNC_PEER_TLS_CERT: '/tmp/cert.pem' }, /^invalid ROUTESYNC_PEER_TLS_KEY:/],
+      [{ ROUTESYNC_PEER_DNS: 'routesync-peers.ns.svc.cluster.local:0' }, /^invalid ROUTESYNC_PEER_DNS: port 0 in "routesync-peers.ns.svc.cluster.local:0" is not 1-65535$/],
+      [{ ROUTESYNC_PEER_DNS: 'routesync-peers:65536' }, /^invalid ROUTESYNC_PEER_DNS: port 65536 /],
+      [{ ROUTESYNC_PEER_DNS: 'routesync-peers:99999' }, /^invalid ROUTESYNC_PEER_DNS: port 99999 /],
+      [{ ROUTESYNC_PEER_DNS: 'routesync-peers:00000' }, /^invalid ROUTESYNC_PEER_DNS: port 00000 /],
     ];
     for (const [env, message] of cases) {
       expect(() => loadConfig(env)).toThrow(ConfigError);
       expect(() => loadConfig(env)).toThrow(message);
     }
     expect(() => loadConfig({}, ['--no-such-flag', '1'])).toThrow(/^invalid command line:/);
+  });
+
+  it('takes ROUTESYNC_PEER_DNS as name or name:port with a port of 1-65535', () => {
+    for (const value of ['routesync-peers', 'routesync-peers.ns.svc.cluster.local:7789', 'peers:1', 'peers:65535']) {
+      expect(loadConfig({ ROUTESYNC_PEER_DNS: value }).peerDns).toBe(value);
+    }
   });
 
   it('reads the peer token trimmed, and refuses one that cannot travel in a header, naming the variable and never the value', () => {
