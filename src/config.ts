@@ -271,6 +271,18 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, argv: readonly 
       throw new ConfigError('ROUTESYNC_PEER_DNS_SERVERS', `"${server}" is not an IP address or ip:port`);
     }
   }
+  // A replica that goes half a fence TTL without a completed round is suspect (its peers stop
+  // pulling from it and its next round rebuilds its table); healthy replicas must never get there.
+  const longestIntervalMs = maxReconcileIntervalMs(config.tombstoneTtlMs);
+  if (config.reconcileIntervalMs > longestIntervalMs) {
+    throw new ConfigError(
+      'ROUTESYNC_RECONCILE_INTERVAL_MS',
+      `${config.reconcileIntervalMs} ms is too long for ROUTESYNC_TOMBSTONE_TTL_MS ${config.tombstoneTtlMs} ms: rounds come up to ` +
+        `${RECONCILE_JITTER_MAX} intervals apart and a replica turns suspect after half the TTL without one; ` +
+        `${RECONCILE_GAPS_PER_SUSPECT_WINDOW} such gaps must fit in it, so the interval must stay below TTL / ${RECONCILE_INTERVALS_PER_TTL} ` +
+        `(at most ${longestIntervalMs} ms) or the TTL above ${RECONCILE_INTERVALS_PER_TTL} intervals`,
+    );
+  }
   if (config.retryMinMs > config.retryMaxMs) {
     throw new ConfigError('ROUTESYNC_RETRY_MIN_MS', `${config.retryMinMs} is above ROUTESYNC_RETRY_MAX_MS ${config.retryMaxMs}`);
   }
@@ -346,6 +358,30 @@ export function readPeerTls(
 
 function firstLine(text: string): string {
   return text.split('\n')[0] ?? text;
+}
+
+/** The reconcile timer's longest wait, in intervals (src/peers/reconcile.ts: 0.75-1.25 x, the ±25 % jitter). */
+export const RECONCILE_JITTER_MAX = 1.25;
+/** A replica without a completed round for this fraction of the fence TTL is suspect (reconcile.ts SUSPECT_AFTER_TTL_FRACTION). */
+export const SUSPECT_AFTER_TTL_FRACTION = 0.5;
+/**
+ * The safety margin: this many of the longest gaps between rounds fit in the suspect window, so
+ * a replica that loses one round (its peer was restarting, a request failed) is still trusted.
+ */
+export const RECONCILE_GAPS_PER_SUSPECT_WINDOW = 2;
+
+/** So the interval must stay below TTL / 5. */
+const RECONCILE_INTERVALS_PER_TTL = (RECONCILE_GAPS_PER_SUSPECT_WINDOW * RECONCILE_JITTER_MAX) / SUSPECT_AFTER_TTL_FRACTION;
+
+/**
+ * The longest ROUTESYNC_RECONCILE_INTERVAL_MS for a fence TTL, in whole ms: below TTL / 5
+ * (119,999 ms for the default 10 minutes). Past 50 peers reconcile.ts stretches the interval by
+ * peers / 50, so the same margin holds up to 50 × TTL / (5 × interval) peers (1,200 with the
+ * defaults); beyond that the margin shrinks, and past twice as many even a round at every
+ * longest wait is too late.
+ */
+export function maxReconcileIntervalMs(tombstoneTtlMs: number): number {
+  return Math.ceil(tombstoneTtlMs / RECONCILE_INTERVALS_PER_TTL) - 1;
 }
 
 /** Sum of p-retry's waits with `randomize` at its maximum (factor 2), exponent 2. */

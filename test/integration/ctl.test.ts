@@ -175,8 +175,9 @@ describe('routesync ctl diff', () => {
   let tokenFile: string;
 
   beforeAll(async () => {
-    // Reconciliation stays out of the way (one round an hour), so the differences made below last.
-    [a, b] = (await startCluster(2, { ROUTESYNC_PEER_TOKEN: TOKEN, ROUTESYNC_RECONCILE_INTERVAL_MS: '3600000' })) as [TestReplica, TestReplica];
+    // Reconciliation stays out of the way (one round an hour, which the 7-day fence TTL allows),
+    // so the differences made below last.
+    [a, b] = (await startCluster(2, { ROUTESYNC_PEER_TOKEN: TOKEN, ROUTESYNC_RECONCILE_INTERVAL_MS: '3600000', ROUTESYNC_TOMBSTONE_TTL_MS: '604800000' })) as [TestReplica, TestReplica];
     tokenFile = join(mkdtempSync(join(tmpdir(), 'routesync-ctl-')), 'token');
     writeFileSync(tokenFile, `${TOKEN}\n`);
   });

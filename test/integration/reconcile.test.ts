@@ -197,7 +197,8 @@ describe('anti-entropy rounds', () => {
   });
 
   it('with 100,000 routes and one difference, a round moves a small number of bytes', async () => {
-    const [a, b] = await cluster(2, { ROUTESYNC_RECONCILE_INTERVAL_MS: '3600000' });
+    // No timer round during the test (one an hour; the 7-day fence TTL is what allows that interval).
+    const [a, b] = await cluster(2, { ROUTESYNC_RECONCILE_INTERVAL_MS: '3600000', ROUTESYNC_TOMBSTONE_TTL_MS: '604800000' });
     const changes = Array.from({ length: 100_000 }, (_, i) =>
       parseChange({ namespace: `ns-${i % 50}`, name: `sandbox-${i}`, id: `sb-${i}`, uid: `uid-${i}`, resourceVersion: String(100 + i), ip: `10.${(i >> 16) & 255}.${(i >> 8) & 255}.${i & 255}`, state: 'Running' }),
     );
@@ -469,7 +470,7 @@ describe('wire contract', () => {
 
   it('puts digest and pull behind the peer token, and never logs the routes it serves', async () => {
     const token = 'peer-token-for-reconcile-test';
-    const [a, b] = await cluster(2, { ROUTESYNC_PEER_TOKEN: token, ROUTESYNC_RECONCILE_INTERVAL_MS: '3600000' });
+    const [a, b] = await cluster(2, { ROUTESYNC_PEER_TOKEN: token, ROUTESYNC_RECONCILE_INTERVAL_MS: '3600000', ROUTESYNC_TOMBSTONE_TTL_MS: '604800000' });
     expect((await fetch(`${a!.peerUrl}/v1/peer/digest`)).status).toBe(401);
     expect((await fetch(`${a!.peerUrl}/v1/peer/pull`, { method: 'POST', body: '{"buckets":[0]}' })).status).toBe(401);
     const ok = await fetch(`${a!.peerUrl}/v1/peer/digest?root=1`, { headers: { authorization: `Bearer ${token}` } });

@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { ConfigError, loadConfig, worstCaseBackoffMs } from '../../src/config.js';
+import { ConfigError, loadConfig, maxReconcileIntervalMs, RECONCILE_JITTER_MAX, SUSPECT_AFTER_TTL_FRACTION, worstCaseBackoffMs } from '../../src/config.js';
+import { SUSPECT_AFTER_TTL_FRACTION as RECONCILER_SUSPECT_FRACTION } from '../../src/peers/reconcile.js';
 
 describe('configuration', () => {
   it('runs a single replica out of the box', () => {
@@ -71,5 +72,25 @@ describe('configuration', () => {
       expect(message.includes('\n')).toBe(false);
     }
     expect(() => loadConfig({}, ['--peer-token', 'pass\u20acphrase'])).toThrow(/^invalid --peer-token: /);
+  });
+
+  it('refuses a reconcile interval at which healthy replicas could turn suspect, naming both variables', () => {
+    // Suspect after half the TTL without a round; rounds up to 1.25 intervals apart; two such gaps must fit.
+    expect(SUSPECT_AFTER_TTL_FRACTION).toBe(RECONCILER_SUSPECT_FRACTION);
+    const tooLong = () => loadConfig({ ROUTESYNC_TOMBSTONE_TTL_MS: '2000', ROUTESYNC_RECONCILE_INTERVAL_MS: '1600' });
+    expect(tooLong).toThrow(ConfigError);
+    expect(tooLong).toThrow(/^invalid ROUTESYNC_RECONCILE_INTERVAL_MS: 1600 ms is too long for ROUTESYNC_TOMBSTONE_TTL_MS 2000 ms: .*\(at most 399 ms\)/);
+    expect(loadConfig({ ROUTESYNC_TOMBSTONE_TTL_MS: '2000', ROUTESYNC_RECONCILE_INTERVAL_MS: '399' }).reconcileIntervalMs).toBe(399);
+    expect(() => loadConfig({ ROUTESYNC_TOMBSTONE_TTL_MS: '2000', ROUTESYNC_RECONCILE_INTERVAL_MS: '400' })).toThrow(ConfigError);
+    // The default TTL (10 min) allows up to just under 2 min; an hour needs a longer TTL.
+    expect(loadConfig({ ROUTESYNC_RECONCILE_INTERVAL_MS: '119999' }).reconcileIntervalMs).toBe(119_999);
+    expect(() => loadConfig({ ROUTESYNC_RECONCILE_INTERVAL_MS: '120000' })).toThrow(/ROUTESYNC_TOMBSTONE_TTL_MS/);
+    expect(() => loadConfig({}, ['--reconcile-interval-ms=3600000'])).toThrow(/^invalid ROUTESYNC_RECONCILE_INTERVAL_MS: /);
+    expect(loadConfig({ ROUTESYNC_RECONCILE_INTERVAL_MS: '3600000', ROUTESYNC_TOMBSTONE_TTL_MS: '604800000' }).reconcileIntervalMs).toBe(3_600_000);
+    for (const ttlMs of [250, 1001, 2000, 600_000, 604_800_000]) {
+      const longest = maxReconcileIntervalMs(ttlMs);
+      expect(2 * RECONCILE_JITTER_MAX * longest, `TTL ${ttlMs}`).toBeLessThan(ttlMs * SUSPECT_AFTER_TTL_FRACTION);
+      expect(2 * RECONCILE_JITTER_MAX * (longest + 1), `TTL ${ttlMs}`).toBeGreaterThanOrEqual(ttlMs * SUSPECT_AFTER_TTL_FRACTION);
+    }
   });
 });
