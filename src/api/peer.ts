@@ -30,12 +30,18 @@ export interface PeerApiDeps {
   readonly extend?: (router: Router) => void;
 }
 
-/** `Authorization: Bearer <token>`, compared in constant time over equal-length digests. */
+/** The auth scheme and the one space after it; matched without regard to case (RFC 9110 §11.1). */
+const BEARER_PREFIX = 'bearer ';
+
+/** `Authorization: Bearer <token>`, the token compared in constant time over equal-length digests. */
 export function bearerAuth(token: string): RequestHandler {
-  const expected = createHash('sha256').update(`Bearer ${token}`).digest();
+  const expected = createHash('sha256').update(token).digest();
   return (req, res, next) => {
-    const given = createHash('sha256').update(req.headers.authorization ?? '').digest();
-    if (!timingSafeEqual(given, expected)) {
+    const header = req.headers.authorization ?? '';
+    const scheme = header.slice(0, BEARER_PREFIX.length).toLowerCase() === BEARER_PREFIX;
+    const given = createHash('sha256').update(scheme ? header.slice(BEARER_PREFIX.length) : '').digest();
+    // The token is never empty here (no token, no bearerAuth), so a header without the scheme cannot match.
+    if (!scheme || !timingSafeEqual(given, expected)) {
       res.setHeader('WWW-Authenticate', 'Bearer realm="routesync-peer"');
       sendError(res, 401, 'unauthorized', 'a valid peer token is required');
       return;

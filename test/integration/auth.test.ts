@@ -79,6 +79,10 @@ describe('peer token', () => {
     // The right token opens every endpoint.
     const authorization = `Bearer ${TOKEN}`;
     expect((await fetch(`${b.peerUrl}/v1/peer/digest?root=1`, { headers: { authorization } })).status).toBe(200);
+    // The scheme is case-insensitive (RFC 9110 §11.1); the token is not (see WRONG).
+    for (const scheme of ['bearer', 'BEARER', 'bEaReR']) {
+      expect((await fetch(`${b.peerUrl}/v1/peer/digest?root=1`, { headers: { authorization: `${scheme} ${TOKEN}` } })).status, scheme).toBe(200);
+    }
     const pulled = await fetch(`${b.peerUrl}/v1/peer/pull`, { method: 'POST', headers: { authorization }, body: '{"buckets":[0]}' });
     expect(pulled.status).toBe(200);
   });
