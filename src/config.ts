@@ -144,6 +144,9 @@ export const SETTINGS: Readonly<Record<string, Setting>> = {
   ROUTESYNC_LOG_LEVEL: { key: 'logLevel', kind: 'level', fallback: 'info' },
 };
 
+/** Dot-separated labels of letters, digits and inner hyphens, each at most 63 characters. */
+const DNS_DOMAIN = /^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$/;
+
 /** `ROUTESYNC_SYNC_DEADLINE_MS` -> `sync-deadline-ms`. */
 export function flagName(variable: string): string {
   return variable.replace(/^ROUTESYNC_/, '').toLowerCase().replaceAll('_', '-');
@@ -262,6 +265,13 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, argv: readonly 
     const port = match[1] === undefined ? undefined : Number(match[1]);
     if (port !== undefined && (port < 1 || port > 65_535)) {
       throw new ConfigError('ROUTESYNC_PEER_DNS', `port ${match[1]} in "${config.peerDns}" is not 1-65535`);
+    }
+  }
+  if (config.proxyDomain !== '') {
+    // The data plane compares the Host's domain with this exactly: a leading or trailing dot, a
+    // port or a wildcard would silently match no request and turn host-form routing off.
+    if (config.proxyDomain.length > 253 || !DNS_DOMAIN.test(config.proxyDomain)) {
+      throw new ConfigError('ROUTESYNC_PROXY_DOMAIN', `"${config.proxyDomain}" is not a DNS domain such as sandbox.example.com (no leading or trailing dot, port or wildcard)`);
     }
   }
   for (const server of config.peerDnsServers.split(',').map((part) => part.trim()).filter((part) => part !== '')) {

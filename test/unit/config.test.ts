@@ -93,4 +93,14 @@ describe('configuration', () => {
       expect(2 * RECONCILE_JITTER_MAX * (longest + 1), `TTL ${ttlMs}`).toBeGreaterThanOrEqual(ttlMs * SUSPECT_AFTER_TTL_FRACTION);
     }
   });
+
+  it('refuses a ROUTESYNC_PROXY_DOMAIN that no Host could match, instead of silently turning host routing off', () => {
+    for (const domain of ['sandbox.example.com', 'Sandbox.Example.COM', 'localhost', 'a-1.b2.io', `${'a'.repeat(63)}.io`]) {
+      expect(loadConfig({ ROUTESYNC_PROXY_DOMAIN: domain }).proxyDomain, domain).toBe(domain);
+    }
+    expect(loadConfig({ ROUTESYNC_PROXY_DOMAIN: '  sandbox.example.com\n' }).proxyDomain).toBe('sandbox.example.com');
+    for (const domain of ['.sandbox.example.com', 'sandbox.example.com.', 'sandbox..example.com', '*.sandbox.example.com', 'sandbox.example.com:8080', 'https://sandbox.example.com', '-x.io', 'x-.io', 'sand box.io', `${'a'.repeat(64)}.io`]) {
+      expect(() => loadConfig({ ROUTESYNC_PROXY_DOMAIN: domain }), domain).toThrow(/^invalid ROUTESYNC_PROXY_DOMAIN: .* is not a DNS domain/);
+    }
+  });
 });
