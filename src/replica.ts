@@ -29,6 +29,12 @@ export interface ReplicaOptions {
   readonly processMetrics?: boolean;
   /** Test hook: called for every peer request this replica sends. */
   readonly onPeerRequest?: (peer: string, path: string) => void;
+  /**
+   * Test hook: false starts no reconcile timer, so rounds run only when a test calls
+   * `reconciler.runRound()` (the interval cannot be made long enough for that with a short
+   * fence TTL: config refuses an interval of TTL / 5 or more).
+   */
+  readonly reconcileTimer?: boolean;
   /** The peer TLS material, when the caller has read it already (main.ts, to fail with exit 2); read from config otherwise. */
   readonly peerTls?: PeerTlsMaterial;
 }
@@ -72,7 +78,7 @@ export class Replica {
 
   private constructor(
     readonly config: Config,
-    options: ReplicaOptions,
+    private readonly options: ReplicaOptions,
   ) {
     this.logger = createLogger({
       level: config.logLevel,
@@ -233,7 +239,7 @@ export class Replica {
       // bootstrap ends during the drain.
       if (this.shuttingDown || this.closing) return this.resolveBootstrapped(outcome);
       this.ready = true;
-      this.reconciler.start();
+      if (this.options.reconcileTimer !== false) this.reconciler.start();
       this.logger.info({ bootstrap: outcome, routes: this.table.size }, 'ready');
       this.resolveBootstrapped(outcome);
     });

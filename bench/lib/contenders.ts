@@ -197,7 +197,10 @@ export async function startRoutesync(options: RoutesyncOptions): Promise<Routesy
     ROUTESYNC_PEERS: options.peers.join(','),
     ROUTESYNC_LOG_LEVEL: 'warn',
     ROUTESYNC_ACCESS_LOG: 'false',
+    // No reconcile round during a measurement; config requires the interval below TTL / 5, and
+    // the benchmarks make no deletions, so the longest TTL changes nothing else.
     ROUTESYNC_RECONCILE_INTERVAL_MS: '3600000',
+    ROUTESYNC_TOMBSTONE_TTL_MS: '604800000',
     ...options.env,
   };
   const child = start({ name: options.name ?? `routesync ${host}`, script: entry.script, tsx: entry.tsx, env, nodeFlags: [...NODE_FLAGS, ...(options.nodeFlags ?? [])] });

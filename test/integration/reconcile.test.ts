@@ -5,7 +5,7 @@ import type { AddressInfo } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import { configFromEnv } from '../../src/config.js';
 import { PULL_BUCKETS_PER_REQUEST } from '../../src/peers/reconcile.js';
-import { Replica } from '../../src/replica.js';
+import { Replica, type ReplicaOptions } from '../../src/replica.js';
 import { changeToWire, parseChange, type Route } from '../../src/routes/route.js';
 import { FakePeer } from '../helpers/fake-peer.js';
 import { LogSink, TEST_ENV, makeRoute, putRoute } from '../helpers/cluster.js';
@@ -30,11 +30,12 @@ afterEach(async () => {
   await Promise.all(fakes.splice(0).map((peer) => peer.close()));
 });
 
-async function start(env: Record<string, string> = {}): Promise<Node> {
+async function start(env: Record<string, string> = {}, options: ReplicaOptions = {}): Promise<Node> {
   const logs = new LogSink();
   const requests: { peer: string; path: string }[] = [];
   const hook: { node?: Node } = {};
   const replica = await Replica.start(configFromEnv({ ...TEST_ENV, ...env }), {
+    ...options,
     logDestination: logs,
     processMetrics: false,
     onPeerRequest: (peer, path) => {
@@ -49,9 +50,9 @@ async function start(env: Record<string, string> = {}): Promise<Node> {
 }
 
 /** N replicas that know each other from the start (static peers), on fixed ports picked by a first bind. */
-async function cluster(count: number, env: Record<string, string> = {}): Promise<Node[]> {
+async function cluster(count: number, env: Record<string, string> = {}, options: ReplicaOptions = {}): Promise<Node[]> {
   const started: Node[] = [];
-  for (let i = 0; i < count; i++) started.push(await start(env));
+  for (let i = 0; i < count; i++) started.push(await start(env, options));
   for (const node of started) node.replica.sync.setPeers(started.filter((other) => other !== node).map((other) => other.replica.addresses.peer));
   await Promise.all(started.map((node) => node.replica.bootstrapped));
   return started;
@@ -77,6 +78,7 @@ async function coldCluster(
   count: number,
   extra: Record<string, string>,
   otherPeers: readonly string[] = [],
+  options: ReplicaOptions = {},
 ): Promise<{ started: Node[]; env: (i: number) => Record<string, string>; addresses: string[] }> {
   const addresses = (await Promise.all(Array.from({ length: count }, () => freePort()))).map((port) => `127.0.0.1:${port}`);
   const env = (i: number) => ({
@@ -85,9 +87,12 @@ async function coldCluster(
     ROUTESYNC_SELF: addresses[i]!,
     ROUTESYNC_PEERS: [...addresses.filter((_, j) => j !== i), ...otherPeers].join(','),
   });
-  const started = await Promise.all(addresses.map((_, i) => start(env(i))));
+  const started = await Promise.all(addresses.map((_, i) => start(env(i), options)));
   return { started, env, addresses };
 }
+
+/** Rounds only when the test runs them (a short fence TTL rules out an interval long enough for that). */
+const MANUAL_ROUNDS: ReplicaOptions = { reconcileTimer: false };
 
 async function counter(metric: { get(): Promise<{ values: { value: number; labels: Record<string, unknown> }[] }> }, labels: Record<string, string> = {}): Promise<number> {
   const { values } = await metric.get();
@@ -296,7 +301,7 @@ describe('suspect tables and trust', () => {
 
 describe('a fleet that starts together', () => {
   it('seeds itself when every peer answered unseeded, so a replica restarted later bootstraps the whole table', async () => {
-    const { started, env } = await coldCluster(3, { ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '1000', ROUTESYNC_RECONCILE_INTERVAL_MS: '3600000' });
+    const { started, env } = await coldCluster(3, { ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '1000' }, [], MANUAL_ROUNDS);
     // No peer can be bootstrapped from (each is bootstrapping), so each waits out the timeout.
     expect(await Promise.all(started.map((node) => node.replica.bootstrapped))).not.toContain('no_peers');
     expect(started.map((node) => node.replica.reconciler.isSeeded())).toEqual([true, true, true]);
@@ -309,18 +314,23 @@ describe('a fleet that starts together', () => {
     const victim = started[2]!;
     await victim.replica.close();
     nodes.splice(nodes.indexOf(victim), 1);
-    const restarted = await start(env(2));
+    const restarted = await start(env(2), MANUAL_ROUNDS);
     expect(await restarted.replica.bootstrapped).toBe('pulled');
     expect(restarted.replica.table.size).toBe(20);
     expect(restarted.replica.reconciler.isSeeded()).toBe(true);
   });
 
   it('then cut off for longer than the fence TTL, a replica rebuilds from a seeded peer and a route deleted meanwhile stays deleted', async () => {
-    const { started, addresses } = await coldCluster(3, {
-      ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '500',
-      ROUTESYNC_TOMBSTONE_TTL_MS: '1500', // suspect after 750 ms out of contact
-      ROUTESYNC_RECONCILE_INTERVAL_MS: '3600000', // rounds only when the test runs them
-    });
+    const { started, addresses } = await coldCluster(
+      3,
+      {
+        ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '500',
+        ROUTESYNC_TOMBSTONE_TTL_MS: '1500', // suspect after 750 ms out of contact
+        ROUTESYNC_RECONCILE_INTERVAL_MS: '100', // below TTL / 5, as config requires; no timer runs it
+      },
+      [],
+      MANUAL_ROUNDS,
+    );
     await Promise.all(started.map((node) => node.replica.bootstrapped));
     const [a, b, c] = started.map((node) => node.replica) as [Replica, Replica, Replica];
     const route = makeRoute({ namespace: 'cold', resourceVersion: '7' });
@@ -357,7 +367,7 @@ describe('a fleet that starts together', () => {
   it('does not seed itself while any peer has not answered: that one may be seeded and cut off', async () => {
     // Both list a third peer that never answers.
     const dead = `127.0.0.1:${await freePort()}`;
-    const { started } = await coldCluster(2, { ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '500', ROUTESYNC_RECONCILE_INTERVAL_MS: '3600000' }, [dead]);
+    const { started } = await coldCluster(2, { ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '500' }, [dead], MANUAL_ROUNDS);
     expect(await Promise.all(started.map((node) => node.replica.bootstrapped))).toEqual(['timeout', 'timeout']);
     expect(started.map((node) => node.replica.reconciler.isSeeded())).toEqual([false, false]);
   });
@@ -365,7 +375,7 @@ describe('a fleet that starts together', () => {
   it('a replica joining a fleet that is not seeded merges every peer\'s table before it seeds itself', async () => {
     const joinerAddress = `127.0.0.1:${await freePort()}`;
     // B turned ready unseeded (its only peer did not answer) and took routes since.
-    const b = await start({ ROUTESYNC_PEERS: `127.0.0.1:${await freePort()}`, ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '300', ROUTESYNC_RECONCILE_INTERVAL_MS: '3600000' });
+    const b = await start({ ROUTESYNC_PEERS: `127.0.0.1:${await freePort()}`, ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '300' }, MANUAL_ROUNDS);
     expect(await b.replica.bootstrapped).toBe('timeout');
     expect(b.replica.reconciler.isSeeded()).toBe(false);
     const routes = Array.from({ length: 10 }, () => makeRoute({ namespace: 'cold' }));
@@ -373,7 +383,7 @@ describe('a fleet that starts together', () => {
     // The joiner appears now, with an empty outbox: it can get the routes only by pulling them.
     b.replica.sync.setPeers([joinerAddress]);
 
-    const joiner = await start({ ROUTESYNC_PEER_ADDR: joinerAddress, ROUTESYNC_PEERS: b.replica.addresses.peer, ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '500', ROUTESYNC_RECONCILE_INTERVAL_MS: '3600000' });
+    const joiner = await start({ ROUTESYNC_PEER_ADDR: joinerAddress, ROUTESYNC_PEERS: b.replica.addresses.peer, ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '500' }, MANUAL_ROUNDS);
     expect(await joiner.replica.bootstrapped).toBe('timeout');
     // Ready with B's table already, and seeded: it holds all there is.
     expect(joiner.replica.table.size).toBe(10);
@@ -387,7 +397,7 @@ describe('a fleet that starts together', () => {
 
 describe('suspect rebuild', () => {
   it('never deletes a live route: one pushed to it while it rebuilds stays, one its source lacks is dropped here without a fence', async () => {
-    const [a, b, c] = await cluster(3, { ROUTESYNC_TOMBSTONE_TTL_MS: '1000', ROUTESYNC_RECONCILE_INTERVAL_MS: '3600000' });
+    const [a, b, c] = await cluster(3, { ROUTESYNC_TOMBSTONE_TTL_MS: '1000', ROUTESYNC_RECONCILE_INTERVAL_MS: '100' }, MANUAL_ROUNDS);
     c!.replica.faults.isolate();
     // A and B stay in contact (rounds only when the test runs them) while C turns suspect.
     await waitUntil(
