@@ -476,18 +476,37 @@ export class DataPlane {
     this.webSocketsByUpstream.set(upstream, ws);
     this.metrics.proxyWebsockets.inc();
     let open = 2;
-    const onClose = (): void => {
+    // Once one side has ended (FIN) or closed, the other gets webSocketCloseTimeoutMs to finish,
+    // then both are destroyed. The library only ends (FIN) the other side: a peer that never
+    // answers a FIN (a frozen sandbox, a client that vanished) would hold a half-closed socket
+    // forever, and one that no longer counts as open, so shutdown would not reach it either.
+    let lingerTimer: NodeJS.Timeout | undefined;
+    const linger = (): void => {
+      lingerTimer ??= setTimeout(() => {
+        client.destroy();
+        upstream.destroy();
+      }, this.webSocketCloseTimeoutMs);
+    };
+    const onClose = (other: Socket): void => {
       open -= 1;
       if (open === 1) {
-        // One side is gone: the library ends the other; the connection no longer counts.
+        // One side is gone: the other is flushed, closed and released (not just sent a FIN);
+        // the connection no longer counts.
         this.webSockets.delete(ws);
         this.metrics.proxyWebsockets.dec();
+        other.destroySoon();
+        linger();
         this.onQuietCheck?.();
       }
-      if (open === 0) resolveClosed();
+      if (open === 0) {
+        clearTimeout(lingerTimer);
+        resolveClosed();
+      }
     };
-    client.once('close', onClose);
-    upstream.once('close', onClose);
+    client.once('end', linger);
+    upstream.once('end', linger);
+    client.once('close', () => onClose(upstream));
+    upstream.once('close', () => onClose(client));
   }
 
   /** The library has piped the two sockets: start following frames in each direction. */

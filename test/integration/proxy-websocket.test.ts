@@ -2,7 +2,7 @@
 // refusals before the handshake, long-lived connections past the HTTP timeout, big and many
 // messages, and a clean close (1001) when the data plane shuts down.
 import { createHash, randomBytes } from 'node:crypto';
-import type { AddressInfo } from 'node:net';
+import net, { type AddressInfo } from 'node:net';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import WebSocket, { type RawData } from 'ws';
 import { proxyRequestCount, startDataPlane, type TestDataPlane } from '../helpers/data-plane.js';
@@ -290,6 +290,103 @@ describe('an open WebSocket', () => {
     ws.close(4000, 'done');
     expect((await sandboxClosed).code).toBe(4000);
     await upstream.waitForOpenSockets(0);
+  });
+});
+
+describe('a client that goes away from an open WebSocket, in front of a sandbox that ignores TCP half-close', () => {
+  // A sandbox that finishes the handshake and then ignores everything, a FIN included
+  // (allowHalfOpen): a frozen process, or a server that never reacts to half-close.
+  let frozen: net.Server;
+  let frozenSockets: net.Socket[];
+
+  beforeEach(async () => {
+    frozenSockets = [];
+    frozen = net.createServer({ allowHalfOpen: true }, (socket) => {
+      frozenSockets.push(socket);
+      socket.on('error', () => {});
+      socket.once('data', () => {
+        socket.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\n');
+        socket.resume();
+      });
+    });
+    await new Promise<void>((resolve) => frozen.listen(0, '127.0.0.1', () => resolve()));
+  });
+
+  afterEach(async () => {
+    for (const socket of frozenSockets) socket.destroy();
+    await new Promise<void>((resolve) => frozen.close(() => resolve()));
+  });
+
+  /** A raw client through the data plane to the frozen sandbox; resolves after the 101. */
+  async function openToFrozen(): Promise<{ client: net.Socket; sandbox: net.Socket }> {
+    const port = (frozen.address() as AddressInfo).port;
+    const client = net.connect({ port: dp.address.port, host: dp.address.address, allowHalfOpen: true });
+    client.on('error', () => {});
+    await new Promise<void>((resolve, reject) => {
+      let got = '';
+      client.on('data', (chunk: Buffer) => {
+        got += chunk.toString('latin1');
+        if (!got.includes('\r\n\r\n')) return;
+        if (got.startsWith('HTTP/1.1 101')) resolve();
+        else reject(new Error(got));
+      });
+      client.write(
+        `GET /kruise/ws/${port}/ HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`,
+      );
+    });
+    await waitUntil(() => frozenSockets.length === 1, 5000, 'the sandbox connection');
+    return { client, sandbox: frozenSockets[0]! };
+  }
+
+  /**
+   * The sandbox's connection is released once the data plane has closed its end completely:
+   * a half-closed end (FIN sent, still reading) accepts what the sandbox writes; a closed one
+   * answers with a reset. So the sandbox keeps writing a frame until it is reset.
+   */
+  async function sandboxConnectionReleased(sandbox: net.Socket): Promise<void> {
+    let gone = false;
+    sandbox.once('close', () => (gone = true));
+    const textFrame = Buffer.from([0x81, 0x01, 0x78]);
+    await waitUntil(
+      () => {
+        if (!gone && sandbox.writable) sandbox.write(textFrame);
+        return gone;
+      },
+      5000,
+      "the data plane to release the sandbox's connection",
+    );
+  }
+
+  function sawFin(sandbox: net.Socket): Promise<void> {
+    return new Promise((resolve) => sandbox.once('end', () => resolve()));
+  }
+
+  it('a client reset releases the upstream connection', async () => {
+    const { client, sandbox } = await openToFrozen();
+    const fin = sawFin(sandbox);
+    client.resetAndDestroy();
+    await fin;
+    await sandboxConnectionReleased(sandbox);
+  });
+
+  it('a client that closes its connection (FIN) releases the upstream connection', async () => {
+    const { client, sandbox } = await openToFrozen();
+    const fin = sawFin(sandbox);
+    client.destroy();
+    await fin;
+    await sandboxConnectionReleased(sandbox);
+  });
+
+  it('a client half-close the sandbox never answers: both connections are closed after the close timeout', async () => {
+    const { client, sandbox } = await openToFrozen();
+    const fin = sawFin(sandbox);
+    let clientClosed = false;
+    client.once('close', () => (clientClosed = true));
+    client.end();
+    await fin;
+    // The data plane gives the sandbox webSocketCloseTimeoutMs (2 s here) to finish, then closes both.
+    await waitUntil(() => clientClosed, 8000, 'the data plane to close the half-closed client connection');
+    await sandboxConnectionReleased(sandbox);
   });
 });
 
