@@ -137,6 +137,29 @@ function errorResponseHeaders(error: DataPlaneError, body: string): Record<strin
   };
 }
 
+/**
+ * Remove http-proxy-3's `deleteLength` web pass from this ProxyServer instance.
+ *
+ * That pass sets `Content-Length: 0` and deletes `Transfer-Encoding` on a DELETE or OPTIONS
+ * without a Content-Length, but the body is still piped upstream: a chunked body then reaches
+ * the pooled sandbox connection unframed and is parsed there as further requests (request
+ * smuggling: unadmitted, unlogged, with headers of the client's choosing). Without the pass
+ * the client's own framing header goes upstream and Node frames the body itself; a DELETE
+ * without a body goes without either header, which HTTP/1.1 reads as an empty body.
+ *
+ * The library's only public pass API (`before`/`after`) inserts passes; it cannot remove one,
+ * and undoing the pass's effect from another pass would depend on the pass order all the same.
+ * So this edits the instance's (TypeScript-private) `webPasses` list, per instance (the
+ * module's shared pass table is untouched). If the library renames the list, start-up fails
+ * here rather than silently smuggling again; `proxy.test.ts` ("a chunked DELETE or OPTIONS
+ * body...") pins the behaviour.
+ */
+function withoutDeleteLengthPass(proxy: ProxyServer): void {
+  const internals = proxy as unknown as { webPasses?: unknown };
+  if (!Array.isArray(internals.webPasses)) throw new Error('http-proxy-3 internals changed: ProxyServer.webPasses is not a list of passes');
+  internals.webPasses = internals.webPasses.filter((pass: unknown) => typeof pass !== 'function' || pass.name !== 'deleteLength');
+}
+
 export class DataPlane {
   readonly server: http.Server;
   private readonly config: Config;
@@ -172,6 +195,7 @@ export class DataPlane {
     });
     // xfwd off: headers.ts sets X-Forwarded-* itself (the library would trust client values).
     this.proxy = new ProxyServer({ agent: this.agent, xfwd: false, prependPath: false });
+    withoutDeleteLengthPass(this.proxy);
     this.proxy.on('error', (error, req) => this.onLibraryError(error, req));
     this.proxy.on('econnreset', (_error, req) => this.markClientGone(req));
     this.proxy.on('proxyReq', (proxyReq, req) => this.onProxyRequest(proxyReq, req));

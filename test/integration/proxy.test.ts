@@ -2,6 +2,7 @@
 // hygiene, access log and metrics.
 import { readFileSync } from 'node:fs';
 import http from 'node:http';
+import { Readable } from 'node:stream';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { ERROR_STATUS } from '../../src/proxy/target.js';
 import { proxyRequestCount, send, startDataPlane, type TestDataPlane } from '../helpers/data-plane.js';
@@ -133,6 +134,27 @@ describe('mapping forms reach the route upstream', () => {
     const head = await send(dp.address, { method: 'HEAD', path: `/kruise/sbx-methods/${upstream.port}/` });
     expect(head.status).toBe(200);
     expect(head.body).toBe('');
+  });
+
+  it('a chunked DELETE or OPTIONS body reaches the sandbox as that request\'s body, never as a request of its own', async () => {
+    dp.setRoute({ id: 'sbx-smuggle', ip: upstream.host });
+    const smuggled = 'GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n';
+    for (const method of ['DELETE', 'OPTIONS']) {
+      // No Content-Length: the body is framed by chunks, and must stay framed upstream.
+      const reply = await send(dp.address, {
+        method,
+        path: `/kruise/sbx-smuggle/${upstream.port}/echo`,
+        headers: { 'transfer-encoding': 'chunked' },
+        body: Readable.from([Buffer.from(smuggled)]),
+      });
+      expect(reply.body).toBe(smuggled);
+      // The next request on the pooled upstream connection gets its own answer.
+      const next = await send(dp.address, { path: `/kruise/sbx-smuggle/${upstream.port}/next` });
+      expect(next.json<Echo>().url).toBe('/next');
+    }
+    const bodyless = await send(dp.address, { method: 'DELETE', path: `/kruise/sbx-smuggle/${upstream.port}/echo` });
+    expect([bodyless.status, bodyless.body]).toEqual([200, '']);
+    expect(upstream.requests.map((request) => `${request.method} ${request.url}`)).toEqual(['DELETE /echo', 'GET /next', 'OPTIONS /echo', 'GET /next', 'DELETE /echo']);
   });
 });
 
