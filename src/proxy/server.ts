@@ -194,7 +194,10 @@ export class DataPlane {
       scheduling: 'lifo',
     });
     // xfwd off: headers.ts sets X-Forwarded-* itself (the library would trust client values).
-    this.proxy = new ProxyServer({ agent: this.agent, xfwd: false, prependPath: false });
+    // toProxy: the library sends req.url as it is (set to the origin-form target, see target.ts
+    // upstreamPath) instead of reparsing it as a WHATWG URL, which resolves dot segments, turns
+    // `\` into `/` and percent-encodes query characters (a signed query would break).
+    this.proxy = new ProxyServer({ agent: this.agent, xfwd: false, prependPath: false, toProxy: true });
     withoutDeleteLengthPass(this.proxy);
     this.proxy.on('error', (error, req) => this.onLibraryError(error, req));
     this.proxy.on('econnreset', (_error, req) => this.markClientGone(req));
@@ -275,7 +278,7 @@ export class DataPlane {
     exchange.port = decision.address.port;
 
     req.headers = upstreamRequestHeaders(req.headers, { remoteAddress: req.socket.remoteAddress, protocol: 'http', upgrade: false });
-    if (decision.address.upstreamPath !== undefined) req.url = decision.address.upstreamPath;
+    req.url = decision.address.upstreamPath;
     if (expectsContinue) res.writeContinue();
 
     exchange.timer = setTimeout(() => this.onUpstreamTimeout(exchange, res), this.config.proxyTimeoutMs);
@@ -437,7 +440,7 @@ export class DataPlane {
     exchange.port = decision.address.port;
 
     req.headers = upstreamRequestHeaders(req.headers, { remoteAddress: socket.remoteAddress, protocol: 'http', upgrade: true });
-    if (decision.address.upstreamPath !== undefined) req.url = decision.address.upstreamPath;
+    req.url = decision.address.upstreamPath;
     // The handshake is small: a hard deadline from the start (pooled-socket wait included).
     exchange.timer = setTimeout(() => {
       exchange.timer = undefined;

@@ -87,8 +87,13 @@ export interface SandboxAddress {
   readonly form: MappingForm;
   readonly sandboxId: string;
   readonly port: number;
-  /** Path and query to send upstream when the form rewrites it (path form); undefined = the request's own. */
-  readonly upstreamPath: string | undefined;
+  /**
+   * Path and query to send upstream, in origin form and byte for byte as the client sent them:
+   * the path form's `/<rest>` with the query, otherwise the request's own target (an
+   * absolute-form target reduced to its path and query). Never normalised: dot segments,
+   * backslashes and percent-encoding are the sandbox's to interpret.
+   */
+  readonly upstreamPath: string;
 }
 
 export type MappingResult =
@@ -134,17 +139,25 @@ function headerText(value: string | string[] | undefined): string | undefined {
   return Array.isArray(value) ? value.join(', ') : value;
 }
 
-/** Split a request target into path and query; absolute-form (`http://h/p?q`) is reduced to its path. */
+// `scheme://authority` of an absolute-form target; what follows is its path and query.
+const ABSOLUTE_FORM_PREFIX = /^[a-z][a-z0-9+.-]*:\/\/[^/?#]*/i;
+
+/**
+ * The request target in origin form: as it is when it starts with `/`; an absolute-form
+ * target (`http://h/p?q`) reduced to its path and query by cutting off `scheme://authority`,
+ * the text untouched (a URL parser would resolve dot segments and re-encode the query).
+ */
+export function originForm(url: string): string {
+  if (url.startsWith('/')) return url;
+  const prefix = ABSOLUTE_FORM_PREFIX.exec(url);
+  if (!prefix) return url; // `*` (OPTIONS) or garbage: nothing will match the path form
+  const rest = url.slice(prefix[0].length);
+  return rest.startsWith('/') ? rest : `/${rest}`;
+}
+
+/** Split a request target into path and query (in origin form, see originForm). */
 export function splitRequestTarget(url: string): { pathname: string; search: string } {
-  let target = url;
-  if (!target.startsWith('/') && /^[a-z][a-z0-9+.-]*:\/\//i.test(target)) {
-    try {
-      const parsed = new URL(target);
-      target = parsed.pathname + parsed.search;
-    } catch {
-      // Not a URL after all: treat the whole text as a path; nothing will match the path form.
-    }
-  }
+  const target = originForm(url);
   const q = target.indexOf('?');
   return q === -1 ? { pathname: target, search: '' } : { pathname: target.slice(0, q), search: target.slice(q) };
 }
@@ -181,21 +194,21 @@ function fromPath(pathname: string, search: string): MappingResult | undefined {
   return { ok: true, address: { form: 'path', sandboxId, port, upstreamPath: rest + search } };
 }
 
-function fromHeaders(headers: IncomingHttpHeaders, options: MappingOptions): MappingResult | undefined {
+function fromHeaders(headers: IncomingHttpHeaders, target: string, options: MappingOptions): MappingResult | undefined {
   const sandboxId = headerText(headers[SANDBOX_ID_HEADER])?.trim();
   if (!sandboxId) return undefined;
   const portText = headerText(headers[SANDBOX_PORT_HEADER]);
   if (portText === undefined || portText.trim() === '') {
-    return { ok: true, address: { form: 'header', sandboxId, port: options.defaultSandboxPort, upstreamPath: undefined } };
+    return { ok: true, address: { form: 'header', sandboxId, port: options.defaultSandboxPort, upstreamPath: target } };
   }
   const port = parsePort(portText);
   if (port === undefined) {
     return { ok: false, sandboxId, error: dataPlaneError('invalid_port', `${SANDBOX_PORT_HEADER} "${portText}" is not a TCP port (1-65535)`) };
   }
-  return { ok: true, address: { form: 'header', sandboxId, port, upstreamPath: undefined } };
+  return { ok: true, address: { form: 'header', sandboxId, port, upstreamPath: target } };
 }
 
-function fromHost(headers: IncomingHttpHeaders, options: MappingOptions): MappingResult | undefined {
+function fromHost(headers: IncomingHttpHeaders, target: string, options: MappingOptions): MappingResult | undefined {
   const host = headerText(headers.host ?? headers[':authority']);
   if (!host) return undefined;
   const name = hostWithoutPort(host);
@@ -212,13 +225,14 @@ function fromHost(headers: IncomingHttpHeaders, options: MappingOptions): Mappin
   if (port === undefined) {
     return { ok: false, sandboxId, error: dataPlaneError('invalid_port', `port "${match[1]}" in the host is not a TCP port (1-65535)`) };
   }
-  return { ok: true, address: { form: 'host', sandboxId, port, upstreamPath: undefined } };
+  return { ok: true, address: { form: 'host', sandboxId, port, upstreamPath: target } };
 }
 
 /** Find the sandbox and port a request names (forms in SPEC order). */
 export function mapRequest(request: SandboxRequest, options: MappingOptions): MappingResult {
-  const { pathname, search } = splitRequestTarget(request.url ?? '/');
-  const mapped = fromPath(pathname, search) ?? fromHeaders(request.headers, options) ?? fromHost(request.headers, options);
+  const target = originForm(request.url ?? '/');
+  const { pathname, search } = splitRequestTarget(target);
+  const mapped = fromPath(pathname, search) ?? fromHeaders(request.headers, target, options) ?? fromHost(request.headers, target, options);
   if (mapped) return mapped;
   return {
     ok: false,

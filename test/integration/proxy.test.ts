@@ -158,6 +158,42 @@ describe('mapping forms reach the route upstream', () => {
   });
 });
 
+describe('the request target reaches the sandbox as the client sent it', () => {
+  // SPEC §3: the path form goes upstream as /<rest>, query kept; the other forms keep the
+  // request's own target. No normalisation: dot segments, backslashes, encoded dots and the
+  // bytes of a (signed) query are the sandbox's to interpret.
+  const targets = ["/static/../admin/a\\b", '/files/%2e%2e/secret', "/download?sig='a'&q=x|{}^`", '//double//slash/?a=b?c'];
+
+  it('path form', async () => {
+    dp.setRoute({ id: 'sbx-target', ip: upstream.host });
+    for (const target of targets) {
+      const reply = await send(dp.address, { path: `/kruise/sbx-target/${upstream.port}${target}` });
+      expect(reply.json<Echo>().url).toBe(target);
+    }
+  });
+
+  it('header and host forms', async () => {
+    dp.setRoute({ id: 'sbx-target', ip: upstream.host });
+    for (const target of targets) {
+      const byHeader = await send(dp.address, { path: target, headers: { 'e2b-sandbox-id': 'sbx-target', 'e2b-sandbox-port': String(upstream.port) } });
+      expect(byHeader.json<Echo>().url).toBe(target);
+      const byHost = await send(dp.address, { path: target, headers: { host: `${upstream.port}-sbx-target.sandbox.test` } });
+      expect(byHost.json<Echo>().url).toBe(target);
+    }
+  });
+
+  it('an absolute-form target goes upstream in origin form, its path and query as sent', async () => {
+    dp.setRoute({ id: 'sbx-target', ip: upstream.host });
+    const headers = { 'e2b-sandbox-id': 'sbx-target', 'e2b-sandbox-port': String(upstream.port) };
+    const reply = await send(dp.address, { path: "http://elsewhere.example/files/../a?q='1'", headers });
+    expect(reply.json<Echo>().url).toBe("/files/../a?q='1'");
+    const bare = await send(dp.address, { path: 'http://elsewhere.example', headers });
+    expect(bare.json<Echo>().url).toBe('/');
+    const path = await send(dp.address, { path: `http://elsewhere.example/kruise/sbx-target/${upstream.port}/x/../y?z` });
+    expect(path.json<Echo>().url).toBe('/x/../y?z');
+  });
+});
+
 describe('a route change applies to the next request', () => {
   it('a new IP moves traffic; pausing refuses it; resuming restores it', async () => {
     const moved = await startUpstream({ name: 'moved', host: '127.0.0.2', port: upstream.port });

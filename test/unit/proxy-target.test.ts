@@ -2,7 +2,7 @@
 // hygiene.
 import { describe, expect, it } from 'vitest';
 import { cleanResponseHeaders, upstreamRequestHeaders } from '../../src/proxy/headers.js';
-import { admit, classifyUpstreamError, decide, mapRequest, parsePort, tokenMatches, type SandboxAddress } from '../../src/proxy/target.js';
+import { admit, classifyUpstreamError, decide, mapRequest, originForm, parsePort, tokenMatches, type SandboxAddress } from '../../src/proxy/target.js';
 import type { Route } from '../../src/routes/route.js';
 
 const options = { defaultSandboxPort: 49983, proxyDomain: '' };
@@ -29,6 +29,22 @@ describe('mapRequest', () => {
     expect(mapRequest({ url: '/kruise/sb/3000?q=1', headers: {} }, options)).toMatchObject({ ok: true, address: { upstreamPath: '/?q=1' } });
   });
 
+  it('every form carries the target to send upstream, as sent: never normalised', () => {
+    const target = "/a/../b\\c/%2e%2e?sig='x'&q=1";
+    expect(mapRequest({ url: `/kruise/sb/3000${target}`, headers: {} }, options)).toMatchObject({ ok: true, address: { upstreamPath: target } });
+    expect(mapRequest({ url: target, headers: { 'e2b-sandbox-id': 'sb' } }, options)).toMatchObject({ ok: true, address: { upstreamPath: target } });
+    expect(mapRequest({ url: target, headers: { host: '80-sb.example.com' } }, options)).toMatchObject({ ok: true, address: { upstreamPath: target } });
+  });
+
+  it('an absolute-form target is reduced to its path and query, text untouched', () => {
+    expect(originForm("http://h.example:80/a/../b?q='1'")).toBe("/a/../b?q='1'");
+    expect(originForm('HTTP://h.example?q')).toBe('/?q');
+    expect(originForm('http://h.example')).toBe('/');
+    expect(originForm('/plain')).toBe('/plain');
+    expect(originForm('*')).toBe('*');
+    expect(mapRequest({ url: 'http://h/kruise/sb/3000/x/../y', headers: {} }, options)).toMatchObject({ ok: true, address: { form: 'path', upstreamPath: '/x/../y' } });
+  });
+
   it('path form decodes the sandbox ID segment', () => {
     expect(mapRequest({ url: '/kruise/sb%2Done/80/', headers: {} }, options)).toMatchObject({ ok: true, address: { sandboxId: 'sb-one' } });
   });
@@ -38,7 +54,7 @@ describe('mapRequest', () => {
   });
 
   it('header form, with the default port when none is given', () => {
-    expect(mapRequest({ url: '/x', headers: { 'e2b-sandbox-id': 'sb' } }, options)).toMatchObject({ ok: true, address: { form: 'header', port: 49983, upstreamPath: undefined } });
+    expect(mapRequest({ url: '/x', headers: { 'e2b-sandbox-id': 'sb' } }, options)).toMatchObject({ ok: true, address: { form: 'header', port: 49983, upstreamPath: '/x' } });
     expect(mapRequest({ url: '/x', headers: { 'e2b-sandbox-id': 'sb', 'e2b-sandbox-port': '7' } }, options)).toMatchObject({ ok: true, address: { port: 7 } });
   });
 
