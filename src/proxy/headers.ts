@@ -7,11 +7,34 @@
 // named it in `Connection` would let the client smuggle a second request into the sandbox.
 // `Expect` is answered by the data plane itself (it sends 100 Continue once the request is
 // admitted), so it is not forwarded either.
+//
+// The client is described to the sandbox by X-Forwarded-For (appended), X-Forwarded-Proto and
+// X-Forwarded-Host (set from what this hop saw), and by nothing else: every other forwarding
+// header a client may write (`Forwarded`, `X-Real-IP`, `X-Forwarded-Port`, `-Prefix`, the
+// HTTPS flags frameworks read) is dropped rather than rebuilt, so a client cannot claim
+// HTTPS, another host or another address through a header the sandbox might trust instead.
 import type { IncomingHttpHeaders, OutgoingHttpHeaders } from 'node:http';
 import { SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER, TOKEN_HEADERS } from './target.js';
 
 /** Never forwarded to a sandbox. */
 export const STRIPPED_REQUEST_HEADERS: readonly string[] = [...TOKEN_HEADERS, SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER, 'expect'];
+
+/**
+ * Forwarding headers other than X-Forwarded-For/-Proto/-Host: a client-sent value would be a
+ * claim (HTTPS, a host, a port, a path prefix, an address) the data plane never checked.
+ */
+export const CLIENT_FORWARDING_HEADERS: readonly string[] = [
+  'forwarded',
+  'x-real-ip',
+  'x-forwarded-port',
+  'x-forwarded-prefix',
+  'x-forwarded-server',
+  'x-forwarded-ssl',
+  'x-forwarded-scheme',
+  'x-forwarded-protocol',
+  'front-end-https',
+  'x-url-scheme',
+];
 
 /** Hop-by-hop headers (plus the non-standard ones that behave like them). */
 export const HOP_BY_HOP_HEADERS: readonly string[] = [
@@ -28,8 +51,8 @@ export const HOP_BY_HOP_HEADERS: readonly string[] = [
 /** Headers a `Connection` token can never remove: they frame the message or name its target. */
 const PROTECTED_HEADERS = new Set(['host', 'content-length', 'transfer-encoding']);
 
-/** Removed from every upstream request: hop-by-hop, the client's routing and token headers. */
-const DROPPED_REQUEST_HEADERS = new Set([...HOP_BY_HOP_HEADERS, ...STRIPPED_REQUEST_HEADERS]);
+/** Removed from every upstream request: hop-by-hop, the client's routing, token and forwarding claims. */
+const DROPPED_REQUEST_HEADERS = new Set([...HOP_BY_HOP_HEADERS, ...STRIPPED_REQUEST_HEADERS, ...CLIENT_FORWARDING_HEADERS]);
 const HOP_BY_HOP_SET = new Set(HOP_BY_HOP_HEADERS);
 const NO_TOKENS: ReadonlySet<string> = new Set();
 
@@ -62,7 +85,7 @@ export interface ForwardingContext {
  * X-Forwarded-For appends the client's address to any chain already present (the usual
  * convention; the sandbox treats it as a hint). X-Forwarded-Proto and X-Forwarded-Host are
  * set to what this hop saw, replacing client-sent values, so a client cannot claim HTTPS or
- * another host.
+ * another host. The other forwarding headers (CLIENT_FORWARDING_HEADERS) are dropped.
  */
 export function upstreamRequestHeaders(headers: IncomingHttpHeaders, context: ForwardingContext): IncomingHttpHeaders {
   // Built by copying what is kept rather than deleting from a copy: `delete` turns the object

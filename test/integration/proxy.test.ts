@@ -428,6 +428,27 @@ describe('headers', () => {
     expect(seen.connection).toBe('keep-alive');
   });
 
+  it('a client cannot claim HTTPS, another host, port, prefix or address through the other forwarding headers', async () => {
+    dp.setRoute({ id: 'hdr-fwd', ip: upstream.host });
+    const claims = {
+      forwarded: 'for=198.51.100.66;proto=https;host=bank.example',
+      'x-real-ip': '198.51.100.66',
+      'x-forwarded-port': '443',
+      'x-forwarded-prefix': '/admin',
+      'x-forwarded-ssl': 'on',
+      'x-forwarded-scheme': 'https',
+      'x-forwarded-protocol': 'https',
+      'front-end-https': 'on',
+      'x-url-scheme': 'https',
+      'x-forwarded-server': 'bank.example',
+    };
+    const reply = await send(dp.address, { path: `/kruise/hdr-fwd/${upstream.port}/`, headers: { ...claims, 'x-forwarded-proto': 'https' } });
+    const seen = reply.json<Echo>().headers;
+    for (const name of Object.keys(claims)) expect(seen[name], name).toBeUndefined();
+    expect(seen['x-forwarded-proto']).toBe('http');
+    expect(seen['x-forwarded-for']).toBe('127.0.0.1');
+  });
+
   it('answers carry no hop-by-hop headers from the sandbox', async () => {
     const custom = await startUpstream({
       host: '127.0.0.2',

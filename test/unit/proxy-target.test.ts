@@ -160,6 +160,14 @@ describe('upstreamRequestHeaders', () => {
     expect(out).toMatchObject({ 'x-forwarded-for': '198.51.100.1, 192.0.2.9', 'x-forwarded-proto': 'http', 'x-forwarded-host': 'h' });
   });
 
+  it('drops the other forwarding headers a client may write (Forwarded, X-Real-IP, X-Forwarded-Port...)', () => {
+    const out = upstreamRequestHeaders(
+      { host: 'h', forwarded: 'proto=https', 'x-real-ip': '198.51.100.1', 'x-forwarded-port': '443', 'x-forwarded-prefix': '/p', 'x-forwarded-ssl': 'on', accept: '*/*' },
+      context,
+    );
+    expect(out).toEqual({ host: 'h', accept: '*/*', 'x-forwarded-for': '192.0.2.9', 'x-forwarded-proto': 'http', 'x-forwarded-host': 'h' });
+  });
+
   it('leaves the input untouched and keeps header order, with or without a Connection header', () => {
     const input = { host: 'h', accept: '*/*', 'e2b-sandbox-id': 'sb', 'user-agent': 'ua' };
     const copy = { ...input };
