@@ -83,7 +83,10 @@ interface Exchange {
   status: number | undefined;
   timedOut: boolean;
   clientError: unknown;
+  /** The upstream request once it has a socket (set from the library's proxyReq event). */
   proxyReq: ClientRequest | undefined;
+  /** The upstream request from its creation, while it may still wait in the agent's queue (see UpstreamAgent). */
+  upstreamRequest: ClientRequest | undefined;
   timer: NodeJS.Timeout | undefined;
   /** The wait for the response headers is the upstream socket's idle timer (a request with a body). */
   idleTimer: boolean;
@@ -160,6 +163,56 @@ function withoutDeleteLengthPass(proxy: ProxyServer): void {
   internals.webPasses = internals.webPasses.filter((pass: unknown) => typeof pass !== 'function' || pass.name !== 'deleteLength');
 }
 
+/** What UpstreamAgent hands each upstream request to. */
+interface UpstreamRequestClaimant {
+  upstreamRequest: ClientRequest | undefined;
+}
+
+type AddRequest = (this: http.Agent, request: ClientRequest, options: unknown) => void;
+const agentAddRequest = (http.Agent.prototype as unknown as { addRequest: AddRequest }).addRequest;
+
+/**
+ * The keep-alive agent to the sandboxes, which lets the data plane withdraw an upstream request
+ * that is still queued for a pooled socket (every socket busy) when its exchange ends first:
+ * a pool-wait timeout (504) or a client that went away.
+ *
+ * Node 20's agent keeps such a request queued even once it is destroyed, holding it (and the
+ * library's listeners with their request, response and exchange) until a socket frees, which
+ * may be hours behind SSE streams or long polls; and the library would only see the request
+ * once it gets a socket, which the data plane then had to destroy: one connection opened and
+ * dropped per stale request, each ahead of fresh requests. The library creates the upstream
+ * request synchronously inside `web()`, and Node's ClientRequest constructor calls
+ * `agent.addRequest` synchronously (an undocumented but long-stable method, absent from
+ * @types/node), so `claimant`, set only for the duration of that call, is told which request
+ * is the exchange's before any socket is assigned.
+ */
+class UpstreamAgent extends http.Agent {
+  claimant: UpstreamRequestClaimant | undefined;
+
+  addRequest(request: ClientRequest, options: unknown): void {
+    if (this.claimant) {
+      this.claimant.upstreamRequest = request;
+      this.claimant = undefined;
+    }
+    agentAddRequest.call(this, request, options);
+  }
+
+  /** Destroy a request that has no socket yet and take it out of the agent's queue. */
+  withdraw(request: ClientRequest): void {
+    request.destroy();
+    const queues = this.requests as Record<string, ClientRequest[] | undefined>;
+    for (const name in queues) {
+      const queue = queues[name];
+      const index = queue ? queue.indexOf(request) : -1;
+      if (!queue || index === -1) continue;
+      queue.splice(index, 1);
+      // As Node does once a queue is drained: an empty queue is not kept.
+      if (queue.length === 0) delete queues[name];
+      return;
+    }
+  }
+}
+
 export class DataPlane {
   readonly server: http.Server;
   private readonly config: Config;
@@ -167,7 +220,7 @@ export class DataPlane {
   private readonly metrics: Metrics;
   private readonly logger: Logger;
   private readonly webSocketCloseTimeoutMs: number;
-  private readonly agent: http.Agent;
+  private readonly agent: UpstreamAgent;
   private readonly proxy: ProxyServer;
   /** HTTP exchanges not yet recorded (a count: see EXCHANGE for why no collection holds them). */
   private inFlightCount = 0;
@@ -186,7 +239,7 @@ export class DataPlane {
     this.logger = options.logger.child({ component: 'data-plane' });
     this.webSocketCloseTimeoutMs = options.webSocketCloseTimeoutMs ?? DEFAULT_WS_CLOSE_TIMEOUT_MS;
 
-    this.agent = new http.Agent({
+    this.agent = new UpstreamAgent({
       keepAlive: true,
       maxSockets: this.config.proxyMaxSockets,
       maxFreeSockets: this.config.proxyMaxSockets,
@@ -283,7 +336,12 @@ export class DataPlane {
 
     exchange.timer = setTimeout(() => this.onUpstreamTimeout(exchange, res), this.config.proxyTimeoutMs);
     attachExchange(req, exchange);
-    this.proxy.web(req, res, { target: this.libraryTarget(decision.target) }, (error) => this.onWebError(exchange, res, error));
+    this.agent.claimant = exchange;
+    try {
+      this.proxy.web(req, res, { target: this.libraryTarget(decision.target) }, (error) => this.onWebError(exchange, res, error));
+    } finally {
+      this.agent.claimant = undefined;
+    }
   }
 
   /** Socket assigned to the upstream request: the connect, then the wait for headers, are timed. */
@@ -357,7 +415,8 @@ export class DataPlane {
       exchange.proxyReq.destroy();
       return;
     }
-    // Still waiting for a pooled socket: answer now; onProxyRequest drops it when it gets one.
+    // Still waiting for a pooled socket: give up its place in the queue and answer now.
+    this.withdrawQueued(exchange);
     this.respondError(exchange, res, upstreamTimeoutError(this.config.proxyTimeoutMs));
   }
 
@@ -396,12 +455,22 @@ export class DataPlane {
   private onResponseClose(exchange: Exchange, res: ServerResponse): void {
     clearTimeout(exchange.timer);
     exchange.timer = undefined;
+    // A client that went away while its request waited for a pooled socket.
+    this.withdrawQueued(exchange);
     if (exchange.outcome === undefined) exchange.outcome = res.writableFinished ? 'proxied' : 'client_aborted';
     const status = res.headersSent ? res.statusCode : exchange.outcome === 'client_aborted' ? 499 : (exchange.status ?? 0);
     this.record(exchange, status);
     this.inFlightCount--;
     if (this.draining) setImmediate(() => this.server.closeIdleConnections());
     this.onQuietCheck?.();
+  }
+
+  /** An exchange that ends before its upstream request got a socket takes it out of the agent's queue. */
+  private withdrawQueued(exchange: Exchange): void {
+    const request = exchange.upstreamRequest;
+    if (request === undefined || exchange.proxyReq !== undefined || request.socket) return;
+    exchange.upstreamRequest = undefined;
+    this.agent.withdraw(request);
   }
 
   // --- WebSocket ----------------------------------------------------------------------------
@@ -453,7 +522,7 @@ export class DataPlane {
         proxyReq.destroy();
         return;
       }
-      proxyReq?.destroy();
+      if (proxyReq) this.agent.withdraw(proxyReq);
       this.refuseUpgrade(exchange, socket, upstreamTimeoutError(this.config.proxyTimeoutMs));
     }, this.config.proxyTimeoutMs);
     attachExchange(req, exchange);
@@ -598,6 +667,7 @@ export class DataPlane {
       timedOut: false,
       clientError: undefined,
       proxyReq: undefined,
+      upstreamRequest: undefined,
       timer: undefined,
       idleTimer: false,
       recorded: false,
