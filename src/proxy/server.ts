@@ -18,7 +18,8 @@
 //    proxy error can become an uncaught exception; the request handlers are wrapped as well.
 import { randomBytes } from 'node:crypto';
 import http, { type ClientRequest, type IncomingMessage, type ServerResponse } from 'node:http';
-import type { AddressInfo, Socket } from 'node:net';
+import net, { type AddressInfo, type Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
 import { performance } from 'node:perf_hooks';
 import { ProxyServer } from 'http-proxy-3';
 import type { Config } from '../config.js';
@@ -163,6 +164,50 @@ function withoutDeleteLengthPass(proxy: ProxyServer): void {
   internals.webPasses = internals.webPasses.filter((pass: unknown) => typeof pass !== 'function' || pass.name !== 'deleteLength');
 }
 
+/** Write errors that mean the sandbox closed or reset the connection, which it may have answered first. */
+const PEER_CLOSED_WRITE_CODES: ReadonlySet<string> = new Set(['EPIPE', 'ECONNRESET']);
+
+/**
+ * An upstream socket that survives a write failing because the sandbox closed the connection,
+ * so that an answer the sandbox sent before closing is still read and relayed.
+ *
+ * A sandbox may answer an upload early without reading it (413, 401) and close; its kernel
+ * then resets the connection as more of the body arrives. The answer is already in this
+ * side's receive buffer, but a net.Socket destroys itself on the write error (EPIPE) before it
+ * reads that buffer, and the client got `502` for a sandbox that had answered. Here such a
+ * write is dropped instead, and so is the rest of the body (the sandbox is not reading it);
+ * the socket keeps reading: the answer is parsed and relayed, then the read side ends or fails
+ * by itself (the reset), and the idle timer still bounds the wait when there is no answer.
+ */
+class UpstreamSocket extends net.Socket {
+  /** A write failed because the sandbox closed the connection; see UpstreamAgent.keepSocketAlive. */
+  peerClosedDuringWrite = false;
+  /** HTTP only: an upgraded (WebSocket) connection fails on a write error as any socket does. */
+  toleratesClosedWrites = true;
+
+  override _write(chunk: unknown, encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
+    if (this.peerClosedDuringWrite) {
+      callback();
+      return;
+    }
+    super._write(chunk, encoding, (error) => callback(this.tolerated(error)));
+  }
+
+  override _writev(chunks: Array<{ chunk: unknown; encoding: BufferEncoding }>, callback: (error?: Error | null) => void): void {
+    if (this.peerClosedDuringWrite) {
+      callback();
+      return;
+    }
+    super._writev!(chunks, (error) => callback(this.tolerated(error)));
+  }
+
+  private tolerated(error: Error | null | undefined): Error | null | undefined {
+    if (!error || !this.toleratesClosedWrites || !PEER_CLOSED_WRITE_CODES.has((error as NodeJS.ErrnoException).code ?? '')) return error;
+    this.peerClosedDuringWrite = true;
+    return null;
+  }
+}
+
 /** What UpstreamAgent hands each upstream request to. */
 interface UpstreamRequestClaimant {
   upstreamRequest: ClientRequest | undefined;
@@ -188,6 +233,20 @@ const agentAddRequest = (http.Agent.prototype as unknown as { addRequest: AddReq
  */
 class UpstreamAgent extends http.Agent {
   claimant: UpstreamRequestClaimant | undefined;
+
+  /** net.createConnection(), with an UpstreamSocket. */
+  override createConnection(options: http.ClientRequestArgs): Duplex {
+    const socket = new UpstreamSocket(options as net.SocketConstructorOpts);
+    if (options.timeout) socket.setTimeout(options.timeout);
+    return socket.connect(options as net.NetConnectOpts);
+  }
+
+  /** A socket the sandbox closed while a request was being written to it is never reused. */
+  override keepSocketAlive(socket: Duplex): boolean {
+    if (socket instanceof UpstreamSocket && socket.peerClosedDuringWrite) return false;
+    super.keepSocketAlive(socket);
+    return true;
+  }
 
   addRequest(request: ClientRequest, options: unknown): void {
     if (this.claimant) {
@@ -429,6 +488,10 @@ export class DataPlane {
       res.destroy();
       return;
     }
+    // The response had started: its own 'close' (onProxyResponse) cuts the client response if
+    // it is incomplete and leaves a complete one alone (a sandbox that answered an upload
+    // early, then reset the connection: see UpstreamSocket).
+    if (exchange.status !== undefined) return;
     const answer = exchange.timedOut ? upstreamTimeoutError(this.config.proxyTimeoutMs) : classifyUpstreamError(error);
     this.logger.debug({ sandboxId: exchange.sandboxId, port: exchange.port, code: answer.code, cause: (error as { code?: string }).code }, 'upstream request failed');
     this.respondError(exchange, res, answer);
@@ -567,6 +630,7 @@ export class DataPlane {
     const closed = new Promise<void>((resolve) => {
       resolveClosed = resolve;
     });
+    if (upstream instanceof UpstreamSocket) upstream.toleratesClosedWrites = false;
     const ws: ProxiedWebSocket = { client, upstream, closed };
     this.webSockets.add(ws);
     this.webSocketsByUpstream.set(upstream, ws);

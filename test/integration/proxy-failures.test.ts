@@ -6,7 +6,7 @@ import { PassThrough } from 'node:stream';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { proxyRequestCount, send, startDataPlane, type TestDataPlane } from '../helpers/data-plane.js';
 import { waitUntil } from '../helpers/wait.js';
-import { startRawUpstream, startUpstream, unusedPort, type RawUpstream, type Upstream } from '../helpers/upstream.js';
+import { PatternStream, startRawUpstream, startUpstream, unusedPort, type RawUpstream, type Upstream } from '../helpers/upstream.js';
 
 interface ErrorAnswer {
   error: { code: string; message: string };
@@ -22,6 +22,25 @@ async function raw(onSocket: Parameters<typeof startRawUpstream>[0]): Promise<Ra
   const server = await startRawUpstream(onSocket, '127.0.0.2');
   raws.push(server);
   return server;
+}
+
+/**
+ * Upload `bytes` through the data plane; the answer, or the client's error if there is none.
+ * `connectionClosed` resolves when the client's connection is closed (by either side).
+ */
+function upload(path: string, bytes: number, connectionClosed?: (closed: Promise<void>) => void): Promise<{ status: number; body: string } | { error: string }> {
+  return new Promise((resolve) => {
+    const req = http.request({ host: dp.address.address, port: dp.address.port, method: 'POST', path, agent: false, headers: { 'content-length': String(bytes), connection: 'keep-alive' } });
+    connectionClosed?.(new Promise((resolveClosed) => req.once('socket', (socket) => socket.once('close', () => resolveClosed()))));
+    req.on('error', (error) => resolve({ error: error.message }));
+    req.on('response', (res) => {
+      let body = '';
+      res.on('data', (chunk: Buffer) => (body += chunk.toString()));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body }));
+      res.on('error', (error) => resolve({ error: `response: ${error.message}` }));
+    });
+    new PatternStream(bytes).pipe(req);
+  });
 }
 
 /** The data plane still proxies a normal request. */
@@ -192,6 +211,41 @@ describe('upstream failures', () => {
     } finally {
       await sandbox.close();
     }
+  });
+
+  it('a sandbox that answers an upload early (413) and closes without reading it: the client gets that answer', async () => {
+    const strict = await startUpstream({
+      host: '127.0.0.2',
+      handler: (_req, res) => {
+        res.writeHead(413, { 'content-type': 'text/plain', connection: 'close' });
+        res.end('too large');
+      },
+    });
+    try {
+      dp.setRoute({ id: 'strict', ip: strict.host });
+      for (let attempt = 0; attempt < 3; attempt++) {
+        let closed: Promise<void> | undefined;
+        const reply = await upload(`/kruise/strict/${strict.port}/`, 16 * 1024 * 1024, (promise) => (closed = promise));
+        expect(reply).toEqual({ status: 413, body: 'too large' });
+        // The rest of the upload is taken and dropped: the client finishes, its connection is
+        // not left with a stalled upload.
+        await closed;
+      }
+      await expectStillServing();
+    } finally {
+      await strict.close();
+    }
+  });
+
+  it('a sandbox that answers early (401, keep-alive) and resets: the answer is relayed and the dead socket never reused', async () => {
+    const answer = 'HTTP/1.1 401 Unauthorized\r\ncontent-type: text/plain\r\ncontent-length: 4\r\n\r\nnope';
+    const sandbox = await raw((socket) => socket.once('data', () => socket.write(answer, () => socket.resetAndDestroy())));
+    dp.setRoute({ id: 'resets', ip: sandbox.host });
+    for (let attempt = 0; attempt < 3; attempt++) {
+      expect(await upload(`/kruise/resets/${sandbox.port}/`, 1024 * 1024)).toEqual({ status: 401, body: 'nope' });
+    }
+    expect(sandbox.acceptedSockets()).toBe(3);
+    await expectStillServing();
   });
 
   it('a client that never finishes its headers is answered 408 and cut, not held forever', async () => {
