@@ -244,8 +244,9 @@ class UpstreamAgent extends http.Agent {
   /** A socket the sandbox closed while a request was being written to it is never reused. */
   override keepSocketAlive(socket: Duplex): boolean {
     if (socket instanceof UpstreamSocket && socket.peerClosedDuringWrite) return false;
-    super.keepSocketAlive(socket);
-    return true;
+    // Node's own returns whether to keep it (false for a server's keep-alive hint of 1 s or
+    // less); @types/node types it as void.
+    return (super.keepSocketAlive(socket) as unknown as boolean | undefined) !== false;
   }
 
   addRequest(request: ClientRequest, options: unknown): void {
