@@ -73,6 +73,11 @@ export class Metrics {
   });
   readonly reconcileDigests = new Counter({ name: 'routesync_reconcile_digests_compared_total', help: 'Digest comparisons with peers', registers: [this.registry] });
   readonly reconcileRepaired = new Counter({ name: 'routesync_reconcile_routes_repaired_total', help: 'Routes and fences changed by reconciliation', registers: [this.registry] });
+  readonly reconcileRefused = new Counter({
+    name: 'routesync_reconcile_changes_refused_total',
+    help: "Changes in a peer's pull that fail this replica's validation, skipped (a peer of another version)",
+    registers: [this.registry],
+  });
   readonly reconcileBytes = new Counter({ name: 'routesync_reconcile_bytes_pulled_total', help: 'Bytes received by reconciliation (digests and pulls)', registers: [this.registry] });
   readonly convergenceLag = new Gauge({
     name: 'routesync_convergence_lag_seconds',

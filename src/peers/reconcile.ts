@@ -55,7 +55,7 @@ import { setTimeout as delay } from 'node:timers/promises';
 import type { Config } from '../config.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
-import { changeKey, changeToWire, parseChange, routeKey, type RouteChange } from '../routes/route.js';
+import { RouteValidationError, changeKey, changeToWire, parseChange, routeKey, type RouteChange } from '../routes/route.js';
 import type { RouteTable } from '../routes/table.js';
 import type { RouteService } from '../service.js';
 import { attemptSignal, classifyPeerError, PeerRequestError, SyncAbortedError, type PeerClient } from './client.js';
@@ -584,13 +584,27 @@ export class Reconciler {
       const entries = (body as { changes?: unknown } | null)?.changes;
       if (!Array.isArray(entries)) throw new PeerRequestError('protocol', `peer ${peer} answered a pull without "changes"`);
       const changes: RouteChange[] = [];
+      // Unlike a push (all or nothing: the pusher is told), a pull skips what this version
+      // refuses: a peer of another version may hold a route stored under rules this one does not
+      // accept (say, from before names were checked as Kubernetes names), and failing the whole
+      // pull would fail every round with that peer over one entry, for every bucket it shares,
+      // until this replica turned suspect. The skipped entry's bucket stays different, is pulled
+      // again each round, and is counted each time.
+      let refused = 0;
+      let refusal: { reason: string; field: string | undefined } | undefined;
       for (const entry of entries) {
         try {
           changes.push(parseChange(entry));
         } catch (error) {
-          // All or nothing, as for pushes: a peer sending what we refuse runs an incompatible version.
-          throw new PeerRequestError('protocol', `peer ${peer} sent an invalid change in a pull`, { cause: error });
+          if (!(error instanceof RouteValidationError)) throw error;
+          refused += 1;
+          refusal ??= { reason: error.reason, field: error.field };
         }
+      }
+      if (refused > 0) {
+        this.metrics.reconcileRefused.inc(refused);
+        // The reason and field only: an entry's values may hold an access token.
+        this.logger.warn({ peer, refused, ...refusal }, 'pull: skipped changes this replica refuses (a peer of another version?)');
       }
       if (seen) for (const change of changes) seen.add(changeKey(change));
       const applied = this.service.applyRemote(changes, 'reconcile').filter((result) => result.outcome === 'applied').length;

@@ -1,6 +1,6 @@
 // The local and peer APIs: status codes, validation, redaction, auth (SPEC §3).
 import { afterEach, describe, expect, it } from 'vitest';
-import type { Route } from '../../src/routes/route.js';
+import { parseRoute, type Route } from '../../src/routes/route.js';
 import { makeRoute, putRoute, startCluster, startReplica, stopAll, type TestReplica } from '../helpers/cluster.js';
 
 const replicas: TestReplica[] = [];
@@ -190,17 +190,25 @@ describe('route identity', () => {
     expect(node.replica.table.get('team', 'x')?.resourceVersion).toBe('3');
   });
 
-  it('does not take such an identity in through a pull from a peer that holds one', async () => {
+  it('does not take such an identity in through a pull from a peer that holds one, and takes the rest', async () => {
     const cluster = await startCluster(2);
     replicas.push(...cluster);
     const [a, b] = cluster as [TestReplica, TestReplica];
-    // A peer of an older version could hold one: put it in its table past validation.
+    // A peer of an older version could hold one: put it in its table past validation, beside
+    // valid routes (some of them in the same pulled buckets).
     const stray = { ...makeRoute({ namespace: 'team/x', name: 'sb', resourceVersion: '9' }) } as unknown as Route;
     b.replica.table.upsert(stray);
+    const valid = Array.from({ length: 50 }, () => parseRoute(makeRoute({ namespace: 'team' })));
+    for (const route of valid) b.replica.table.upsert(route);
     const report = await a.replica.reconciler.runRound();
-    expect(report.result).toBe('failed');
+    expect(report.result).toBe('repaired');
     expect(a.replica.table.get('team/x', 'sb')).toBeUndefined();
-    expect(a.replica.table.size).toBe(0);
+    expect(a.replica.table.size).toBe(50);
+    expect(await a.replica.metrics.reconcileRefused.get()).toMatchObject({ values: [{ value: 1 }] });
+    expect(a.logs.lines.some((line) => line.includes('skipped changes this replica refuses') && line.includes('invalid_kubernetes_name'))).toBe(true);
+    // The stray's bucket stays different, so the next round pulls it again (and skips it again).
+    expect((await a.replica.reconciler.runRound()).result).toBe('unchanged');
+    expect(await a.replica.metrics.reconcileRefused.get()).toMatchObject({ values: [{ value: 2 }] });
   });
 });
 
