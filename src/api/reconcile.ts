@@ -1,6 +1,6 @@
 // The reconciliation endpoints of the peer API (registered through createPeerApp's `extend`,
 // so they sit behind the peer token like every other peer endpoint):
-//   GET  /v1/peer/digest[?root=1]  {"instance", "buckets", "root", "digests"?, "routes", "fences", "suspect"}
+//   GET  /v1/peer/digest[?root=1]  {"instance", "buckets", "root", "digests"?, "routes", "fences", "suspect", "seeded", "bootstrapping"}
 //   POST /v1/peer/pull             {"buckets": [i, ...]} -> {"changes": [route | dead route, ...]}
 // Routes travel whole (tokens included: this is the peer API) and fences as `dead` routes with
 // `fencedAtMs`, exactly as a push carries them, so parseChange reads both.
