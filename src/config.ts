@@ -386,9 +386,8 @@ const RECONCILE_INTERVALS_PER_TTL = (RECONCILE_GAPS_PER_SUSPECT_WINDOW * RECONCI
 /**
  * The longest ROUTESYNC_RECONCILE_INTERVAL_MS for a fence TTL, in whole ms: below TTL / 5
  * (119,999 ms for the default 10 minutes). Past 50 peers reconcile.ts stretches the interval by
- * peers / 50, so the same margin holds up to 50 × TTL / (5 × interval) peers (1,200 with the
- * defaults); beyond that the margin shrinks, and past twice as many even a round at every
- * longest wait is too late.
+ * peers / 50, but never past this (from 50 × TTL / (5 × interval) peers on, 1,200 with the
+ * defaults), so the margin holds at any fleet size.
  */
 export function maxReconcileIntervalMs(tombstoneTtlMs: number): number {
   return Math.ceil(tombstoneTtlMs / RECONCILE_INTERVALS_PER_TTL) - 1;

@@ -52,7 +52,7 @@
 //    carry fresh resourceVersions from the one etcd counter.
 import { performance } from 'node:perf_hooks';
 import { setTimeout as delay } from 'node:timers/promises';
-import type { Config } from '../config.js';
+import { maxReconcileIntervalMs, type Config } from '../config.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 import { RouteValidationError, changeKey, changeToWire, parseChange, routeKey, type RouteChange } from '../routes/route.js';
@@ -351,9 +351,14 @@ export class Reconciler {
     this.schedule();
   }
 
-  /** The interval for the current peer count, before jitter. */
+  /**
+   * The interval for the current peer count, before jitter: stretched past LARGE_FLEET_PEERS,
+   * but never past the longest interval config allows for the fence TTL (below TTL / 5), or a
+   * large enough fleet's healthy replicas would go half a TTL between rounds and turn suspect.
+   */
   intervalMs(peerCount = this.sync.peerAddresses().length): number {
-    return this.config.reconcileIntervalMs * Math.max(1, peerCount / LARGE_FLEET_PEERS);
+    const stretched = this.config.reconcileIntervalMs * Math.max(1, peerCount / LARGE_FLEET_PEERS);
+    return Math.min(stretched, Math.max(this.config.reconcileIntervalMs, maxReconcileIntervalMs(this.config.tombstoneTtlMs)));
   }
 
   /**
