@@ -12,12 +12,12 @@
 // whose request failed (the manager cannot know whether it applied), are "uncertain": like a
 // real manager after an error, the harness sends each a fresh change once the faults stop.
 import type { IncomingMessage, RequestListener, ServerResponse } from 'node:http';
-import { createServer, type AddressInfo } from 'node:net';
 import { Agent, request } from 'undici';
 import { afterAll, describe, expect, it } from 'vitest';
 import { configFromEnv } from '../../src/config.js';
 import { Replica } from '../../src/replica.js';
 import { LogSink, TEST_ENV } from '../helpers/cluster.js';
+import { unusedPort } from '../helpers/upstream.js';
 import { waitUntil } from '../helpers/wait.js';
 
 const SEED = process.env.CHAOS_SEED ? Number(process.env.CHAOS_SEED) : Date.now() % 2_147_483_647;
@@ -60,17 +60,6 @@ function mulberry32(seed: number): () => number {
     t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
     return ((t ^ (t >>> 14)) >>> 0) / 4_294_967_296;
   };
-}
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as AddressInfo;
-      server.close(() => resolve(port));
-    });
-  });
 }
 
 describe('chaos: five replicas, 10,000 changes, kills, hangs and partitions', () => {
@@ -146,7 +135,7 @@ describe('chaos: five replicas, 10,000 changes, kills, hangs and partitions', ()
     console.log(`chaos seed ${SEED} (replay with CHAOS_SEED=${SEED})`);
     const random = mulberry32(SEED);
     const faultRandom = mulberry32(SEED ^ 0x5eed);
-    const ports = await Promise.all(Array.from({ length: REPLICAS }, freePort));
+    const ports = await Promise.all(Array.from({ length: REPLICAS }, () => unusedPort()));
     for (let index = 0; index < REPLICAS; index++) {
       slots.push({ index, peerAddress: `127.0.0.1:${ports[index]}`, replica: undefined, api: '', fault: undefined, inflight: 0 });
     }

@@ -1,7 +1,5 @@
 // Anti-entropy between real replicas on loopback: bootstrap, repair after a cut, bytes moved
 // for one difference in 100,000 routes, no resurrection, and the wire contract.
-import { createServer } from 'node:net';
-import type { AddressInfo } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import { configFromEnv } from '../../src/config.js';
 import { PULL_BUCKETS_PER_REQUEST } from '../../src/peers/reconcile.js';
@@ -9,6 +7,7 @@ import { Replica, type ReplicaOptions } from '../../src/replica.js';
 import { changeToWire, parseChange, type Route } from '../../src/routes/route.js';
 import { FakePeer } from '../helpers/fake-peer.js';
 import { LogSink, TEST_ENV, makeRoute, putRoute } from '../helpers/cluster.js';
+import { unusedPort } from '../helpers/upstream.js';
 import { waitUntil } from '../helpers/wait.js';
 
 interface Node {
@@ -58,18 +57,6 @@ async function cluster(count: number, env: Record<string, string> = {}, options:
   return started;
 }
 
-/** A port nothing listens on right now (bound, then released), to start replicas that name each other. */
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as AddressInfo;
-      server.close(() => resolve(port));
-    });
-  });
-}
-
 /**
  * N replicas started at once, each with the others as static peers from the start (a fresh
  * install, a whole-fleet restart): each sees the others bootstrapping. `env(i)` restarts one.
@@ -80,7 +67,7 @@ async function coldCluster(
   otherPeers: readonly string[] = [],
   options: ReplicaOptions = {},
 ): Promise<{ started: Node[]; env: (i: number) => Record<string, string>; addresses: string[] }> {
-  const addresses = (await Promise.all(Array.from({ length: count }, () => freePort()))).map((port) => `127.0.0.1:${port}`);
+  const addresses = (await Promise.all(Array.from({ length: count }, () => unusedPort()))).map((port) => `127.0.0.1:${port}`);
   const env = (i: number) => ({
     ...extra,
     ROUTESYNC_PEER_ADDR: addresses[i]!,
@@ -366,16 +353,16 @@ describe('a fleet that starts together', () => {
 
   it('does not seed itself while any peer has not answered: that one may be seeded and cut off', async () => {
     // Both list a third peer that never answers.
-    const dead = `127.0.0.1:${await freePort()}`;
+    const dead = `127.0.0.1:${await unusedPort()}`;
     const { started } = await coldCluster(2, { ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '500' }, [dead], MANUAL_ROUNDS);
     expect(await Promise.all(started.map((node) => node.replica.bootstrapped))).toEqual(['timeout', 'timeout']);
     expect(started.map((node) => node.replica.reconciler.isSeeded())).toEqual([false, false]);
   });
 
   it('a replica joining a fleet that is not seeded merges every peer\'s table before it seeds itself', async () => {
-    const joinerAddress = `127.0.0.1:${await freePort()}`;
+    const joinerAddress = `127.0.0.1:${await unusedPort()}`;
     // B turned ready unseeded (its only peer did not answer) and took routes since.
-    const b = await start({ ROUTESYNC_PEERS: `127.0.0.1:${await freePort()}`, ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '300' }, MANUAL_ROUNDS);
+    const b = await start({ ROUTESYNC_PEERS: `127.0.0.1:${await unusedPort()}`, ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '300' }, MANUAL_ROUNDS);
     expect(await b.replica.bootstrapped).toBe('timeout');
     expect(b.replica.reconciler.isSeeded()).toBe(false);
     const routes = Array.from({ length: 10 }, () => makeRoute({ namespace: 'cold' }));
