@@ -71,6 +71,11 @@ export class PeerOutbox {
     const queued = this.pending.get(key);
     if (queued && !supersedes(change, queued)) return [];
     this.pending.set(key, change);
+    return this.dropOverBound();
+  }
+
+  /** Drop the oldest queued changes past the bound, telling their waiters; returns them. */
+  private dropOverBound(): RouteChange[] {
     const dropped: RouteChange[] = [];
     while (this.pending.size > this.maxRoutes) {
       const oldest = this.pending.entries().next().value as [string, RouteChange];
@@ -132,7 +137,7 @@ export class PeerOutbox {
     const keys = this.inFlightKeys;
     this.inFlight = [];
     this.inFlightKeys = [];
-    const dropped: RouteChange[] = [];
+    let dropped: RouteChange[] = [];
     if (requeue) {
       // Failed changes go back in front of anything queued meanwhile, in their original order.
       const merged = new Map<string, RouteChange>();
@@ -144,12 +149,7 @@ export class PeerOutbox {
       }
       for (const [key, change] of this.pending) if (!merged.has(key)) merged.set(key, change);
       this.pending = merged;
-      while (this.pending.size > this.maxRoutes) {
-        const oldest = this.pending.entries().next().value as [string, RouteChange];
-        this.pending.delete(oldest[0]);
-        dropped.push(oldest[1]);
-        this.settle(oldest[0], oldest[1], { status: 'failed', errorClass: 'outbox_full' });
-      }
+      dropped = this.dropOverBound();
     }
     for (let i = 0; i < batch.length; i++) this.settle(keys[i]!, batch[i]!, outcome);
     return dropped;
