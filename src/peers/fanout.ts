@@ -147,6 +147,10 @@ export class PeerSync {
     this.metrics.peers.set(this.peers.size);
   }
 
+  get peerCount(): number {
+    return this.peers.size;
+  }
+
   peerAddresses(): string[] {
     return [...this.peers.keys()];
   }

@@ -177,6 +177,13 @@ export class Reconciler {
 
   /** Record a change the local manager made (it survives a suspect rebuild). */
   noteLocalChange(key: string): void {
+    // Without peers this replica is in contact with all of them: what its manager changes now
+    // is older than its next contact, the record would be dropped unread (alone()), and holding
+    // it costs ~50 B per route until then.
+    if (this.sync.peerCount === 0) {
+      this.alone();
+      return;
+    }
     this.localChangedAtMs.set(key, this.now());
   }
 

@@ -69,18 +69,41 @@ describe('Reconciler: what it remembers of local changes', () => {
     return parseChange({ namespace: 'ns', name, id: `id-${name}`, uid: `uid-${name}`, resourceVersion, ip: '10.0.0.1', state: 'Running' });
   }
 
-  it('forgets them while it has no peers (one replica, the default), however many identities its manager changed', async () => {
+  it('keeps none while it has no peers (one replica, the default), however many identities its manager changed', async () => {
     const clock = { ms: 1_000_000 };
     const { reconciler: r, service, table, sync, client } = reconciler(clock);
     for (let i = 0; i < 2000; i++) {
       await service.applyLocal(route(`sb-${i}`));
-      await service.deleteLocal('ns', `sb-${i}`, '1');
+      if (i % 2 === 0) await service.deleteLocal('ns', `sb-${i}`, '1');
     }
-    expect(r.rememberedLocalChanges()).toBe(2000);
+    expect(table.size).toBe(1000);
+    expect(r.rememberedLocalChanges()).toBe(0);
     clock.ms += 1;
     expect(await r.runRound()).toMatchObject({ result: 'no_peers' });
     expect(r.rememberedLocalChanges()).toBe(0);
-    expect(table.size).toBe(0);
+    // Once it has a peer, what its manager changes is remembered again, and a peer that
+    // appears finds it in contact (alone until the change), not suspect.
+    sync.setPeers(['127.0.0.1:1']);
+    await service.applyLocal(route('sb-1', '2'));
+    expect(r.rememberedLocalChanges()).toBe(1);
+    clock.ms += 4000;
+    expect(r.isSuspect()).toBe(false);
+    sync.close();
+    r.close();
+    await client.close();
+  });
+
+  it('keeps the records it had when its last peer leaves only until its next local change or round', async () => {
+    const clock = { ms: 1_000_000 };
+    const { reconciler: r, service, sync, client } = reconciler(clock);
+    sync.setPeers(['127.0.0.1:1']);
+    await service.applyLocal(route('a'));
+    await service.applyLocal(route('b'));
+    expect(r.rememberedLocalChanges()).toBe(2);
+    sync.setPeers([]);
+    clock.ms += 1;
+    await service.applyLocal(route('c'));
+    expect(r.rememberedLocalChanges()).toBe(0);
     sync.close();
     r.close();
     await client.close();

@@ -45,7 +45,9 @@ describe('parseRoute', () => {
   it('never copies __proto__ or constructor keys', () => {
     const input = JSON.parse(`{"namespace":"ns","name":"a","id":"x","uid":"u","resourceVersion":"1","__proto__":{"polluted":true},"constructor":{"prototype":{"bad":1}}}`);
     const route = parseRoute(input) as unknown as Record<string, unknown>;
-    expect(Object.getPrototypeOf(route)).toBe(Object.prototype);
+    expect(Object.hasOwn(route, '__proto__')).toBe(false);
+    expect(route.polluted).toBeUndefined();
+    expect((route.constructor as { prototype?: Record<string, unknown> }).prototype?.bad).toBeUndefined();
     expect(({} as Record<string, unknown>).polluted).toBeUndefined();
     expect(Object.keys(route).sort()).toEqual(['id', 'ip', 'name', 'namespace', 'resourceVersion', 'state', 'uid']);
   });
@@ -96,6 +98,26 @@ describe('parseRoute', () => {
     expect(parseRoute({ ...valid, ip: '2001:db8::1' }).ip).toBe('2001:db8::1');
     expect(parseRoute({ ...valid, state: 'PAUSED' }).state).toBe('PAUSED');
     expect(parseRoute({ ...valid, state: 'something-new' }).state).toBe('something-new');
+  });
+
+  it('stores optional fields only when given: the route reads back as the JSON it came from', () => {
+    const bare = parseRoute({ ...valid, owner: '', accessToken: '', requireTrafficAuth: false });
+    expect(Object.keys(bare).sort()).toEqual(['id', 'ip', 'name', 'namespace', 'resourceVersion', 'state', 'uid']);
+    expect('owner' in bare || 'accessToken' in bare || 'requireTrafficAuth' in bare).toBe(false);
+    expect(JSON.parse(JSON.stringify(bare))).toEqual(valid);
+    const full = { ...valid, owner: 'me', accessToken: 't', requireTrafficAuth: true };
+    expect(JSON.parse(JSON.stringify(parseRoute(full)))).toEqual(full);
+  });
+
+  it('keeps every route its own namespace, owner and state however many distinct values it has seen', () => {
+    // The values routes repeat are shared through a bounded pool; past its bound each value is
+    // kept as it came. 5,000 distinct namespaces and owners cross the bound (4,096).
+    const routes = Array.from({ length: 5000 }, (_, i) => parseRoute({ ...valid, namespace: `ns-${i}`, owner: `team-${i}`, state: `state-${i}` }));
+    routes.forEach((route, i) => {
+      expect([route.namespace, route.owner, route.state]).toEqual([`ns-${i}`, `team-${i}`, `state-${i}`]);
+    });
+    const again = parseRoute(JSON.parse(JSON.stringify({ ...valid, namespace: 'ns-7', owner: 'team-4999' })));
+    expect([again.namespace, again.owner]).toEqual(['ns-7', 'team-4999']);
   });
 
   it('never lists the access token', () => {
