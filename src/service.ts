@@ -5,7 +5,7 @@
 import type { Logger } from './log.js';
 import type { Metrics } from './metrics.js';
 import type { SyncOutcome, PeerSync } from './peers/fanout.js';
-import { compareResourceVersions, type RouteChange } from './routes/route.js';
+import { compareResourceVersions, type Route, type RouteChange } from './routes/route.js';
 import type { ApplyResult, RouteTable } from './routes/table.js';
 
 export type ChangeSource = 'local' | 'peer' | 'reconcile';
@@ -64,6 +64,15 @@ export class RouteService {
   /** Changes pushed by a peer or pulled by reconciliation: applied, never re-broadcast. */
   applyRemote(changes: readonly RouteChange[], source: Exclude<ChangeSource, 'local'>): ApplyResult[] {
     return changes.map((change) => this.apply(change, source));
+  }
+
+  /** A suspect rebuild's stale routes: removed without a fence (RouteTable.dropWithoutFence). */
+  dropStale(routes: readonly Route[]): ApplyResult[] {
+    return routes.map((route) => {
+      const result = this.table.dropWithoutFence(route);
+      this.count('reconcile', result);
+      return result;
+    });
   }
 
   private apply(change: RouteChange, source: ChangeSource): ApplyResult {

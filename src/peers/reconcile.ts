@@ -55,7 +55,7 @@ import { setTimeout as delay } from 'node:timers/promises';
 import { maxReconcileIntervalMs, type Config } from '../config.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
-import { RouteValidationError, changeKey, changeToWire, parseChange, routeKey, type RouteChange } from '../routes/route.js';
+import { RouteValidationError, changeKey, changeToWire, parseChange, routeKey, type Route, type RouteChange } from '../routes/route.js';
 import type { RouteTable } from '../routes/table.js';
 import type { RouteService } from '../service.js';
 import { attemptSignal, classifyPeerError, PeerRequestError, SyncAbortedError, type PeerClient } from './client.js';
@@ -541,7 +541,7 @@ export class Reconciler {
     const seen = new Set<string>();
     const pulled = await this.pullAndApply(peer, all, signal, seen);
     // From here to applyRemote nothing awaits: no push can land between the check and the drop.
-    const stale: RouteChange[] = [];
+    const stale: Route[] = [];
     for (const route of heldAtStart) {
       const key = routeKey(route);
       if (seen.has(key)) continue;
@@ -549,17 +549,11 @@ export class Reconciler {
       if (this.table.getByKey(key) !== route) continue;
       const changedAt = this.localChangedAtMs.get(key);
       if (changedAt !== undefined && changedAt >= cutStartMs) continue;
-      // Dropped as a deletion whose fence has long expired, so the table leaves no fence. A fence
-      // made here would sit at the route's live version and travel: if the route is live after
-      // all (a push that has not reached the source yet), it would delete it fleet-wide. Real
-      // deletions need none from us: the source's own fences came with the pull. A live route
-      // dropped here comes back with the next pull from a peer that holds it.
-      stale.push({
-        op: 'delete',
-        deletion: { namespace: route.namespace, name: route.name, resourceVersion: route.resourceVersion, fencedAtMs: Number.NEGATIVE_INFINITY },
-      });
+      // Dropped without a fence (see dropWithoutFence). A live route dropped here comes back
+      // with the next pull from a peer that holds it.
+      stale.push(route);
     }
-    const dropped = this.service.applyRemote(stale, 'reconcile').filter((result) => result.outcome === 'applied').length;
+    const dropped = this.service.dropStale(stale).filter((result) => result.outcome === 'applied').length;
     this.metrics.reconcileRepaired.inc(dropped);
     this.logger.warn(
       { peer, outOfContactMs: this.now() - cutStartMs, pulledChanges: seen.size, repaired: pulled.repaired, droppedStale: dropped },

@@ -36,7 +36,8 @@ export type ApplyReason =
   | 'fenced'
   | 'stale_resource_version'
   | 'not_found'
-  | 'fence_expired';
+  | 'fence_expired'
+  | 'dropped';
 
 export interface ApplyResult {
   readonly outcome: 'applied' | 'ignored';
@@ -213,6 +214,19 @@ export class RouteTable {
     if (expired) return { outcome: 'ignored', reason: 'fence_expired', key, resourceVersion: version };
     this.addFence(key, { resourceVersion: version, fencedAtMs });
     return { outcome: 'applied', reason: 'fenced', key, resourceVersion: version };
+  }
+
+  /**
+   * Remove a route and leave no fence: what a suspect rebuild does with a route its source does
+   * not hold (the source's real deletions come with its pull, as fences). A fence made here would
+   * sit at the route's live version and travel, deleting it fleet-wide if it is live after all.
+   * Only the very route given is removed: one stored since (an update is a new object) stays.
+   */
+  dropWithoutFence(route: Route): ApplyResult {
+    const key = routeKey(route);
+    if (this.routes.get(key) !== route) return { outcome: 'ignored', reason: 'not_found', key, resourceVersion: route.resourceVersion };
+    this.removeRoute(key, route);
+    return { outcome: 'applied', reason: 'dropped', key, resourceVersion: route.resourceVersion };
   }
 
   /** Remove every fence whose TTL has passed; returns how many. Called by the owner's timer. */

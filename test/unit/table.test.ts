@@ -82,6 +82,24 @@ describe('RouteTable', () => {
     expect(table.fenceCount).toBe(0);
   });
 
+  it('drops a route without a fence only while it is the route stored, and a later upsert at its version applies', () => {
+    const table = new RouteTable({ tombstoneTtlMs: 10_000 });
+    const held = route('g', '5');
+    table.upsert(held);
+    const emptyDigest = new RouteTable({ tombstoneTtlMs: 10_000 }).rootDigest();
+    expect(table.dropWithoutFence(held)).toMatchObject({ outcome: 'applied', reason: 'dropped', key: 'ns/g' });
+    expect(table.get('ns', 'g')).toBeUndefined();
+    expect(table.getFence('ns', 'g')).toBeUndefined();
+    expect(table.getById(held.id)).toBeUndefined();
+    expect(table.rootDigest()).toBe(emptyDigest);
+    // No fence: the same route offered again (a peer that holds it) is taken back.
+    expect(table.upsert(route('g', '5'))).toMatchObject({ outcome: 'applied', reason: 'created' });
+    // A route replaced since it was read is not the one to drop.
+    table.upsert(route('g', '6'));
+    expect(table.dropWithoutFence(held)).toMatchObject({ outcome: 'ignored', reason: 'not_found' });
+    expect(table.get('ns', 'g')?.resourceVersion).toBe('6');
+  });
+
   it("clamps a peer's fencedAtMs in the future to now, so the fence still expires within the TTL", () => {
     const clock = clockAt(50_000);
     const table = new RouteTable({ tombstoneTtlMs: 10_000, now: () => clock.now });
