@@ -540,7 +540,7 @@ export class Reconciler {
     const all = Array.from({ length: this.table.digestBuckets }, (_, i) => i);
     const seen = new Set<string>();
     const pulled = await this.pullAndApply(peer, all, signal, seen);
-    // From here to applyRemote nothing awaits: no push can land between the check and the drop.
+    // From here to dropStale nothing awaits: no push can land between the check and the drop.
     const stale: Route[] = [];
     for (const route of heldAtStart) {
       const key = routeKey(route);
