@@ -44,8 +44,9 @@ demo:
 
 # Soak run, not part of `make test`: three replica processes and an upstream under steady
 # changes and proxied traffic for minutes; samples heap, RSS, fds and outboxes and judges
-# whether they level off (bench/results/soak.json). SOAK_ARGS, for example `--minutes 5`.
-soak:
+# whether they level off (bench/results/soak.json), on the build as it ships. SOAK_ARGS, for
+# example `--minutes 5`.
+soak: build
 	npm run soak -- $(SOAK_ARGS)
 
 clean:

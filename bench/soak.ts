@@ -18,10 +18,10 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { Agent, request } from 'undici';
 import { NODE_FLAGS } from '../src/node-flags.js';
+import { routesyncEntry } from './lib/contenders.js';
 import { metricValue } from './lib/metrics.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
-const MAIN = fileURLToPath(new URL('../src/main.ts', import.meta.url));
 const UPSTREAM = fileURLToPath(new URL('./upstream.ts', import.meta.url));
 const RESULT = fileURLToPath(new URL('./results/soak.json', import.meta.url));
 
@@ -43,6 +43,8 @@ const SAMPLE_S = Number(args['sample-s']);
 const KEYS = Number(args.keys);
 const TICK_MS = 100;
 const TOKEN = 'soak-peer-token';
+/** As the benchmarks choose: the build when it is fresh (what ships, so RSS is the shipped process's), else src/ through tsx. */
+const ENTRY = routesyncEntry();
 
 interface Node {
   readonly child: ChildProcess;
@@ -101,7 +103,7 @@ async function startCluster(): Promise<Node[]> {
     const api = `127.0.0.1:${ports[i * 3]}`;
     const peer = peers[i]!;
     const proxy = `127.0.0.1:${ports[i * 3 + 2]}`;
-    const child = spawn(process.execPath, ['--import', 'tsx', ...NODE_FLAGS, MAIN], {
+    const child = spawn(process.execPath, [...(ENTRY.tsx ? ['--import', 'tsx'] : []), ...NODE_FLAGS, ENTRY.script], {
       cwd: ROOT,
       env: {
         PATH: process.env.PATH ?? '',
@@ -349,6 +351,7 @@ async function main(): Promise<number> {
     minutes: MINUTES,
     rates: { changesPerSecond: CHANGES_PER_S, proxiedRequestsPerSecond: REQUESTS_PER_S, routeKeys: KEYS },
     node: process.version,
+    routesync: ENTRY.note,
     counts,
     exitCodes: exits,
     verdict: verdict ? 'levels off' : 'climbs',
