@@ -138,6 +138,12 @@ export class Reconciler {
   private readonly localChangedAtMs = new Map<string, number>();
   /** Last completed round with a non-suspect peer (or the start of this replica's life). */
   private lastContactMs: number;
+  /**
+   * Whether that last contact was having no peers (alone()). A cut that begins so finds a table
+   * that was as good as in contact, with what the manager changed meanwhile recorded nowhere
+   * (noteLocalChange): a rebuild after it drops nothing (rebuildFrom).
+   */
+  private contactWasAlone = false;
   private bootstrapped = false;
   private seeded = false;
   /**
@@ -177,9 +183,9 @@ export class Reconciler {
 
   /** Record a change the local manager made (it survives a suspect rebuild). */
   noteLocalChange(key: string): void {
-    // Without peers this replica is in contact with all of them: what its manager changes now
-    // is older than its next contact, the record would be dropped unread (alone()), and holding
-    // it costs ~50 B per route until then.
+    // Without peers this replica is in contact with all of them, and a rebuild after a cut that
+    // begins so keeps every route (contactWasAlone): the record would never be read, and it
+    // costs ~50 B per route.
     if (this.sync.peerCount === 0) {
       this.alone();
       return;
@@ -277,6 +283,7 @@ export class Reconciler {
       this.freshPeers.clear();
       this.bootstrapped = true;
       this.lastContactMs = this.now();
+      this.contactWasAlone = false;
     }
   }
 
@@ -497,6 +504,7 @@ export class Reconciler {
   private contact(peer: string): void {
     this.untrusted.clear();
     this.lastContactMs = this.now();
+    this.contactWasAlone = false;
     this.sync.markReconciled(peer);
     this.forgetLocalChangesBeforeContact();
   }
@@ -509,6 +517,7 @@ export class Reconciler {
    */
   private alone(): void {
     this.lastContactMs = this.now();
+    this.contactWasAlone = true;
     this.forgetLocalChangesBeforeContact();
   }
 
@@ -533,6 +542,10 @@ export class Reconciler {
    */
   private async rebuildFrom(peer: string, signal: AbortSignal, bytesSoFar: number): Promise<RoundReport> {
     const cutStartMs = this.lastContactMs;
+    // A cut that began while this replica had no peers: all it held then was as good as
+    // contact, and its manager's changes made while alone were never pushed nor recorded. The
+    // rebuild only merges the source's table.
+    const cutBeganAlone = this.contactWasAlone;
     // Only routes held as the rebuild begins can be stale. The pulls take many requests, and
     // pushes (and local changes) keep landing meanwhile, some in buckets already pulled: such a
     // route is live, and the source simply answered before it had it.
@@ -542,7 +555,7 @@ export class Reconciler {
     const pulled = await this.pullAndApply(peer, all, signal, seen);
     // From here to dropStale nothing awaits: no push can land between the check and the drop.
     const stale: Route[] = [];
-    for (const route of heldAtStart) {
+    for (const route of cutBeganAlone ? [] : heldAtStart) {
       const key = routeKey(route);
       if (seen.has(key)) continue;
       // Replaced or removed since the rebuild began (routes are immutable: an update is a new object).
@@ -556,7 +569,7 @@ export class Reconciler {
     const dropped = this.service.dropStale(stale).filter((result) => result.outcome === 'applied').length;
     this.metrics.reconcileRepaired.inc(dropped);
     this.logger.warn(
-      { peer, outOfContactMs: this.now() - cutStartMs, pulledChanges: seen.size, repaired: pulled.repaired, droppedStale: dropped },
+      { peer, outOfContactMs: this.now() - cutStartMs, cutBeganAlone, pulledChanges: seen.size, repaired: pulled.repaired, droppedStale: dropped },
       'reconcile: table was suspect (out of contact too long); rebuilt from a peer',
     );
     return { peer, result: 'rebuilt', repaired: pulled.repaired + dropped, bytes: bytesSoFar + pulled.bytes, buckets: all.length };

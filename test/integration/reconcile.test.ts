@@ -431,6 +431,39 @@ describe('suspect rebuild', () => {
   });
 });
 
+describe('a replica that was alone', () => {
+  it('keeps what its manager made while it had no peers through a rebuild after a cut that began then', async () => {
+    // C runs alone (no record of local changes is needed then); its manager creates X, which
+    // no peer has. Discovery then adds B, and C is cut off before any round with B completes:
+    // C turns suspect and, once healed, rebuilds from B, which lacks X. X must survive.
+    const env = { ROUTESYNC_TOMBSTONE_TTL_MS: '1000', ROUTESYNC_RECONCILE_INTERVAL_MS: '100' };
+    const c = await start(env, MANUAL_ROUNDS);
+    const b = await start(env, MANUAL_ROUNDS);
+    await Promise.all([b.replica.bootstrapped, c.replica.bootstrapped]);
+    const x = makeRoute({ namespace: 'alone', resourceVersion: '7' });
+    expect((await putRoute(c.api, x)).status).toBe(200);
+    expect(c.replica.reconciler.rememberedLocalChanges()).toBe(0);
+
+    c.replica.sync.setPeers([b.replica.addresses.peer]);
+    c.replica.faults.isolate();
+    await waitUntil(
+      async () => {
+        await c.replica.reconciler.runRound();
+        return c.replica.reconciler.isSuspect();
+      },
+      5000,
+      'c to turn suspect',
+    );
+    c.replica.faults.heal();
+    expect(await c.replica.reconciler.runRound()).toMatchObject({ result: 'rebuilt', peer: b.replica.addresses.peer });
+    expect(c.replica.table.get('alone', x.name as string)?.resourceVersion).toBe('7');
+    // And B gets it from C.
+    b.replica.sync.setPeers([c.replica.addresses.peer]);
+    expect((await b.replica.reconciler.runRound()).result).not.toBe('failed');
+    expect(b.replica.table.get('alone', x.name as string)?.resourceVersion).toBe('7');
+  });
+});
+
 describe('wire contract', () => {
   it('serves the digest, its cheap variant and pulls, and refuses bad pulls with 400', async () => {
     const [a] = await cluster(1);
