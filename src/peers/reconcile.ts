@@ -55,7 +55,17 @@ import { setTimeout as delay } from 'node:timers/promises';
 import { maxReconcileIntervalMs, type Config } from '../config.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
-import { RouteValidationError, changeKey, changeToWire, parseChange, routeKey, type Route, type RouteChange } from '../routes/route.js';
+import {
+  RouteValidationError,
+  changeKey,
+  changeToWire,
+  localChangeAt,
+  markLocalChange,
+  parseChange,
+  routeKey,
+  type Route,
+  type RouteChange,
+} from '../routes/route.js';
 import type { RouteTable } from '../routes/table.js';
 import type { RouteService } from '../service.js';
 import { attemptSignal, classifyPeerError, PeerRequestError, SyncAbortedError, type PeerClient } from './client.js';
@@ -134,16 +144,13 @@ export class Reconciler {
   private readonly now: () => number;
   private readonly random: () => number;
   private readonly stop = new AbortController();
-  /** Live routes the local manager changed since the last good contact, with when (pruned each round). */
-  private readonly localChangedAtMs = new Map<string, number>();
+  /**
+   * The origin of the local-change stamps (markLocalChange): stamps are ms since it, small
+   * integers that a route holds in a slot of its own for 24 days of uptime without a boxed number.
+   */
+  private readonly clockOriginMs: number;
   /** Last completed round with a non-suspect peer (or the start of this replica's life). */
   private lastContactMs: number;
-  /**
-   * Whether that last contact was having no peers (alone()). A cut that begins so finds a table
-   * that was as good as in contact, with what the manager changed meanwhile recorded nowhere
-   * (noteLocalChange): a rebuild after it drops nothing (rebuildFrom).
-   */
-  private contactWasAlone = false;
   private bootstrapped = false;
   private seeded = false;
   /**
@@ -171,6 +178,7 @@ export class Reconciler {
     this.now = options.now ?? Date.now;
     this.random = options.random ?? Math.random;
     this.lastContactMs = this.now();
+    this.clockOriginMs = this.lastContactMs;
     this.cursor = Math.floor(this.random() * 1_000_000);
   }
 
@@ -181,21 +189,28 @@ export class Reconciler {
     return this.seeded;
   }
 
-  /** Record a change the local manager made (it survives a suspect rebuild). */
+  /**
+   * Record a change the local manager made: a suspect rebuild spares a route its manager changed
+   * since the cut began. The record is a stamp on the route itself (markLocalChange), ~8 B,
+   * where a map of identities to times cost ~50 B a route; it goes with the route (a deletion
+   * needs none: a rebuild looks only at live routes), and one older than the last contact is
+   * simply not counted.
+   */
   noteLocalChange(key: string): void {
-    // Without peers this replica is in contact with all of them, and a rebuild after a cut that
-    // begins so keeps every route (contactWasAlone): the record would never be read, and it
-    // costs ~50 B per route.
-    if (this.sync.peerCount === 0) {
-      this.alone();
-      return;
-    }
-    this.localChangedAtMs.set(key, this.now());
+    const route = this.table.getByKey(key);
+    if (route) markLocalChange(route, Math.max(0, this.now() - this.clockOriginMs));
   }
 
-  /** How many identities a suspect rebuild would spare as changed by the local manager. */
+  /** How many live routes a suspect rebuild would spare as changed by the local manager since the last contact. */
   rememberedLocalChanges(): number {
-    return this.localChangedAtMs.size;
+    let count = 0;
+    for (const route of this.table.list()) if (this.changedLocallySince(route, this.lastContactMs)) count++;
+    return count;
+  }
+
+  private changedLocallySince(route: Route, sinceMs: number): boolean {
+    const at = localChangeAt(route);
+    return at !== undefined && at + this.clockOriginMs >= sinceMs;
   }
 
   /** Out of contact for too long while having peers: this table must not be offered. */
@@ -283,7 +298,6 @@ export class Reconciler {
       this.freshPeers.clear();
       this.bootstrapped = true;
       this.lastContactMs = this.now();
-      this.contactWasAlone = false;
     }
   }
 
@@ -413,7 +427,6 @@ export class Reconciler {
       this.metrics.convergenceLag.set(this.lagSeconds());
       return { peer: null, result: 'no_peers', repaired: 0, bytes: 0, buckets: 0 };
     }
-    this.forgetLocalChangesOfNonRoutes();
     this.metrics.convergenceLag.set(this.lagSeconds());
     // The whole round shares one budget: its own interval (at least 1 s, at most 30 s), so a
     // slow peer costs one round, never a pile-up of them.
@@ -504,35 +517,17 @@ export class Reconciler {
   private contact(peer: string): void {
     this.untrusted.clear();
     this.lastContactMs = this.now();
-    this.contactWasAlone = false;
     this.sync.markReconciled(peer);
-    this.forgetLocalChangesBeforeContact();
   }
 
   /**
    * No peers (a single replica, the default; or every peer gone from discovery): there is no one
    * to have missed a deletion from, so this counts as contact. Each round does this, so the
    * clock starts afresh with the first peer that appears, and what the local manager changed
-   * meanwhile is not remembered for ever.
+   * before then no longer counts as changed since the last contact.
    */
   private alone(): void {
     this.lastContactMs = this.now();
-    this.contactWasAlone = true;
-    this.forgetLocalChangesBeforeContact();
-  }
-
-  /** Local changes older than the last good contact can no longer matter to a rebuild. */
-  private forgetLocalChangesBeforeContact(): void {
-    for (const [key, atMs] of this.localChangedAtMs) if (atMs < this.lastContactMs) this.localChangedAtMs.delete(key);
-  }
-
-  /**
-   * A rebuild spares only live routes, so an identity that is no longer one (deleted; its fence
-   * perhaps expired) needs no record. This bounds the map by the table's size during a long cut
-   * too; a later local change of the identity records it again.
-   */
-  private forgetLocalChangesOfNonRoutes(): void {
-    for (const key of this.localChangedAtMs.keys()) if (this.table.getByKey(key) === undefined) this.localChangedAtMs.delete(key);
   }
 
   /**
@@ -542,10 +537,6 @@ export class Reconciler {
    */
   private async rebuildFrom(peer: string, signal: AbortSignal, bytesSoFar: number): Promise<RoundReport> {
     const cutStartMs = this.lastContactMs;
-    // A cut that began while this replica had no peers: all it held then was as good as
-    // contact, and its manager's changes made while alone were never pushed nor recorded. The
-    // rebuild only merges the source's table.
-    const cutBeganAlone = this.contactWasAlone;
     // Only routes held as the rebuild begins can be stale. The pulls take many requests, and
     // pushes (and local changes) keep landing meanwhile, some in buckets already pulled: such a
     // route is live, and the source simply answered before it had it.
@@ -555,13 +546,12 @@ export class Reconciler {
     const pulled = await this.pullAndApply(peer, all, signal, seen);
     // From here to dropStale nothing awaits: no push can land between the check and the drop.
     const stale: Route[] = [];
-    for (const route of cutBeganAlone ? [] : heldAtStart) {
+    for (const route of heldAtStart) {
       const key = routeKey(route);
       if (seen.has(key)) continue;
       // Replaced or removed since the rebuild began (routes are immutable: an update is a new object).
       if (this.table.getByKey(key) !== route) continue;
-      const changedAt = this.localChangedAtMs.get(key);
-      if (changedAt !== undefined && changedAt >= cutStartMs) continue;
+      if (this.changedLocallySince(route, cutStartMs)) continue;
       // Dropped without a fence (see dropWithoutFence). A live route dropped here comes back
       // with the next pull from a peer that holds it.
       stale.push(route);
@@ -569,7 +559,7 @@ export class Reconciler {
     const dropped = this.service.dropStale(stale).filter((result) => result.outcome === 'applied').length;
     this.metrics.reconcileRepaired.inc(dropped);
     this.logger.warn(
-      { peer, outOfContactMs: this.now() - cutStartMs, cutBeganAlone, pulledChanges: seen.size, repaired: pulled.repaired, droppedStale: dropped },
+      { peer, outOfContactMs: this.now() - cutStartMs, pulledChanges: seen.size, repaired: pulled.repaired, droppedStale: dropped },
       'reconcile: table was suspect (out of contact too long); rebuilt from a peer',
     );
     return { peer, result: 'rebuilt', repaired: pulled.repaired + dropped, bytes: bytesSoFar + pulled.bytes, buckets: all.length };

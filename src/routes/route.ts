@@ -228,6 +228,16 @@ class StoredRoute implements Route {
   declare readonly owner?: string;
   declare readonly accessToken?: string;
   declare readonly requireTrafficAuth?: boolean;
+  /** See markLocalChange: private, so no listing, wire body or comparison ever sees it. */
+  #localChangeAt = -1;
+
+  static mark(route: Route, at: number): void {
+    if (route instanceof StoredRoute) route.#localChangeAt = at;
+  }
+
+  static localChangeAt(route: Route): number | undefined {
+    return route instanceof StoredRoute && route.#localChangeAt >= 0 ? route.#localChangeAt : undefined;
+  }
 
   constructor(
     namespace: string,
@@ -252,6 +262,20 @@ class StoredRoute implements Route {
     if (accessToken !== undefined) this.accessToken = accessToken;
     if (requireTrafficAuth) this.requireTrafficAuth = true;
   }
+}
+
+/**
+ * Stamp a stored route as changed by the local manager at `at` (a non-negative time of the
+ * caller's clock; the reconciler's, which spares such routes in a suspect rebuild). Only routes
+ * made by parseRoute carry a stamp; any other is left as it is.
+ */
+export function markLocalChange(route: Route, at: number): void {
+  StoredRoute.mark(route, at);
+}
+
+/** The stamp markLocalChange left on a route, if any. */
+export function localChangeAt(route: Route): number | undefined {
+  return StoredRoute.localChangeAt(route);
 }
 
 /**

@@ -100,8 +100,6 @@ export class RouteTable {
   private readonly idContenders = new Map<string, Set<string>>();
   /** Per bucket: [lane A, lane B] XOR accumulators. */
   private readonly digestLanes: Uint32Array;
-  /** Per bucket: identity keys (routes and fences) in it, for pulls. */
-  private readonly bucketKeys: Set<string>[];
   private readonly bucketMask: number;
 
   constructor(options: RouteTableOptions) {
@@ -113,7 +111,6 @@ export class RouteTable {
     }
     this.bucketMask = this.digestBuckets - 1;
     this.digestLanes = new Uint32Array(this.digestBuckets * 2);
-    this.bucketKeys = Array.from({ length: this.digestBuckets }, () => new Set<string>());
   }
 
   get size(): number {
@@ -275,28 +272,32 @@ export class RouteTable {
     return a.toString(16).padStart(8, '0') + b.toString(16).padStart(8, '0');
   }
 
-  /** Every route and live fence in the given buckets, as changes a peer can apply. */
+  /**
+   * Every route and live fence in the given buckets, as changes a peer can apply. The table is
+   * scanned: an index of keys per bucket cost ~26 B a route (1,024 sets) to save a pass that
+   * a pull request makes once (a round asks for the differing buckets, a rebuild or a bootstrap
+   * 64 at a time), and the hash is the digest's own.
+   */
   changesInBuckets(buckets: Iterable<number>): RouteChange[] {
-    const out: RouteChange[] = [];
-    const now = this.now();
+    const wanted = new Uint8Array(this.digestBuckets);
+    let any = false;
     for (const bucket of buckets) {
-      const keys = this.bucketKeys[bucket];
-      if (!keys) continue;
-      for (const key of keys) {
-        const route = this.routes.get(key);
-        if (route) {
-          out.push({ op: 'upsert', route });
-          continue;
-        }
-        const fence = this.fences.get(key);
-        if (fence && fence.fencedAtMs + this.tombstoneTtlMs > now) {
-          const slash = key.indexOf('/');
-          out.push({
-            op: 'delete',
-            deletion: { namespace: key.slice(0, slash), name: key.slice(slash + 1), resourceVersion: fence.resourceVersion, fencedAtMs: fence.fencedAtMs },
-          });
-        }
+      if (Number.isInteger(bucket) && bucket >= 0 && bucket < this.digestBuckets) {
+        wanted[bucket] = 1;
+        any = true;
       }
+    }
+    const out: RouteChange[] = [];
+    if (!any) return out;
+    for (const [key, route] of this.routes) if (wanted[this.bucketOf(key)] === 1) out.push({ op: 'upsert', route });
+    const now = this.now();
+    for (const [key, fence] of this.fences) {
+      if (fence.fencedAtMs + this.tombstoneTtlMs <= now || wanted[this.bucketOf(key)] !== 1) continue;
+      const slash = key.indexOf('/');
+      out.push({
+        op: 'delete',
+        deletion: { namespace: key.slice(0, slash), name: key.slice(slash + 1), resourceVersion: fence.resourceVersion, fencedAtMs: fence.fencedAtMs },
+      });
     }
     return out;
   }
@@ -313,7 +314,6 @@ export class RouteTable {
     this.idOwner.clear();
     this.idContenders.clear();
     this.digestLanes.fill(0);
-    for (const keys of this.bucketKeys) keys.clear();
   }
 
   /** A canonical, order-free view of the whole state, for equality checks. */
@@ -345,19 +345,16 @@ export class RouteTable {
   private addFence(key: string, fence: Fence): void {
     this.fences.set(key, fence);
     this.toggleDigest('F', key, fence.resourceVersion);
-    this.bucketKeys[this.bucketOf(key)]!.add(key);
   }
 
   private removeFence(key: string, fence: Fence): void {
     this.fences.delete(key);
     this.toggleDigest('F', key, fence.resourceVersion);
-    this.bucketKeys[this.bucketOf(key)]!.delete(key);
   }
 
   private addRoute(key: string, route: Route): void {
     this.routes.set(key, route);
     this.toggleDigest('R', key, route.resourceVersion);
-    this.bucketKeys[this.bucketOf(key)]!.add(key);
     const owner = this.idOwner.get(route.id);
     if (!owner) {
       this.idOwner.set(route.id, route);
@@ -375,7 +372,6 @@ export class RouteTable {
   private removeRoute(key: string, route: Route): void {
     this.routes.delete(key);
     this.toggleDigest('R', key, route.resourceVersion);
-    this.bucketKeys[this.bucketOf(key)]!.delete(key);
     const contenders = this.idContenders.get(route.id);
     if (!contenders) {
       if (this.idOwner.get(route.id) === route) this.idOwner.delete(route.id);

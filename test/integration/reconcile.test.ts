@@ -433,16 +433,16 @@ describe('suspect rebuild', () => {
 
 describe('a replica that was alone', () => {
   it('keeps what its manager made while it had no peers through a rebuild after a cut that began then', async () => {
-    // C runs alone (no record of local changes is needed then); its manager creates X, which
-    // no peer has. Discovery then adds B, and C is cut off before any round with B completes:
-    // C turns suspect and, once healed, rebuilds from B, which lacks X. X must survive.
+    // C runs alone; its manager creates X, which no peer has. Discovery then adds B, and C is
+    // cut off before any round with B completes: C turns suspect and, once healed, rebuilds
+    // from B, which lacks X. X, changed by C's manager since C's last contact, must survive.
     const env = { ROUTESYNC_TOMBSTONE_TTL_MS: '1000', ROUTESYNC_RECONCILE_INTERVAL_MS: '100' };
     const c = await start(env, MANUAL_ROUNDS);
     const b = await start(env, MANUAL_ROUNDS);
     await Promise.all([b.replica.bootstrapped, c.replica.bootstrapped]);
     const x = makeRoute({ namespace: 'alone', resourceVersion: '7' });
     expect((await putRoute(c.api, x)).status).toBe(200);
-    expect(c.replica.reconciler.rememberedLocalChanges()).toBe(0);
+    expect(c.replica.reconciler.rememberedLocalChanges()).toBe(1);
 
     c.replica.sync.setPeers([b.replica.addresses.peer]);
     c.replica.faults.isolate();

@@ -69,7 +69,7 @@ describe('Reconciler: what it remembers of local changes', () => {
     return parseChange({ namespace: 'ns', name, id: `id-${name}`, uid: `uid-${name}`, resourceVersion, ip: '10.0.0.1', state: 'Running' });
   }
 
-  it('keeps none while it has no peers (one replica, the default), however many identities its manager changed', async () => {
+  it('forgets them while it has no peers (one replica, the default), however many routes its manager changed', async () => {
     const clock = { ms: 1_000_000 };
     const { reconciler: r, service, table, sync, client } = reconciler(clock);
     for (let i = 0; i < 2000; i++) {
@@ -77,32 +77,33 @@ describe('Reconciler: what it remembers of local changes', () => {
       if (i % 2 === 0) await service.deleteLocal('ns', `sb-${i}`, '1');
     }
     expect(table.size).toBe(1000);
-    expect(r.rememberedLocalChanges()).toBe(0);
+    // Only live routes count: a rebuild never looks at a deleted identity.
+    expect(r.rememberedLocalChanges()).toBe(1000);
     clock.ms += 1;
     expect(await r.runRound()).toMatchObject({ result: 'no_peers' });
     expect(r.rememberedLocalChanges()).toBe(0);
-    // Once it has a peer, what its manager changes is remembered again, and a peer that
-    // appears finds it in contact (alone until the change), not suspect.
-    sync.setPeers(['127.0.0.1:1']);
+    // Changed again, and a peer appears: remembered until the next good contact.
     await service.applyLocal(route('sb-1', '2'));
-    expect(r.rememberedLocalChanges()).toBe(1);
+    sync.setPeers(['127.0.0.1:1']);
     clock.ms += 4000;
     expect(r.isSuspect()).toBe(false);
+    expect(r.rememberedLocalChanges()).toBe(1);
     sync.close();
     r.close();
     await client.close();
   });
 
-  it('keeps the records it had when its last peer leaves only until its next local change or round', async () => {
+  it('stamps the stored route itself, so a listing or a push never shows the record', async () => {
     const clock = { ms: 1_000_000 };
-    const { reconciler: r, service, sync, client } = reconciler(clock);
+    const { reconciler: r, service, table, sync, client } = reconciler(clock);
     sync.setPeers(['127.0.0.1:1']);
     await service.applyLocal(route('a'));
-    await service.applyLocal(route('b'));
-    expect(r.rememberedLocalChanges()).toBe(2);
-    sync.setPeers([]);
-    clock.ms += 1;
-    await service.applyLocal(route('c'));
+    expect(r.rememberedLocalChanges()).toBe(1);
+    const stored = table.get('ns', 'a')!;
+    expect(JSON.parse(JSON.stringify(stored))).toEqual({ namespace: 'ns', name: 'a', id: 'id-a', uid: 'uid-a', resourceVersion: '1', ip: '10.0.0.1', state: 'Running' });
+    expect(Object.keys(stored)).not.toContain('localChangeAt');
+    // A newer version from a peer replaces the route object, and with it the stamp.
+    service.applyRemote([route('a', '2')], 'peer');
     expect(r.rememberedLocalChanges()).toBe(0);
     sync.close();
     r.close();
