@@ -198,7 +198,8 @@ export class Reconciler {
    */
   noteLocalChange(key: string): void {
     const route = this.table.getByKey(key);
-    if (route) markLocalChange(route, Math.max(0, this.now() - this.clockOriginMs));
+    // Negative if the wall clock stepped back past the origin: still the change's own time.
+    if (route) markLocalChange(route, this.now() - this.clockOriginMs);
   }
 
   /** How many live routes a suspect rebuild would spare as changed by the local manager since the last contact. */

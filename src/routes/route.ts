@@ -228,15 +228,19 @@ class StoredRoute implements Route {
   declare readonly owner?: string;
   declare readonly accessToken?: string;
   declare readonly requireTrafficAuth?: boolean;
-  /** See markLocalChange: private, so no listing, wire body or comparison ever sees it. */
-  #localChangeAt = -1;
+  /**
+   * See markLocalChange: private, so no listing, wire body or comparison ever sees it. Starts as
+   * undefined, not a number, so that V8 keeps the slot tagged: a small integer stamp is stored
+   * in place, and a large one as a number of its own, never as a box in every route.
+   */
+  #localChangeAt: number | undefined = undefined;
 
   static mark(route: Route, at: number): void {
     if (route instanceof StoredRoute) route.#localChangeAt = at;
   }
 
   static localChangeAt(route: Route): number | undefined {
-    return route instanceof StoredRoute && route.#localChangeAt >= 0 ? route.#localChangeAt : undefined;
+    return route instanceof StoredRoute ? route.#localChangeAt : undefined;
   }
 
   constructor(
@@ -265,8 +269,8 @@ class StoredRoute implements Route {
 }
 
 /**
- * Stamp a stored route as changed by the local manager at `at` (a non-negative time of the
- * caller's clock; the reconciler's, which spares such routes in a suspect rebuild). Only routes
+ * Stamp a stored route as changed by the local manager at `at` (a time of the caller's clock,
+ * best a small integer; the reconciler's, which spares such routes in a suspect rebuild). Only routes
  * made by parseRoute carry a stamp; any other is left as it is.
  */
 export function markLocalChange(route: Route, at: number): void {

@@ -432,10 +432,12 @@ describe('suspect rebuild', () => {
 });
 
 describe('a replica that was alone', () => {
-  it('keeps what its manager made while it had no peers through a rebuild after a cut that began then', async () => {
-    // C runs alone; its manager creates X, which no peer has. Discovery then adds B, and C is
-    // cut off before any round with B completes: C turns suspect and, once healed, rebuilds
-    // from B, which lacks X. X, changed by C's manager since C's last contact, must survive.
+  it('keeps what its manager made since its last round without peers through a rebuild, when peers appear and a cut begins before any round with them', async () => {
+    // C runs alone; its manager creates X, which no peer has. Discovery then adds B before C's
+    // next round, and C is cut off before any round with B completes: C turns suspect and,
+    // once healed, rebuilds from B, which lacks X. X, changed by C's manager since C's last
+    // contact, must survive. (A change made before a round without peers counts as known to
+    // the fleet: the limit in docs/reconcile.md.)
     const env = { ROUTESYNC_TOMBSTONE_TTL_MS: '1000', ROUTESYNC_RECONCILE_INTERVAL_MS: '100' };
     const c = await start(env, MANUAL_ROUNDS);
     const b = await start(env, MANUAL_ROUNDS);

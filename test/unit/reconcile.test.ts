@@ -101,7 +101,6 @@ describe('Reconciler: what it remembers of local changes', () => {
     expect(r.rememberedLocalChanges()).toBe(1);
     const stored = table.get('ns', 'a')!;
     expect(JSON.parse(JSON.stringify(stored))).toEqual({ namespace: 'ns', name: 'a', id: 'id-a', uid: 'uid-a', resourceVersion: '1', ip: '10.0.0.1', state: 'Running' });
-    expect(Object.keys(stored)).not.toContain('localChangeAt');
     // A newer version from a peer replaces the route object, and with it the stamp.
     service.applyRemote([route('a', '2')], 'peer');
     expect(r.rememberedLocalChanges()).toBe(0);
@@ -120,7 +119,7 @@ describe('Reconciler: what it remembers of local changes', () => {
     clock.ms += 6000;
     expect(r.isSuspect()).toBe(true);
     expect(await r.runRound()).toMatchObject({ result: 'failed', errorClass: 'refused' });
-    // 'gone' is a fence, not a route: a rebuild never looks at it, and its record would only grow the map.
+    // 'gone' is a fence, not a route: a rebuild never looks at it.
     expect(r.rememberedLocalChanges()).toBe(1);
     sync.close();
     r.close();
