@@ -147,10 +147,6 @@ export class PeerSync {
     this.metrics.peers.set(this.peers.size);
   }
 
-  get peerCount(): number {
-    return this.peers.size;
-  }
-
   peerAddresses(): string[] {
     return [...this.peers.keys()];
   }

@@ -269,9 +269,9 @@ class StoredRoute implements Route {
 }
 
 /**
- * Stamp a stored route as changed by the local manager at `at` (a time of the caller's clock,
- * best a small integer; the reconciler's, which spares such routes in a suspect rebuild). Only routes
- * made by parseRoute carry a stamp; any other is left as it is.
+ * Stamp a stored route as changed by the local manager at `at`: a time of the caller's clock,
+ * best a small integer (the reconciler's, which spares such routes in a suspect rebuild). Only
+ * routes made by parseRoute carry a stamp; any other is left as it is.
  */
 export function markLocalChange(route: Route, at: number): void {
   StoredRoute.mark(route, at);
