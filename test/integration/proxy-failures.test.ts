@@ -286,14 +286,37 @@ describe('waiting for a pooled upstream socket', () => {
     return Object.values(agent.requests).flat().length;
   }
 
+  /** A streaming response (SSE, a long poll, a download) that holds the pool's only socket. */
+  async function holdOnlySocket(plane: TestDataPlane, sandbox: { port: number }): Promise<http.ClientRequest> {
+    const stream = http.get({ host: plane.address.address, port: plane.address.port, path: `/kruise/busy/${sandbox.port}/stall`, agent: false });
+    stream.on('error', () => {});
+    await new Promise<void>((resolve) => stream.on('response', () => resolve()));
+    return stream;
+  }
+
+  /**
+   * End the stream; the next request is served, on one new connection: two ever, the stream's
+   * and the fresh request's. No request that gave up its place takes a socket ahead of it.
+   */
+  async function expectFreedPoolServesFresh(
+    plane: TestDataPlane,
+    sandbox: Awaited<ReturnType<typeof startUpstream>>,
+    stream: http.ClientRequest,
+  ): Promise<void> {
+    stream.destroy();
+    await sandbox.waitForOpenSockets(0);
+    const fresh = await send(plane.address, { path: `/kruise/busy/${sandbox.port}/fresh` });
+    expect(fresh.status).toBe(200);
+    expect(sandbox.acceptedSockets()).toBe(2);
+    expect(sandbox.requests.map((request) => request.url)).toEqual(['/stall', '/fresh']);
+  }
+
   it('clients that go away while waiting give up their place: once the pool frees, the next request is served on one new connection', async () => {
     const sandbox = await startUpstream({ host: '127.0.0.2' });
     const pooled = await startDataPlane({ ROUTESYNC_PROXY_TIMEOUT_MS: '30000', ROUTESYNC_PROXY_MAX_SOCKETS: '1' });
     try {
       pooled.setRoute({ id: 'busy', ip: sandbox.host });
-      const stream = http.get({ host: pooled.address.address, port: pooled.address.port, path: `/kruise/busy/${sandbox.port}/stall`, agent: false });
-      stream.on('error', () => {});
-      await new Promise<void>((resolve) => stream.on('response', () => resolve()));
+      const stream = await holdOnlySocket(pooled, sandbox);
       const leaving = Array.from({ length: 10 }, () => {
         const request = http.get({ host: pooled.address.address, port: pooled.address.port, path: `/kruise/busy/${sandbox.port}/left`, agent: false });
         request.on('error', () => {});
@@ -303,13 +326,7 @@ describe('waiting for a pooled upstream socket', () => {
       for (const request of leaving) request.destroy();
       await waitUntil(() => queuedInAgent(pooled) === 0, 5000, 'the queue to be empty once their clients left');
       await waitUntil(async () => (await proxyRequestCount(pooled.metrics, 'client_aborted')) === 10, 5000, 'ten client_aborted');
-
-      stream.destroy();
-      await sandbox.waitForOpenSockets(0);
-      const fresh = await send(pooled.address, { path: `/kruise/busy/${sandbox.port}/fresh` });
-      expect(fresh.status).toBe(200);
-      expect(sandbox.acceptedSockets()).toBe(2);
-      expect(sandbox.requests.map((request) => request.url)).toEqual(['/stall', '/fresh']);
+      await expectFreedPoolServesFresh(pooled, sandbox, stream);
     } finally {
       await pooled.close(0);
       await sandbox.close();
@@ -321,24 +338,14 @@ describe('waiting for a pooled upstream socket', () => {
     const pooled = await startDataPlane({ ROUTESYNC_PROXY_TIMEOUT_MS: String(TIMEOUT_MS), ROUTESYNC_PROXY_MAX_SOCKETS: '1' });
     try {
       pooled.setRoute({ id: 'busy', ip: sandbox.host });
-      // A streaming response (SSE, a long poll, a download) holds the only pooled socket.
-      const stream = http.get({ host: pooled.address.address, port: pooled.address.port, path: `/kruise/busy/${sandbox.port}/stall`, agent: false });
-      stream.on('error', () => {});
-      await new Promise<void>((resolve) => stream.on('response', () => resolve()));
+      const stream = await holdOnlySocket(pooled, sandbox);
       const waited = await Promise.all(Array.from({ length: 20 }, () => send(pooled.address, { path: `/kruise/busy/${sandbox.port}/waited` })));
       expect(waited.map((reply) => reply.status)).toEqual(Array(20).fill(504));
       // Internal, because nothing outside shows it until the pool frees (which may be hours):
       // none of them is still queued in the agent, holding its request, response and exchange.
       expect(queuedInAgent(pooled)).toBe(0);
-
-      stream.destroy();
-      await sandbox.waitForOpenSockets(0);
-      const fresh = await send(pooled.address, { path: `/kruise/busy/${sandbox.port}/fresh` });
-      expect(fresh.status).toBe(200);
-      // Two connections ever: the stream's and the fresh request's. A request already answered
-      // 504 never takes a socket (opened, then dropped) ahead of the fresh one.
-      expect(sandbox.acceptedSockets()).toBe(2);
-      expect(sandbox.requests.map((request) => request.url)).toEqual(['/stall', '/fresh']);
+      // A request already answered 504 never takes a socket (opened, then dropped) ahead of the fresh one.
+      await expectFreedPoolServesFresh(pooled, sandbox, stream);
     } finally {
       await pooled.close(0);
       await sandbox.close();
