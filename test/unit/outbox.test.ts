@@ -21,6 +21,19 @@ function waitFor(outbox: PeerOutbox, key: string, version: string, op: RouteChan
   return { promise, cancel: () => outbox.unwatch(key, watcher) };
 }
 
+/** An upsert at version 5 in flight, then a delete at the same version queued behind it; a waiter on each. */
+function upsertInFlightThenDelete() {
+  const outbox = new PeerOutbox(100);
+  outbox.enqueue(upsert('a', '5'));
+  const upserted = waitFor(outbox, 'ns/a', '5');
+  outbox.takeBatch(10);
+  outbox.enqueue(remove('a', '5'));
+  const deleted = waitFor(outbox, 'ns/a', '5', 'delete');
+  let settled = false;
+  void deleted.promise.then(() => (settled = true));
+  return { outbox, upserted, deleted, deleteSettled: () => settled };
+}
+
 describe('PeerOutbox', () => {
   it('coalesces by identity: the newest version wins, a delete wins a tie', () => {
     const outbox = new PeerOutbox(100);
@@ -48,17 +61,10 @@ describe('PeerOutbox', () => {
 
   it('does not resolve a delete waiter with the ack of an upsert at the same version, in flight when the delete came', async () => {
     // A manager deletes at the sandbox's current version: the upsert at that version may still be on its way.
-    const outbox = new PeerOutbox(100);
-    outbox.enqueue(upsert('a', '5'));
-    const upserted = waitFor(outbox, 'ns/a', '5');
-    outbox.takeBatch(10);
-    outbox.enqueue(remove('a', '5'));
-    const deleted = waitFor(outbox, 'ns/a', '5', 'delete');
-    let deleteSettled = false;
-    void deleted.promise.then(() => (deleteSettled = true));
+    const { outbox, upserted, deleted, deleteSettled } = upsertInFlightThenDelete();
     outbox.ackInFlight();
     await expect(upserted.promise).resolves.toEqual({ status: 'acked' });
-    expect(deleteSettled).toBe(false);
+    expect(deleteSettled()).toBe(false);
     expect(outbox.takeBatch(10)).toEqual([remove('a', '5')]);
     outbox.ackInFlight();
     await expect(deleted.promise).resolves.toEqual({ status: 'acked' });
@@ -66,18 +72,11 @@ describe('PeerOutbox', () => {
   });
 
   it('does not fail a delete waiter with the failure of an upsert at the same version', async () => {
-    const outbox = new PeerOutbox(100);
-    outbox.enqueue(upsert('a', '5'));
-    const upserted = waitFor(outbox, 'ns/a', '5');
-    outbox.takeBatch(10);
-    outbox.enqueue(remove('a', '5'));
-    const deleted = waitFor(outbox, 'ns/a', '5', 'delete');
-    let deleteSettled = false;
-    void deleted.promise.then(() => (deleteSettled = true));
+    const { outbox, upserted, deleted, deleteSettled } = upsertInFlightThenDelete();
     // A permanent failure: the upsert is not requeued, the delete it did not carry stays queued.
     outbox.failInFlight({ status: 'failed', errorClass: 'http_4xx' }, false);
     await expect(upserted.promise).resolves.toEqual({ status: 'failed', errorClass: 'http_4xx' });
-    expect(deleteSettled).toBe(false);
+    expect(deleteSettled()).toBe(false);
     expect(outbox.takeBatch(10)).toEqual([remove('a', '5')]);
     outbox.ackInFlight();
     await expect(deleted.promise).resolves.toEqual({ status: 'acked' });
