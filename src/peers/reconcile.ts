@@ -52,7 +52,7 @@
 //    carry fresh resourceVersions from the one etcd counter.
 import { performance } from 'node:perf_hooks';
 import { setTimeout as delay } from 'node:timers/promises';
-import { maxReconcileIntervalMs, type Config } from '../config.js';
+import { maxReconcileIntervalMs, RECONCILE_JITTER_MAX, SUSPECT_AFTER_TTL_FRACTION, type Config } from '../config.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 import {
@@ -75,8 +75,8 @@ export const DIGEST_PATH = '/v1/peer/digest';
 export const PULL_PATH = '/v1/peer/pull';
 /** Past this many peers the interval grows with the peer count (see the header). */
 export const LARGE_FLEET_PEERS = 50;
-/** A replica out of contact for longer than this fraction of the fence TTL is suspect. */
-export const SUSPECT_AFTER_TTL_FRACTION = 0.5;
+/** Suspect after this fraction of the fence TTL without contact: config's constant, which also bounds the interval. */
+export { SUSPECT_AFTER_TTL_FRACTION };
 /** Buckets per pull request: with 100,000 routes over 1024 buckets, ~6,000 routes (~1.3 MB) a request. */
 export const PULL_BUCKETS_PER_REQUEST = 64;
 /** Peers asked at once for their digest during bootstrap (the first good answer wins). */
@@ -412,8 +412,10 @@ export class Reconciler {
   private schedule(): void {
     if (this.closed) return;
     // ±25 % jitter: replicas started together drift apart, and the next round is never later
-    // than 1.25 intervals, so a healed cut converges within two intervals.
-    const waitMs = this.intervalMs() * (0.75 + 0.5 * this.random());
+    // than RECONCILE_JITTER_MAX (1.25) intervals, so a healed cut converges within two intervals
+    // (and config bounds the interval by the same figure).
+    const spread = RECONCILE_JITTER_MAX - 1;
+    const waitMs = this.intervalMs() * (1 - spread + 2 * spread * this.random());
     this.timer = setTimeout(() => {
       this.timer = null;
       void this.runRound().finally(() => this.schedule());
