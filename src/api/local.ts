@@ -90,13 +90,15 @@ export function createLocalApp(deps: LocalApiDeps): Express {
     res.json({ count: routes.length, tombstones: table.fenceCount, routes });
   });
 
-  app.all('/v1/routes/batch', methodNotAllowed('POST'));
-
+  // Sandbox IDs are opaque, so "batch" is one like any other: the lookup comes before the batch
+  // path's 405, and a GET of /v1/routes/batch looks the sandbox up.
   app.get('/v1/routes/:id', (req, res) => {
     const route = table.getById(req.params.id);
     if (!route) throw new ApiError(404, 'route_not_found', `no route serves sandbox ID ${JSON.stringify(req.params.id)}`);
     res.json(redactRoute(route));
   });
+
+  app.all('/v1/routes/batch', methodNotAllowed('GET, POST'));
 
   app.get('/v1/peers', (_req, res) => {
     res.json({ peers: sync.status() });

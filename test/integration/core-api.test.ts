@@ -139,6 +139,18 @@ describe('local API', () => {
     expect((await send(`${node.api}/v1/routes/unknown-id`)).body.error.code).toBe('route_not_found');
   });
 
+  it('looks up a sandbox whose ID is "batch" like any other, and answers 405 for other methods on the batch path', async () => {
+    const node = await replica();
+    expect((await send(`${node.api}/v1/routes/batch`)).body.error.code).toBe('route_not_found');
+    await putRoute(node.api, makeRoute({ id: 'batch' }));
+    const one = await send(`${node.api}/v1/routes/batch`);
+    expect(one.status).toBe(200);
+    expect(one.body.id).toBe('batch');
+    const put = await send(`${node.api}/v1/routes/batch`, { method: 'PUT', headers: json, body: '{}' });
+    expect(put.status).toBe(405);
+    expect(put.headers.get('allow')).toBe('GET, POST');
+  });
+
   it('shows every peer with its health', async () => {
     const cluster = await startCluster(2);
     replicas.push(...cluster);
