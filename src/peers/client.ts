@@ -175,7 +175,7 @@ export class PeerClient {
   /** Push changes to a peer's batch endpoint. Resolves on 2xx; throws a classified PeerRequestError otherwise. */
   async push(peer: string, changes: readonly RouteChange[], signal: AbortSignal): Promise<PushAck> {
     // One await on the request and one on its body: this runs ten times per lifecycle call.
-    const response = await this.request(peer, 'POST', PEER_PUSH_PATH, pushBody(changes), signal, false);
+    const response = await this.request(peer, 'POST', PEER_PUSH_PATH, pushBody(changes), signal);
     const json = await jsonBody(peer, response);
     const results = (json as { results?: unknown }).results;
     if (!Array.isArray(results) || results.length !== changes.length) {
@@ -192,28 +192,25 @@ export class PeerClient {
     return { applied, ignored, rejected };
   }
 
-  /** A cheap liveness probe (the peer's /healthz). */
+  /**
+   * A cheap liveness probe (the peer's /healthz). Healthy only once the whole answer has
+   * arrived: a 200 whose body is cut off (reset, stall) is a failure like any other attempt's,
+   * where `dump()` would have resolved and readmitted the peer.
+   */
   async probe(peer: string, signal: AbortSignal): Promise<void> {
-    await this.request(peer, 'GET', '/healthz', undefined, signal, true);
+    await textBody(await this.request(peer, 'GET', '/healthz', undefined, signal));
   }
 
   /** GET or POST returning parsed JSON; throws a classified PeerRequestError. */
   async requestJson(peer: string, method: 'GET' | 'POST', path: string, body: string | undefined, signal: AbortSignal): Promise<unknown> {
-    return jsonBody(peer, await this.request(peer, method, path, body, signal, false));
+    return jsonBody(peer, await this.request(peer, method, path, body, signal));
   }
 
   /**
-   * One request. On a non-2xx status the body is dumped and a classified error thrown; with
-   * `dump` the body of a 2xx is dumped too. The caller consumes the body otherwise.
+   * One request. On a non-2xx status the body is dumped and a classified error thrown; the
+   * caller consumes the body of a 2xx.
    */
-  async request(
-    peer: string,
-    method: 'GET' | 'POST',
-    path: string,
-    body: string | undefined,
-    signal: AbortSignal,
-    dump: boolean,
-  ): Promise<Dispatcher.ResponseData> {
+  async request(peer: string, method: 'GET' | 'POST', path: string, body: string | undefined, signal: AbortSignal): Promise<Dispatcher.ResponseData> {
     this.options.onRequest?.(peer, path);
     let response: Dispatcher.ResponseData;
     try {
@@ -232,7 +229,6 @@ export class PeerClient {
         status: response.statusCode,
       });
     }
-    if (dump) await response.body.dump();
     return response;
   }
 
@@ -260,6 +256,14 @@ function jsonBody(peer: string, response: Dispatcher.ResponseData): Promise<unkn
   return response.body.json().catch((error: unknown) => {
     response.body.destroy();
     if (error instanceof SyntaxError) throw new PeerRequestError('protocol', `peer ${peer} sent a body that is not JSON`, { cause: error });
+    throw classifyPeerError(error);
+  });
+}
+
+/** A 2xx response's body read to its end (the probe's), failures classified as in jsonBody. */
+function textBody(response: Dispatcher.ResponseData): Promise<string> {
+  return response.body.text().catch((error: unknown) => {
+    response.body.destroy();
     throw classifyPeerError(error);
   });
 }

@@ -638,7 +638,7 @@ export class Reconciler {
 
   /** One request through the shared PeerClient, counting the response bytes. */
   private async requestJson(peer: string, method: 'GET' | 'POST', path: string, body: string | undefined, signal: AbortSignal): Promise<{ json: unknown; bytes: number }> {
-    const response = await this.client.request(peer, method, path, body, signal, false);
+    const response = await this.client.request(peer, method, path, body, signal);
     let raw: ArrayBuffer;
     try {
       raw = await response.body.arrayBuffer();

@@ -32,6 +32,10 @@ export class FakePeer {
   peakOpen = 0;
   /** Push requests received (any outcome). */
   pushes = 0;
+  /** /healthz requests received. */
+  probes = 0;
+  /** Answer /healthz with a 200 whose body is cut off (headers promise more, then the socket is reset). */
+  cutProbeAnswers = false;
   /** Routes received in pushes. */
   routesReceived = 0;
   /** Authorization headers seen (for token tests). */
@@ -106,7 +110,11 @@ export class FakePeer {
     req.on('data', (chunk: Buffer) => chunks.push(chunk));
     req.on('end', () => {
       if (req.url === '/healthz') {
-        if (this.mode.kind === 'ok') res.end('{"status":"ok"}');
+        this.probes++;
+        if (this.cutProbeAnswers) {
+          res.writeHead(200, { 'content-type': 'application/json', 'content-length': '100' });
+          res.write('{"sta', () => req.socket.destroy());
+        } else if (this.mode.kind === 'ok') res.end('{"status":"ok"}');
         else if (this.mode.kind === 'hang') this.hung.add(res);
         else if (this.mode.kind === 'reset') res.socket?.destroy();
         else res.writeHead(this.mode.status).end();

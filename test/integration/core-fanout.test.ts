@@ -178,4 +178,25 @@ describe('fan-out to peers', () => {
     const metrics = await (await fetch(`${node.peerUrl}/metrics`)).text();
     expect(metrics).toMatch(/^routesync_peer_ejections_total 1$/m);
   });
+
+  it('keeps a peer ejected while its probe answers are cut off mid-body', async () => {
+    const [hung] = await fakePeers(1);
+    hung!.mode = { kind: 'hang' };
+    hung!.cutProbeAnswers = true;
+    const node = await replica({
+      ROUTESYNC_PEERS: hung!.address,
+      ROUTESYNC_SYNC_DEADLINE_MS: '1000',
+      ROUTESYNC_ATTEMPT_TIMEOUT_MS: '100',
+      ROUTESYNC_EJECT_AFTER_FAILURES: '3',
+      ROUTESYNC_EJECT_PROBE_MS: '100',
+      ROUTESYNC_EJECT_MAX_MS: '100',
+    });
+    await putRoute(node.api, makeRoute());
+    await waitUntil(() => node.replica.sync.status()[0]?.ejected === true, 10_000, 'the hung peer to be ejected');
+    const pushesWhenEjected = hung!.pushes;
+    await waitUntil(() => hung!.probes >= 3, 10_000, 'three probes');
+    // A 200 whose body never arrives whole is no answer: no probe readmitted the peer, so no new push was sent.
+    expect(hung!.pushes).toBe(pushesWhenEjected);
+    expect(node.replica.sync.status()[0]).toMatchObject({ ejected: true, lastFailure: { errorClass: 'reset' } });
+  });
 });
