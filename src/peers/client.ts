@@ -143,7 +143,11 @@ export interface PushAck {
   readonly applied: number;
   readonly ignored: number;
   readonly rejected: number;
+  /** Indexes in the batch of the entries the peer rejected (anything but applied or ignored). */
+  readonly rejectedAt: readonly number[];
 }
+
+const NONE_REJECTED: readonly number[] = Object.freeze([]);
 
 export const INSTANCE_HEADER = 'x-routesync-instance';
 export const PEER_PUSH_PATH = '/v1/peer/routes';
@@ -183,13 +187,14 @@ export class PeerClient {
     }
     let applied = 0;
     let ignored = 0;
-    let rejected = 0;
-    for (const result of results as { outcome?: unknown }[]) {
-      if (result?.outcome === 'applied') applied++;
-      else if (result?.outcome === 'ignored') ignored++;
-      else rejected++;
+    let rejectedAt: number[] | undefined;
+    for (let i = 0; i < results.length; i++) {
+      const outcome = (results[i] as { outcome?: unknown } | null)?.outcome;
+      if (outcome === 'applied') applied++;
+      else if (outcome === 'ignored') ignored++;
+      else (rejectedAt ??= []).push(i);
     }
-    return { applied, ignored, rejected };
+    return { applied, ignored, rejected: rejectedAt?.length ?? 0, rejectedAt: rejectedAt ?? NONE_REJECTED };
   }
 
   /**

@@ -427,8 +427,9 @@ export class PeerSync {
       return;
     }
     if (peer.removed) return;
-    peer.outbox.ackInFlight();
-    this.metrics.routesPushed.inc(batch.length);
+    // A rejected entry is not delivered: the calls waiting on it are told `rejected`.
+    peer.outbox.ackInFlight(ack.rejectedAt);
+    this.metrics.routesPushed.inc(batch.length - ack.rejected);
     if (ack.rejected > 0) {
       // Our own validation passed these, so a rejection means the peer runs an incompatible
       // version; reconciliation cannot fix that either, so say it loudly.

@@ -17,7 +17,7 @@ import type { PeerErrorClass } from './client.js';
 /** How one peer's delivery of a change ended, as far as a waiting call is concerned. */
 export type DeliveryOutcome =
   | { readonly status: 'acked' }
-  | { readonly status: 'failed'; readonly errorClass: PeerErrorClass | 'outbox_full' | 'peer_removed' }
+  | { readonly status: 'failed'; readonly errorClass: PeerErrorClass | 'outbox_full' | 'peer_removed' | 'rejected' }
   | { readonly status: 'pending'; readonly reason: 'ejected' | 'in_flight' | 'shutdown' };
 
 /**
@@ -31,6 +31,9 @@ export interface OutboxWatcher {
   readonly op: RouteChange['op'];
   settle(outcome: DeliveryOutcome): void;
 }
+
+const ACKED: DeliveryOutcome = { status: 'acked' };
+const REJECTED: DeliveryOutcome = { status: 'failed', errorClass: 'rejected' };
 
 export class PeerOutbox {
   private pending = new Map<string, RouteChange>();
@@ -118,14 +121,22 @@ export class PeerOutbox {
     return batch;
   }
 
-  /** The peer acknowledged the batch in flight. */
-  ackInFlight(): void {
+  /**
+   * The peer answered the batch in flight: every entry is acknowledged but those at the indexes
+   * in `rejectedAt` (ascending), which it refused to apply. Those fail `rejected` and are not
+   * queued again: sending the same bytes cannot change the peer's answer.
+   */
+  ackInFlight(rejectedAt: readonly number[] = []): void {
     const batch = this.inFlight;
     const keys = this.inFlightKeys;
     this.inFlight = [];
     this.inFlightKeys = [];
-    const acked: DeliveryOutcome = { status: 'acked' };
-    for (let i = 0; i < batch.length; i++) this.settle(keys[i]!, batch[i]!, acked);
+    let next = 0;
+    for (let i = 0; i < batch.length; i++) {
+      const rejected = rejectedAt[next] === i;
+      if (rejected) next++;
+      this.settle(keys[i]!, batch[i]!, rejected ? REJECTED : ACKED);
+    }
   }
 
   /**

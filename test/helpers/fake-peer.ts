@@ -32,6 +32,8 @@ export class FakePeer {
   peakOpen = 0;
   /** Push requests received (any outcome). */
   pushes = 0;
+  /** Route names answered `rejected` (and not applied), as a peer of an incompatible version would. */
+  readonly rejectNames = new Set<string>();
   /** /healthz requests received. */
   probes = 0;
   /** Answer /healthz with a 200 whose body is cut off (headers promise more, then the socket is reset). */
@@ -156,6 +158,7 @@ export class FakePeer {
           const answer = () => {
             const body = JSON.parse(Buffer.concat(chunks).toString('utf8')) as { routes: unknown[] };
             const results = body.routes.map((entry) => {
+              if (this.rejectNames.has((entry as { name?: string }).name ?? '')) return { outcome: 'rejected', reason: 'invalid_route' };
               const result = this.table.apply(parseChange(entry));
               return { outcome: result.outcome, reason: result.reason };
             });

@@ -80,6 +80,23 @@ describe('fan-out to peers', () => {
     expect(bad!.routesReceived).toBe(1);
   });
 
+  it('reports a peer that answers a route rejected as failed for it, not acked, and does not resend it', async () => {
+    const [picky] = await fakePeers(1);
+    const refused = makeRoute();
+    picky!.rejectNames.add(refused.name as string);
+    const node = await replica({ ROUTESYNC_PEERS: picky!.address });
+    const first = await putRoute(node.api, refused);
+    expect(first.body.sync).toMatchObject({ acked: 0, failed: [{ peer: picky!.address, errorClass: 'rejected' }], pending: [] });
+    const second = await putRoute(node.api, makeRoute());
+    expect(second.body.sync).toMatchObject({ acked: 1, failed: [], pending: [] });
+    // Neither retried nor queued again: the second push carried only the second route.
+    expect(picky!.pushes).toBe(2);
+    expect(picky!.routesReceived).toBe(2);
+    const metrics = await (await fetch(`${node.peerUrl}/metrics`)).text();
+    expect(metrics).toMatch(/^routesync_routes_pushed_total 1$/m);
+    expect(node.replica.sync.status()[0]).toMatchObject({ ejected: false, consecutiveFailures: 0 });
+  });
+
   it.each([
     ['answering 503', 503 as const],
     ['resetting the connection', 'reset' as const],

@@ -94,6 +94,18 @@ describe('PeerOutbox', () => {
     await expect(deleted.promise).resolves.toEqual({ status: 'acked' });
   });
 
+  it('fails the entries a peer rejected and acknowledges the rest of the batch; the rejected are not queued again', async () => {
+    const outbox = new PeerOutbox(100);
+    for (const name of ['a', 'b', 'c']) outbox.enqueue(upsert(name, '1'));
+    const [a, b, c] = ['a', 'b', 'c'].map((name) => waitFor(outbox, `ns/${name}`, '1'));
+    outbox.takeBatch(10);
+    outbox.ackInFlight([1]);
+    await expect(a!.promise).resolves.toEqual({ status: 'acked' });
+    await expect(b!.promise).resolves.toEqual({ status: 'failed', errorClass: 'rejected' });
+    await expect(c!.promise).resolves.toEqual({ status: 'acked' });
+    expect(outbox.size).toBe(0);
+  });
+
   it('keeps a newer change queued while an older one is in flight', async () => {
     const outbox = new PeerOutbox(100);
     outbox.enqueue(upsert('a', '1'));
