@@ -91,6 +91,8 @@ interface Exchange {
   timer: NodeJS.Timeout | undefined;
   /** The wait for the response headers is the upstream socket's idle timer (a request with a body). */
   idleTimer: boolean;
+  /** WebSocket: reads the client socket until the sandbox answers the handshake (see HandshakeClientReader). */
+  handshakeClient: HandshakeClientReader | undefined;
   recorded: boolean;
 }
 
@@ -206,6 +208,69 @@ class UpstreamSocket extends net.Socket {
     this.peerClosedDuringWrite = true;
     return null;
   }
+}
+
+/**
+ * What a client may send before its handshake's 101 that is kept for the WebSocket. A conforming
+ * client sends nothing then (RFC 6455 §4.1: it waits for the server's handshake); the bound stops
+ * one that does from growing the buffer without limit.
+ */
+const MAX_EARLY_CLIENT_BYTES = 64 * 1024;
+
+/**
+ * Reads an upgrade's client socket while the handshake is pending upstream, so that a client
+ * that leaves meanwhile is noticed.
+ *
+ * Node hands the socket over paused, and the library reads it only once it pipes it after a 101:
+ * until then a client's FIN went unseen (and the server's sockets are allowHalfOpen, so a FIN
+ * would not close one by itself either). The upstream handshake then stayed open until the
+ * handshake deadline, no client_aborted was counted, and a handshake queued for a busy pool was
+ * still sent once a socket freed, for a client long gone.
+ *
+ * A FIN before the 101 is the client leaving, as Node's HTTP server takes it for a request
+ * (httpAllowHalfOpen false): the socket is destroyed, and its 'close' ends the exchange. What
+ * the client sends before the 101 is kept and put back in front of the socket for the library's
+ * pipe; past MAX_EARLY_CLIENT_BYTES the socket is paused instead, as Node handed it over (only
+ * such a client goes unnoticed if it leaves). After a plain (non-101) answer nothing will read
+ * what the client sends (the connection closes once the answer is relayed): it is dropped, and
+ * the socket is still read to see the client leave.
+ */
+class HandshakeClientReader {
+  private early: Buffer[] | undefined = [];
+  private earlyBytes = 0;
+
+  constructor(private readonly socket: Socket) {
+    socket.on('data', this.onData);
+    socket.once('end', this.onEnd);
+  }
+
+  /** The sandbox answered 101: stop reading and put back what was read, before the library pipes the socket. */
+  handOver(): void {
+    // Paused first: without a 'data' listener a flowing socket would drop what it reads next.
+    this.socket.pause();
+    this.socket.off('data', this.onData);
+    this.socket.off('end', this.onEnd);
+    const early = this.early;
+    this.early = undefined;
+    if (early !== undefined && early.length > 0 && !this.socket.destroyed) this.socket.unshift(Buffer.concat(early));
+  }
+
+  /** The sandbox answered with plain HTTP: what the client sends from now on is dropped. */
+  answeredPlainly(): void {
+    this.early = undefined;
+    this.socket.resume(); // paused at the bound: read again, to see the client leave
+  }
+
+  private readonly onData = (chunk: Buffer): void => {
+    if (this.early === undefined) return;
+    this.early.push(chunk);
+    this.earlyBytes += chunk.length;
+    if (this.earlyBytes >= MAX_EARLY_CLIENT_BYTES) this.socket.pause();
+  };
+
+  private readonly onEnd = (): void => {
+    this.socket.destroy();
+  };
 }
 
 /** What UpstreamAgent hands each upstream request to. */
@@ -551,7 +616,7 @@ export class DataPlane {
       if (exchange.outcome === undefined) {
         // The client left before the handshake finished: drop the upstream handshake too.
         exchange.outcome = 'client_aborted';
-        exchange.proxyReq?.destroy();
+        this.dropUpstreamHandshake(exchange.proxyReq);
         this.record(exchange, 499);
       }
       this.onQuietCheck?.();
@@ -579,17 +644,12 @@ export class DataPlane {
       exchange.timer = undefined;
       if (exchange.outcome !== undefined) return;
       exchange.timedOut = true;
-      const proxyReq = exchange.proxyReq;
-      // With a socket, destroying reports an error to onWebSocketError, which answers 504.
-      // Without one (waiting for a pooled socket) the error would only come once a socket frees.
-      if (proxyReq?.socket) {
-        proxyReq.destroy();
-        return;
-      }
-      if (proxyReq) this.agent.withdraw(proxyReq);
+      // With a socket, the error reaches onWebSocketError, which answers 504.
+      if (this.dropUpstreamHandshake(exchange.proxyReq)) return;
       this.refuseUpgrade(exchange, socket, upstreamTimeoutError(this.config.proxyTimeoutMs));
     }, this.config.proxyTimeoutMs);
     attachExchange(req, exchange);
+    exchange.handshakeClient = new HandshakeClientReader(socket);
     this.proxy.ws(req, socket, head, { target: this.libraryTarget(decision.target) }, (error) => this.onWebSocketError(exchange, socket, error));
   }
 
@@ -611,6 +671,7 @@ export class DataPlane {
         upstream.destroy();
         return;
       }
+      exchange.handshakeClient?.handOver();
       this.upgrading.delete(client);
       exchange.outcome = 'proxied';
       this.record(exchange, 101);
@@ -621,9 +682,26 @@ export class DataPlane {
       clearTimeout(exchange.timer);
       exchange.timer = undefined;
       if (exchange.outcome !== undefined) return;
+      exchange.handshakeClient?.answeredPlainly();
       exchange.outcome = 'proxied';
       this.record(exchange, proxyRes.statusCode ?? 0);
     });
+  }
+
+  /**
+   * Give up an upstream handshake. Returns true when it had a socket: destroying it then
+   * reports an error to onWebSocketError. One still waiting for a pooled socket reports
+   * nothing until a socket frees, and is withdrawn from the agent's queue (as withdrawQueued
+   * does for HTTP): Node 20 keeps a destroyed request queued and would still take a socket for it.
+   */
+  private dropUpstreamHandshake(proxyReq: ClientRequest | undefined): boolean {
+    if (proxyReq === undefined) return false;
+    if (proxyReq.socket) {
+      proxyReq.destroy();
+      return true;
+    }
+    this.agent.withdraw(proxyReq);
+    return false;
   }
 
   private trackWebSocket(client: Socket, upstream: Socket): void {
@@ -735,6 +813,7 @@ export class DataPlane {
       upstreamRequest: undefined,
       timer: undefined,
       idleTimer: false,
+      handshakeClient: undefined,
       recorded: false,
     };
   }

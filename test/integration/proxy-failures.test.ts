@@ -333,6 +333,33 @@ describe('waiting for a pooled upstream socket', () => {
     }
   });
 
+  it('WebSocket clients that go away while their handshake waits give up their place: once the pool frees, the next request is served on one new connection', async () => {
+    const sandbox = await startUpstream({ host: '127.0.0.2' });
+    const pooled = await startDataPlane({ ROUTESYNC_PROXY_TIMEOUT_MS: '30000', ROUTESYNC_PROXY_MAX_SOCKETS: '1' });
+    try {
+      pooled.setRoute({ id: 'busy', ip: sandbox.host });
+      const stream = await holdOnlySocket(pooled, sandbox);
+      const leaving = Array.from({ length: 5 }, () => {
+        const socket = net.connect(pooled.address.port, pooled.address.address);
+        socket.on('error', () => {});
+        socket.write(
+          `GET /kruise/busy/${sandbox.port}/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n` +
+            'Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n',
+        );
+        return socket;
+      });
+      await waitUntil(() => queuedInAgent(pooled) === 5, 5000, 'five handshakes queued for the busy pool');
+      for (const socket of leaving) socket.destroy();
+      await waitUntil(() => queuedInAgent(pooled) === 0, 5000, 'the queue to be empty once their clients left');
+      await waitUntil(async () => (await proxyRequestCount(pooled.metrics, 'client_aborted')) === 5, 5000, 'five client_aborted');
+      // No handshake of a client that already left reaches the sandbox, nor opens a connection to it.
+      await expectFreedPoolServesFresh(pooled, sandbox, stream);
+    } finally {
+      await pooled.close(0);
+      await sandbox.close();
+    }
+  });
+
   it('requests answered 504 while the pool is busy give up their place: once it frees, the next request is served on one new connection', async () => {
     const sandbox = await startUpstream({ host: '127.0.0.2' });
     const pooled = await startDataPlane({ ROUTESYNC_PROXY_TIMEOUT_MS: String(TIMEOUT_MS), ROUTESYNC_PROXY_MAX_SOCKETS: '1' });

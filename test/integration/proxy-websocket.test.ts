@@ -94,6 +94,22 @@ function refusal(path: string, headers: Record<string, string> = {}): Promise<Re
   });
 }
 
+/** A WebSocket handshake request as a raw client writes it. */
+function handshakeRequest(path: string): string {
+  return `GET ${path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`;
+}
+
+/** A raw client through the data plane that keeps what it receives, as text. */
+function rawClient(): { socket: net.Socket; received: () => string; closed: () => boolean } {
+  const socket = net.connect(dp.address.port, dp.address.address);
+  socket.on('error', () => {});
+  let text = '';
+  let isClosed = false;
+  socket.on('data', (chunk: Buffer) => (text += chunk.toString('latin1')));
+  socket.once('close', () => (isClosed = true));
+  return { socket, received: () => text, closed: () => isClosed };
+}
+
 function nextMessage(ws: WebSocket): Promise<{ data: Buffer; isBinary: boolean }> {
   return new Promise((resolve, reject) => {
     const onClose = (code: number): void => reject(new Error(`closed with ${code} before a message`));
@@ -239,6 +255,72 @@ describe('admission on upgrade: documented status and code, sandbox untouched', 
   });
 });
 
+describe('a handshake the sandbox has not answered yet', () => {
+  beforeEach(async () => {
+    // A handshake deadline far past every wait below: nothing here may end by timing out.
+    await dp.close(0);
+    dp = await startDataPlane({ ROUTESYNC_PROXY_TIMEOUT_MS: '30000' });
+  });
+
+  it('a client that closes its connection (FIN) releases the upstream handshake and is counted client_aborted', async () => {
+    let handshakeSeen!: () => void;
+    const seen = new Promise<void>((resolve) => (handshakeSeen = resolve));
+    // The sandbox reads the handshake and never answers it.
+    const slow = await startRawUpstream((socket) => socket.once('data', () => handshakeSeen()));
+    try {
+      dp.setRoute({ id: 'slow', ip: slow.host });
+      const client = rawClient();
+      client.socket.write(handshakeRequest(`/kruise/slow/${slow.port}/`));
+      await seen;
+      expect(slow.openSockets()).toBe(1);
+      client.socket.destroy(); // a closed browser tab
+      await slow.waitForOpenSockets(0, 5000);
+      expect(await proxyRequestCount(dp.metrics, 'client_aborted')).toBe(1);
+    } finally {
+      await slow.close();
+    }
+  });
+
+  it('what the client sends before the 101 reaches the sandbox after it, in order', async () => {
+    // Two masked text frames ("hi", "yo"; all-zero mask key): the first in the same write as
+    // the handshake (Node's upgrade head), the second while the handshake is pending upstream.
+    const first = Buffer.from([0x81, 0x82, 0, 0, 0, 0, 0x68, 0x69]);
+    const second = Buffer.from([0x81, 0x82, 0, 0, 0, 0, 0x79, 0x6f]);
+    let sandbox!: net.Socket;
+    let handshakeSeen!: () => void;
+    const seen = new Promise<void>((resolve) => (handshakeSeen = resolve));
+    const afterHandshake: Buffer[] = [];
+    const held = await startRawUpstream((socket) => {
+      sandbox = socket;
+      socket.once('data', () => {
+        socket.on('data', (chunk: Buffer) => afterHandshake.push(chunk));
+        handshakeSeen();
+      });
+    });
+    try {
+      dp.setRoute({ id: 'held', ip: held.host });
+      let clientSide!: net.Socket;
+      dp.plane.server.once('upgrade', (_req, socket: net.Socket) => (clientSide = socket));
+      const client = rawClient();
+      const request = Buffer.from(handshakeRequest(`/kruise/held/${held.port}/`), 'latin1');
+      client.socket.write(Buffer.concat([request, first]));
+      await seen;
+      client.socket.write(second);
+      const sent = request.length + first.length + second.length;
+      await waitUntil(() => clientSide.bytesRead === sent, 5000, 'the data plane to read what the client sent');
+
+      sandbox.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\n');
+      const expected = Buffer.concat([first, second]);
+      await waitUntil(() => Buffer.concat(afterHandshake).length >= expected.length, 5000, 'the early frames to reach the sandbox');
+      expect(Buffer.concat(afterHandshake)).toEqual(expected);
+      await waitUntil(() => client.received().startsWith('HTTP/1.1 101'), 5000, 'the 101 to reach the client');
+      client.socket.destroy();
+    } finally {
+      await held.close();
+    }
+  });
+});
+
 describe('an open WebSocket', () => {
   it(`stays open and working well past the ${TIMEOUT_MS} ms HTTP timeout`, async () => {
     const ws = await connect(`/kruise/ws/${upstream.port}/`);
@@ -330,9 +412,7 @@ describe('a client that goes away from an open WebSocket, in front of a sandbox 
         if (got.startsWith('HTTP/1.1 101')) resolve();
         else reject(new Error(got));
       });
-      client.write(
-        `GET /kruise/ws/${port}/ HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`,
-      );
+      client.write(handshakeRequest(`/kruise/ws/${port}/`));
     });
     await waitUntil(() => frozenSockets.length === 1, 5000, 'the sandbox connection');
     return { client, sandbox: frozenSockets[0]! };
