@@ -685,6 +685,20 @@ export class DataPlane {
       exchange.handshakeClient?.answeredPlainly();
       exchange.outcome = 'proxied';
       this.record(exchange, proxyRes.statusCode ?? 0);
+      this.endPlainAnswerWithClient(proxyRes, client);
+    });
+  }
+
+  /**
+   * The library relays a plain answer to the client socket and closes that socket when the
+   * answer ends, and only then. A client that leaves first must release the upstream connection
+   * too: a streaming answer (SSE, a long poll) would otherwise hold it for as long as the sandbox
+   * keeps it open, since the exchange is already recorded and the socket's 'close' handler in
+   * onUpgrade does nothing more.
+   */
+  private endPlainAnswerWithClient(proxyRes: IncomingMessage, client: Socket): void {
+    client.once('close', () => {
+      if (!proxyRes.complete) proxyRes.destroy();
     });
   }
 

@@ -238,6 +238,26 @@ describe('admission on upgrade: documented status and code, sandbox untouched', 
     }
   });
 
+  it('a client that leaves during a streaming plain answer releases the upstream connection', async () => {
+    // The sandbox ignores the Upgrade and starts an event stream (SSE), then stays silent, as a
+    // long poll does: no write of its own would reveal that the client is gone.
+    const streaming = await startRawUpstream((socket) =>
+      socket.once('data', () => socket.write('HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n6\r\ndata:x\r\n')),
+    );
+    try {
+      dp.setRoute({ id: 'sse', ip: streaming.host });
+      const client = rawClient();
+      client.socket.write(handshakeRequest(`/kruise/sse/${streaming.port}/events`));
+      await waitUntil(() => client.received().includes('data:x'), 5000, 'the first event to reach the client');
+      expect(client.received()).toMatch(/^HTTP\/1\.1 200 /);
+      expect(streaming.openSockets()).toBe(1);
+      client.socket.destroy();
+      await streaming.waitForOpenSockets(0, 5000);
+    } finally {
+      await streaming.close();
+    }
+  });
+
   it('a sandbox that refuses the connection -> 502; one that never answers the handshake -> 504', async () => {
     const closedPort = await unusedPort();
     expect((await refusal(`/kruise/ws/${closedPort}/`)).code).toBe('upstream_unreachable');
