@@ -691,14 +691,20 @@ export class DataPlane {
 
   /**
    * The library relays a plain answer to the client socket and closes that socket when the
-   * answer ends, and only then. A client that leaves first must release the upstream connection
-   * too: a streaming answer (SSE, a long poll) would otherwise hold it for as long as the sandbox
-   * keeps it open, since the exchange is already recorded and the socket's 'close' handler in
-   * onUpgrade does nothing more.
+   * answer ends, and only then; so whichever end goes first takes the other with it.
+   *  - A client that leaves must release the upstream connection: a streaming answer (SSE, a
+   *    long poll) would otherwise hold it for as long as the sandbox keeps it open, since the
+   *    exchange is already recorded and the socket's 'close' handler in onUpgrade does nothing more.
+   *  - A sandbox that cuts the answer short (a reset mid-body) must cut the client's connection,
+   *    as the HTTP path does (onProxyResponse): the client sees a truncated answer, not a hang,
+   *    and the socket stops counting as upgrading, which shutdown would wait out its whole grace for.
    */
   private endPlainAnswerWithClient(proxyRes: IncomingMessage, client: Socket): void {
     client.once('close', () => {
       if (!proxyRes.complete) proxyRes.destroy();
+    });
+    proxyRes.once('close', () => {
+      if (!proxyRes.complete) client.destroy();
     });
   }
 

@@ -258,6 +258,25 @@ describe('admission on upgrade: documented status and code, sandbox untouched', 
     }
   });
 
+  it('a plain answer the sandbox cuts mid-body (reset) closes the client connection instead of hanging it', async () => {
+    const cutting = await startRawUpstream((socket) =>
+      socket.once('data', () => socket.write('HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 1000\r\n\r\npartial', () => socket.resetAndDestroy())),
+    );
+    try {
+      dp.setRoute({ id: 'cut', ip: cutting.host });
+      const client = rawClient();
+      client.socket.write(handshakeRequest(`/kruise/cut/${cutting.port}/`));
+      await waitUntil(client.closed, 5000, 'the data plane to close the client connection');
+      expect(client.received()).toMatch(/^HTTP\/1\.1 200 [^]*\r\n\r\npartial$/);
+      // Nothing is left upgrading: shutdown does not wait for a grace it has no reason to.
+      const started = performance.now();
+      await dp.close(20_000);
+      expect(performance.now() - started).toBeLessThan(5000);
+    } finally {
+      await cutting.close();
+    }
+  });
+
   it('a sandbox that refuses the connection -> 502; one that never answers the handshake -> 504', async () => {
     const closedPort = await unusedPort();
     expect((await refusal(`/kruise/ws/${closedPort}/`)).code).toBe('upstream_unreachable');
