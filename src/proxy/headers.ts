@@ -14,7 +14,7 @@
 // HTTPS flags frameworks read) is dropped rather than rebuilt, so a client cannot claim
 // HTTPS, another host or another address through a header the sandbox might trust instead.
 import type { IncomingHttpHeaders, OutgoingHttpHeaders } from 'node:http';
-import { SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER, TOKEN_HEADERS } from './target.js';
+import { SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER, TOKEN_HEADERS, requestHost } from './target.js';
 
 /** Never forwarded to a sandbox. */
 export const STRIPPED_REQUEST_HEADERS: readonly string[] = [...TOKEN_HEADERS, SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER, 'expect'];
@@ -71,6 +71,11 @@ function connectionTokens(value: string | string[] | number | undefined): Readon
 }
 
 export interface ForwardingContext {
+  /**
+   * The request target as the client sent it (`req.url`, before it is rewritten): an
+   * absolute-form target names the host, for X-Forwarded-Host as for routing (requestHost).
+   */
+  readonly requestTarget: string | undefined;
   /** The client's address as the data plane saw it. */
   readonly remoteAddress: string | undefined;
   /** `http` (the data plane does not terminate TLS). */
@@ -85,7 +90,7 @@ export interface ForwardingContext {
  * X-Forwarded-For appends the client's address to any chain already present (the usual
  * convention; the sandbox treats it as a hint). X-Forwarded-Proto and X-Forwarded-Host are
  * set to what this hop saw, replacing client-sent values, so a client cannot claim HTTPS or
- * another host. The other forwarding headers (CLIENT_FORWARDING_HEADERS) are dropped.
+ * another host; the host is the one the request was routed by (requestHost). The other forwarding headers (CLIENT_FORWARDING_HEADERS) are dropped.
  */
 export function upstreamRequestHeaders(headers: IncomingHttpHeaders, context: ForwardingContext): IncomingHttpHeaders {
   // Built by copying what is kept rather than deleting from a copy: `delete` turns the object
@@ -107,8 +112,8 @@ export function upstreamRequestHeaders(headers: IncomingHttpHeaders, context: Fo
   const remote = context.remoteAddress ?? '';
   out['x-forwarded-for'] = previous && previous.trim() !== '' ? `${previous}, ${remote}` : remote;
   out['x-forwarded-proto'] = context.protocol;
-  const host = headers.host ?? headers[':authority'];
-  if (host !== undefined) out['x-forwarded-host'] = Array.isArray(host) ? host[0] : host;
+  const host = requestHost(context.requestTarget, headers);
+  if (host !== undefined) out['x-forwarded-host'] = host;
   else if (out['x-forwarded-host'] !== undefined) delete out['x-forwarded-host'];
   return out;
 }

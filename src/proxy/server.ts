@@ -455,7 +455,7 @@ export class DataPlane {
     exchange.sandboxId = decision.address.sandboxId;
     exchange.port = decision.address.port;
 
-    req.headers = upstreamRequestHeaders(req.headers, { remoteAddress: req.socket.remoteAddress, protocol: 'http', upgrade: false });
+    req.headers = upstreamRequestHeaders(req.headers, { requestTarget: req.url, remoteAddress: req.socket.remoteAddress, protocol: 'http', upgrade: false });
     req.url = decision.address.upstreamPath;
     if (expectsContinue) res.writeContinue();
 
@@ -637,7 +637,7 @@ export class DataPlane {
     exchange.sandboxId = decision.address.sandboxId;
     exchange.port = decision.address.port;
 
-    req.headers = upstreamRequestHeaders(req.headers, { remoteAddress: socket.remoteAddress, protocol: 'http', upgrade: true });
+    req.headers = upstreamRequestHeaders(req.headers, { requestTarget: req.url, remoteAddress: socket.remoteAddress, protocol: 'http', upgrade: true });
     req.url = decision.address.upstreamPath;
     // The handshake is small: a hard deadline from the start (pooled-socket wait included).
     exchange.timer = setTimeout(() => {

@@ -4,7 +4,8 @@
 //
 // Invariants (tested in test/unit/proxy-target.test.ts):
 //  1. The three mapping forms are tried in order: path `/kruise/<id>/<port>/<rest>`, headers
-//     `e2b-sandbox-id` / `e2b-sandbox-port`, host `<port>-<id>.<domain>`. The first form that
+//     `e2b-sandbox-id` / `e2b-sandbox-port`, host `<port>-<id>.<domain>` (the host being an
+//     absolute-form target's authority when there is one, else Host). The first form that
 //     is present decides; a later form is never consulted to "rescue" a bad port.
 //  2. An admitted request always carries an upstream target whose host is the route's IP,
 //     checked again here to be a literal IPv4/IPv6 address: never a name, never anything the
@@ -139,8 +140,8 @@ function headerText(value: string | string[] | undefined): string | undefined {
   return Array.isArray(value) ? value.join(', ') : value;
 }
 
-// `scheme://authority` of an absolute-form target; what follows is its path and query.
-const ABSOLUTE_FORM_PREFIX = /^[a-z][a-z0-9+.-]*:\/\/[^/?#]*/i;
+// `scheme://authority` of an absolute-form target (the authority captured); what follows is its path and query.
+const ABSOLUTE_FORM_PREFIX = /^[a-z][a-z0-9+.-]*:\/\/([^/?#]*)/i;
 
 /**
  * The request target in origin form: as it is when it starts with `/`; an absolute-form
@@ -153,6 +154,23 @@ export function originForm(url: string): string {
   if (!prefix) return url; // `*` (OPTIONS) or garbage: nothing will match the path form
   const rest = url.slice(prefix[0].length);
   return rest.startsWith('/') ? rest : `/${rest}`;
+}
+
+/**
+ * The host a request names: the authority of an absolute-form target, else the Host header.
+ * RFC 9112 §3.2.2: with an absolute-form target the Host header must be ignored; otherwise a
+ * request naming one sandbox in its target would be routed to the one its Host names. The
+ * authority's userinfo (`user@`) is no part of the host.
+ */
+export function requestHost(url: string | undefined, headers: IncomingHttpHeaders): string | undefined {
+  if (url !== undefined && !url.startsWith('/')) {
+    const prefix = ABSOLUTE_FORM_PREFIX.exec(url);
+    if (prefix) {
+      const authority = prefix[1]!;
+      return authority.slice(authority.lastIndexOf('@') + 1);
+    }
+  }
+  return headerText(headers.host ?? headers[':authority']);
 }
 
 /** Split a request target into path and query (in origin form, see originForm). */
@@ -208,8 +226,8 @@ function fromHeaders(headers: IncomingHttpHeaders, target: string, options: Mapp
   return { ok: true, address: { form: 'header', sandboxId, port, upstreamPath: target } };
 }
 
-function fromHost(headers: IncomingHttpHeaders, target: string, options: MappingOptions): MappingResult | undefined {
-  const host = headerText(headers.host ?? headers[':authority']);
+function fromHost(request: SandboxRequest, target: string, options: MappingOptions): MappingResult | undefined {
+  const host = requestHost(request.url, request.headers);
   if (!host) return undefined;
   const name = hostWithoutPort(host);
   const dot = name.indexOf('.');
@@ -232,7 +250,7 @@ function fromHost(headers: IncomingHttpHeaders, target: string, options: Mapping
 export function mapRequest(request: SandboxRequest, options: MappingOptions): MappingResult {
   const target = originForm(request.url ?? '/');
   const { pathname, search } = splitRequestTarget(target);
-  const mapped = fromPath(pathname, search) ?? fromHeaders(request.headers, target, options) ?? fromHost(request.headers, target, options);
+  const mapped = fromPath(pathname, search) ?? fromHeaders(request.headers, target, options) ?? fromHost(request, target, options);
   if (mapped) return mapped;
   return {
     ok: false,

@@ -192,6 +192,17 @@ describe('the request target reaches the sandbox as the client sent it', () => {
     const path = await send(dp.address, { path: `http://elsewhere.example/kruise/sbx-target/${upstream.port}/x/../y?z` });
     expect(path.json<Echo>().url).toBe('/x/../y?z');
   });
+
+  it('an absolute-form target is routed by its authority, which the sandbox sees as X-Forwarded-Host; the Host header is ignored', async () => {
+    dp.setRoute({ id: 'sbx-a', ip: upstream.host });
+    const authority = `${upstream.port}-sbx-a.sandbox.test`;
+    // Routed by Host, this would be sandbox_not_found: there is no sbx-b.
+    const reply = await send(dp.address, { path: `http://${authority}/x?q=1`, headers: { host: `${upstream.port}-sbx-b.sandbox.test` } });
+    expect(reply.status).toBe(200);
+    const echo = reply.json<Echo>();
+    expect(echo.url).toBe('/x?q=1');
+    expect(echo.headers['x-forwarded-host']).toBe(authority);
+  });
 });
 
 describe('a route change applies to the next request', () => {

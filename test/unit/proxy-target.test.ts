@@ -66,6 +66,19 @@ describe('mapRequest', () => {
     expect(mapRequest({ headers: { host: '127.0.0.1:8080' } }, options)).toMatchObject({ ok: false, error: { code: 'sandbox_not_specified' } });
   });
 
+  it("an absolute-form target's authority is the host: the Host header is ignored (RFC 9112 §3.2.2)", () => {
+    const domain = { ...options, proxyDomain: 'sandbox.example.com' };
+    const headers = { host: '8080-b.sandbox.example.com' };
+    expect(mapRequest({ url: 'http://8080-a.sandbox.example.com/x?q=1', headers }, domain)).toEqual({
+      ok: true,
+      address: { form: 'host', sandboxId: 'a', port: 8080, upstreamPath: '/x?q=1' },
+    });
+    expect(mapRequest({ url: 'http://user:pw@8080-a.sandbox.example.com:80', headers }, domain)).toMatchObject({ ok: true, address: { sandboxId: 'a' } });
+    // An authority that names no sandbox is not rescued by the Host header.
+    expect(mapRequest({ url: 'http://elsewhere.example/x', headers }, domain)).toMatchObject({ ok: false, error: { code: 'sandbox_not_specified' } });
+    expect(mapRequest({ url: '/x', headers }, domain)).toMatchObject({ ok: true, address: { sandboxId: 'b' } });
+  });
+
   it('the first form present decides: a bad port is never rescued by a later form', () => {
     const result = mapRequest({ url: '/kruise/sb/0/', headers: { 'e2b-sandbox-id': 'other', 'e2b-sandbox-port': '80' } }, options);
     expect(result).toMatchObject({ ok: false, sandboxId: 'sb', error: { code: 'invalid_port', status: 400 } });
@@ -125,7 +138,7 @@ describe('classifyUpstreamError', () => {
 });
 
 describe('upstreamRequestHeaders', () => {
-  const context = { remoteAddress: '192.0.2.9', protocol: 'http' as const, upgrade: false };
+  const context = { requestTarget: '/', remoteAddress: '192.0.2.9', protocol: 'http' as const, upgrade: false };
 
   it('strips tokens, routing, hop-by-hop and Connection-listed headers; keeps message framing', () => {
     const out = upstreamRequestHeaders(
@@ -177,6 +190,11 @@ describe('upstreamRequestHeaders', () => {
     expect(Object.keys(upstreamRequestHeaders({ ...input, connection: 'keep-alive', 'keep-alive': 'timeout=5' }, context))).toEqual(Object.keys(plain));
     // "close" is a connection option, but a field a client names in Connection goes all the same.
     expect(upstreamRequestHeaders({ host: 'h', connection: 'close', close: 'x' }, context)).not.toHaveProperty('close');
+  });
+
+  it("with an absolute-form target, X-Forwarded-Host is the target's authority, not the Host header", () => {
+    const out = upstreamRequestHeaders({ host: '8080-b.example.com', 'x-forwarded-host': 'evil' }, { ...context, requestTarget: 'http://u@8080-a.example.com:80/x' });
+    expect(out['x-forwarded-host']).toBe('8080-a.example.com:80');
   });
 
   it('without a Host header, a client-sent X-Forwarded-Host is dropped', () => {
