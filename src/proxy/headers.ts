@@ -90,7 +90,8 @@ export interface ForwardingContext {
  * X-Forwarded-For appends the client's address to any chain already present (the usual
  * convention; the sandbox treats it as a hint). X-Forwarded-Proto and X-Forwarded-Host are
  * set to what this hop saw, replacing client-sent values, so a client cannot claim HTTPS or
- * another host; the host is the one the request was routed by (requestHost). The other forwarding headers (CLIENT_FORWARDING_HEADERS) are dropped.
+ * another host; the host is the one the request was routed by (requestHost), which is also
+ * the Host sent upstream. The other forwarding headers (CLIENT_FORWARDING_HEADERS) are dropped.
  */
 export function upstreamRequestHeaders(headers: IncomingHttpHeaders, context: ForwardingContext): IncomingHttpHeaders {
   // Built by copying what is kept rather than deleting from a copy: `delete` turns the object
@@ -113,8 +114,12 @@ export function upstreamRequestHeaders(headers: IncomingHttpHeaders, context: Fo
   out['x-forwarded-for'] = previous && previous.trim() !== '' ? `${previous}, ${remote}` : remote;
   out['x-forwarded-proto'] = context.protocol;
   const host = requestHost(context.requestTarget, headers);
-  if (host !== undefined) out['x-forwarded-host'] = host;
-  else if (out['x-forwarded-host'] !== undefined) delete out['x-forwarded-host'];
+  if (host !== undefined) {
+    // RFC 9110 §7.2: a proxy forwarding an absolute-form target replaces Host with the
+    // target's authority; otherwise this is the Host header's own value, unchanged.
+    out.host = host;
+    out['x-forwarded-host'] = host;
+  } else if (out['x-forwarded-host'] !== undefined) delete out['x-forwarded-host'];
   return out;
 }
 

@@ -193,7 +193,7 @@ describe('the request target reaches the sandbox as the client sent it', () => {
     expect(path.json<Echo>().url).toBe('/x/../y?z');
   });
 
-  it('an absolute-form target is routed by its authority, which the sandbox sees as X-Forwarded-Host; the Host header is ignored', async () => {
+  it('an absolute-form target is routed by its authority, which the sandbox sees as Host and X-Forwarded-Host; the Host header is ignored', async () => {
     dp.setRoute({ id: 'sbx-a', ip: upstream.host });
     const authority = `${upstream.port}-sbx-a.sandbox.test`;
     // Routed by Host, this would be sandbox_not_found: there is no sbx-b.
@@ -201,6 +201,7 @@ describe('the request target reaches the sandbox as the client sent it', () => {
     expect(reply.status).toBe(200);
     const echo = reply.json<Echo>();
     expect(echo.url).toBe('/x?q=1');
+    expect(echo.headers.host).toBe(authority);
     expect(echo.headers['x-forwarded-host']).toBe(authority);
   });
 });

@@ -192,8 +192,9 @@ describe('upstreamRequestHeaders', () => {
     expect(upstreamRequestHeaders({ host: 'h', connection: 'close', close: 'x' }, context)).not.toHaveProperty('close');
   });
 
-  it("with an absolute-form target, X-Forwarded-Host is the target's authority, not the Host header", () => {
+  it("with an absolute-form target, Host and X-Forwarded-Host are the target's authority, not the Host header", () => {
     const out = upstreamRequestHeaders({ host: '8080-b.example.com', 'x-forwarded-host': 'evil' }, { ...context, requestTarget: 'http://u@8080-a.example.com:80/x' });
+    expect(out.host).toBe('8080-a.example.com:80');
     expect(out['x-forwarded-host']).toBe('8080-a.example.com:80');
   });
 
