@@ -109,9 +109,20 @@ export function classifyStatus(status: number): PeerErrorClass {
 export function classifyPeerError(error: unknown): PeerRequestError {
   if (error instanceof PeerRequestError) return error;
   const code = codeOf(error);
-  const errorClass = (code && CODE_CLASSES[code]) || 'unknown';
+  const errorClass = (code && CODE_CLASSES[code]) || (isParserError(error, code) ? 'protocol' : 'unknown');
   const message = error instanceof Error ? error.message : String(error);
   return new PeerRequestError(errorClass, message, { cause: error, ...(code ? { code } : {}) });
+}
+
+/**
+ * An answer that is not HTTP/1.1 (a garbled status line, a bad Content-Length: another service
+ * on the peer's port, a broken proxy between). undici's HTTPParserError usually carries no
+ * code (its `HPE_*` code is set only for some of llhttp's errors), so its name decides.
+ * Permanent: the same peer will answer the same way to a retry.
+ */
+function isParserError(error: unknown, code: string | undefined): boolean {
+  if (code?.startsWith('HPE_')) return true;
+  return typeof error === 'object' && error !== null && (error as { name?: unknown }).name === 'HTTPParserError';
 }
 
 function codeOf(error: unknown): string | undefined {

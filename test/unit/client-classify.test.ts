@@ -1,5 +1,6 @@
+import { createServer, type AddressInfo } from 'node:net';
 import { describe, expect, it } from 'vitest';
-import { AttemptTimeoutError, classifyPeerError, classifyStatus, PeerRequestError, SyncAbortedError } from '../../src/peers/client.js';
+import { AttemptTimeoutError, classifyPeerError, classifyStatus, PeerClient, PeerRequestError, SyncAbortedError } from '../../src/peers/client.js';
 
 function systemError(code: string): Error {
   return Object.assign(new Error(code), { code });
@@ -46,5 +47,29 @@ describe('peer error classification', () => {
       code = 'UND_ERR_SOCKET';
     }
     expect(classifyPeerError(new OtherCopySocketError('other side closed')).errorClass).toBe('reset');
+  });
+});
+
+describe('a peer whose answer is not HTTP', () => {
+  it('fails the request as protocol (permanent), whatever part of the answer is garbled', async () => {
+    // Real sockets: what undici's parser throws for each is what production would see.
+    const answers = ['SSH-2.0-OpenSSH_9.6\r\n\r\n', 'HTTP/1.1 abc OK\r\n\r\n', 'HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n'];
+    let answer = '';
+    const server = createServer((socket) => socket.once('data', () => socket.end(answer)));
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const client = new PeerClient({ connections: 1, token: '', instanceId: 'self' });
+    try {
+      const peer = `127.0.0.1:${(server.address() as AddressInfo).port}`;
+      for (answer of answers) {
+        const error = await client.requestJson(peer, 'GET', '/healthz', undefined, AbortSignal.timeout(5_000)).then(
+          () => undefined,
+          (thrown: unknown) => thrown,
+        );
+        expect(error, answer).toMatchObject({ errorClass: 'protocol', transient: false });
+      }
+    } finally {
+      await client.destroy();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    }
   });
 });
