@@ -683,9 +683,10 @@ export class DataPlane {
       exchange.timer = undefined;
       if (exchange.outcome !== undefined) return;
       exchange.handshakeClient?.answeredPlainly();
+      // Set now, so that nothing else answers; recorded once the answer has ended (as the
+      // HTTP path does), by what ended it (endPlainAnswerWithClient).
       exchange.outcome = 'proxied';
-      this.record(exchange, proxyRes.statusCode ?? 0);
-      this.endPlainAnswerWithClient(proxyRes, client);
+      this.endPlainAnswerWithClient(exchange, proxyRes, client);
     });
   }
 
@@ -698,13 +699,25 @@ export class DataPlane {
    *  - A sandbox that cuts the answer short (a reset mid-body) must cut the client's connection,
    *    as the HTTP path does (onProxyResponse): the client sees a truncated answer, not a hang,
    *    and the socket stops counting as upgrading, which shutdown would wait out its whole grace for.
+   * The exchange is recorded by whichever end goes first: `proxied` for a whole answer,
+   * `client_aborted` for a client that left, `upstream_unreachable` for a cut answer.
    */
-  private endPlainAnswerWithClient(proxyRes: IncomingMessage, client: Socket): void {
+  private endPlainAnswerWithClient(exchange: Exchange, proxyRes: IncomingMessage, client: Socket): void {
+    const status = proxyRes.statusCode ?? 0;
     client.once('close', () => {
-      if (!proxyRes.complete) proxyRes.destroy();
+      if (proxyRes.complete) return;
+      exchange.outcome = 'client_aborted';
+      this.record(exchange, status);
+      proxyRes.destroy();
     });
     proxyRes.once('close', () => {
-      if (!proxyRes.complete) client.destroy();
+      if (!proxyRes.complete && !exchange.recorded) {
+        exchange.outcome = 'upstream_unreachable';
+        this.record(exchange, status);
+        client.destroy();
+        return;
+      }
+      this.record(exchange, status);
     });
   }
 

@@ -232,7 +232,10 @@ describe('admission on upgrade: documented status and code, sandbox untouched', 
         });
       });
       expect(status).toEqual({ status: 401, body: 'sandbox', code: undefined });
-      expect(await proxyRequestCount(dp.metrics, 'proxied')).toBe(1);
+      // Recorded once the answer has ended, which the client may see first.
+      await waitUntil(async () => (await proxyRequestCount(dp.metrics, 'proxied')) === 1, 5000, 'the plain answer to be recorded as proxied');
+      const line = dp.logs.find((entry) => entry.msg === 'proxy request');
+      expect(line).toMatchObject({ kind: 'websocket', status: 401, outcome: 'proxied' });
     } finally {
       await plain.close();
     }
@@ -251,8 +254,12 @@ describe('admission on upgrade: documented status and code, sandbox untouched', 
       await waitUntil(() => client.received().includes('data:x'), 5000, 'the first event to reach the client');
       expect(client.received()).toMatch(/^HTTP\/1\.1 200 /);
       expect(streaming.openSockets()).toBe(1);
+      // Not recorded while the answer streams: its end decides the outcome.
+      expect(dp.logs.filter((entry) => entry.msg === 'proxy request')).toHaveLength(0);
       client.socket.destroy();
       await streaming.waitForOpenSockets(0, 5000);
+      await waitUntil(async () => (await proxyRequestCount(dp.metrics, 'client_aborted')) === 1, 5000, 'the exchange to be recorded as client_aborted');
+      expect(await proxyRequestCount(dp.metrics, 'proxied')).toBe(0);
     } finally {
       await streaming.close();
     }
@@ -268,6 +275,10 @@ describe('admission on upgrade: documented status and code, sandbox untouched', 
       client.socket.write(handshakeRequest(`/kruise/cut/${cutting.port}/`));
       await waitUntil(client.closed, 5000, 'the data plane to close the client connection');
       expect(client.received()).toMatch(/^HTTP\/1\.1 200 [^]*\r\n\r\npartial$/);
+      // Counted as the HTTP path counts a cut answer, not as proxied.
+      expect(await proxyRequestCount(dp.metrics, 'upstream_unreachable')).toBe(1);
+      expect(await proxyRequestCount(dp.metrics, 'proxied')).toBe(0);
+      expect(dp.logs.find((entry) => entry.msg === 'proxy request')).toMatchObject({ status: 200, outcome: 'upstream_unreachable' });
       // Nothing is left upgrading: shutdown does not wait for a grace it has no reason to.
       const started = performance.now();
       await dp.close(20_000);
