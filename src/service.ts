@@ -5,7 +5,7 @@
 import type { Logger } from './log.js';
 import type { Metrics } from './metrics.js';
 import type { SyncOutcome, PeerSync } from './peers/fanout.js';
-import { compareResourceVersions, type Route, type RouteChange } from './routes/route.js';
+import { compareResourceVersions, splitIdentityKey, type Route, type RouteChange } from './routes/route.js';
 import type { ApplyResult, RouteTable } from './routes/table.js';
 
 export type ChangeSource = 'local' | 'peer' | 'reconcile';
@@ -97,15 +97,13 @@ export class RouteService {
    */
   private outgoing(result: ApplyResult): RouteChange | undefined {
     if (result.resourceVersion === undefined) return undefined;
-    const slash = result.key.indexOf('/');
-    const namespace = result.key.slice(0, slash);
-    const name = result.key.slice(slash + 1);
-    const route = this.table.get(namespace, name);
-    const fence = route ? undefined : this.table.getFence(namespace, name);
+    const route = this.table.getByKey(result.key);
+    const identity = route ? undefined : splitIdentityKey(result.key);
+    const fence = identity && this.table.getFence(identity.namespace, identity.name);
     const current = route?.resourceVersion ?? fence?.resourceVersion;
     if (current === undefined) return undefined;
     if (result.outcome === 'ignored' && compareResourceVersions(current, result.resourceVersion) !== 0) return undefined;
     if (route) return { op: 'upsert', route };
-    return { op: 'delete', deletion: { namespace, name, resourceVersion: fence!.resourceVersion, fencedAtMs: fence!.fencedAtMs } };
+    return { op: 'delete', deletion: { ...identity!, resourceVersion: fence!.resourceVersion, fencedAtMs: fence!.fencedAtMs } };
   }
 }

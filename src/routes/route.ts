@@ -100,6 +100,12 @@ export function identityKey(namespace: string, name: string): string {
   return `${namespace}/${name}`;
 }
 
+/** The namespace and name of an identity key (the inverse of identityKey). */
+export function splitIdentityKey(key: string): { namespace: string; name: string } {
+  const slash = key.indexOf('/');
+  return { namespace: key.slice(0, slash), name: key.slice(slash + 1) };
+}
+
 export function routeKey(route: Pick<Route, 'namespace' | 'name'>): string {
   return identityKey(route.namespace, route.name);
 }

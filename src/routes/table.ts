@@ -24,6 +24,7 @@ import {
   compareResourceVersions,
   identityKey,
   routeKey,
+  splitIdentityKey,
   type Route,
   type RouteChange,
   type RouteDeletion,
@@ -293,11 +294,7 @@ export class RouteTable {
     const now = this.now();
     for (const [key, fence] of this.fences) {
       if (fence.fencedAtMs + this.tombstoneTtlMs <= now || wanted[this.bucketOf(key)] !== 1) continue;
-      const slash = key.indexOf('/');
-      out.push({
-        op: 'delete',
-        deletion: { namespace: key.slice(0, slash), name: key.slice(slash + 1), resourceVersion: fence.resourceVersion, fencedAtMs: fence.fencedAtMs },
-      });
+      out.push({ op: 'delete', deletion: { ...splitIdentityKey(key), resourceVersion: fence.resourceVersion, fencedAtMs: fence.fencedAtMs } });
     }
     return out;
   }
