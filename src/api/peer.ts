@@ -77,9 +77,15 @@ export function createPeerApp(deps: PeerApiDeps): Express {
   const peer = express.Router();
   if (deps.token !== '') peer.use(bearerAuth(deps.token));
 
-  // openkruise sends no reliable Content-Type, so any type is parsed as JSON here.
+  // openkruise sends no reliable Content-Type, so any type is parsed as JSON here, and as UTF-8
+  // (RFC 8259 §8.1) whatever charset the type names: openkruise's handler never reads the
+  // header, and body-parser would answer a charset such as ISO-8859-1 with a 415.
   const refreshJson = express.json({ limit: REFRESH_BODY_LIMIT_BYTES, type: () => true });
-  peer.post('/refresh', refreshJson, (req, res) => {
+  const ignoreContentType: RequestHandler = (req, _res, next) => {
+    delete req.headers['content-type'];
+    next();
+  };
+  peer.post('/refresh', ignoreContentType, refreshJson, (req, res) => {
     const body = req.body as unknown;
     if (isLegacyIdOnly(body)) {
       // An old manager's ID-only push carries no identity or version to order it by.

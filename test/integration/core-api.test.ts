@@ -241,6 +241,25 @@ describe('peer API', () => {
     expect(badRoute.body.error.code).toBe('invalid_route');
   });
 
+  it('reads /refresh as UTF-8 JSON whatever charset its content type names, as openkruise does', async () => {
+    const node = await replica();
+    const route = makeRoute({ resourceVersion: '4' });
+    // Java's StringEntity, for one, labels a body text/plain; charset=ISO-8859-1 unless told otherwise.
+    for (const [contentType, resourceVersion] of [
+      ['text/plain; charset=ISO-8859-1', '5'],
+      ['application/json; charset=us-ascii', '6'],
+      ['application/json; charset=utf-16', '7'],
+    ] as const) {
+      const response = await send(`${node.peerUrl}/refresh`, {
+        method: 'POST',
+        headers: { 'content-type': contentType },
+        body: JSON.stringify({ ...route, resourceVersion }),
+      });
+      expect(response.status, contentType).toBe(204);
+      expect(node.replica.table.get('default', route.name as string)?.resourceVersion).toBe(resourceVersion);
+    }
+  });
+
   it('deletes on a dead route, needs its resourceVersion, and ignores an ID-only legacy push', async () => {
     const node = await replica();
     const route = makeRoute({ resourceVersion: '4' });
