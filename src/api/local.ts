@@ -82,7 +82,12 @@ export function createLocalApp(deps: LocalApiDeps): Express {
   });
 
   app.get('/v1/routes', (req, res) => {
-    const namespace = typeof req.query.namespace === 'string' ? req.query.namespace : undefined;
+    const namespace = req.query.namespace;
+    // A repeated or bracketed parameter is an array or an object: a filter that cannot be
+    // honoured is refused, never dropped (which would list every namespace).
+    if (namespace !== undefined && typeof namespace !== 'string') {
+      throw new ApiError(400, 'invalid_query', 'namespace must be given once, as a plain value', { field: 'namespace' });
+    }
     const routes = table
       .list()
       .filter((route) => namespace === undefined || route.namespace === namespace)

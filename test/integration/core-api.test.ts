@@ -139,6 +139,17 @@ describe('local API', () => {
     expect((await send(`${node.api}/v1/routes/unknown-id`)).body.error.code).toBe('route_not_found');
   });
 
+  it('filters the list by namespace, and refuses a namespace filter given twice instead of dropping it', async () => {
+    const node = await replica();
+    await putRoute(node.api, makeRoute({ namespace: 'team-a', name: 'a', id: 'sbx-a' }));
+    await putRoute(node.api, makeRoute({ namespace: 'team-b', name: 'b', id: 'sbx-b' }));
+    const one = await send(`${node.api}/v1/routes?namespace=team-a`);
+    expect(one.body.routes.map((route: { id: string }) => route.id)).toEqual(['sbx-a']);
+    const twice = await send(`${node.api}/v1/routes?namespace=team-a&namespace=team-b`);
+    expect(twice.status).toBe(400);
+    expect(twice.body.error).toMatchObject({ code: 'invalid_query', field: 'namespace' });
+  });
+
   it('looks up a sandbox whose ID is "batch" like any other, and answers 405 for other methods on the batch path', async () => {
     const node = await replica();
     expect((await send(`${node.api}/v1/routes/batch`)).body.error.code).toBe('route_not_found');
