@@ -45,7 +45,8 @@
 //    and the replica seeds itself (seedFreshFleet); otherwise nothing would ever seed such a
 //    fleet. When a suspect replica finds every one of its peers untrustworthy
 //    (suspect, or not seeded), its table is the best copy there is: the replica with the
-//    smallest instance ID among the suspect ones declares itself the reference (`kept`), and
+//    smallest instance ID among the suspect ones (a seeded one before any unseeded one, whose
+//    table may be empty) declares itself the reference (`kept`), and
 //    the others rebuild from it. Without this, a lone survivor whose only peer restarted empty
 //    would either stay suspect for ever or rebuild from an empty table and lose every route.
 //  - Pushes need no such rule: a replica pushes only changes its own manager made, and those
@@ -159,8 +160,8 @@ export class Reconciler {
    * and its table merged into this one). See seedFreshFleet.
    */
   private readonly freshPeers = new Map<string, boolean>();
-  /** While suspect: peers that answered but cannot be rebuilt from, with their instance and whether they are suspect. */
-  private readonly untrusted = new Map<string, { instance: string; suspect: boolean }>();
+  /** While suspect: peers that answered but cannot be rebuilt from, with their instance and whether they are suspect and seeded. */
+  private readonly untrusted = new Map<string, { instance: string; suspect: boolean; seeded: boolean }>();
   private cursor: number;
   private timer: NodeJS.Timeout | null = null;
   private running: Promise<RoundReport> | null = null;
@@ -498,13 +499,20 @@ export class Reconciler {
 
   /**
    * A suspect replica met a peer it cannot rebuild from. Once every current peer has answered
-   * so, and no suspect one among them has a smaller instance ID, this table is the reference.
+   * so, and no suspect one among them outranks it, this table is the reference. A seeded table
+   * outranks an unseeded one (an unseeded replica holds only what its manager did since it
+   * turned ready, often nothing: kept, it would wipe the seeded one's table in its rebuild);
+   * between equals, the smaller instance ID wins.
    */
   private untrustedPeer(peer: string, remote: TableDigest, bytes: number): RoundReport {
-    this.untrusted.set(peer, { instance: remote.instance, suspect: remote.suspect });
+    this.untrusted.set(peer, { instance: remote.instance, suspect: remote.suspect, seeded: remote.seeded });
     const peers = this.sync.peerAddresses();
     const allUntrusted = peers.every((address) => this.untrusted.has(address));
-    const outranked = [...this.untrusted.values()].some((other) => other.suspect && other.instance !== '' && other.instance < this.instanceId);
+    const outranked = [...this.untrusted.values()].some(
+      (other) =>
+        other.suspect &&
+        (other.seeded !== this.seeded ? other.seeded : other.instance !== '' && other.instance < this.instanceId),
+    );
     if (!allUntrusted || outranked) {
       this.logger.debug({ peer, suspect: remote.suspect, seeded: remote.seeded }, 'reconcile: suspect, and this peer cannot be rebuilt from');
       return { peer, result: 'skipped', repaired: 0, bytes, buckets: 0 };

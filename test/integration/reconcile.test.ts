@@ -284,6 +284,44 @@ describe('suspect tables and trust', () => {
     expect(await counter(a!.replica.metrics.reconcileRounds, { result: 'rebuilt' })).toBe(0);
     expect(restarted.replica.reconciler.isSeeded()).toBe(true);
   });
+
+  it('a survivor whose only peer restarted empty while cut off, both suspect, keeps its table whichever has the smaller instance ID', async () => {
+    const env = { ROUTESYNC_TOMBSTONE_TTL_MS: '1000', ROUTESYNC_RECONCILE_INTERVAL_MS: '100', ROUTESYNC_EJECT_PROBE_MS: '100' };
+    const [a, b] = await cluster(2, env, MANUAL_ROUNDS);
+    const routes = Array.from({ length: 50 }, () => makeRoute({ namespace: 'survivor' }));
+    expect((await postBatch(a!.api, routes)).body.sync.acked).toBe(1);
+    // A round each after the routes: they are known to the fleet, no longer changes of A's manager since its last contact.
+    for (const node of [a!, b!]) expect(await node.replica.reconciler.runRound()).toMatchObject({ result: 'in_sync' });
+
+    // A is cut off; B restarts empty meanwhile, so its bootstrap times out and it is not seeded.
+    // The bad case is the restarted replica holding the smaller instance ID: restart until it does.
+    a!.replica.faults.isolate();
+    const bPeerAddress = b!.replica.addresses.peer;
+    let restarted: Node | undefined;
+    for (let previous: Node = b!; ; previous = restarted) {
+      await previous.replica.close();
+      nodes.splice(nodes.indexOf(previous), 1);
+      restarted = await start(
+        { ...env, ROUTESYNC_PEER_ADDR: bPeerAddress, ROUTESYNC_PEERS: a!.replica.addresses.peer, ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '200' },
+        MANUAL_ROUNDS,
+      );
+      expect(await restarted.replica.bootstrapped).toBe('timeout');
+      if (restarted.replica.instanceId < a!.replica.instanceId) break;
+    }
+    const fresh = restarted.replica;
+    expect(fresh.reconciler.isSeeded()).toBe(false);
+    expect(fresh.table.size).toBe(0);
+    // The cut lasts past half the TTL on both sides: both are suspect when it heals.
+    await waitUntil(() => a!.replica.reconciler.isSuspect() && fresh.reconciler.isSuspect(), 5000, 'both to turn suspect');
+    a!.replica.faults.heal();
+
+    // The seeded table is the reference; the empty, unseeded one must not wipe it.
+    for (let k = 0; k < 3; k++) for (const replica of [fresh, a!.replica]) expect((await replica.reconciler.runRound()).result).not.toBe('failed');
+    expect(a!.replica.table.size, 'the seeded survivor keeps its routes').toBe(50);
+    expect(same(a!.replica, fresh)).toBe(true);
+    expect(await counter(a!.replica.metrics.reconcileRounds, { result: 'kept' })).toBeGreaterThanOrEqual(1);
+    expect([a!.replica.reconciler.isSuspect(), fresh.reconciler.isSuspect()]).toEqual([false, false]);
+  });
 });
 
 describe('a fleet that starts together', () => {
