@@ -64,6 +64,7 @@ import {
   markLocalChange,
   parseChange,
   routeKey,
+  splitIdentityKey,
   type Route,
   type RouteChange,
 } from '../routes/route.js';
@@ -162,6 +163,13 @@ export class Reconciler {
   private readonly freshPeers = new Map<string, boolean>();
   /** While suspect: peers that answered but cannot be rebuilt from, with their instance and whether they are suspect and seeded. */
   private readonly untrusted = new Map<string, { instance: string; suspect: boolean; seeded: boolean }>();
+  /**
+   * Identities the local manager deleted since the last contact, with the deletion's version. A
+   * fence of its own outlives no cut longer than the TTL, and the pulls of a rebuild would then
+   * bring the deleted route back from a source that never saw the deletion (see rebuildFrom).
+   * Emptied at every contact, so it holds only the deletions of one cut (or one interval).
+   */
+  private readonly localDeletions = new Map<string, string>();
   private cursor: number;
   private timer: NodeJS.Timeout | null = null;
   private running: Promise<RoundReport> | null = null;
@@ -193,14 +201,21 @@ export class Reconciler {
   /**
    * Record a change the local manager made: a suspect rebuild spares a route its manager changed
    * since the cut began. The record is a stamp on the route itself (markLocalChange), ~8 B,
-   * where a map of identities to times cost ~50 B a route; it goes with the route (a deletion
-   * needs none: a rebuild looks only at live routes), and one older than the last contact is
-   * simply not counted.
+   * where a map of identities to times cost ~50 B a route; it goes with the route, and one
+   * older than the last contact is simply not counted. A deletion has no route to carry a stamp:
+   * it is kept in localDeletions until the next contact.
    */
   noteLocalChange(key: string): void {
     const route = this.table.getByKey(key);
     // Negative if the wall clock stepped back past the origin: still the change's own time.
-    if (route) markLocalChange(route, this.now() - this.clockOriginMs);
+    if (route) {
+      markLocalChange(route, this.now() - this.clockOriginMs);
+      this.localDeletions.delete(key);
+      return;
+    }
+    const { namespace, name } = splitIdentityKey(key);
+    const fence = this.table.getFence(namespace, name);
+    if (fence) this.localDeletions.set(key, fence.resourceVersion);
   }
 
   /** How many live routes a suspect rebuild would spare as changed by the local manager since the last contact. */
@@ -527,6 +542,7 @@ export class Reconciler {
   /** A completed round with a non-suspect peer. */
   private contact(peer: string): void {
     this.untrusted.clear();
+    this.localDeletions.clear();
     this.lastContactMs = this.now();
     this.sync.markReconciled(peer);
   }
@@ -538,6 +554,7 @@ export class Reconciler {
    * before then no longer counts as changed since the last contact.
    */
   private alone(): void {
+    this.localDeletions.clear();
     this.lastContactMs = this.now();
   }
 
@@ -556,6 +573,18 @@ export class Reconciler {
     const seen = new Set<string>();
     const pulled = await this.pullAndApply(peer, all, signal, seen);
     // From here to dropStale nothing awaits: no push can land between the check and the drop.
+    // What the local manager deleted since the cut began, deleted again: past a cut longer than
+    // the TTL its fence has expired here before any peer saw it (its push may still be queued,
+    // or dropped), so the pull has just brought the route back from the source, and the source's
+    // next pull of ours would spread it again. Fenced anew (now): that fence is the deletion's
+    // only carrier to peers that do not have it yet. A newer route or fence pulled is left as is.
+    const redeleted = this.service
+      .applyRemote(
+        [...this.localDeletions].map(([key, resourceVersion]): RouteChange => ({ op: 'delete', deletion: { ...splitIdentityKey(key), resourceVersion } })),
+        'reconcile',
+      )
+      .filter((result) => result.outcome === 'applied').length;
+    this.metrics.reconcileRepaired.inc(redeleted);
     const stale: Route[] = [];
     for (const route of heldAtStart) {
       const key = routeKey(route);
@@ -570,10 +599,10 @@ export class Reconciler {
     const dropped = this.service.dropStale(stale).filter((result) => result.outcome === 'applied').length;
     this.metrics.reconcileRepaired.inc(dropped);
     this.logger.warn(
-      { peer, outOfContactMs: this.now() - cutStartMs, pulledChanges: seen.size, repaired: pulled.repaired, droppedStale: dropped },
+      { peer, outOfContactMs: this.now() - cutStartMs, pulledChanges: seen.size, repaired: pulled.repaired, redeleted, droppedStale: dropped },
       'reconcile: table was suspect (out of contact too long); rebuilt from a peer',
     );
-    return { peer, result: 'rebuilt', repaired: pulled.repaired + dropped, bytes: bytesSoFar + pulled.bytes, buckets: all.length };
+    return { peer, result: 'rebuilt', repaired: pulled.repaired + redeleted + dropped, bytes: bytesSoFar + pulled.bytes, buckets: all.length };
   }
 
   private differingBuckets(remote: TableDigest): number[] {

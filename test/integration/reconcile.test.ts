@@ -258,6 +258,42 @@ describe('no resurrection', () => {
     expect(c!.replica.reconciler.isSuspect()).toBe(false);
     expect(c!.logs.lines.some((line) => line.includes('rebuilt from a peer'))).toBe(true);
   });
+
+  it('a route deleted on a replica cut off for longer than the TTL stays deleted when its rebuild runs before its queued push of the delete', async () => {
+    const ttlMs = 1000;
+    const env = { ROUTESYNC_TOMBSTONE_TTL_MS: String(ttlMs), ROUTESYNC_RECONCILE_INTERVAL_MS: '100', ROUTESYNC_EJECT_PROBE_MS: '50' };
+    const [a, b, c] = await cluster(3, env, MANUAL_ROUNDS);
+    const all = [a!, b!, c!];
+    const doomed = makeRoute({ namespace: 'zombie', resourceVersion: '10' });
+    const name = doomed.name as string;
+    expect((await putRoute(a!.api, doomed)).body.sync.acked).toBe(2);
+    for (const node of all) expect((await node.replica.reconciler.runRound()).result).toBe('in_sync');
+
+    // C is cut off, and its own manager deletes the sandbox there: the push of the delete stays
+    // queued for A and B. A and B stay in contact; C's fence expires during the cut.
+    c!.replica.faults.isolate();
+    const deleted = await fetch(`${c!.api}/v1/routes/zombie/${name}?resourceVersion=11`, { method: 'DELETE' });
+    expect(((await deleted.json()) as any).result).toMatchObject({ outcome: 'applied', reason: 'deleted' });
+    await waitUntil(
+      async () => {
+        await a!.replica.reconciler.runRound();
+        await b!.replica.reconciler.runRound();
+        return c!.replica.reconciler.isSuspect() && c!.replica.table.getFence('zombie', name) === undefined;
+      },
+      ttlMs + 5000,
+      "c to turn suspect and its fence to expire",
+    );
+
+    // The cut heals for rounds first (its pushes wait for the ejected peers' next probe), then for pushes.
+    c!.replica.faults.heal();
+    c!.replica.faults.blockPushes();
+    expect(await c!.replica.reconciler.runRound()).toMatchObject({ result: 'rebuilt' });
+    c!.replica.faults.heal();
+    await waitUntil(() => c!.replica.sync.outboxSize() === 0, 5000, "c's queued delete to reach a and b");
+
+    for (let k = 0; k < 3; k++) for (const node of all) expect((await node.replica.reconciler.runRound()).result).not.toBe('failed');
+    for (const node of all) expect(node.replica.table.get('zombie', name), 'the deleted route stays deleted').toBeUndefined();
+  });
 });
 
 describe('suspect tables and trust', () => {
