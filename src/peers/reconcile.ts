@@ -522,6 +522,10 @@ export class Reconciler {
   private untrustedPeer(peer: string, remote: TableDigest, bytes: number): RoundReport {
     this.untrusted.set(peer, { instance: remote.instance, suspect: remote.suspect, seeded: remote.seeded });
     const peers = this.sync.peerAddresses();
+    // Only current peers count: one that has left the peer set since it answered (scaled down,
+    // dropped by discovery) will never keep its table, and would outrank this one for ever.
+    const current = new Set(peers);
+    for (const address of this.untrusted.keys()) if (!current.has(address)) this.untrusted.delete(address);
     const allUntrusted = peers.every((address) => this.untrusted.has(address));
     const outranked = [...this.untrusted.values()].some(
       (other) =>

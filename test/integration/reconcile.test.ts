@@ -358,6 +358,32 @@ describe('suspect tables and trust', () => {
     expect(await counter(a!.replica.metrics.reconcileRounds, { result: 'kept' })).toBeGreaterThanOrEqual(1);
     expect([a!.replica.reconciler.isSuspect(), fresh.reconciler.isSuspect()]).toEqual([false, false]);
   });
+
+  it('a suspect replica is not held back by a suspect peer that has since left its peer set', async () => {
+    const env = { ROUTESYNC_TOMBSTONE_TTL_MS: '1000', ROUTESYNC_RECONCILE_INTERVAL_MS: '100' };
+    const three = await cluster(3, env, MANUAL_ROUNDS);
+    const routes = Array.from({ length: 10 }, () => makeRoute({ namespace: 'left' }));
+    expect((await postBatch(three[0]!.api, routes)).body.sync.acked).toBe(2);
+    // By instance ID: `gone` ranks first, then `a`, then `c`.
+    const [gone, a, c] = [...three].sort((x, y) => (x.replica.instanceId < y.replica.instanceId ? -1 : 1)) as [Node, Node, Node];
+    // No rounds for longer than half the TTL: every replica is suspect.
+    await waitUntil(() => three.every((node) => node.replica.reconciler.isSuspect()), 5000, 'every replica to turn suspect');
+
+    // A meets `gone` (suspect, ranked first): A waits for it to keep its table.
+    a.replica.sync.setPeers([gone.replica.addresses.peer]);
+    expect(await a.replica.reconciler.runRound()).toMatchObject({ result: 'skipped' });
+    // Then `gone` leaves the fleet (scaled down, dropped by discovery) before it kept anything.
+    await gone.replica.close();
+    nodes.splice(nodes.indexOf(gone), 1);
+    a.replica.sync.setPeers([c.replica.addresses.peer]);
+    c.replica.sync.setPeers([a.replica.addresses.peer]);
+
+    // A now ranks first among the suspect replicas that remain: it keeps its table, C rebuilds from it.
+    for (let k = 0; k < 3; k++) for (const node of [a, c]) expect((await node.replica.reconciler.runRound()).result).not.toBe('failed');
+    expect([a.replica.reconciler.isSuspect(), c.replica.reconciler.isSuspect()], 'neither stays suspect').toEqual([false, false]);
+    expect(same(a.replica, c.replica)).toBe(true);
+    expect(c.replica.table.size).toBe(10);
+  });
 });
 
 describe('a fleet that starts together', () => {
