@@ -334,7 +334,9 @@ describe('suspect tables and trust', () => {
     a!.replica.faults.isolate();
     const bPeerAddress = b!.replica.addresses.peer;
     let restarted: Node | undefined;
-    for (let previous: Node = b!; ; previous = restarted) {
+    // Each start draws a random instance ID: a coin toss each time, 20 losses in a row ~1e-6.
+    for (let previous: Node = b!, attempt = 0; ; previous = restarted, attempt++) {
+      expect(attempt, 'restarts to draw a smaller instance ID').toBeLessThan(20);
       await previous.replica.close();
       nodes.splice(nodes.indexOf(previous), 1);
       restarted = await start(
