@@ -17,22 +17,32 @@ async function main(argv: readonly string[]): Promise<void> {
     throw error;
   }
 
-  const replica = await Replica.start(config, peerTls ? { peerTls } : {});
-  let stopping = false;
-  const stop = (signal: NodeJS.Signals) => {
-    if (stopping) return;
-    stopping = true;
-    replica.logger.info({ signal }, 'signal received');
-    replica.shutdown().then(
+  // Handlers first: start-up can take seconds (the first peer DNS resolution waits for its
+  // timeout when the resolver does not answer), and a SIGTERM then must not be lost: as a
+  // container's PID 1, a process without a handler ignores it and runs on until SIGKILL.
+  let replica: Replica | undefined = undefined;
+  let stopSignal: NodeJS.Signals | undefined;
+  const shutdown = (running: Replica, signal: NodeJS.Signals) => {
+    running.logger.info({ signal }, 'signal received');
+    running.shutdown().then(
       () => process.exit(0),
       (error: unknown) => {
-        replica.logger.fatal({ err: error }, 'shutdown failed');
+        running.logger.fatal({ err: error }, 'shutdown failed');
         process.exit(1);
       },
     );
   };
+  const stop = (signal: NodeJS.Signals) => {
+    if (stopSignal) return;
+    stopSignal = signal;
+    // Before start-up ends there is no replica yet: it shuts down as soon as it exists.
+    if (replica) shutdown(replica, signal);
+  };
   process.on('SIGTERM', stop);
   process.on('SIGINT', stop);
+
+  replica = await Replica.start(config, peerTls ? { peerTls } : {});
+  if (stopSignal) shutdown(replica, stopSignal);
 }
 
 const argv = process.argv.slice(2);

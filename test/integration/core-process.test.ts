@@ -1,8 +1,10 @@
 // routesync as a process: start-up, bad configuration, SIGTERM.
 import { afterEach, describe, expect, it } from 'vitest';
+import { DnsServer } from '../helpers/dns-server.js';
 import { FakePeer } from '../helpers/fake-peer.js';
 import { makeRoute, putRoute } from '../helpers/cluster.js';
 import { spawnReplica, type ProcessReplica } from '../helpers/process.js';
+import { waitUntil } from '../helpers/wait.js';
 
 const running: ProcessReplica[] = [];
 const peers: FakePeer[] = [];
@@ -42,5 +44,24 @@ describe('routesync process', () => {
     expect(await replica.exited).toBe(0);
     expect(peer.table.get('default', route.name as string)).toBeDefined();
     expect(replica.lines.some((line) => line.includes('"shutting down"'))).toBe(true);
+  });
+
+  it('a SIGTERM that arrives while start-up is still under way is not lost: the process stops and exits 0', async () => {
+    // A DNS server that never answers holds start-up at the first peer resolution for seconds,
+    // after the listeners are open: a pod deleted then gets its one SIGTERM in that window. As
+    // a container's PID 1 a process without a handler ignores it and runs on until SIGKILL.
+    const dns = await DnsServer.start();
+    dns.mode = 'silent';
+    try {
+      const replica = spawnReplica({ ...LOOPBACK, ROUTESYNC_PEER_DNS: 'routesync-peers.test.svc', ROUTESYNC_PEER_DNS_SERVERS: dns.address });
+      running.push(replica);
+      await waitUntil(() => dns.queries > 0, 10_000, 'start-up to reach the first peer resolution');
+      expect(replica.lines.some((line) => line.includes('"routesync listening"'))).toBe(false);
+      replica.child.kill('SIGTERM');
+      expect(await replica.exited).toBe(0);
+      expect(replica.lines.some((line) => line.includes('"shutting down"'))).toBe(true);
+    } finally {
+      await dns.close();
+    }
   });
 });
