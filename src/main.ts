@@ -66,6 +66,11 @@ if (argv[0] === 'ctl') {
 
 function startServer(args: readonly string[]): void {
   main(args).catch((error: unknown) => {
+    // A listen address that cannot be bound is found only when listening (replica.ts).
+    if (error instanceof ConfigError) {
+      process.stderr.write(`routesync: ${error.message}\n`);
+      process.exit(2);
+    }
     const message = error instanceof Error ? error.message : String(error);
     process.stderr.write(`routesync: failed to start: ${message}\n`);
     process.exit(1);

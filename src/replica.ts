@@ -10,7 +10,7 @@ import type { DestinationStream } from 'pino';
 import { createLocalApp } from './api/local.js';
 import { createPeerApp } from './api/peer.js';
 import { reconcileEndpoints } from './api/reconcile.js';
-import { formatHostPort, readPeerTls, type Config, type ListenAddress, type PeerTlsMaterial } from './config.js';
+import { ConfigError, formatHostPort, readPeerTls, type Config, type ListenAddress, type PeerTlsMaterial } from './config.js';
 import { createLogger, type Logger } from './log.js';
 import { Metrics } from './metrics.js';
 import { PeerClient } from './peers/client.js';
@@ -196,9 +196,9 @@ export class Replica {
   }
 
   private async listen(): Promise<void> {
-    const peer = await listenOn(this.peerServer, this.config.peerAddr);
-    const api = await listenOn(this.apiServer, this.config.apiAddr);
-    const proxy = await this.dataPlane.listen();
+    const peer = await namingAddress('ROUTESYNC_PEER_ADDR', this.config.peerAddr, listenOn(this.peerServer, this.config.peerAddr));
+    const api = await namingAddress('ROUTESYNC_API_ADDR', this.config.apiAddr, listenOn(this.apiServer, this.config.apiAddr));
+    const proxy = await namingAddress('ROUTESYNC_PROXY_ADDR', this.config.proxyAddr, this.dataPlane.listen());
     this.bound = {
       api: formatHostPort(api.address, api.port),
       peer: formatHostPort(peer.address, peer.port),
@@ -359,6 +359,21 @@ function listenOn(server: Server, address: ListenAddress): Promise<AddressInfo> 
       resolve(server.address() as AddressInfo);
     });
   });
+}
+
+/**
+ * A listen address that cannot be bound (not on this host, a name that does not resolve, a port
+ * another listener holds) is bad configuration: a ConfigError naming its variable, so start-up
+ * stops with one clear line (main.ts, exit 2) instead of a bare `listen EADDRNOTAVAIL`.
+ */
+async function namingAddress(variable: string, address: ListenAddress, listening: Promise<AddressInfo>): Promise<AddressInfo> {
+  try {
+    return await listening;
+  } catch (error) {
+    const code = (error as { code?: unknown }).code;
+    const reason = typeof code === 'string' ? code : ((error as Error).message.split('\n')[0] ?? String(error));
+    throw new ConfigError(variable, `cannot listen on ${formatHostPort(address.host, address.port)} (${reason})`);
+  }
 }
 
 /** Stop accepting; wait up to `graceMs` for in-flight requests, then drop every connection. */

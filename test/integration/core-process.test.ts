@@ -31,6 +31,23 @@ describe('routesync process', () => {
     expect(replica.stderr[0]).toMatch(/^routesync: invalid --sync-deadline-ms:/);
   });
 
+  it('stops start-up with one line naming the variable when a listen address cannot be bound, exit code 2', async () => {
+    // 192.0.2.1 (TEST-NET-1) is on no interface of this host: the address is valid but wrong here.
+    const unavailable = spawnReplica({ ...LOOPBACK, ROUTESYNC_API_ADDR: '192.0.2.1:7788' });
+    running.push(unavailable);
+    expect(await unavailable.exited).toBe(2);
+    expect(unavailable.stderr).toHaveLength(1);
+    expect(unavailable.stderr[0]).toMatch(/^routesync: invalid ROUTESYNC_API_ADDR: cannot listen on 192\.0\.2\.1:7788 \(EADDRNOTAVAIL/);
+
+    // Two listeners on one port: the one that cannot have it is named.
+    const peer = await FakePeer.start();
+    peers.push(peer);
+    const taken = spawnReplica({ ...LOOPBACK, ROUTESYNC_PROXY_ADDR: peer.address });
+    running.push(taken);
+    expect(await taken.exited).toBe(2);
+    expect(taken.stderr).toEqual([expect.stringMatching(/^routesync: invalid ROUTESYNC_PROXY_ADDR: cannot listen on 127\.0\.0\.1:\d+ \(EADDRINUSE/)]);
+  });
+
   it('drains on SIGTERM: acknowledged changes are on the peer and the exit code is 0', async () => {
     const peer = await FakePeer.start();
     peers.push(peer);
