@@ -164,9 +164,23 @@ export function parseHostPort(text: string): { host: string; port: number } | un
   return { host: host === '' ? '0.0.0.0' : host, port };
 }
 
-/** Canonical `host:port` text of an address; IPv6 bracketed. */
+/**
+ * Canonical `host:port` text of an address; IPv6 bracketed. Peer sets, self-exclusion and DNS
+ * answers are compared as these strings, so one address must have one spelling: IPv6 in the
+ * compressed lower-case form (RFC 5952, what DNS answers and os.networkInterfaces() give) and
+ * host names in lower case (DNS names are case-insensitive).
+ */
 export function formatHostPort(host: string, port: number): string {
-  return isIP(host) === 6 ? `[${host}]:${port}` : `${host}:${port}`;
+  return isIP(host) === 6 ? `[${canonicalIpv6(host)}]:${port}` : `${host.toLowerCase()}:${port}`;
+}
+
+function canonicalIpv6(address: string): string {
+  try {
+    return new URL(`http://[${address}]/`).hostname.slice(1, -1);
+  } catch {
+    // A zone ID (fe80::1%eth0), which URL refuses: kept as written, in lower case.
+    return address.toLowerCase();
+  }
 }
 
 function parseValue(variable: string, setting: Setting, raw: string): unknown {

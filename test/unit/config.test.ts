@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { ConfigError, loadConfig, maxReconcileIntervalMs, RECONCILE_JITTER_MAX, SUSPECT_AFTER_TTL_FRACTION, worstCaseBackoffMs } from '../../src/config.js';
+import { selfAddresses, staticPeers } from '../../src/peers/discovery.js';
 import { SUSPECT_AFTER_TTL_FRACTION as RECONCILER_SUSPECT_FRACTION } from '../../src/peers/reconcile.js';
 
 describe('configuration', () => {
@@ -25,6 +26,17 @@ describe('configuration', () => {
     const config = loadConfig({ ROUTESYNC_SYNC_DEADLINE_MS: '900' }, ['--sync-deadline-ms', '250', '--peers=10.0.0.2:7789,[fd00::2]:7789']);
     expect(config.syncDeadlineMs).toBe(250);
     expect(config.peers).toEqual(['10.0.0.2:7789', '[fd00::2]:7789']);
+  });
+
+  it('writes an IPv6 peer the one way DNS answers and interfaces do, so one peer is never two and self is recognised', () => {
+    // DNS answers (c-ares) and os.networkInterfaces() give compressed lower-case IPv6 text.
+    expect(loadConfig({ ROUTESYNC_PEERS: '[fd00::2]:7789,[FD00:0:0::2]:7789,Peer-0.Peers:7789,peer-0.peers:7789' }).peers).toEqual([
+      '[fd00::2]:7789',
+      'peer-0.peers:7789',
+    ]);
+    const self = selfAddresses({ self: '[FD00:0::1]:7789', peerAddr: { host: '0.0.0.0', port: 7789 } });
+    expect([...self]).toEqual(['[fd00::1]:7789']);
+    expect(staticPeers({ peers: loadConfig({ ROUTESYNC_PEERS: '[fd00::1]:7789,[fd00::3]:7789' }).peers }, self)).toEqual(['[fd00::3]:7789']);
   });
 
   it('names the variable in one line for a bad value', () => {
