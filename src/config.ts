@@ -86,9 +86,18 @@ export class ConfigError extends Error {
     readonly variable: string,
     message: string,
   ) {
-    super(`invalid ${variable}: ${message}`);
+    super(`invalid ${variable}: ${withoutCredentials(message)}`);
     this.name = 'ConfigError';
   }
+}
+
+/**
+ * The line repeats the bad value, and a value written as a URL may carry credentials
+ * (`http://user:token@peer:7789`); the line goes to the container's log, where no token may
+ * appear. Everything before an `@` in a word is dropped.
+ */
+function withoutCredentials(message: string): string {
+  return message.replace(/[^\s"]*@/g, '[redacted]@');
 }
 
 type Kind = 'addr' | 'int' | 'string' | 'peers' | 'bool' | 'level' | 'file' | 'token';

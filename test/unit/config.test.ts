@@ -39,6 +39,29 @@ describe('configuration', () => {
     expect(staticPeers({ peers: loadConfig({ ROUTESYNC_PEERS: '[fd00::1]:7789,[fd00::3]:7789' }).peers }, self)).toEqual(['[fd00::3]:7789']);
   });
 
+  it('never repeats the credentials of a URL-like value in its one line', () => {
+    const cases: Record<string, string>[] = [
+      { ROUTESYNC_PEERS: 'http://admin:s3cret@peer-0:7789' },
+      { ROUTESYNC_PEERS: 'peer-0:7789,:s3cret@peer-1:7789' },
+      { ROUTESYNC_PEER_DNS: 'admin:s3cret@routesync-peers' },
+      { ROUTESYNC_SELF: 'https://s3cret@10.0.0.5:7789' },
+      { ROUTESYNC_API_ADDR: 'admin:s3cret@127.0.0.1:7788' },
+      { ROUTESYNC_PEER_DNS_SERVERS: 's3cret@10.0.0.10' },
+    ];
+    for (const env of cases) {
+      const variable = Object.keys(env)[0]!;
+      let message = '';
+      try {
+        loadConfig(env);
+      } catch (error) {
+        message = (error as Error).message;
+      }
+      expect(message).toMatch(new RegExp(`^invalid ${variable}: `));
+      expect(message).not.toContain('s3cret');
+      expect(message).toContain('[redacted]@');
+    }
+  });
+
   it('names the variable in one line for a bad value', () => {
     const cases: [Record<string, string>, RegExp][] = [
       [{ ROUTESYNC_SYNC_DEADLINE_MS: 'soon' }, /^invalid ROUTESYNC_SYNC_DEADLINE_MS: "soon" is not a non-negative integer$/],
