@@ -96,7 +96,7 @@ export class ConfigError extends Error {
  * (`http://user:token@peer:7789`); the line goes to the container's log, where no token may
  * appear. Everything before an `@` in a word is dropped.
  */
-function withoutCredentials(message: string): string {
+export function withoutCredentials(message: string): string {
   return message.replace(/[^\s"]*@/g, '[redacted]@');
 }
 

@@ -10,7 +10,7 @@
 import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { Agent, type Dispatcher } from 'undici';
-import { ConfigError, parsePeerToken } from './config.js';
+import { ConfigError, parsePeerToken, withoutCredentials } from './config.js';
 
 export const EXIT_OK = 0;
 export const EXIT_DIFFERENT = 1;
@@ -169,15 +169,20 @@ function usage(message: string): CtlError {
 export function origin(address: string, what: string): string {
   const text = address.trim();
   const withScheme = /^https?:\/\//i.test(text) ? text : `http://${text}`;
+  // The address as the error line shows it: credentials in it are a secret (a token) and
+  // never printed.
+  const shown = withoutCredentials(address);
   let url: URL;
   try {
     url = new URL(withScheme);
   } catch {
-    throw usage(`${what}: "${address}" is not host:port or an http(s) URL`);
+    throw usage(`${what}: "${shown}" is not host:port or an http(s) URL`);
   }
-  if (url.port === '' && !/^https?:\/\//i.test(text)) throw usage(`${what}: "${address}" has no port (host:port)`);
-  if ((url.pathname !== '/' && url.pathname !== '') || url.search !== '' || url.username !== '') {
-    throw usage(`${what}: "${address}" must be just an address, without a path, query or credentials`);
+  if (url.port === '' && !/^https?:\/\//i.test(text)) throw usage(`${what}: "${shown}" has no port (host:port)`);
+  // A password without a user name (http://:token@host) is credentials too: dropping it
+  // silently would send the requests without them.
+  if ((url.pathname !== '/' && url.pathname !== '') || url.search !== '' || url.username !== '' || url.password !== '') {
+    throw usage(`${what}: "${shown}" must be just an address, without a path, query or credentials`);
   }
   return url.origin;
 }

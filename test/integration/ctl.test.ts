@@ -142,6 +142,18 @@ describe('routesync ctl status, routes, peers', () => {
     for (const command of ['status', 'routes', 'peers', 'diff']) expect(help.stdout).toContain(`  ${command}`);
   });
 
+  it('an address with credentials is a usage error whose line never repeats them (a password alone included)', async () => {
+    const port = await closedPort();
+    for (const address of [`http://admin:s3cret@127.0.0.1:${port}`, `http://:s3cret@127.0.0.1:${port}`]) {
+      for (const args of [['routes', '--api', address], ['diff', address, `127.0.0.1:${port}`]]) {
+        const run = await ctl(args);
+        expect(run.code, args.join(' ')).toBe(EXIT_USAGE);
+        expect(run.stderr, args.join(' ')).toContain('without a path, query or credentials');
+        expect(run.stderr, args.join(' ')).not.toContain('s3cret');
+      }
+    }
+  });
+
   it('runs as `routesync ctl` in a real process, with its exit code', async () => {
     const node = await startReplica();
     started.push(node);
