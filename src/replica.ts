@@ -17,7 +17,7 @@ import { PeerClient } from './peers/client.js';
 import { DnsDiscovery, selfAddresses, staticPeers } from './peers/discovery.js';
 import { PeerSync } from './peers/fanout.js';
 import { PeerFaults } from './peers/faults.js';
-import { Reconciler, type BootstrapOutcome } from './peers/reconcile.js';
+import { Reconciler, type BootstrapOptions, type BootstrapOutcome } from './peers/reconcile.js';
 import { DataPlane } from './proxy/server.js';
 import { RouteTable } from './routes/table.js';
 import { RouteService } from './service.js';
@@ -210,9 +210,9 @@ export class Replica {
     this.sync.setPeers(fixedPeers);
     if (this.config.peerDns !== '') {
       this.dns = new DnsDiscovery({ config: this.config, self, staticPeers: fixedPeers, defaultPort: peer.port, sync: this.sync, metrics: this.metrics, logger: this.logger });
-      // The first answer decides whom bootstrap asks; a failure is logged and retried on the timer.
+      // The first answer decides whom bootstrap asks; a failure is logged, and retried before
+      // bootstrap (discoverPeers) and then on the timer.
       await this.dns.refresh();
-      this.dns.start();
     }
 
     // Fences expire on a timer of their own; TTL/10 (at most a minute) keeps expiry precise
@@ -234,15 +234,31 @@ export class Replica {
     );
     // Not ready until the table is bootstrapped from a peer (or no peer answered in time); the
     // local API takes changes meanwhile (a manager's batch push at start merges with the pull).
-    void this.reconciler.bootstrap().then((outcome) => {
-      // Once shutdown has started the replica stays not-ready (and starts no rounds), even when
-      // bootstrap ends during the drain.
-      if (this.shuttingDown || this.closing) return this.resolveBootstrapped(outcome);
-      this.ready = true;
-      if (this.options.reconcileTimer !== false) this.reconciler.start();
-      this.logger.info({ bootstrap: outcome, routes: this.table.size }, 'ready');
-      this.resolveBootstrapped(outcome);
-    });
+    void this.discoverPeers()
+      .then((discovery) => this.reconciler.bootstrap(discovery))
+      .then((outcome) => {
+        // Once shutdown has started the replica stays not-ready (and starts no rounds), even when
+        // bootstrap ends during the drain.
+        if (this.shuttingDown || this.closing) return this.resolveBootstrapped(outcome);
+        this.ready = true;
+        if (this.options.reconcileTimer !== false) this.reconciler.start();
+        this.logger.info({ bootstrap: outcome, routes: this.table.size }, 'ready');
+        this.resolveBootstrapped(outcome);
+      });
+  }
+
+  /**
+   * Before bootstrap: with DNS discovery whose first resolution failed, retry it within the
+   * bootstrap timeout (what is left of it goes to the pull), then start the periodic timer.
+   */
+  private async discoverPeers(): Promise<BootstrapOptions> {
+    const dns = this.dns;
+    if (!dns) return {};
+    const started = Date.now();
+    // Static peers are known peers to bootstrap from; without any, wait for DNS to name some.
+    const peersKnown = dns.resolved || (this.sync.peerAddresses().length === 0 && (await dns.awaitAnswer(this.config.bootstrapTimeoutMs)));
+    dns.start();
+    return { peersKnown, timeoutMs: Math.max(0, this.config.bootstrapTimeoutMs - (Date.now() - started)) };
   }
 
   refreshGauges(): void {

@@ -7,6 +7,7 @@
 // with its instance ID and PeerSync drops a peer that answers with ours.
 import { Resolver } from 'node:dns/promises';
 import { networkInterfaces } from 'node:os';
+import { setTimeout as delay } from 'node:timers/promises';
 import type { Config } from '../config.js';
 import { formatHostPort, parseHostPort } from '../config.js';
 import type { Logger } from '../log.js';
@@ -60,6 +61,9 @@ export interface DnsDiscoveryOptions {
   readonly logger: Logger;
 }
 
+/** Start-up re-resolution pace while no answer has arrived: a few tries inside the bootstrap timeout. */
+const STARTUP_RETRY_MS = 200;
+
 /** ENODATA: the name exists but has no record of that type (an IPv4-only Service has no AAAA). */
 const NO_RECORDS = 'ENODATA';
 
@@ -70,6 +74,7 @@ export class DnsDiscovery {
   private timer: NodeJS.Timeout | null = null;
   private closed = false;
   private lastGood: string[] | undefined;
+  private readonly stop = new AbortController();
 
   constructor(private readonly options: DnsDiscoveryOptions) {
     const { name, port } = parseDnsTarget(options.config.peerDns, options.defaultPort);
@@ -111,6 +116,32 @@ export class DnsDiscovery {
     return true;
   }
 
+  /** Whether a resolution has succeeded yet: until then the peer set is not known, empty or not. */
+  get resolved(): boolean {
+    return this.lastGood !== undefined;
+  }
+
+  /**
+   * At start-up, before bootstrap: re-resolve every `retryMs` until an answer arrives or
+   * `timeoutMs` pass (a resolution still running then is not waited for). True once one did.
+   * A replica that took "no answer" for "no peers" would turn ready empty, and seeded, in a
+   * fleet that has routes.
+   */
+  async awaitAnswer(timeoutMs: number, retryMs = STARTUP_RETRY_MS): Promise<boolean> {
+    const deadline = Date.now() + timeoutMs;
+    while (!this.resolved && !this.closed) {
+      const leftMs = deadline - Date.now();
+      if (leftMs <= 0) break;
+      const waited = await delay(Math.min(retryMs, leftMs), true, { signal: this.stop.signal }).catch(() => false);
+      if (!waited || Date.now() >= deadline) break;
+      const cutoff = new AbortController();
+      const signal = AbortSignal.any([this.stop.signal, cutoff.signal]);
+      await Promise.race([this.refresh(), delay(Math.max(0, deadline - Date.now()), undefined, { signal }).catch(() => undefined)]);
+      cutoff.abort();
+    }
+    return this.resolved;
+  }
+
   start(): void {
     if (this.closed) return;
     this.timer = setTimeout(() => {
@@ -122,6 +153,7 @@ export class DnsDiscovery {
 
   close(): void {
     this.closed = true;
+    this.stop.abort();
     if (this.timer) clearTimeout(this.timer);
     this.timer = null;
     this.resolver.cancel();

@@ -119,6 +119,13 @@ export interface RoundReport {
 
 export type BootstrapOutcome = 'no_peers' | 'pulled' | 'timeout';
 
+export interface BootstrapOptions {
+  /** False when peer discovery (DNS) has not answered yet: an empty peer list then proves nothing. */
+  readonly peersKnown?: boolean;
+  /** The pull's time budget; ROUTESYNC_BOOTSTRAP_TIMEOUT_MS unless the caller spent part of it. */
+  readonly timeoutMs?: number;
+}
+
 export interface ReconcilerOptions {
   readonly config: ReconcileConfig;
   readonly table: RouteTable;
@@ -271,15 +278,25 @@ export class Reconciler {
    * bootstrapping), within bootstrapTimeoutMs. Never throws. Local changes made meanwhile
    * (a manager's batch push at start) stay: the pull merges through the usual rules.
    */
-  async bootstrap(): Promise<BootstrapOutcome> {
+  async bootstrap(options: BootstrapOptions = {}): Promise<BootstrapOutcome> {
     const started = performance.now();
+    const peersKnown = options.peersKnown ?? true;
     try {
       if (this.sync.peerAddresses().length === 0) {
+        if (!peersKnown) {
+          // No peer known is not "no peers" while discovery has not answered: the fleet may
+          // hold routes. Ready, so that the manager's pushes are served, but not seeded.
+          this.logger.warn(
+            { timeoutMs: this.config.bootstrapTimeoutMs },
+            'bootstrap: peer discovery has not answered; ready with the table as it is (reconciliation fills it once peers are found)',
+          );
+          return 'timeout';
+        }
         this.logger.info('no peers: ready at once with the table as it is');
         this.seeded = true;
         return 'no_peers';
       }
-      const { signal, clear } = attemptSignal(this.config.bootstrapTimeoutMs, this.stop.signal);
+      const { signal, clear } = attemptSignal(options.timeoutMs ?? this.config.bootstrapTimeoutMs, this.stop.signal);
       try {
         let lastError: PeerRequestError | undefined;
         while (!signal.aborted) {
@@ -298,7 +315,8 @@ export class Reconciler {
           }
         }
         if (this.closed) return 'timeout';
-        if (this.seedFreshFleet()) return 'timeout';
+        // Peers discovery has not named yet may be seeded: no fresh-fleet seeding without them.
+        if (peersKnown && this.seedFreshFleet()) return 'timeout';
         this.logger.warn(
           {
             peers: this.sync.peerAddresses().length,

@@ -92,6 +92,53 @@ describe('DNS discovery', () => {
     expect(a.logs.lines.some((line) => line.includes('peer removed'))).toBe(true);
   });
 
+  it('a replica whose first peer resolution fails waits for DNS within the bootstrap timeout instead of turning ready empty', async () => {
+    dns.set(NAME, ['127.0.0.2']);
+    const a = await start('127.0.0.2', 0);
+    const port = Number(a.replica.addresses.peer.split(':')[1]);
+    await a.replica.bootstrapped;
+    const routes = Array.from({ length: 50 }, () => makeRoute({ namespace: 'dns' }));
+    const batch = await fetch(`${a.api}/v1/routes/batch`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ routes }) });
+    expect(batch.status).toBe(200);
+
+    // B starts while the resolver fails (a CoreDNS restart, a dropped UDP answer): it does not
+    // know its peers yet, so it has not learnt that it has none.
+    dns.set(NAME, ['127.0.0.2', '127.0.0.3']);
+    dns.mode = 'servfail';
+    const b = await start('127.0.0.3', port);
+    let settled: string | undefined;
+    void b.replica.bootstrapped.then((outcome) => (settled = outcome));
+    await waitUntil(async () => (await counter(b.replica.metrics.dnsResolutions, { result: 'ESERVFAIL' })) >= 2 || settled !== undefined, 5000, 'b to retry the resolution');
+    expect(settled).toBeUndefined();
+    expect(b.replica.isReady()).toBe(false);
+
+    dns.mode = 'answer';
+    expect(await b.replica.bootstrapped).toBe('pulled');
+    expect(b.replica.table.size).toBe(50);
+  });
+
+  it('a replica whose peer resolution fails for the whole bootstrap timeout turns ready unseeded, not as a replica alone', async () => {
+    dns.mode = 'servfail';
+    const logs = new LogSink();
+    const replica = await Replica.start(
+      configFromEnv({
+        ...TEST_ENV,
+        ROUTESYNC_PEER_ADDR: '127.0.0.2:0',
+        ROUTESYNC_PEER_DNS: NAME,
+        ROUTESYNC_PEER_DNS_SERVERS: dns.address,
+        ROUTESYNC_PEER_DNS_INTERVAL_MS: '200',
+        ROUTESYNC_RECONCILE_INTERVAL_MS: '200',
+        ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '600',
+      }),
+      { logDestination: logs, processMetrics: false },
+    );
+    nodes.push({ replica, logs, api: `http://${replica.addresses.api}`, requests: [] });
+    expect(await replica.bootstrapped).toBe('timeout');
+    expect(replica.isReady()).toBe(true);
+    // Not seeded: a suspect peer must not rebuild from this table, nor a new one bootstrap from it.
+    expect(replica.reconciler.isSeeded()).toBe(false);
+  });
+
   it('keeps the last good peer set when resolution fails, and says why', async () => {
     dns.set(NAME, ['127.0.0.2', '127.0.0.3']);
     const a = await start('127.0.0.2', 0);
