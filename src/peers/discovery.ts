@@ -80,7 +80,9 @@ export class DnsDiscovery {
     const { name, port } = parseDnsTarget(options.config.peerDns, options.defaultPort);
     this.name = name;
     this.port = port;
-    // c-ares' own timeout and tries: a resolution never outlives its period.
+    // c-ares' own timeout and tries bound a resolution: against a silent server about three
+    // times the timeout (c-ares doubles it for the retry), ~7 s at the 5 s default period. The
+    // next resolution waits for this one, so they never overlap.
     this.resolver = new Resolver({ timeout: Math.max(50, Math.min(2000, Math.floor(options.config.peerDnsIntervalMs / 2))), tries: 2 });
     const servers = parseDnsServers(options.config.peerDnsServers);
     if (servers.length > 0) this.resolver.setServers(servers);
