@@ -706,7 +706,9 @@ export class DataPlane {
     const status = proxyRes.statusCode ?? 0;
     client.once('close', () => {
       if (proxyRes.complete) return;
-      exchange.outcome = 'client_aborted';
+      // A sandbox that cut the answer may have had the library close the client first (Node 24
+      // does): its connection is gone already, which is not the case when the client leaves.
+      exchange.outcome = proxyRes.socket?.destroyed ? 'upstream_unreachable' : 'client_aborted';
       this.record(exchange, status);
       proxyRes.destroy();
     });

@@ -71,7 +71,9 @@ describe('routesync ctl status, routes, peers', () => {
   it('status: a replica that is not ready exits 1 and says why', async () => {
     const node = await startReplica();
     started.push(node);
-    // What a replica looks like before its table is bootstrapped (and while it shuts down).
+    // What a replica looks like before its table is bootstrapped (and while it shuts down);
+    // set once bootstrap has ended, which would otherwise set it back.
+    await node.replica.bootstrapped;
     (node.replica as unknown as { ready: boolean }).ready = false;
     const run = await ctl(['status', '--api', hostPort(node.api), '--peer', hostPort(node.peerUrl)]);
     expect(run.code).toBe(EXIT_DIFFERENT);
