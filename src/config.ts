@@ -260,6 +260,40 @@ export function parsePeerToken(raw: string, variable = 'ROUTESYNC_PEER_TOKEN'): 
  * Build the Config from an environment and argv (flags only, no positionals).
  * Throws ConfigError on the first bad value.
  */
+/**
+ * `ROUTESYNC_*` variables that are no setting: most often a typo (`ROUTESYNC_SYNC_DEADLINE`
+ * without `_MS`), which would otherwise leave the default in force without a word. Start-up
+ * warns and goes on (a variable of a newer or older version must not stop a rollout). Names
+ * only, each with the closest setting when one is a few edits away; never a value.
+ */
+export function unknownVariables(env: NodeJS.ProcessEnv): { variable: string; didYouMean?: string }[] {
+  const unknown: { variable: string; didYouMean?: string }[] = [];
+  for (const variable of Object.keys(env).sort()) {
+    if (!variable.startsWith('ROUTESYNC_') || variable in SETTINGS) continue;
+    let best: string | undefined;
+    let bestDistance = 4;
+    for (const known of Object.keys(SETTINGS)) {
+      const distance = editDistance(variable, known);
+      if (distance < bestDistance) [best, bestDistance] = [known, distance];
+    }
+    unknown.push(best === undefined ? { variable } : { variable, didYouMean: best });
+  }
+  return unknown;
+}
+
+/** Levenshtein distance (insertions, deletions, substitutions), one row at a time. */
+function editDistance(a: string, b: string): number {
+  let previous = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    const row = [i];
+    for (let j = 1; j <= b.length; j++) {
+      row[j] = Math.min(previous[j]! + 1, row[j - 1]! + 1, previous[j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1));
+    }
+    previous = row;
+  }
+  return previous[b.length]!;
+}
+
 export function loadConfig(env: NodeJS.ProcessEnv = process.env, argv: readonly string[] = []): Config {
   const options: Record<string, { type: 'string' }> = {};
   for (const variable of Object.keys(SETTINGS)) options[flagName(variable)] = { type: 'string' };

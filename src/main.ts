@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // routesync: wiring only. Config -> Replica -> signals.
-import { ConfigError, loadConfig, readPeerTls } from './config.js';
+import { ConfigError, loadConfig, readPeerTls, unknownVariables } from './config.js';
 import { Replica } from './replica.js';
 
 async function main(argv: readonly string[]): Promise<void> {
@@ -42,6 +42,9 @@ async function main(argv: readonly string[]): Promise<void> {
   process.on('SIGINT', stop);
 
   replica = await Replica.start(config, peerTls ? { peerTls } : {});
+  for (const unknown of unknownVariables(process.env)) {
+    replica.logger.warn(unknown, 'unknown ROUTESYNC_ variable ignored (is it misspelt?)');
+  }
   if (stopSignal) shutdown(replica, stopSignal);
 }
 

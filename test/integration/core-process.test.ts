@@ -23,6 +23,20 @@ describe('routesync process', () => {
     expect(replica.stderr).toEqual(['routesync: invalid ROUTESYNC_SYNC_CONCURRENCY: "lots" is not a non-negative integer']);
   });
 
+  it('warns, by name only, of a ROUTESYNC_ variable that is no setting, with the setting it is closest to, and starts', async () => {
+    const replica = spawnReplica({ ...LOOPBACK, ROUTESYNC_SYNC_DEADLINE: '100', ROUTESYNC_WHATEVER_ELSE_ENTIRELY: 'value-never-logged' });
+    running.push(replica);
+    await replica.addresses;
+    await waitUntil(() => replica.lines.filter((line) => line.includes('unknown ROUTESYNC_ variable')).length === 2, 10_000, 'two warnings');
+    const warnings = replica.lines.filter((line) => line.includes('unknown ROUTESYNC_ variable')).map((line) => JSON.parse(line));
+    expect(warnings.map(({ variable, didYouMean }) => ({ variable, didYouMean }))).toEqual([
+      { variable: 'ROUTESYNC_SYNC_DEADLINE', didYouMean: 'ROUTESYNC_SYNC_DEADLINE_MS' },
+      { variable: 'ROUTESYNC_WHATEVER_ELSE_ENTIRELY', didYouMean: undefined },
+    ]);
+    expect(warnings[0].level).toBe('warn');
+    expect(replica.lines.join('\n')).not.toContain('value-never-logged');
+  });
+
   it('names a bad flag the same way', async () => {
     const replica = spawnReplica(LOOPBACK, ['--sync-deadline-ms=-3']);
     running.push(replica);
