@@ -30,13 +30,16 @@ Commands:
   routes                  the route table of the local API (tokens never shown)
   peers                   every peer with its health, ejection, outbox and last reconcile
   diff <peerA> <peerB>    compare two replicas' tables through their peer APIs' digests and
-                          list the routes that differ (exit 1 when they differ)
+                          list the routes that differ (exit 1 when they differ); the digests
+                          hold identities and versions only, so a route held at one version
+                          with different contents is found only with --full
 
 Options:
   --api <host:port>       local API (default ${DEFAULT_API})
   --peer <host:port>      peer API, for status probes (default ${DEFAULT_PEER}); for diff,
                           give it twice instead of the positional addresses
   --namespace <ns>        routes: only this namespace
+  --full                  diff: pull both whole tables and compare every route's contents
   --token-file <path>     file holding the peer token (default: ROUTESYNC_PEER_TOKEN)
   --timeout-ms <n>        per-request timeout (default ${DEFAULT_TIMEOUT_MS})
   --ca <file>             CA that signs the peers' certificates, for https:// peer addresses
@@ -76,6 +79,8 @@ interface Options {
   readonly peers: readonly string[];
   readonly namespace: string | undefined;
   readonly json: boolean;
+  /** diff: compare every route's contents, not only the buckets whose digests differ. */
+  readonly full: boolean;
   readonly token: string;
   readonly timeoutMs: number;
 }
@@ -104,6 +109,7 @@ export async function runCtl(argv: readonly string[], io: Partial<CtlIo> = {}): 
         cert: { type: 'string' },
         key: { type: 'string' },
         json: { type: 'boolean', default: false },
+        full: { type: 'boolean', default: false },
         help: { type: 'boolean', short: 'h', default: false },
       },
     });
@@ -128,6 +134,7 @@ export async function runCtl(argv: readonly string[], io: Partial<CtlIo> = {}): 
       peers: (values.peer ?? []).map((peer) => origin(peer, '--peer')),
       namespace: values.namespace,
       json: values.json,
+      full: values.full,
       token: readToken(values['token-file'], out.env),
       timeoutMs: http.timeoutMs,
     };
@@ -560,12 +567,15 @@ async function diff(http: CtlHttp, options: Options, a: string, b: string, io: C
   const buckets: number[] = [];
   if (comparable) for (let i = 0; i < digestA.buckets; i++) if (digestA.digests[i] !== digestB.digests[i]) buckets.push(i);
   let differences: RouteDifference[] = [];
-  if (!comparable || buckets.length > 0) {
+  // A bucket's digest covers identities and versions, not contents (reconciliation orders by
+  // version alone), so equal digests do not prove equal routes: --full pulls everything.
+  const pullAll = options.full || !comparable;
+  if (pullAll || buckets.length > 0) {
     // Different bucket counts cannot be compared bucket by bucket: then pull everything.
     const all = (n: number) => Array.from({ length: n }, (_v, i) => i);
     const [entriesA, entriesB] = await Promise.all([
-      pull(http, a, options.token, comparable ? buckets : all(digestA.buckets)),
-      pull(http, b, options.token, comparable ? buckets : all(digestB.buckets)),
+      pull(http, a, options.token, pullAll ? all(digestA.buckets) : buckets),
+      pull(http, b, options.token, pullAll ? all(digestB.buckets) : buckets),
     ]);
     differences = compareEntries(entriesA, entriesB);
   }
@@ -585,6 +595,7 @@ async function diff(http: CtlHttp, options: Options, a: string, b: string, io: C
       `${JSON.stringify(
         {
           same,
+          full: options.full,
           a: summary(a, digestA),
           b: summary(b, digestB),
           differingBuckets: comparable ? buckets : null,
@@ -606,13 +617,18 @@ async function diff(http: CtlHttp, options: Options, a: string, b: string, io: C
     ),
   );
   if (same) {
-    io.stdout('\nThe tables are identical.\n');
+    io.stdout(
+      options.full
+        ? '\nThe tables are identical.\n'
+        : '\nThe tables are identical in routes and versions (--full compares their contents too).\n',
+    );
     return EXIT_OK;
   }
-  const bucketNote =
-    comparable
-      ? `${buckets.length} of ${digestA.buckets} digest buckets differ`
-      : `bucket counts differ (${digestA.buckets} vs ${digestB.buckets}); compared every bucket`;
+  const bucketNote = !comparable
+    ? `bucket counts differ (${digestA.buckets} vs ${digestB.buckets}); compared every bucket`
+    : options.full
+      ? `${buckets.length} of ${digestA.buckets} digest buckets differ; compared every bucket (--full)`
+      : `${buckets.length} of ${digestA.buckets} digest buckets differ`;
   io.stdout(`\n${bucketNote}; ${differences.length} routes differ:\n\n`);
   const show = (e: RouteDifference['a']) => (e === null ? '-' : e.dead ? `v${e.resourceVersion} deleted` : `v${e.resourceVersion} ${e.state || '-'} ${e.ip || '-'}`);
   io.stdout(

@@ -206,7 +206,10 @@ describe('routesync ctl diff', () => {
     const same = await ctl(['diff', hostPort(a.peerUrl), hostPort(b.peerUrl), '--token-file', tokenFile]);
     expect(same.stderr).toBe('');
     expect(same.code).toBe(EXIT_OK);
-    expect(same.stdout).toContain('The tables are identical.');
+    expect(same.stdout).toContain('The tables are identical in routes and versions');
+    const full = await ctl(['diff', '--full', hostPort(a.peerUrl), hostPort(b.peerUrl), '--token-file', tokenFile]);
+    expect(full.code).toBe(EXIT_OK);
+    expect(full.stdout).toContain('The tables are identical.');
     expect(same.stdout).toMatch(/^A\s+http:\/\/127\.0\.0\.1:\d+\s+[0-9a-f-]{36}\s+20\s+0\s+no\s+\S+$/m);
 
     // Make each kind of difference on one side only, behind the fan-out's back.
@@ -241,6 +244,29 @@ describe('routesync ctl diff', () => {
     expect(json.differingBuckets.length).toBeGreaterThan(0);
     expect(json.differingBuckets.length).toBeLessThanOrEqual(4);
     expect(json.differingBuckets.length).toBeLessThan(json.a.buckets);
+  });
+
+  it('finds a route held at the same version with different content on each side (the digests, which hold versions only, match)', async () => {
+    // Two writers at one resourceVersion (a manager bug, a split brain): each replica keeps the
+    // first it saw, reconciliation cannot tell them apart, and diff is how an operator finds it.
+    const [a, b] = (await startCluster(2, { ROUTESYNC_PEER_TOKEN: TOKEN, ROUTESYNC_RECONCILE_INTERVAL_MS: '3600000', ROUTESYNC_TOMBSTONE_TTL_MS: '604800000' })) as [TestReplica, TestReplica];
+    started.push(a, b);
+    a.replica.table.apply(parseChange(makeRoute({ name: 'split', id: 'sb-split', resourceVersion: '9', ip: '10.0.0.1' })));
+    b.replica.table.apply(parseChange(makeRoute({ name: 'split', id: 'sb-split', resourceVersion: '9', ip: '10.0.0.2' })));
+    expect(a.replica.table.rootDigest()).toBe(b.replica.table.rootDigest());
+    // Without --full only the digests are compared, and the answer says what that covers.
+    const quick = await ctl(['diff', hostPort(a.peerUrl), hostPort(b.peerUrl), '--token-file', tokenFile]);
+    expect(quick.code).toBe(EXIT_OK);
+    expect(quick.stdout).toContain('The tables are identical in routes and versions (--full compares their contents too).');
+    const run = await ctl(['diff', '--full', '--json', hostPort(a.peerUrl), hostPort(b.peerUrl), '--token-file', tokenFile]);
+    expect(run.stderr).toBe('');
+    expect(run.code).toBe(EXIT_DIFFERENT);
+    const json = JSON.parse(run.stdout);
+    expect(json.same).toBe(false);
+    expect(json.differences.find((d: any) => d.key === 'default/split')).toMatchObject({ kind: 'different_content', a: { ip: '10.0.0.1' }, b: { ip: '10.0.0.2' } });
+    const text = await ctl(['diff', '--full', hostPort(a.peerUrl), hostPort(b.peerUrl), '--token-file', tokenFile]);
+    expect(text.code).toBe(EXIT_DIFFERENT);
+    expect(text.stdout.split('\n').find((line) => line.includes('default/split'))).toMatch(/^different-content\s+default\/split\s+v9 Running 10\.0\.0\.1\s+v9 Running 10\.0\.0\.2$/);
   });
 
   it('reads ROUTESYNC_PEER_TOKEN as the replica does: a Secret value ending in a newline authenticates', async () => {

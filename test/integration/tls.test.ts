@@ -172,7 +172,7 @@ describe.skipIf(!hasOpenssl)('peer TLS', () => {
     const withFlags = await ctl([...diff, '--ca', pki.ca, '--cert', pki.cert, '--key', pki.key]);
     expect(withFlags.stderr).toBe('');
     expect(withFlags.code).toBe(EXIT_OK);
-    expect(withFlags.stdout).toContain('The tables are identical.');
+    expect(withFlags.stdout).toContain('The tables are identical in routes and versions');
     const fromEnv = await ctl(diff, { ROUTESYNC_PEER_TLS_CA: pki.ca, ROUTESYNC_PEER_TLS_CERT: pki.cert, ROUTESYNC_PEER_TLS_KEY: pki.key });
     expect(fromEnv.code).toBe(EXIT_OK);
     // Without a client certificate the listener refuses, and ctl says why.
