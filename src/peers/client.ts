@@ -75,6 +75,7 @@ const CODE_CLASSES: Readonly<Record<string, PeerErrorClass>> = {
   ETIMEDOUT: 'timeout',
   UND_ERR_CONNECT_TIMEOUT: 'timeout',
   UND_ERR_HEADERS_TIMEOUT: 'timeout',
+  ERR_TLS_HANDSHAKE_TIMEOUT: 'timeout',
   UND_ERR_BODY_TIMEOUT: 'timeout',
   EHOSTUNREACH: 'unreachable',
   ENETUNREACH: 'unreachable',
@@ -109,7 +110,7 @@ export function classifyStatus(status: number): PeerErrorClass {
 export function classifyPeerError(error: unknown): PeerRequestError {
   if (error instanceof PeerRequestError) return error;
   const code = codeOf(error);
-  const errorClass = (code && CODE_CLASSES[code]) || (isParserError(error, code) ? 'protocol' : 'unknown');
+  const errorClass = (code && CODE_CLASSES[code]) || (isParserError(error, code) || isTlsFailure(code) ? 'protocol' : 'unknown');
   const message = error instanceof Error ? error.message : String(error);
   return new PeerRequestError(errorClass, message, { cause: error, ...(code ? { code } : {}) });
 }
@@ -123,6 +124,48 @@ export function classifyPeerError(error: unknown): PeerRequestError {
 function isParserError(error: unknown, code: string | undefined): boolean {
   if (code?.startsWith('HPE_')) return true;
   return typeof error === 'object' && error !== null && (error as { name?: unknown }).name === 'HTTPParserError';
+}
+
+/**
+ * OpenSSL's certificate verification results as Node names them (its "X509 certificate error
+ * codes"): a peer whose chain ends at another root (UNABLE_TO_GET_ISSUER_CERT_LOCALLY), a
+ * certificate not valid yet (clock skew), a revoked one.
+ */
+const TLS_VERIFY_CODES: ReadonlySet<string> = new Set([
+  'UNABLE_TO_GET_ISSUER_CERT',
+  'UNABLE_TO_GET_CRL',
+  'UNABLE_TO_DECRYPT_CERT_SIGNATURE',
+  'UNABLE_TO_DECRYPT_CRL_SIGNATURE',
+  'UNABLE_TO_DECODE_ISSUER_PUBLIC_KEY',
+  'CERT_SIGNATURE_FAILURE',
+  'CRL_SIGNATURE_FAILURE',
+  'CERT_NOT_YET_VALID',
+  'CRL_NOT_YET_VALID',
+  'CRL_HAS_EXPIRED',
+  'ERROR_IN_CERT_NOT_BEFORE_FIELD',
+  'ERROR_IN_CERT_NOT_AFTER_FIELD',
+  'ERROR_IN_CRL_LAST_UPDATE_FIELD',
+  'ERROR_IN_CRL_NEXT_UPDATE_FIELD',
+  'UNABLE_TO_GET_ISSUER_CERT_LOCALLY',
+  'CERT_CHAIN_TOO_LONG',
+  'CERT_REVOKED',
+  'INVALID_CA',
+  'PATH_LENGTH_EXCEEDED',
+  'INVALID_PURPOSE',
+  'CERT_UNTRUSTED',
+  'CERT_REJECTED',
+  'HOSTNAME_MISMATCH',
+]);
+
+/**
+ * A TLS handshake that failed on what the two ends are (a certificate the CA does not verify,
+ * a peer that speaks plain HTTP: ERR_SSL_WRONG_VERSION_NUMBER, an alert from the peer): a
+ * configuration problem, permanent like any answer that is not the protocol. Left as
+ * `unknown` it would escape the alert on permanent failures (docs/operations.md).
+ */
+function isTlsFailure(code: string | undefined): boolean {
+  if (code === undefined) return false;
+  return TLS_VERIFY_CODES.has(code) || code.startsWith('ERR_SSL_') || code.startsWith('ERR_TLS_');
 }
 
 function codeOf(error: unknown): string | undefined {

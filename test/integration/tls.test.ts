@@ -1,6 +1,10 @@
 // TLS and mTLS on the peer API and the peer client, with a CA and certificates this test makes
 // with the openssl CLI in a temporary directory (SANs for 127.0.0.1).
 import { execFileSync } from 'node:child_process';
+import { once } from 'node:events';
+import { createServer as createHttpServer } from 'node:http';
+import { createServer as createHttpsServer } from 'node:https';
+import type { AddressInfo } from 'node:net';
 import { existsSync, mkdtempSync, readFileSync as readFile, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -157,6 +161,36 @@ describe.skipIf(!hasOpenssl)('peer TLS', () => {
       });
     } finally {
       await stopAll(rogue);
+    }
+  });
+
+  it('a TLS failure that is not one of the few codes named is still a permanent protocol failure, not "unknown"', async () => {
+    const [a] = cluster as [TestReplica];
+    // A peer still on plain HTTP (a rollout that turns TLS on): the handshake reads an HTTP answer.
+    const plain = createHttpServer((_req, res) => res.end('{}'));
+    // A peer whose chain runs through an intermediate to a root this replica does not trust.
+    makeCa(pki.dir, 'root2');
+    const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes'];
+    openssl(pki.dir, ['req', ...ec, '-keyout', 'inter-ca.key', '-out', 'inter-ca.csr', '-subj', '/CN=root2 intermediate']);
+    writeFileSync(join(pki.dir, 'inter-ca.ext'), 'basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign\n');
+    openssl(pki.dir, ['x509', '-req', '-in', 'inter-ca.csr', '-CA', 'root2-ca.crt', '-CAkey', 'root2-ca.key', '-CAcreateserial', '-out', 'inter-ca.crt', '-days', '2', '-extfile', 'inter-ca.ext']);
+    makeLeaf(pki.dir, 'inter', 'chained');
+    const chained = createHttpsServer(
+      { cert: Buffer.concat([readFile(join(pki.dir, 'chained.crt')), readFile(join(pki.dir, 'inter-ca.crt'))]), key: readFile(join(pki.dir, 'chained.key')) },
+      (_req, res) => res.end('{}'),
+    );
+    try {
+      for (const server of [plain, chained]) {
+        server.listen(0, '127.0.0.1');
+        await once(server, 'listening');
+        const address = `127.0.0.1:${(server.address() as AddressInfo).port}`;
+        await expect(a.replica.client.requestJson(address, 'GET', '/v1/peer/digest', undefined, AbortSignal.timeout(5000))).rejects.toMatchObject({
+          errorClass: 'protocol',
+        });
+      }
+    } finally {
+      plain.close();
+      chained.close();
     }
   });
 
