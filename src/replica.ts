@@ -273,7 +273,8 @@ export class Replica {
   /**
    * Graceful stop: turn not-ready, stop accepting lifecycle calls, let in-flight calls finish
    * and queued changes reach reachable peers within `graceMs`, then close everything.
-   * Returns whether everything queued was delivered.
+   * Returns whether everything queued was delivered (false too when changes for an ejected peer
+   * were left, which the drain does not wait for).
    */
   async shutdown(graceMs = this.config.shutdownGraceMs): Promise<boolean> {
     const deadline = Date.now() + graceMs;
@@ -292,9 +293,13 @@ export class Replica {
     await closeServer(this.apiServer, graceMs);
     const delivered = await this.sync.drain(Math.max(0, deadline - Date.now()));
     await proxyClosed;
-    if (!delivered) this.logger.warn({ queued: this.sync.outboxSize() }, 'grace period over with changes still queued; peers will reconcile');
+    // The drain waits for reachable peers only: what is queued for an ejected peer is dropped
+    // here too, and says so (the drain alone would report everything delivered).
+    const queued = this.sync.outboxSize();
+    if (!delivered) this.logger.warn({ queued }, 'grace period over with changes still queued; peers will reconcile');
+    else if (queued > 0) this.logger.warn({ queued, ejectedPeers: this.sync.ejectedCount() }, 'changes queued for ejected peers dropped at shutdown; peers will reconcile');
     await this.close();
-    return delivered;
+    return delivered && queued === 0;
   }
 
   /** Close everything now (tests, and the end of shutdown). Idempotent. */

@@ -128,6 +128,30 @@ describe('readiness during shutdown', () => {
   });
 });
 
+describe('the outbox at shutdown', () => {
+  it('changes queued for an ejected peer are not reported delivered: shutdown returns false and logs how many it dropped', async () => {
+    const fake = await FakePeer.start();
+    fakes.push(fake);
+    fake.mode = { kind: 'hang' };
+    const node = await startReplica({
+      ROUTESYNC_PEERS: fake.address,
+      ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '0',
+      ROUTESYNC_SYNC_DEADLINE_MS: '100',
+      ROUTESYNC_ATTEMPT_TIMEOUT_MS: '50',
+      ROUTESYNC_SYNC_RETRIES: '0',
+      ROUTESYNC_EJECT_AFTER_FAILURES: '1',
+    });
+    peers.push(node);
+    await putRoute(node.api, makeRoute({ resourceVersion: '3' }));
+    await waitUntil(() => node.replica.sync.status()[0]?.ejected === true, 5000, 'the hung peer to be ejected');
+    expect(node.replica.sync.outboxSize()).toBe(1);
+    expect(await node.replica.shutdown(3000)).toBe(false);
+    const line = node.logs.lines.find((entry) => entry.includes('changes queued for ejected peers dropped at shutdown'));
+    expect(line, 'a warning naming the dropped changes').toBeDefined();
+    expect(JSON.parse(line!)).toMatchObject({ level: 'warn', queued: 1, ejectedPeers: 1 });
+  });
+});
+
 describe('kept-alive connections at shutdown', () => {
   it('answers a local call in flight at SIGTERM with Connection: close, so the drain does not wait for the client to hang up', { timeout: 30_000 }, async () => {
     const fake = await FakePeer.start();
