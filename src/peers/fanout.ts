@@ -224,9 +224,9 @@ export class PeerSync {
       this.schedulePump(peer);
     });
 
-    const result = await wait.until(Math.max(0, budgetMs));
-    // Past the deadline the calls stop waiting; the changes stay queued for background delivery.
-    for (const watcher of watchers) if (!watcher.settled) watcher.outbox.unwatch(watcher.key, watcher);
+    // What is left of the budget now: queueing a large batch and its waiters for every peer takes
+    // time of its own (~150 ms for 10,000 changes to 10 peers), which the wait must not add.
+    const result = await wait.until(Math.max(0, budgetMs - (performance.now() - started)));
     const outcomes = wait.outcomes;
 
     const elapsedMs = performance.now() - started;
@@ -240,6 +240,14 @@ export class PeerSync {
       else if (outcome.status === 'failed') failed.push({ peer: peer.address, errorClass: outcome.errorClass });
       else pending.push({ peer: peer.address, reason: outcome.reason });
     });
+    // Past the deadline the calls stop waiting; the changes stay queued for background delivery.
+    // Forgetting the waiters of a large batch takes as long as queueing them: done once the
+    // answer is on its way, not before.
+    if (watchers.some((watcher) => !watcher.settled)) {
+      setImmediate(() => {
+        for (const watcher of watchers) if (!watcher.settled) watcher.outbox.unwatch(watcher.key, watcher);
+      });
+    }
     return { peers: peers.length, acked, failed, pending, elapsedMs: Math.round(elapsedMs * 100) / 100 };
   }
 
