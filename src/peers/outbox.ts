@@ -84,7 +84,10 @@ export class PeerOutbox {
       const oldest = this.pending.entries().next().value as [string, RouteChange];
       this.pending.delete(oldest[0]);
       dropped.push(oldest[1]);
-      this.settle(oldest[0], oldest[1], { status: 'failed', errorClass: 'outbox_full' });
+      // A call waiting for an older change of this identity that is in flight is not told: its
+      // change was not dropped, and the answer to the batch in flight settles it.
+      const inFlightIndex = this.inFlightKeys.indexOf(oldest[0]);
+      this.settle(oldest[0], oldest[1], { status: 'failed', errorClass: 'outbox_full' }, inFlightIndex >= 0 ? this.inFlight[inFlightIndex] : undefined);
     }
     return dropped;
   }
@@ -180,20 +183,23 @@ export class PeerOutbox {
     this.inFlightKeys = [];
   }
 
-  /** Tell the waiters of `key` whose change `change` delivers (or, failing, fails to) the outcome of `change`. */
-  private settle(key: string, change: RouteChange, outcome: DeliveryOutcome): void {
+  /**
+   * Tell the waiters of `key` whose change `change` delivers (or, failing, fails to) the outcome
+   * of `change`, but those that `except` (a change still in flight) delivers.
+   */
+  private settle(key: string, change: RouteChange, outcome: DeliveryOutcome, except?: RouteChange): void {
     const list = this.waiters.get(key);
     if (!list) return;
     const version = changeVersion(change);
-    // Nearly always one call waits for a route at a time: no new array for it.
+    // Nearly always one call waits for a route at a time: no new array (or closure) for it.
     if (list.length === 1) {
-      if (!delivers(change.op, version, list[0]!)) return;
+      if (!delivers(change.op, version, list[0]!) || (except && delivers(except.op, changeVersion(except), list[0]!))) return;
       this.waiters.delete(key);
       list[0]!.settle(outcome);
       return;
     }
     const remaining = list.filter((waiter) => {
-      if (delivers(change.op, version, waiter)) {
+      if (delivers(change.op, version, waiter) && !(except && delivers(except.op, changeVersion(except), waiter))) {
         waiter.settle(outcome);
         return false;
       }
