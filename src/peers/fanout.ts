@@ -206,21 +206,27 @@ export class PeerSync {
     const keys = changes.map(changeKey);
     const watchers: ChangeWatcher[] = [];
     peers.forEach((peer, index) => {
-      if (this.closed || peer.ejected) {
-        this.enqueueFor(peer, changes, keys);
-        wait.decide(index, { status: 'pending', reason: this.closed ? 'shutdown' : 'ejected' });
-        return;
-      }
       // Watched before they are queued: a change of this call that its own later changes push
       // out of a full outbox (a resync larger than outboxMaxRoutes) is settled `outbox_full` as
       // it is dropped, so the call reports the peer failed at once rather than waiting out its
-      // deadline for a change that will never be sent.
+      // deadline for a change that will never be sent. An ejected peer is not waited for, but
+      // is watched while the call's changes are queued for it, for the same reason.
+      const first = watchers.length;
       changes.forEach((change, k) => {
         const watcher = new ChangeWatcher(changeVersion(change), change.op, wait, index, peer.outbox, keys[k]!);
         watchers.push(watcher);
         peer.outbox.watch(watcher.key, watcher);
       });
       this.enqueueFor(peer, changes, keys);
+      if (this.closed || peer.ejected) {
+        wait.decide(index, { status: 'pending', reason: this.closed ? 'shutdown' : 'ejected' });
+        for (let w = first; w < watchers.length; w++) {
+          const watcher = watchers[w]!;
+          if (!watcher.settled) watcher.outbox.unwatch(watcher.key, watcher);
+        }
+        watchers.length = first;
+        return;
+      }
       this.schedulePump(peer);
     });
 

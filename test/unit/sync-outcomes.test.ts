@@ -126,6 +126,31 @@ describe('a call with more changes than the outbox bound', () => {
   });
 });
 
+describe('a call with more changes than the outbox bound, to an ejected peer', () => {
+  it('reports the peer failed with outbox_full, not pending: the dropped changes are not owed any more', async () => {
+    const [good, hung] = await peers(2);
+    hung!.mode = { kind: 'hang' };
+    const sync = fanout({
+      ROUTESYNC_SYNC_DEADLINE_MS: '5000',
+      ROUTESYNC_ATTEMPT_TIMEOUT_MS: '100',
+      ROUTESYNC_EJECT_AFTER_FAILURES: '1',
+      ROUTESYNC_SYNC_RETRIES: '0',
+      ROUTESYNC_OUTBOX_MAX_ROUTES: '2',
+    });
+    sync.setPeers([good!.address, hung!.address]);
+    await sync.sync(changes(1));
+    expect(sync.status().find((peer) => peer.peer === hung!.address)?.ejected).toBe(true);
+    // Three changes, a bound of two: the ejected peer's outbox keeps two and drops the first,
+    // as the healthy peer's does.
+    const outcome = await sync.sync(changes(3));
+    expect(outcome.failed).toEqual([
+      { peer: good!.address, errorClass: 'outbox_full' },
+      { peer: hung!.address, errorClass: 'outbox_full' },
+    ]);
+    expect(outcome.pending).toEqual([]);
+  });
+});
+
 describe('a call whose change is in flight when a later change of the same identity is dropped at the outbox bound', () => {
   it('is acknowledged by the peer’s answer, not told outbox_full', async () => {
     const [peer] = await peers(1);
