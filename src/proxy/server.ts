@@ -529,6 +529,14 @@ export class DataPlane {
       exchange.outcome ??= 'upstream_unreachable';
       res.destroy();
     });
+    // A sandbox that answers an upload early and closes (a 413 or 401 with Connection: close)
+    // ends the upstream request, and the library's pipe stops reading the client's body with
+    // it: the rest of the upload then sat unread, so the client's keep-alive connection, which
+    // the answer said stays open, never got its next request read. The rest is read and
+    // dropped instead, as Node does for a handler that leaves a body unread.
+    exchange.proxyReq?.once('close', () => {
+      if (!req.complete && !req.destroyed) req.resume();
+    });
   }
 
   private onUpstreamTimeout(exchange: Exchange, res: ServerResponse): void {

@@ -248,6 +248,54 @@ describe('upstream failures', () => {
     await expectStillServing();
   });
 
+  it('a sandbox that answers an upload early and closes: the client keeps its keep-alive connection, and its next request on it is answered', async () => {
+    const strict = await startUpstream({
+      host: '127.0.0.2',
+      handler: (req, res) => {
+        if (req.method !== 'POST') {
+          res.end('second');
+          return;
+        }
+        res.writeHead(413, { 'content-type': 'text/plain', connection: 'close' });
+        res.end('too large');
+      },
+    });
+    const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+    // One request on the agent's one connection; 'no answer' if none comes within 5 s.
+    const request = (method: string, bytes: number): Promise<{ status: number; body: string; reused: boolean } | string> =>
+      new Promise((resolve) => {
+        const req = http.request({ host: dp.address.address, port: dp.address.port, method, path: `/kruise/strict/${strict.port}/`, agent, headers: bytes > 0 ? { 'content-length': String(bytes) } : {} });
+        const timer = setTimeout(() => {
+          resolve('no answer');
+          req.destroy();
+        }, 5000);
+        req.on('error', (error) => {
+          clearTimeout(timer);
+          resolve(error.message);
+        });
+        req.on('response', (res) => {
+          let body = '';
+          res.on('data', (chunk: Buffer) => (body += chunk.toString()));
+          res.on('end', () => {
+            clearTimeout(timer);
+            resolve({ status: res.statusCode ?? 0, body, reused: req.reusedSocket });
+          });
+        });
+        if (bytes > 0) new PatternStream(bytes).pipe(req);
+        else req.end();
+      });
+    try {
+      dp.setRoute({ id: 'strict', ip: strict.host });
+      expect(await request('POST', 4 * 1024 * 1024)).toEqual({ status: 413, body: 'too large', reused: false });
+      // The answer said keep-alive: the rest of the upload must be taken and dropped, or the
+      // next request on the connection is never read.
+      expect(await request('GET', 0)).toEqual({ status: 200, body: 'second', reused: true });
+    } finally {
+      agent.destroy();
+      await strict.close();
+    }
+  });
+
   it('a client that never finishes its headers is answered 408 and cut, not held forever', async () => {
     await dp.close(0);
     dp = await startDataPlane({ ROUTESYNC_PROXY_TIMEOUT_MS: String(TIMEOUT_MS) }, { clientHeadersTimeoutMs: TIMEOUT_MS });
