@@ -134,6 +134,11 @@ function hasRequestBody(req: IncomingMessage): boolean {
   return req.headers['transfer-encoding'] !== undefined || (length !== undefined && length !== '0');
 }
 
+/** The sandbox switched protocols on a plain HTTP request, which never asks it to. */
+function switchedProtocolsError(): DataPlaneError {
+  return dataPlaneError('upstream_protocol_error', 'the sandbox switched protocols (101) on a request that asked for no upgrade');
+}
+
 function errorResponseHeaders(error: DataPlaneError, body: string): Record<string, string | number> {
   return {
     'content-type': 'application/json; charset=utf-8',
@@ -379,7 +384,7 @@ export class DataPlane {
     withoutDeleteLengthPass(this.proxy);
     this.proxy.on('error', (error, req) => this.onLibraryError(error, req));
     this.proxy.on('econnreset', (_error, req) => this.markClientGone(req));
-    this.proxy.on('proxyReq', (proxyReq, req) => this.onProxyRequest(proxyReq, req));
+    this.proxy.on('proxyReq', (proxyReq, req, res) => this.onProxyRequest(proxyReq, req, res));
     this.proxy.on('proxyRes', (proxyRes, req, res) => this.onProxyResponse(proxyRes, req, res));
     this.proxy.on('proxyReqWs', (proxyReq, req) => this.onProxyWebSocketRequest(proxyReq, req));
     this.proxy.on('open', (upstream) => this.onWebSocketOpen(upstream));
@@ -470,7 +475,7 @@ export class DataPlane {
   }
 
   /** Socket assigned to the upstream request: the connect, then the wait for headers, are timed. */
-  private onProxyRequest(proxyReq: ClientRequest, req: IncomingMessage): void {
+  private onProxyRequest(proxyReq: ClientRequest, req: IncomingMessage, res: ServerResponse): void {
     const exchange = exchangeOf(req);
     if (!exchange) return;
     if (exchange.outcome !== undefined) {
@@ -479,6 +484,13 @@ export class DataPlane {
       return;
     }
     exchange.proxyReq = proxyReq;
+    // A 101 to a request that asked for no upgrade (RFC 9110 §15.2.2: a server must not send
+    // one): without a listener Node destroys the socket and the request ends with neither an
+    // answer nor an error, so the client waited for ever, past the upstream timeout too.
+    proxyReq.once('upgrade', (_proxyRes: IncomingMessage, upstream: Socket) => {
+      upstream.destroy();
+      this.respondError(exchange, res, switchedProtocolsError());
+    });
     const socket = proxyReq.socket;
     const startIdleTimer = (): void => {
       if (exchange.outcome !== undefined || exchange.status !== undefined) {
@@ -513,6 +525,13 @@ export class DataPlane {
     exchange.timer = undefined;
     if (exchange.outcome !== undefined) {
       exchange.proxyReq?.destroy();
+      return;
+    }
+    if (proxyRes.statusCode === 101) {
+      // A 101 without an Upgrade header, which Node reads as a final answer: relayed, it would
+      // tell a client that asked for no new protocol that the connection has switched.
+      exchange.proxyReq?.destroy();
+      this.respondError(exchange, res, switchedProtocolsError());
       return;
     }
     exchange.status = proxyRes.statusCode;

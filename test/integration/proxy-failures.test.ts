@@ -190,6 +190,26 @@ describe('upstream failures', () => {
     await expectStillServing();
   });
 
+  it('a 101 to a request that asked for no upgrade -> 502 upstream_protocol_error, not a hang or a relayed 101', async () => {
+    const answers = [
+      'HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n',
+      'HTTP/1.1 101 Switching Protocols\r\n\r\n',
+    ];
+    for (const answer of answers) {
+      // The sandbox keeps its end open: only the data plane can end the exchange.
+      const sandbox = await raw((socket) => socket.once('data', () => socket.write(answer)));
+      dp.setRoute({ id: 'switches', ip: sandbox.host });
+      let timer: NodeJS.Timeout | undefined;
+      const bound = new Promise<'no answer'>((resolve) => (timer = setTimeout(() => resolve('no answer'), 10 * TIMEOUT_MS)));
+      const reply = await Promise.race([send(dp.address, { path: `/kruise/switches/${sandbox.port}/` }), bound]);
+      clearTimeout(timer);
+      expect(reply === 'no answer' ? reply : { status: reply.status, code: reply.headers['x-routesync-error'] }, answer).toEqual({ status: 502, code: 'upstream_protocol_error' });
+      await sandbox.waitForOpenSockets(0);
+    }
+    await expect.poll(() => proxyRequestCount(dp.metrics, 'upstream_protocol_error')).toBe(2);
+    await expectStillServing();
+  });
+
   it('a reset in the middle of the body cuts the client response instead of hanging it', async () => {
     const sandbox = await startUpstream({ host: '127.0.0.2' });
     try {
