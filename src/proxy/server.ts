@@ -134,6 +134,21 @@ function hasRequestBody(req: IncomingMessage): boolean {
   return req.headers['transfer-encoding'] !== undefined || (length !== undefined && length !== '0');
 }
 
+/** A character Node's ServerResponse refuses in a reason phrase (as in a header value). */
+const INVALID_REASON_CHAR = /[^\t\x20-\x7e\x80-\xff]/;
+
+/**
+ * Whether Node can write this upstream status line to the client. Its parser reads any
+ * three-digit status and a reason phrase with control characters, but ServerResponse throws
+ * on a status below 100 and on such a reason, and it throws from inside the library's pipe:
+ * an uncaught exception, which a single answer from a sandbox turned into the end of the
+ * process.
+ */
+function isWritableStatusLine(proxyRes: IncomingMessage): boolean {
+  const status = proxyRes.statusCode ?? 0;
+  return status >= 100 && status <= 999 && !INVALID_REASON_CHAR.test(proxyRes.statusMessage ?? '');
+}
+
 /** The sandbox switched protocols on a plain HTTP request, which never asks it to. */
 function switchedProtocolsError(): DataPlaneError {
   return dataPlaneError('upstream_protocol_error', 'the sandbox switched protocols (101) on a request that asked for no upgrade');
@@ -532,6 +547,11 @@ export class DataPlane {
       // tell a client that asked for no new protocol that the connection has switched.
       exchange.proxyReq?.destroy();
       this.respondError(exchange, res, switchedProtocolsError());
+      return;
+    }
+    if (!isWritableStatusLine(proxyRes)) {
+      exchange.proxyReq?.destroy();
+      this.respondError(exchange, res, dataPlaneError('upstream_protocol_error', 'the sandbox sent a status line that is not valid HTTP'));
       return;
     }
     exchange.status = proxyRes.statusCode;

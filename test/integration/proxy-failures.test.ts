@@ -210,6 +210,24 @@ describe('upstream failures', () => {
     await expectStillServing();
   });
 
+  it('a status line Node cannot write (status 000 or 099, a control character in the reason) -> 502 upstream_protocol_error, and the process keeps serving', async () => {
+    // Node's parser reads any three-digit status and such a reason phrase, but its
+    // ServerResponse throws on them: relayed, that was an uncaught exception, which ended the
+    // whole routesync process.
+    const statusLines = ['HTTP/1.1 000 Zero', 'HTTP/1.1 099 Low', 'HTTP/1.1 200 O\x01K'];
+    for (const statusLine of statusLines) {
+      const sandbox = await raw((socket) => socket.once('data', () => socket.write(`${statusLine}\r\ncontent-length: 2\r\n\r\nok`, 'latin1')));
+      dp.setRoute({ id: 'bad-status', ip: sandbox.host });
+      let timer: NodeJS.Timeout | undefined;
+      const bound = new Promise<'no answer'>((resolve) => (timer = setTimeout(() => resolve('no answer'), 10 * TIMEOUT_MS)));
+      const reply = await Promise.race([send(dp.address, { path: `/kruise/bad-status/${sandbox.port}/` }), bound]);
+      clearTimeout(timer);
+      expect(reply === 'no answer' ? reply : { status: reply.status, code: reply.headers['x-routesync-error'] }, statusLine).toEqual({ status: 502, code: 'upstream_protocol_error' });
+      await sandbox.waitForOpenSockets(0);
+    }
+    await expectStillServing();
+  });
+
   it('a reset in the middle of the body cuts the client response instead of hanging it', async () => {
     const sandbox = await startUpstream({ host: '127.0.0.2' });
     try {
