@@ -313,8 +313,13 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, argv: readonly 
   }
   const config = values as unknown as Config;
 
-  if (config.self !== '' && !parseHostPort(config.self)) {
-    throw new ConfigError('ROUTESYNC_SELF', `"${config.self}" is not host:port`);
+  if (config.self !== '') {
+    const self = parseHostPort(config.self);
+    if (!self) throw new ConfigError('ROUTESYNC_SELF', `"${config.self}" is not host:port`);
+    // A wildcard is a listen address, not one a peer list can hold: as self it excludes nothing.
+    if (self.host === '0.0.0.0' || self.host === '::') {
+      throw new ConfigError('ROUTESYNC_SELF', `"${config.self}" names no address (a wildcard): give this replica's own address, or leave it empty to derive it`);
+    }
   }
   if (config.peerDns !== '') {
     const match = /^[A-Za-z0-9.-]+(?::(\d{1,5}))?$/.exec(config.peerDns);

@@ -1,5 +1,5 @@
 // PeerSync: delivers route changes to every peer — one PeerOutbox and one sender per peer,
-// one p-limit cap on peer requests in flight across all peers, p-retry on transient failures
+// one p-limit cap on push requests in flight across all peers, p-retry on transient failures
 // only, one overall deadline for the lifecycle call, and Envoy-style outlier ejection.
 //
 // The lifecycle call (sync) never waits longer than the deadline, and never waits for an

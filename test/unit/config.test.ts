@@ -76,6 +76,10 @@ describe('configuration', () => {
       [{ ROUTESYNC_PEER_DNS: 'routesync-peers:65536' }, /^invalid ROUTESYNC_PEER_DNS: port 65536 /],
       [{ ROUTESYNC_PEER_DNS: 'routesync-peers:99999' }, /^invalid ROUTESYNC_PEER_DNS: port 99999 /],
       [{ ROUTESYNC_PEER_DNS: 'routesync-peers:00000' }, /^invalid ROUTESYNC_PEER_DNS: port 00000 /],
+      // A wildcard as self would exclude nothing from the peer list.
+      [{ ROUTESYNC_SELF: ':7789' }, /^invalid ROUTESYNC_SELF: ":7789" names no address \(a wildcard\)/],
+      [{ ROUTESYNC_SELF: '0.0.0.0:7789' }, /^invalid ROUTESYNC_SELF: "0.0.0.0:7789" names no address/],
+      [{ ROUTESYNC_SELF: '[::]:7789' }, /^invalid ROUTESYNC_SELF: "\[::\]:7789" names no address/],
     ];
     for (const [env, message] of cases) {
       expect(() => loadConfig(env)).toThrow(ConfigError);
