@@ -1,4 +1,5 @@
 // The local API: the local manager's loopback endpoint for route changes and inspection.
+import { isUtf8 } from 'node:buffer';
 import { performance } from 'node:perf_hooks';
 import express, { type Express, type Response } from 'express';
 import type { Logger } from '../log.js';
@@ -15,6 +16,17 @@ export const BATCH_MAX_ROUTES = 200_000;
 /** The local manager sends Routes: fencedAtMs is a peer-only field, ignored here like any unknown one. */
 const LOCAL_CHANGE: ChangeParseOptions = { fencedAt: false };
 
+/**
+ * A body that is not valid UTF-8 is not JSON (RFC 8259 §8.1). body-parser decodes it anyway,
+ * each invalid byte as U+FFFD, so sandbox IDs that differ only in such bytes became one ID and
+ * one identity took over the other's traffic. Refused as invalid JSON instead (400).
+ */
+function rejectInvalidUtf8(_req: unknown, _res: unknown, body: Buffer, encoding: string): void {
+  if (encoding === 'utf-8' && !isUtf8(body)) {
+    throw Object.assign(new Error('request body is not valid UTF-8'), { status: 400, type: 'entity.parse.failed' });
+  }
+}
+
 export interface LocalApiDeps {
   readonly service: RouteService;
   readonly table: RouteTable;
@@ -27,8 +39,8 @@ export function createLocalApp(deps: LocalApiDeps): Express {
   const app = express();
   app.disable('x-powered-by');
   app.set('etag', false);
-  const routeJson = express.json({ limit: ROUTE_BODY_LIMIT_BYTES, type: 'application/json' });
-  const batchJson = express.json({ limit: BATCH_BODY_LIMIT_BYTES, type: 'application/json' });
+  const routeJson = express.json({ limit: ROUTE_BODY_LIMIT_BYTES, type: 'application/json', verify: rejectInvalidUtf8 });
+  const batchJson = express.json({ limit: BATCH_BODY_LIMIT_BYTES, type: 'application/json', verify: rejectInvalidUtf8 });
   // The sync deadline counts from the call's arrival, before its body is read and parsed.
   app.use((_req, res, next) => {
     res.locals.receivedAt = performance.now();

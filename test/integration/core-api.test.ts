@@ -71,6 +71,31 @@ describe('local API', () => {
     expect(invalid.body.error).toMatchObject({ reason: 'invalid_resource_version', field: 'resourceVersion' });
   });
 
+  it('refuses a body that is not valid UTF-8 instead of storing U+FFFD in place of its bytes', async () => {
+    // Read leniently, two sandbox IDs that differ only in invalid bytes (0xfe, 0xff) were both
+    // stored as "sb-\uFFFD": one identity then took the other's ID over, and its traffic.
+    const node = await replica();
+    const withByte = (route: Record<string, unknown>, byte: number): Buffer => {
+      const bytes = Buffer.from(JSON.stringify(route), 'utf8');
+      bytes[bytes.indexOf('@')] = byte;
+      return bytes;
+    };
+    const cases: [string, string, Buffer][] = [
+      [`${node.api}/v1/routes`, 'PUT', withByte(makeRoute({ id: 'sb-@', resourceVersion: '5' }), 0xfe)],
+      [`${node.api}/v1/routes/batch`, 'POST', withByte({ routes: [makeRoute({ id: 'sb-@', resourceVersion: '6' })] }, 0xff)],
+    ];
+    for (const [url, method, body] of cases) {
+      const response = await send(url, { method, headers: json, body });
+      expect(response.status, `${method} ${url}`).toBe(400);
+      expect(response.body.error.code).toBe('invalid_json');
+    }
+    expect(node.replica.table.size).toBe(0);
+    // UTF-8 beyond ASCII is read as it is.
+    const accented = makeRoute({ id: 'sb-é', resourceVersion: '7' });
+    expect((await putRoute(node.api, accented)).status).toBe(200);
+    expect(node.replica.table.getById('sb-é')?.name).toBe(accented.name);
+  });
+
   it('deletes with and without a resourceVersion, fencing the identity', async () => {
     const node = await replica();
     const route = makeRoute({ resourceVersion: '5' });
