@@ -116,6 +116,8 @@ export function createLocalApp(deps: LocalApiDeps): Express {
   });
 
   app.all('/v1/routes/batch', methodNotAllowed('GET, POST'));
+  app.all('/v1/routes/:id', methodNotAllowed('GET'));
+  app.all('/v1/routes/:namespace/:name', methodNotAllowed('DELETE'));
 
   app.get('/v1/peers', (_req, res) => {
     res.json({ peers: sync.status() });

@@ -74,6 +74,9 @@ export function createPeerApp(deps: PeerApiDeps): Express {
     res.send(await metrics.registry.metrics());
   });
 
+  // Another method on a probe is 405, as on every known path, and never asks for the token.
+  for (const path of ['/healthz', '/readyz', '/metrics']) app.all(path, methodNotAllowed('GET'));
+
   const peer = express.Router();
   if (deps.token !== '') peer.use(bearerAuth(deps.token));
 

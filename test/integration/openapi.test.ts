@@ -136,7 +136,11 @@ function baseUrl(operation: Operation): string {
   return (operation.op.tags as string[]).includes('local') ? node.api : node.peerUrl;
 }
 
-async function send(operation: Operation, body?: unknown, path = concretePath(operation)): Promise<{ status: number; body: any; contentType: string }> {
+async function send(
+  operation: Operation,
+  body?: unknown,
+  path = concretePath(operation),
+): Promise<{ status: number; body: any; contentType: string; allow: string | null }> {
   const headers: Record<string, string> = { authorization: `Bearer ${TOKEN}` };
   if (body !== undefined) headers['content-type'] = 'application/json';
   const response = await fetch(`${baseUrl(operation)}${path}`, {
@@ -146,7 +150,7 @@ async function send(operation: Operation, body?: unknown, path = concretePath(op
   });
   const text = await response.text();
   const contentType = response.headers.get('content-type') ?? '';
-  return { status: response.status, body: contentType.includes('json') && text !== '' ? JSON.parse(text) : text, contentType };
+  return { status: response.status, body: contentType.includes('json') && text !== '' ? JSON.parse(text) : text, contentType, allow: response.headers.get('allow') };
 }
 
 beforeAll(async () => {
@@ -204,6 +208,23 @@ describe('docs/openapi.yaml', () => {
     expect((await send(fake)).body.error.code).toBe('not_found');
     expect((await send({ ...fake, op: { tags: ['peer'] } })).body.error.code).toBe('not_found');
     expect((await send({ path: '/v1/routes', method: 'patch', op: { tags: ['local'] } })).body.error.code).toBe('method_not_allowed');
+  });
+
+  it('answers another method on every documented path with 405 and Allow naming the documented methods', async () => {
+    for (const path of Object.keys(DOC.paths as Record<string, unknown>)) {
+      const operation = OPERATIONS.find((o) => o.path === path)!;
+      // Every documented path the URL matches: /v1/routes/batch is also /v1/routes/{id}.
+      const url = concretePath(operation).split('?')[0]!;
+      const matching = OPERATIONS.filter((o) => new RegExp(`^${o.path.replace(/\{\w+\}/g, '[^/]+')}$`).test(url));
+      const documented = [...new Set(matching.map((o) => o.method))];
+      for (const method of ['put', 'post', 'delete', 'patch'].filter((m) => !documented.includes(m))) {
+        const response = await send({ ...operation, method });
+        const name = `${method.toUpperCase()} ${path}`;
+        expect(response.status, `${name}: ${JSON.stringify(response.body)}`).toBe(405);
+        expect(response.body.error.code, name).toBe('method_not_allowed');
+        expect(response.allow?.split(', ').sort(), name).toEqual(documented.map((m) => m.toUpperCase()).sort());
+      }
+    }
   });
 
   it('answers every documented example with a documented status and a body that fits its schema', async () => {
