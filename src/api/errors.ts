@@ -1,5 +1,6 @@
 // One error -> HTTP mapping for both Express apps. Every error body has the same shape:
 //   {"error": {"code": "<stable_code>", "message": "<human text>", ...details}}
+import { isUtf8 } from 'node:buffer';
 import type { ErrorRequestHandler, RequestHandler, Response } from 'express';
 import type { Logger } from '../log.js';
 import { RouteValidationError } from '../routes/route.js';
@@ -71,4 +72,16 @@ export function methodNotAllowed(allow: string): RequestHandler {
     res.setHeader('Allow', allow);
     sendError(res, 405, 'method_not_allowed', `${req.method} is not allowed here; allowed: ${allow}`);
   };
+}
+
+/**
+ * A body that is not valid UTF-8 is not JSON (RFC 8259 §8.1). body-parser decodes it anyway,
+ * each invalid byte as U+FFFD, so sandbox IDs that differ only in such bytes became one ID and
+ * one identity took over the other's traffic. Refused as invalid JSON instead (400). Every JSON
+ * parser of the local and the peer API verifies with it (express.json's `verify`).
+ */
+export function rejectInvalidUtf8(_req: unknown, _res: unknown, body: Buffer, encoding: string): void {
+  if (encoding === 'utf-8' && !isUtf8(body)) {
+    throw Object.assign(new Error('request body is not valid UTF-8'), { status: 400, type: 'entity.parse.failed' });
+  }
 }

@@ -1,5 +1,4 @@
 // The local API: the local manager's loopback endpoint for route changes and inspection.
-import { isUtf8 } from 'node:buffer';
 import { performance } from 'node:perf_hooks';
 import express, { type Express, type Response } from 'express';
 import type { Logger } from '../log.js';
@@ -7,7 +6,7 @@ import type { PeerSync } from '../peers/fanout.js';
 import { isCanonicalResourceVersion, parseChange, parseDeletion, redactRoute, type ChangeParseOptions, type RouteChange } from '../routes/route.js';
 import type { RouteTable } from '../routes/table.js';
 import type { RouteService } from '../service.js';
-import { ApiError, errorHandler, methodNotAllowed, notFound, requireJson } from './errors.js';
+import { ApiError, errorHandler, methodNotAllowed, notFound, rejectInvalidUtf8, requireJson } from './errors.js';
 
 /** One route is well under 1 MiB; a manager's informer resync of 100,000 routes is ~30 MiB. */
 export const ROUTE_BODY_LIMIT_BYTES = 1_048_576;
@@ -15,17 +14,6 @@ export const BATCH_BODY_LIMIT_BYTES = 64 * 1_048_576;
 export const BATCH_MAX_ROUTES = 200_000;
 /** The local manager sends Routes: fencedAtMs is a peer-only field, ignored here like any unknown one. */
 const LOCAL_CHANGE: ChangeParseOptions = { fencedAt: false };
-
-/**
- * A body that is not valid UTF-8 is not JSON (RFC 8259 §8.1). body-parser decodes it anyway,
- * each invalid byte as U+FFFD, so sandbox IDs that differ only in such bytes became one ID and
- * one identity took over the other's traffic. Refused as invalid JSON instead (400).
- */
-function rejectInvalidUtf8(_req: unknown, _res: unknown, body: Buffer, encoding: string): void {
-  if (encoding === 'utf-8' && !isUtf8(body)) {
-    throw Object.assign(new Error('request body is not valid UTF-8'), { status: 400, type: 'entity.parse.failed' });
-  }
-}
 
 export interface LocalApiDeps {
   readonly service: RouteService;

@@ -10,7 +10,7 @@ import type { Metrics } from '../metrics.js';
 import { INSTANCE_HEADER, PEER_PUSH_PATH } from '../peers/client.js';
 import { parseChange, type RouteChange } from '../routes/route.js';
 import type { RouteService } from '../service.js';
-import { ApiError, errorHandler, methodNotAllowed, notFound, sendError } from './errors.js';
+import { ApiError, errorHandler, methodNotAllowed, notFound, rejectInvalidUtf8, sendError } from './errors.js';
 
 /** openkruise's limit for /refresh: 1 MiB, inclusive. */
 export const REFRESH_BODY_LIMIT_BYTES = 1_048_576;
@@ -83,7 +83,7 @@ export function createPeerApp(deps: PeerApiDeps): Express {
   // openkruise sends no reliable Content-Type, so any type is parsed as JSON here, and as UTF-8
   // (RFC 8259 §8.1) whatever charset the type names: openkruise's handler never reads the
   // header, and body-parser would answer a charset such as ISO-8859-1 with a 415.
-  const refreshJson = express.json({ limit: REFRESH_BODY_LIMIT_BYTES, type: () => true });
+  const refreshJson = express.json({ limit: REFRESH_BODY_LIMIT_BYTES, type: () => true, verify: rejectInvalidUtf8 });
   const ignoreContentType: RequestHandler = (req, _res, next) => {
     delete req.headers['content-type'];
     next();
@@ -100,7 +100,7 @@ export function createPeerApp(deps: PeerApiDeps): Express {
   });
   peer.all('/refresh', methodNotAllowed('POST'));
 
-  const batchJson = express.json({ limit: PEER_BATCH_BODY_LIMIT_BYTES, type: () => true });
+  const batchJson = express.json({ limit: PEER_BATCH_BODY_LIMIT_BYTES, type: () => true, verify: rejectInvalidUtf8 });
   peer.post(PEER_PUSH_PATH, batchJson, (req, res) => {
     const entries = (req.body as { routes?: unknown } | null)?.routes;
     if (!Array.isArray(entries)) throw new ApiError(400, 'invalid_batch', 'the body must be {"routes": [...]}');

@@ -6,7 +6,7 @@
 // `fencedAtMs`, exactly as a push carries them, so parseChange reads both.
 import express, { type Router } from 'express';
 import { DIGEST_PATH, PULL_PATH, type Reconciler } from '../peers/reconcile.js';
-import { ApiError, methodNotAllowed } from './errors.js';
+import { ApiError, methodNotAllowed, rejectInvalidUtf8 } from './errors.js';
 
 /** A pull names bucket indexes only; 1 MiB holds far more than the 1024 buckets there are. */
 export const PULL_BODY_LIMIT_BYTES = 1_048_576;
@@ -18,7 +18,7 @@ export function reconcileEndpoints(reconciler: Reconciler, digestBuckets: number
     });
     router.all(DIGEST_PATH, methodNotAllowed('GET'));
 
-    router.post(PULL_PATH, express.json({ limit: PULL_BODY_LIMIT_BYTES, type: () => true }), (req, res) => {
+    router.post(PULL_PATH, express.json({ limit: PULL_BODY_LIMIT_BYTES, type: () => true, verify: rejectInvalidUtf8 }), (req, res) => {
       const buckets = (req.body as { buckets?: unknown } | null)?.buckets;
       if (!Array.isArray(buckets)) throw new ApiError(400, 'invalid_pull', 'the body must be {"buckets": [bucket index, ...]}');
       const wanted = new Set<number>();

@@ -296,6 +296,20 @@ describe('peer API', () => {
     }
   });
 
+  it('refuses a /refresh or peer push whose body is not valid UTF-8, as the local API does', async () => {
+    const node = await replica();
+    const bytes = Buffer.from(JSON.stringify(makeRoute({ id: 'sb-@', resourceVersion: '5' })), 'utf8');
+    bytes[bytes.indexOf('@')] = 0xfe;
+    const refresh = await send(`${node.peerUrl}/refresh`, { method: 'POST', body: bytes });
+    expect(refresh.status).toBe(400);
+    const pushBytes = Buffer.from(JSON.stringify({ routes: [makeRoute({ id: 'sb-@', resourceVersion: '6' })] }), 'utf8');
+    pushBytes[pushBytes.indexOf('@')] = 0xff;
+    const push = await send(`${node.peerUrl}/v1/peer/routes`, { method: 'POST', headers: json, body: pushBytes });
+    expect(push.status).toBe(400);
+    expect(push.body.error.code).toBe('invalid_json');
+    expect(node.replica.table.size).toBe(0);
+  });
+
   it('deletes on a dead route, needs its resourceVersion, and ignores an ID-only legacy push', async () => {
     const node = await replica();
     const route = makeRoute({ resourceVersion: '4' });
