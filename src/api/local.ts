@@ -83,8 +83,9 @@ export function createLocalApp(deps: LocalApiDeps): Express {
 
   app.get('/v1/routes', (req, res) => {
     const namespace = req.query.namespace;
-    // A repeated or bracketed parameter is an array or an object: a filter that cannot be
-    // honoured is refused, never dropped (which would list every namespace).
+    // A repeated parameter is an array (Express 5's simple query parser): a filter that cannot
+    // be honoured is refused, never dropped (which would list every namespace). Other
+    // parameters, `namespace[x]` among them, are ignored like any unknown one.
     if (namespace !== undefined && typeof namespace !== 'string') {
       throw new ApiError(400, 'invalid_query', 'namespace must be given once, as a plain value', { field: 'namespace' });
     }
