@@ -298,38 +298,26 @@ describe('upstream failures', () => {
         res.end('too large');
       },
     });
-    const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
-    // One request on the agent's one connection; 'no answer' if none comes within 5 s.
-    const request = (method: string, bytes: number): Promise<{ status: number; body: string; reused: boolean } | string> =>
-      new Promise((resolve) => {
-        const req = http.request({ host: dp.address.address, port: dp.address.port, method, path: `/kruise/strict/${strict.port}/`, agent, headers: bytes > 0 ? { 'content-length': String(bytes) } : {} });
-        const timer = setTimeout(() => {
-          resolve('no answer');
-          req.destroy();
-        }, 5000);
-        req.on('error', (error) => {
-          clearTimeout(timer);
-          resolve(error.message);
-        });
-        req.on('response', (res) => {
-          let body = '';
-          res.on('data', (chunk: Buffer) => (body += chunk.toString()));
-          res.on('end', () => {
-            clearTimeout(timer);
-            resolve({ status: res.statusCode ?? 0, body, reused: req.reusedSocket });
-          });
-        });
-        if (bytes > 0) new PatternStream(bytes).pipe(req);
-        else req.end();
-      });
+    // A raw client: the whole upload, then a second request on the same connection. (Node's own
+    // client can stall on its side when the answer ends before its upload does, which is not
+    // what this test is about.)
+    const socket = net.connect(dp.address.port, dp.address.address);
+    let received = '';
+    socket.on('data', (chunk: Buffer) => (received += chunk.toString('latin1')));
+    socket.on('error', () => {});
     try {
       dp.setRoute({ id: 'strict', ip: strict.host });
-      expect(await request('POST', 4 * 1024 * 1024)).toEqual({ status: 413, body: 'too large', reused: false });
+      const path = `/kruise/strict/${strict.port}/`;
+      const uploadBytes = 4 * 1024 * 1024;
+      socket.write(`POST ${path} HTTP/1.1\r\nHost: x\r\nContent-Length: ${uploadBytes}\r\n\r\n`);
+      socket.write(Buffer.alloc(uploadBytes, 0x61));
+      socket.write(`GET ${path} HTTP/1.1\r\nHost: x\r\n\r\n`);
       // The answer said keep-alive: the rest of the upload must be taken and dropped, or the
       // next request on the connection is never read.
-      expect(await request('GET', 0)).toEqual({ status: 200, body: 'second', reused: true });
+      await waitUntil(() => received.includes('second'), 10_000, 'the second request on the connection to be answered');
+      expect(received).toMatch(/^HTTP\/1\.1 413 [^]*too large[^]*HTTP\/1\.1 200 [^]*second$/);
     } finally {
-      agent.destroy();
+      socket.destroy();
       await strict.close();
     }
   });
