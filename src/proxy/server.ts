@@ -558,6 +558,9 @@ export class DataPlane {
     // The response now streams for as long as it takes: no idle limit on a started response.
     if (exchange.idleTimer) exchange.proxyReq?.setTimeout(0);
     cleanResponseHeaders(proxyRes.headers);
+    // A request that was in flight when the drain started: its connection closes after this
+    // answer, so the answer must not invite the client to send another request into it.
+    if (this.draining) res.shouldKeepAlive = false;
     // http-proxy-3 copies this to the client; say what Node will actually do with the connection.
     proxyRes.headers.connection = res.shouldKeepAlive ? 'keep-alive' : 'close';
     // An upstream that dies mid-body: the library's pipe would leave the client waiting for
@@ -624,6 +627,7 @@ export class DataPlane {
     const headers = errorResponseHeaders(error, body);
     // An unread request body would have to be drained before the connection could be reused.
     if (exchange.hasBody && !exchange.clientError) res.shouldKeepAlive = false;
+    if (this.draining) res.shouldKeepAlive = false;
     res.writeHead(error.status, headers);
     res.end(body);
   }

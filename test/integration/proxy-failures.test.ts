@@ -493,4 +493,49 @@ describe('shutdown with HTTP requests in flight', () => {
       await holding.close();
     }
   });
+
+  it('a keep-alive request in flight when close(grace) starts is answered Connection: close (the sandbox\'s answer and the data plane\'s own 504)', async () => {
+    const held: http.ServerResponse[] = [];
+    const holding = await startUpstream({
+      host: '127.0.0.2',
+      handler: (req, res) => {
+        req.resume();
+        // /hang is never answered: the data plane answers it 504 after TIMEOUT_MS.
+        if (req.url !== '/hang') req.on('end', () => held.push(res));
+      },
+    });
+    /** A raw HTTP/1.1 request (keep-alive by default); resolves with the answer's head once it arrives. */
+    const rawRequest = (path: string): { head: Promise<string>; closed: Promise<void> } => {
+      const socket = net.connect(dp.address.port, dp.address.address);
+      socket.on('error', () => {});
+      let text = '';
+      const head = new Promise<string>((resolve) => {
+        socket.on('data', (chunk: Buffer) => {
+          text += chunk.toString('latin1');
+          if (text.includes('\r\n\r\n')) resolve(text.slice(0, text.indexOf('\r\n\r\n')).toLowerCase());
+        });
+      });
+      const closed = new Promise<void>((resolve) => socket.once('close', () => resolve()));
+      socket.write(`GET /kruise/held/${holding.port}${path} HTTP/1.1\r\nHost: x\r\n\r\n`);
+      return { head, closed };
+    };
+    try {
+      dp.setRoute({ id: 'held', ip: holding.host });
+      const answered = rawRequest('/');
+      const timedOut = rawRequest('/hang');
+      await waitUntil(() => held.length === 1 && holding.requests.length === 2, 10_000, 'both requests to reach the upstream');
+      const closing = dp.close(20_000);
+      held[0]!.writeHead(200, { 'content-type': 'text/plain', 'content-length': '4' }).end('done');
+      const heads = await Promise.all([answered.head, timedOut.head]);
+      expect(heads[0]).toMatch(/^http\/1\.1 200 /);
+      expect(heads[1]).toMatch(/^http\/1\.1 504 /);
+      // Keep-alive would invite the client to send its next request into a connection the
+      // drain is about to close (a reset, not a refusal it can retry elsewhere).
+      for (const head of heads) expect(head).toContain('connection: close');
+      await Promise.all([answered.closed, timedOut.closed]);
+      await closing;
+    } finally {
+      await holding.close();
+    }
+  });
 });
