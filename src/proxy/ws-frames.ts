@@ -101,6 +101,7 @@ export class FrameRelay {
   private readonly tracker = new FrameBoundaryTracker();
   private stopping = false;
   private done = false;
+  private waitingForDrain = false;
 
   constructor(
     private readonly source: Duplex,
@@ -119,9 +120,11 @@ export class FrameRelay {
     if (this.stopping) return;
     this.stopping = true;
     this.source.unpipe(this.destination);
+    // unpipe paused the source; keep reading either to discard or to finish the frame, no
+    // faster than the destination takes it (as the pipe did).
     if (this.tracker.atBoundary) this.finish();
-    // unpipe paused the source; keep reading either to finish the frame or to discard.
-    this.source.resume();
+    else if (this.destination.writableNeedDrain) this.waitForDrain();
+    else this.source.resume();
   }
 
   private readonly onData = (chunk: Buffer): void => {
@@ -140,11 +143,26 @@ export class FrameRelay {
   };
 
   private write(chunk: Uint8Array): void {
-    if (this.destination.writable && !this.destination.destroyed) this.destination.write(chunk);
+    if (!this.destination.writable || this.destination.destroyed) return;
+    // Backpressure, as the pipe had: without it the rest of a large frame towards a slow
+    // reader was read into memory as fast as the sender could send it.
+    if (!this.destination.write(chunk)) this.waitForDrain();
+  }
+
+  private waitForDrain(): void {
+    this.source.pause();
+    if (this.waitingForDrain) return;
+    this.waitingForDrain = true;
+    this.destination.once('drain', () => {
+      this.waitingForDrain = false;
+      this.source.resume();
+    });
   }
 
   private finish(): void {
     this.done = true;
     if (this.destination.writable && !this.destination.destroyed) this.destination.end(this.makeCloseFrame());
+    // Discarding writes nothing: read on (an ended destination emits no 'drain') to see the peer close.
+    this.source.resume();
   }
 }

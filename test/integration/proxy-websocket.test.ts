@@ -542,6 +542,63 @@ describe('data-plane shutdown', () => {
     await upstream.waitForOpenSockets(0);
   });
 
+  it('close(grace) mid-frame towards a client that reads nothing: the rest of the frame is relayed at the pace the client takes it, not read into memory', async () => {
+    const FRAME_BYTES = 256 * 1024 * 1024;
+    const BOUND_BYTES = 64 * 1024 * 1024; // kernel socket buffers on the way take a few MiB
+    // A sandbox in the middle of sending one large message: it goes on sending the frame after
+    // the data plane's close (as a ws server finishes the message it is sending), at the pace
+    // its connection takes it.
+    const sandboxes: net.Socket[] = [];
+    let blocked = false;
+    const sender = net.createServer({ allowHalfOpen: true }, (socket) => {
+      sandboxes.push(socket);
+      socket.on('error', () => {});
+      socket.once('data', () => {
+        socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\n`);
+        const length = Buffer.alloc(8);
+        length.writeBigUInt64BE(BigInt(FRAME_BYTES));
+        socket.write(Buffer.concat([Buffer.from([0x82, 127]), length]));
+        const chunk = Buffer.alloc(64 * 1024, 0x61);
+        let left = FRAME_BYTES;
+        const pump = (): void => {
+          blocked = false;
+          while (left > 0) {
+            left -= chunk.length;
+            if (!socket.write(chunk)) {
+              blocked = true;
+              socket.once('drain', pump);
+              return;
+            }
+          }
+        };
+        pump();
+        socket.resume();
+      });
+    });
+    await new Promise<void>((resolve) => sender.listen(0, '127.0.0.1', () => resolve()));
+    try {
+      const client = net.connect(dp.address.port, dp.address.address);
+      client.on('error', () => {});
+      const answered = new Promise<void>((resolve) => client.once('data', () => resolve()));
+      client.write(handshakeRequest(`/kruise/ws/${(sender.address() as AddressInfo).port}/`));
+      await answered;
+      client.pause();
+      await waitUntil(() => blocked, 5000, 'the sandbox to be held back by the client that reads nothing');
+      const sandbox = sandboxes[0]!;
+      const accepted = (): number => sandbox.bytesWritten - sandbox.writableLength;
+      const before = accepted();
+
+      // The frame cannot end (the client reads nothing): the sockets are destroyed after the
+      // close timeout, and until then the data plane must not take more than the client does.
+      await dp.close(0);
+      expect(accepted() - before).toBeLessThan(BOUND_BYTES);
+      client.destroy();
+    } finally {
+      for (const socket of sandboxes) socket.destroy();
+      await new Promise<void>((resolve) => sender.close(() => resolve()));
+    }
+  });
+
   it('close(grace) resolves at once when no WebSocket is open', async () => {
     const ws = await connect(`/kruise/ws/${upstream.port}/`);
     const gone = closed(ws);
