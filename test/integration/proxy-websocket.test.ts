@@ -599,6 +599,39 @@ describe('data-plane shutdown', () => {
     }
   });
 
+  it('close(grace) in the middle of a message sent in several frames: the client gets 1001 between frames (valid, not 1002) and drops the unfinished message', async () => {
+    let sandbox: net.Socket | undefined;
+    const sender = await startRawUpstream((socket) => {
+      sandbox = socket;
+      socket.once('data', (request: Buffer) => {
+        const key = /sec-websocket-key: *(\S+)/i.exec(request.toString('latin1'))?.[1] ?? '';
+        const accept = createHash('sha1').update(`${key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest('base64');
+        socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n\r\n`);
+        // Once the client speaks: a text message's first frame (FIN clear), a ping inside the
+        // message, then a continuation frame whose header is cut after its first byte.
+        socket.once('data', () => socket.write(Buffer.from([0x01, 3, 0x61, 0x62, 0x63, 0x89, 1, 0x70, 0x00])));
+      });
+    });
+    try {
+      dp.setRoute({ id: 'frames', ip: sender.host });
+      const ws = await connect(`/kruise/frames/${sender.port}/`);
+      const seen: string[] = [];
+      ws.on('ping', () => seen.push('ping'));
+      ws.on('message', () => seen.push('message'));
+      const gone = closed(ws);
+      ws.send('go');
+      await waitUntil(() => seen.length === 1, 5000, 'the ping inside the message');
+      const closing = dp.close(0);
+      // The rest of the continuation frame (FIN still clear): relayed, then the close.
+      sandbox?.write(Buffer.from([2, 0x64, 0x65]));
+      expect((await gone).code).toBe(1001);
+      await closing;
+      expect(seen).toEqual(['ping']);
+    } finally {
+      await sender.close();
+    }
+  });
+
   it('close(grace) resolves at once when no WebSocket is open', async () => {
     const ws = await connect(`/kruise/ws/${upstream.port}/`);
     const gone = closed(ws);
