@@ -22,11 +22,15 @@ async function freeOn(port: number, hosts: readonly string[]): Promise<boolean> 
   return true;
 }
 
-/** Three ports free on 127.0.0.1-3 (the demo binds each on all three addresses). */
+/**
+ * Three ports free on 127.0.0.1-3 (the demo binds each on all three addresses), below Linux's
+ * ephemeral range (32768 and up): a port found free there could be taken meanwhile as the local
+ * port of some other test's outgoing connection, and the replica then failed to bind it.
+ */
 async function demoPorts(): Promise<number[]> {
   const hosts = ['127.0.0.1', '127.0.0.2', '127.0.0.3'];
   const ports: number[] = [];
-  for (let candidate = 20_000 + Math.floor(Math.random() * 20_000); ports.length < 3; candidate += 7) {
+  for (let candidate = 20_000 + Math.floor(Math.random() * 12_000); ports.length < 3; candidate += 7) {
     if (await freeOn(candidate, hosts)) ports.push(candidate);
   }
   return ports;
