@@ -19,6 +19,7 @@ import { PeerSync } from './peers/fanout.js';
 import { PeerFaults } from './peers/faults.js';
 import { Reconciler, type BootstrapOptions, type BootstrapOutcome } from './peers/reconcile.js';
 import { DataPlane } from './proxy/server.js';
+import { routeKey } from './routes/route.js';
 import { RouteTable } from './routes/table.js';
 import { RouteService } from './service.js';
 
@@ -101,7 +102,18 @@ export class Replica {
         options.onPeerRequest?.(peer, path);
       },
     });
-    this.sync = new PeerSync({ config, client: this.client, metrics: this.metrics, logger: this.logger });
+    this.sync = new PeerSync({
+      config,
+      client: this.client,
+      metrics: this.metrics,
+      logger: this.logger,
+      // An upsert queued through a long cut whose identity this table has since lost (deleted
+      // here, the fence expired) would bring the route back: see PeerSyncOptions.stillOwed.
+      stillOwed: (change) =>
+        change.op !== 'upsert' ||
+        this.table.getByKey(routeKey(change.route)) !== undefined ||
+        this.table.getFence(change.route.namespace, change.route.name) !== undefined,
+    });
     this.service = new RouteService(this.table, this.sync, this.metrics, this.logger);
     this.reconciler = new Reconciler({
       config,

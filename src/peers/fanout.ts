@@ -95,6 +95,14 @@ export interface PeerSyncOptions {
   readonly now?: () => number;
   /** Random source for jitter, in [0, 1). */
   readonly random?: () => number;
+  /**
+   * Whether a queued change is still owed to peers, asked as it leaves the queue (each attempt's
+   * batch). The replica refuses an upsert of an identity its table no longer holds, as a route
+   * or as a live fence: deleted elsewhere, and the deletion's fence expired while the peer was
+   * out of reach. Pushed, it would be taken by a peer that never saw the fence and offered back
+   * to every replica. Default: every change is owed.
+   */
+  readonly stillOwed?: (change: RouteChange) => boolean;
 }
 
 export class PeerSync {
@@ -112,6 +120,7 @@ export class PeerSync {
   private readonly logger: Logger;
   private readonly now: () => number;
   private readonly random: () => number;
+  private readonly stillOwed: ((change: RouteChange) => boolean) | undefined;
   private closed = false;
 
   constructor(options: PeerSyncOptions) {
@@ -121,6 +130,7 @@ export class PeerSync {
     this.logger = options.logger;
     this.now = options.now ?? Date.now;
     this.random = options.random ?? Math.random;
+    this.stillOwed = options.stillOwed;
     // rejectOnClear: on shutdown, sends queued behind the cap settle instead of hanging forever.
     this.limit = pLimit({ concurrency: this.config.syncConcurrency, rejectOnClear: true });
     // Every peer's attempt deadline and every retry wait listens on the one shutdown signal:
@@ -359,8 +369,12 @@ export class PeerSync {
       this.notifyIfIdle();
       return;
     }
+    const batch = peer.outbox.takeBatch(this.config.batchMaxRoutes, this.stillOwed);
+    if (batch.length === 0) {
+      this.notifyIfIdle();
+      return;
+    }
     peer.sending = true;
-    const batch = peer.outbox.takeBatch(this.config.batchMaxRoutes);
     void this.send(peer, batch).finally(() => {
       peer.sending = false;
       this.schedulePump(peer);

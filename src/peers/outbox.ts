@@ -108,13 +108,20 @@ export class PeerOutbox {
     if (list.length === 0) this.waiters.delete(key);
   }
 
-  /** Move up to `max` queued changes into flight and return them. */
-  takeBatch(max: number): RouteChange[] {
+  /**
+   * Move up to `max` queued changes into flight and return them. A change `stillOwed` refuses is
+   * dropped instead (see PeerSyncOptions.stillOwed); a call waiting on it ends at its deadline.
+   */
+  takeBatch(max: number, stillOwed?: (change: RouteChange) => boolean): RouteChange[] {
     if (this.inFlight.length > 0) throw new Error('a batch is already in flight');
     const batch: RouteChange[] = [];
     const keys: string[] = [];
     for (const [key, change] of this.pending) {
       if (batch.length >= max) break;
+      if (stillOwed && !stillOwed(change)) {
+        this.pending.delete(key);
+        continue;
+      }
       batch.push(change);
       keys.push(key);
       this.pending.delete(key);

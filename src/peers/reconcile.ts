@@ -49,8 +49,9 @@
 //    table may be empty) declares itself the reference (`kept`), and
 //    the others rebuild from it. Without this, a lone survivor whose only peer restarted empty
 //    would either stay suspect for ever or rebuild from an empty table and lose every route.
-//  - Pushes need no such rule: a replica pushes only changes its own manager made, and those
-//    carry fresh resourceVersions from the one etcd counter.
+//  - Pushes: a replica pushes only changes its own manager made, but one queued through a long
+//    cut can be older than a deletion made elsewhere whose fence has expired; the fan-out drops
+//    a queued upsert whose identity this table no longer holds (PeerSyncOptions.stillOwed).
 import { performance } from 'node:perf_hooks';
 import { setTimeout as delay } from 'node:timers/promises';
 import { maxReconcileIntervalMs, RECONCILE_JITTER_MAX, SUSPECT_AFTER_TTL_FRACTION, type Config } from '../config.js';

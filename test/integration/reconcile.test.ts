@@ -294,6 +294,49 @@ describe('no resurrection', () => {
     for (let k = 0; k < 3; k++) for (const node of all) expect((await node.replica.reconciler.runRound()).result).not.toBe('failed');
     for (const node of all) expect(node.replica.table.get('zombie', name), 'the deleted route stays deleted').toBeUndefined();
   });
+
+  it("an upsert queued for a replica cut off for longer than the TTL is not pushed once it was deleted elsewhere and the deletion's fence has expired", async () => {
+    const ttlMs = 1000;
+    const env = { ROUTESYNC_TOMBSTONE_TTL_MS: String(ttlMs), ROUTESYNC_RECONCILE_INTERVAL_MS: '100', ROUTESYNC_EJECT_PROBE_MS: '50' };
+    const [a, b, c] = await cluster(3, env, MANUAL_ROUNDS);
+    const all = [a!, b!, c!];
+    const cAddress = c!.replica.addresses.peer;
+    const doomed = makeRoute({ namespace: 'zombie', resourceVersion: '10' });
+    const name = doomed.name as string;
+
+    // C is cut off. A's manager creates the sandbox (its push to C stays queued in A's outbox);
+    // the next lifecycle call, the delete, goes to B's manager (its push to C queued in B's).
+    c!.replica.faults.isolate();
+    expect((await putRoute(a!.api, doomed)).body.result.outcome).toBe('applied');
+    const deleted = await fetch(`${b!.api}/v1/routes/zombie/${name}?resourceVersion=10`, { method: 'DELETE' });
+    expect(((await deleted.json()) as any).result).toMatchObject({ outcome: 'applied', reason: 'deleted' });
+    expect(a!.replica.table.get('zombie', name), 'the delete reached a').toBeUndefined();
+    // The cut outlasts the fence; A and B stay in contact.
+    await waitUntil(
+      async () => {
+        await a!.replica.reconciler.runRound();
+        await b!.replica.reconciler.runRound();
+        return c!.replica.reconciler.isSuspect() && [a!, b!].every((node) => node.replica.table.getFence('zombie', name) === undefined);
+      },
+      ttlMs + 5000,
+      'c to turn suspect and the fences on a and b to expire',
+    );
+
+    // The cut heals for rounds first (A's and B's pushes wait for their next probe of C): C rebuilds.
+    for (const node of [a!, b!]) node.replica.faults.blockPushes(cAddress);
+    c!.replica.faults.heal();
+    expect(await c!.replica.reconciler.runRound()).toMatchObject({ result: 'rebuilt' });
+    // Then A's queued push goes out. The upsert is of a route A no longer holds, as a route or
+    // as a fence: pushed, C would take it (no fence there) and offer it back to everyone.
+    a!.replica.faults.heal(cAddress);
+    await waitUntil(() => a!.replica.sync.status().find((peer) => peer.peer === cAddress)?.pendingRoutes === 0, 5000, "a's queue for c to empty");
+    expect(c!.replica.table.get('zombie', name), 'the stale upsert did not reach c').toBeUndefined();
+
+    b!.replica.faults.heal(cAddress);
+    await waitUntil(() => b!.replica.sync.outboxSize() === 0, 5000, "b's queue for c to empty");
+    for (let k = 0; k < 3; k++) for (const node of all) expect((await node.replica.reconciler.runRound()).result).not.toBe('failed');
+    for (const node of all) expect(node.replica.table.get('zombie', name), 'the deleted route stays deleted').toBeUndefined();
+  });
 });
 
 describe('suspect tables and trust', () => {
