@@ -396,8 +396,17 @@ describe('suspect tables and trust', () => {
     await waitUntil(() => a!.replica.reconciler.isSuspect() && fresh.reconciler.isSuspect(), 5000, 'both to turn suspect');
     a!.replica.faults.heal();
 
-    // The seeded table is the reference; the empty, unseeded one must not wipe it.
-    for (let k = 0; k < 3; k++) for (const replica of [fresh, a!.replica]) expect((await replica.reconciler.runRound()).result).not.toBe('failed');
+    // The seeded table is the reference; the empty, unseeded one must not wipe it. Rounds until
+    // neither is suspect (a round may first find its peer still ejected from the cut).
+    await waitUntil(
+      async () => {
+        for (const replica of [fresh, a!.replica]) expect((await replica.reconciler.runRound()).result).not.toBe('failed');
+        expect(a!.replica.table.size, 'the seeded survivor keeps its routes').toBe(50);
+        return !a!.replica.reconciler.isSuspect() && !fresh.reconciler.isSuspect();
+      },
+      10_000,
+      'both replicas to leave the suspect state',
+    );
     expect(a!.replica.table.size, 'the seeded survivor keeps its routes').toBe(50);
     expect(same(a!.replica, fresh)).toBe(true);
     expect(await counter(a!.replica.metrics.reconcileRounds, { result: 'kept' })).toBeGreaterThanOrEqual(1);
