@@ -19,6 +19,7 @@ import { Replica } from '../../src/replica.js';
 import { LogSink, TEST_ENV } from '../helpers/cluster.js';
 import { unusedPort } from '../helpers/upstream.js';
 import { waitUntil } from '../helpers/wait.js';
+import { seededRandom } from '../helpers/random.js';
 
 const SEED = process.env.CHAOS_SEED ? Number(process.env.CHAOS_SEED) : Date.now() % 2_147_483_647;
 const REPLICAS = 5;
@@ -49,17 +50,6 @@ interface ModelEntry {
   readonly op: 'upsert' | 'delete';
   readonly ip?: string;
   readonly id?: string;
-}
-
-function mulberry32(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4_294_967_296;
-  };
 }
 
 describe('chaos: five replicas, 10,000 changes, kills, hangs and partitions', () => {
@@ -133,8 +123,8 @@ describe('chaos: five replicas, 10,000 changes, kills, hangs and partitions', ()
 
   it(`converges on the model within two reconcile intervals after the faults stop (seed ${SEED})`, async () => {
     console.log(`chaos seed ${SEED} (replay with CHAOS_SEED=${SEED})`);
-    const random = mulberry32(SEED);
-    const faultRandom = mulberry32(SEED ^ 0x5eed);
+    const random = seededRandom(SEED);
+    const faultRandom = seededRandom(SEED ^ 0x5eed);
     const ports = await Promise.all(Array.from({ length: REPLICAS }, () => unusedPort()));
     for (let index = 0; index < REPLICAS; index++) {
       slots.push({ index, peerAddress: `127.0.0.1:${ports[index]}`, replica: undefined, api: '', fault: undefined, inflight: 0 });

@@ -23,6 +23,7 @@ import { configFromEnv } from '../../src/config.js';
 import { Replica } from '../../src/replica.js';
 import { LogSink, TEST_ENV } from '../helpers/cluster.js';
 import { unusedPort } from '../helpers/upstream.js';
+import { seededRandom } from '../helpers/random.js';
 
 const SEEDS = process.env.SCENARIO_SEEDS ? process.env.SCENARIO_SEEDS.split(',').map(Number) : [1, 2, 3, 4, 5, 6, 7, 8, 102, 124, 150, 161, 175, 180, 181, 187];
 const STEPS = 70;
@@ -50,17 +51,6 @@ async function waitFor(predicate: () => boolean, timeoutMs: number, what: string
   }
 }
 
-function mulberry32(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4_294_967_296;
-  };
-}
-
 interface Slot {
   readonly index: number;
   readonly address: string;
@@ -80,7 +70,7 @@ afterEach(async () => {
 });
 
 async function runScenario(seed: number): Promise<void> {
-  const random = mulberry32(seed);
+  const random = seededRandom(seed);
   const pick = <T>(list: readonly T[]): T => list[Math.floor(random() * list.length)]!;
   const replicaCount = 3 + Math.floor(random() * 2);
   const log: string[] = [`seed ${seed}, ${replicaCount} replicas`];
