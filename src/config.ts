@@ -257,10 +257,6 @@ export function parsePeerToken(raw: string, variable = 'ROUTESYNC_PEER_TOKEN'): 
 }
 
 /**
- * Build the Config from an environment and argv (flags only, no positionals).
- * Throws ConfigError on the first bad value.
- */
-/**
  * `ROUTESYNC_*` variables that are no setting: most often a typo (`ROUTESYNC_SYNC_DEADLINE`
  * without `_MS`), which would otherwise leave the default in force without a word. Start-up
  * warns and goes on (a variable of a newer or older version must not stop a rollout). Names
@@ -294,6 +290,10 @@ function editDistance(a: string, b: string): number {
   return previous[b.length]!;
 }
 
+/**
+ * Build the Config from an environment and argv (flags only, no positionals).
+ * Throws ConfigError on the first bad value.
+ */
 export function loadConfig(env: NodeJS.ProcessEnv = process.env, argv: readonly string[] = []): Config {
   const options: Record<string, { type: 'string' }> = {};
   for (const variable of Object.keys(SETTINGS)) options[flagName(variable)] = { type: 'string' };
