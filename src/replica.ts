@@ -28,6 +28,8 @@ export interface ReplicaOptions {
   readonly logDestination?: DestinationStream;
   /** Process metrics (default on; tests with many replicas in one process turn them off). */
   readonly processMetrics?: boolean;
+  /** Test hook: this replica's instance ID instead of a new random UUID (tests that need an order between replicas). */
+  readonly instanceId?: string;
   /** Test hook: called for every peer request this replica sends. */
   readonly onPeerRequest?: (peer: string, path: string) => void;
   /**
@@ -48,7 +50,7 @@ export interface ReplicaAddresses {
 }
 
 export class Replica {
-  readonly instanceId = randomUUID();
+  readonly instanceId: string;
   readonly logger: Logger;
   readonly metrics: Metrics;
   readonly table: RouteTable;
@@ -81,6 +83,7 @@ export class Replica {
     readonly config: Config,
     private readonly options: ReplicaOptions,
   ) {
+    this.instanceId = options.instanceId ?? randomUUID();
     this.logger = createLogger({
       level: config.logLevel,
       ...(options.logDestination ? { destination: options.logDestination } : {}),
