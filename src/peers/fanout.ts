@@ -220,7 +220,10 @@ export class PeerSync {
       // out of a full outbox (a resync larger than outboxMaxRoutes) is settled `outbox_full` as
       // it is dropped, so the call reports the peer failed at once rather than waiting out its
       // deadline for a change that will never be sent. An ejected peer is not waited for, but
-      // is watched while the call's changes are queued for it, for the same reason.
+      // is watched while the call's changes are queued for it, for the same reason. Nor is a
+      // peer whose last push failed and whose re-send waits out its back-off (`retrying`): the
+      // call would wait until its deadline for a peer known to be failing, before ejection
+      // takes over; the re-send carries this call's changes too.
       const first = watchers.length;
       changes.forEach((change, k) => {
         const watcher = new ChangeWatcher(changeVersion(change), change.op, wait, index, peer.outbox, keys[k]!);
@@ -228,8 +231,8 @@ export class PeerSync {
         peer.outbox.watch(watcher.key, watcher);
       });
       this.enqueueFor(peer, changes, keys);
-      if (this.closed || peer.ejected) {
-        wait.decide(index, { status: 'pending', reason: this.closed ? 'shutdown' : 'ejected' });
+      if (this.closed || peer.ejected || peer.timer !== null) {
+        wait.decide(index, { status: 'pending', reason: this.closed ? 'shutdown' : peer.ejected ? 'ejected' : 'retrying' });
         for (let w = first; w < watchers.length; w++) {
           const watcher = watchers[w]!;
           if (!watcher.settled) watcher.outbox.unwatch(watcher.key, watcher);

@@ -18,7 +18,7 @@ import type { PeerErrorClass } from './client.js';
 export type DeliveryOutcome =
   | { readonly status: 'acked' }
   | { readonly status: 'failed'; readonly errorClass: PeerErrorClass | 'outbox_full' | 'peer_removed' | 'rejected' }
-  | { readonly status: 'pending'; readonly reason: 'ejected' | 'in_flight' | 'shutdown' };
+  | { readonly status: 'pending'; readonly reason: 'ejected' | 'in_flight' | 'retrying' | 'shutdown' };
 
 /**
  * Told once how this peer's delivery of one change (`op` at `version`, or a stronger one) ended. The fan-out

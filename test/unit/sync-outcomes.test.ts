@@ -81,6 +81,32 @@ describe('a call with several changes', () => {
   });
 });
 
+describe('a peer whose last push failed, while its re-send waits out its back-off', () => {
+  it('is not waited for: the call reports it pending (retrying), and its change stays queued for the re-send', async () => {
+    const [good, failing] = await peers(2);
+    failing!.mode = { kind: 'status', status: 503 };
+    // A long back-off (up to the 30 s probe period) and a long deadline: waiting for the peer
+    // would show as a call that takes the deadline, and pending in_flight.
+    const sync = fanout({
+      ROUTESYNC_SYNC_DEADLINE_MS: '20000',
+      ROUTESYNC_ATTEMPT_TIMEOUT_MS: '5000',
+      ROUTESYNC_EJECT_PROBE_MS: '30000',
+      ROUTESYNC_EJECT_AFTER_FAILURES: '1000',
+    });
+    sync.setPeers([good!.address, failing!.address]);
+    const first = await sync.sync(changes(1));
+    expect(first.failed).toEqual([{ peer: failing!.address, errorClass: 'http_5xx' }]);
+
+    const [change] = changes(1);
+    const second = await sync.sync([change!]);
+    expect(second.acked).toBe(1);
+    expect(second.pending).toEqual([{ peer: failing!.address, reason: 'retrying' }]);
+    expect(second.elapsedMs).toBeLessThan(20_000);
+    // Its change is owed, not lost: queued for the re-send.
+    expect(sync.status().find((peer) => peer.peer === failing!.address)?.pendingRoutes).toBe(2);
+  });
+});
+
 describe('a delete at the version of an upsert still in flight', () => {
   it('is acknowledged only once the peer has the deletion, not by the upsert’s ack', async () => {
     const [peer] = await peers(1);
