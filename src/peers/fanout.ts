@@ -528,7 +528,12 @@ export class PeerSync {
       { peer: peer.address, errorClass: error.errorClass, code: error.code, status: error.status, routes: count, requeued: requeue },
       'push to peer failed',
     );
-    if (requeue && !peer.ejected) this.scheduleRetry(peer);
+    if (requeue && !peer.ejected) {
+      this.scheduleRetry(peer);
+      // Calls waiting on changes queued behind the failed batch stop waiting too, as later calls
+      // do not wait (`retrying`, in sync()): the re-send carries their changes.
+      if (peer.timer !== null) peer.outbox.settleAll({ status: 'pending', reason: 'retrying' });
+    }
   }
 
   /** Background retry of a failed batch, jittered, growing with the failure streak, never past the probe period. */

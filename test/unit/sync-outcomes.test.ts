@@ -107,6 +107,28 @@ describe('a peer whose last push failed, while its re-send waits out its back-of
   });
 });
 
+describe('a call whose change is queued behind a batch that then fails', () => {
+  it('stops waiting once the batch has failed and the re-send waits out its back-off (pending: retrying)', async () => {
+    const [hung] = await peers(1);
+    hung!.mode = { kind: 'hang' };
+    const sync = fanout({
+      ROUTESYNC_SYNC_DEADLINE_MS: '20000',
+      ROUTESYNC_ATTEMPT_TIMEOUT_MS: '300',
+      ROUTESYNC_SYNC_RETRIES: '0',
+      ROUTESYNC_EJECT_PROBE_MS: '30000',
+      ROUTESYNC_EJECT_AFTER_FAILURES: '1000',
+    });
+    sync.setPeers([hung!.address]);
+    const first = sync.sync(changes(1));
+    await hung!.waitFor(() => hung!.pushes === 1, 10_000, 'the first batch to reach the peer');
+    // Queued behind the batch in flight, which will time out. Without the rule, this call
+    // waited for the back-off and the re-send of its change, and was told that re-send's failure.
+    const second = sync.sync(changes(1));
+    expect((await first).failed).toEqual([{ peer: hung!.address, errorClass: 'timeout' }]);
+    expect((await second).pending).toEqual([{ peer: hung!.address, reason: 'retrying' }]);
+  });
+});
+
 describe('a delete at the version of an upsert still in flight', () => {
   it('is acknowledged only once the peer has the deletion, not by the upsert’s ack', async () => {
     const [peer] = await peers(1);
