@@ -19,7 +19,6 @@ import { PeerSync } from './peers/fanout.js';
 import { PeerFaults } from './peers/faults.js';
 import { Reconciler, type BootstrapOptions, type BootstrapOutcome } from './peers/reconcile.js';
 import { DataPlane } from './proxy/server.js';
-import { routeKey } from './routes/route.js';
 import { RouteTable } from './routes/table.js';
 import { RouteService } from './service.js';
 
@@ -112,10 +111,7 @@ export class Replica {
       logger: this.logger,
       // An upsert queued through a long cut whose identity this table has since lost (deleted
       // here, the fence expired) would bring the route back: see PeerSyncOptions.stillOwed.
-      stillOwed: (change) =>
-        change.op !== 'upsert' ||
-        this.table.getByKey(routeKey(change.route)) !== undefined ||
-        this.table.getFence(change.route.namespace, change.route.name) !== undefined,
+      stillOwed: (change, key) => change.op !== 'upsert' || this.table.getByKey(key) !== undefined || this.table.getFenceByKey(key) !== undefined,
     });
     this.service = new RouteService(this.table, this.sync, this.metrics, this.logger);
     this.reconciler = new Reconciler({

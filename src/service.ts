@@ -98,12 +98,11 @@ export class RouteService {
   private outgoing(result: ApplyResult): RouteChange | undefined {
     if (result.resourceVersion === undefined) return undefined;
     const route = this.table.getByKey(result.key);
-    const identity = route ? undefined : splitIdentityKey(result.key);
-    const fence = identity && this.table.getFence(identity.namespace, identity.name);
+    const fence = route ? undefined : this.table.getFenceByKey(result.key);
     const current = route?.resourceVersion ?? fence?.resourceVersion;
     if (current === undefined) return undefined;
     if (result.outcome === 'ignored' && compareResourceVersions(current, result.resourceVersion) !== 0) return undefined;
     if (route) return { op: 'upsert', route };
-    return { op: 'delete', deletion: { ...identity!, resourceVersion: fence!.resourceVersion, fencedAtMs: fence!.fencedAtMs } };
+    return { op: 'delete', deletion: { ...splitIdentityKey(result.key), resourceVersion: fence!.resourceVersion, fencedAtMs: fence!.fencedAtMs } };
   }
 }

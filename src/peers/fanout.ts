@@ -100,9 +100,9 @@ export interface PeerSyncOptions {
    * batch). The replica refuses an upsert of an identity its table no longer holds, as a route
    * or as a live fence: deleted elsewhere, and the deletion's fence expired while the peer was
    * out of reach. Pushed, it would be taken by a peer that never saw the fence and offered back
-   * to every replica. Default: every change is owed.
+   * to every replica. Given the change and its identity key. Default: every change is owed.
    */
-  readonly stillOwed?: (change: RouteChange) => boolean;
+  readonly stillOwed?: (change: RouteChange, key: string) => boolean;
 }
 
 export class PeerSync {
@@ -120,7 +120,7 @@ export class PeerSync {
   private readonly logger: Logger;
   private readonly now: () => number;
   private readonly random: () => number;
-  private readonly stillOwed: ((change: RouteChange) => boolean) | undefined;
+  private readonly stillOwed: ((change: RouteChange, key: string) => boolean) | undefined;
   private closed = false;
 
   constructor(options: PeerSyncOptions) {

@@ -112,13 +112,13 @@ export class PeerOutbox {
    * Move up to `max` queued changes into flight and return them. A change `stillOwed` refuses is
    * dropped instead (see PeerSyncOptions.stillOwed); a call waiting on it ends at its deadline.
    */
-  takeBatch(max: number, stillOwed?: (change: RouteChange) => boolean): RouteChange[] {
+  takeBatch(max: number, stillOwed?: (change: RouteChange, key: string) => boolean): RouteChange[] {
     if (this.inFlight.length > 0) throw new Error('a batch is already in flight');
     const batch: RouteChange[] = [];
     const keys: string[] = [];
     for (const [key, change] of this.pending) {
       if (batch.length >= max) break;
-      if (stillOwed && !stillOwed(change)) {
+      if (stillOwed && !stillOwed(change, key)) {
         this.pending.delete(key);
         continue;
       }
@@ -198,15 +198,16 @@ export class PeerOutbox {
     const list = this.waiters.get(key);
     if (!list) return;
     const version = changeVersion(change);
+    const exceptVersion = except && changeVersion(except);
     // Nearly always one call waits for a route at a time: no new array (or closure) for it.
     if (list.length === 1) {
-      if (!delivers(change.op, version, list[0]!) || (except && delivers(except.op, changeVersion(except), list[0]!))) return;
+      if (!delivers(change.op, version, list[0]!) || (except && delivers(except.op, exceptVersion!, list[0]!))) return;
       this.waiters.delete(key);
       list[0]!.settle(outcome);
       return;
     }
     const remaining = list.filter((waiter) => {
-      if (delivers(change.op, version, waiter) && !(except && delivers(except.op, changeVersion(except), waiter))) {
+      if (delivers(change.op, version, waiter) && !(except && delivers(except.op, exceptVersion!, waiter))) {
         waiter.settle(outcome);
         return false;
       }

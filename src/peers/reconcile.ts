@@ -221,8 +221,7 @@ export class Reconciler {
       this.localDeletions.delete(key);
       return;
     }
-    const { namespace, name } = splitIdentityKey(key);
-    const fence = this.table.getFence(namespace, name);
+    const fence = this.table.getFenceByKey(key);
     if (fence) this.localDeletions.set(key, fence.resourceVersion);
   }
 

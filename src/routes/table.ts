@@ -136,7 +136,11 @@ export class RouteTable {
   }
 
   getFence(namespace: string, name: string): Fence | undefined {
-    const key = identityKey(namespace, name);
+    return this.liveFence(identityKey(namespace, name));
+  }
+
+  /** The live fence of an identity key (`namespace/name`), as getFence. */
+  getFenceByKey(key: string): Fence | undefined {
     return this.liveFence(key);
   }
 
