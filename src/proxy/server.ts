@@ -154,6 +154,17 @@ function switchedProtocolsError(): DataPlaneError {
   return dataPlaneError('upstream_protocol_error', 'the sandbox switched protocols (101) on a request that asked for no upgrade');
 }
 
+/**
+ * Why an upstream answer to a plain HTTP request cannot be relayed, if it cannot: a 101 without
+ * an Upgrade header (which Node reads as a final answer; relayed, it would tell a client that
+ * asked for no new protocol that the connection has switched), or a status line Node cannot write.
+ */
+function unrelayableAnswer(proxyRes: IncomingMessage): DataPlaneError | undefined {
+  if (proxyRes.statusCode === 101) return switchedProtocolsError();
+  if (!isWritableStatusLine(proxyRes)) return dataPlaneError('upstream_protocol_error', 'the sandbox sent a status line that is not valid HTTP');
+  return undefined;
+}
+
 function errorResponseHeaders(error: DataPlaneError, body: string): Record<string, string | number> {
   return {
     'content-type': 'application/json; charset=utf-8',
@@ -542,16 +553,10 @@ export class DataPlane {
       exchange.proxyReq?.destroy();
       return;
     }
-    if (proxyRes.statusCode === 101) {
-      // A 101 without an Upgrade header, which Node reads as a final answer: relayed, it would
-      // tell a client that asked for no new protocol that the connection has switched.
+    const unrelayable = unrelayableAnswer(proxyRes);
+    if (unrelayable) {
       exchange.proxyReq?.destroy();
-      this.respondError(exchange, res, switchedProtocolsError());
-      return;
-    }
-    if (!isWritableStatusLine(proxyRes)) {
-      exchange.proxyReq?.destroy();
-      this.respondError(exchange, res, dataPlaneError('upstream_protocol_error', 'the sandbox sent a status line that is not valid HTTP'));
+      this.respondError(exchange, res, unrelayable);
       return;
     }
     exchange.status = proxyRes.statusCode;
@@ -575,10 +580,13 @@ export class DataPlane {
     // ends the upstream request, and the library's pipe stops reading the client's body with
     // it: the rest of the upload then sat unread, so the client's keep-alive connection, which
     // the answer said stays open, never got its next request read. The rest is read and
-    // dropped instead, as Node does for a handler that leaves a body unread.
-    exchange.proxyReq?.once('close', () => {
-      if (!req.complete && !req.destroyed) req.resume();
-    });
+    // dropped instead, as Node does for a handler that leaves a body unread. (A request without
+    // a body has nothing left to read: no listener for it.)
+    if (exchange.hasBody) {
+      exchange.proxyReq?.once('close', () => {
+        if (!req.complete && !req.destroyed) req.resume();
+      });
+    }
   }
 
   private onUpstreamTimeout(exchange: Exchange, res: ServerResponse): void {
@@ -625,9 +633,9 @@ export class DataPlane {
     exchange.status = error.status;
     const body = errorBody(error);
     const headers = errorResponseHeaders(error, body);
-    // An unread request body would have to be drained before the connection could be reused.
-    if (exchange.hasBody && !exchange.clientError) res.shouldKeepAlive = false;
-    if (this.draining) res.shouldKeepAlive = false;
+    // An unread request body would have to be drained before the connection could be reused;
+    // and while draining, the connection closes after this answer anyway.
+    if (this.draining || (exchange.hasBody && !exchange.clientError)) res.shouldKeepAlive = false;
     res.writeHead(error.status, headers);
     res.end(body);
   }
