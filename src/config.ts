@@ -437,6 +437,13 @@ export const RECONCILE_JITTER_MAX = 1.25;
 /** A replica without a completed round for this fraction of the fence TTL is suspect (reconcile.ts SUSPECT_AFTER_TTL_FRACTION). */
 export const SUSPECT_AFTER_TTL_FRACTION = 0.5;
 /**
+ * A local change is trusted over the fleet's word (spared by a suspect rebuild, pushed by a
+ * suspect replica) only while younger than this fraction of the fence TTL: any deletion that
+ * supersedes it was made later, so its fence still lives everywhere it reached. The TTL / 4 left
+ * covers clock skew and the manager's own delay (reconcile.ts, "No resurrection").
+ */
+export const LOCAL_CHANGE_TRUSTED_TTL_FRACTION = 0.75;
+/**
  * The safety margin: this many of the longest gaps between rounds fit in the suspect window, so
  * a replica that loses one round (its peer was restarting, a request failed) is still trusted.
  */

@@ -109,9 +109,9 @@ export class Replica {
       client: this.client,
       metrics: this.metrics,
       logger: this.logger,
-      // An upsert queued through a long cut whose identity this table has since lost (deleted
-      // here, the fence expired) would bring the route back: see PeerSyncOptions.stillOwed.
-      stillOwed: (change, key) => change.op !== 'upsert' || this.table.getByKey(key) !== undefined || this.table.getFenceByKey(key) !== undefined,
+      // An upsert queued through a long cut can be older than a deletion made elsewhere whose
+      // fence has expired at the peer: pushed, it would bring the route back (Reconciler.stillOwed).
+      stillOwed: (change, key) => this.reconciler.stillOwed(change, key),
     });
     this.service = new RouteService(this.table, this.sync, this.metrics, this.logger);
     this.reconciler = new Reconciler({

@@ -31,9 +31,13 @@
 //  - A suspect replica's next successful contact with a non-suspect peer REBUILDS: it pulls
 //    the peer's whole table, applies it, and drops every local route the peer has neither as a
 //    route nor as a fence, unless the local manager changed that identity since the last good
-//    contact (those are newer than anything the peer could have seen; they reach the peer by
-//    push or by its own pulls), or it arrived or changed while the rebuild ran (a push into a
-//    bucket already pulled). Dropped WITHOUT a fence: a fence at a route's live version would
+//    contact and less than LOCAL_CHANGE_TRUSTED_TTL_FRACTION (3/4) of tombstoneTtlMs ago (any
+//    deletion that supersedes it was made later, so its fence still lives wherever it reached;
+//    the change reaches the peer by push or by its own pulls), or it arrived or changed while
+//    the rebuild ran (a push into a bucket already pulled). An older local change is dropped
+//    like any stale route, and the warning names it: a deletion made elsewhere may have
+//    outlived its fences, and sparing it would bring the route back. Its manager's sync reached
+//    no peer, so the manager has been told (pending), and must send it again. Dropped WITHOUT a fence: a fence at a route's live version would
 //    travel and delete it everywhere if it is live after all (a push the source has not had
 //    yet); real deletions are carried by the source's own fences, which the pull brings.
 //  - A rebuild needs a trustworthy source: a SEEDED peer (one that started alone, bootstrapped
@@ -50,11 +54,13 @@
 //    the others rebuild from it. Without this, a lone survivor whose only peer restarted empty
 //    would either stay suspect for ever or rebuild from an empty table and lose every route.
 //  - Pushes: a replica pushes only changes its own manager made, but one queued through a long
-//    cut can be older than a deletion made elsewhere whose fence has expired; the fan-out drops
-//    a queued upsert whose identity this table no longer holds (PeerSyncOptions.stillOwed).
+//    cut can be older than a deletion made elsewhere whose fence has expired at the peer. The
+//    fan-out asks stillOwed as each change leaves the outbox: an upsert of an identity this
+//    table no longer holds is dropped once its fence here has expired, and a suspect replica
+//    pushes only upserts still current here and changed locally within 3/4 of the TTL.
 import { performance } from 'node:perf_hooks';
 import { setTimeout as delay } from 'node:timers/promises';
-import { maxReconcileIntervalMs, RECONCILE_JITTER_MAX, SUSPECT_AFTER_TTL_FRACTION, type Config } from '../config.js';
+import { LOCAL_CHANGE_TRUSTED_TTL_FRACTION, maxReconcileIntervalMs, RECONCILE_JITTER_MAX, SUSPECT_AFTER_TTL_FRACTION, type Config } from '../config.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 import {
@@ -78,6 +84,8 @@ export const DIGEST_PATH = '/v1/peer/digest';
 export const PULL_PATH = '/v1/peer/pull';
 /** Past this many peers the interval grows with the peer count (see the header). */
 export const LARGE_FLEET_PEERS = 50;
+/** A rebuild's warning names at most this many of the old local changes it dropped. */
+const LOGGED_KEYS_MAX = 20;
 /** Suspect after this fraction of the fence TTL without contact: config's constant, which also bounds the interval. */
 export { SUSPECT_AFTER_TTL_FRACTION };
 /** Buckets per pull request: with 100,000 routes over 1024 buckets, ~6,000 routes (~1.3 MB) a request. */
@@ -225,16 +233,43 @@ export class Reconciler {
     if (fence) this.localDeletions.set(key, fence.resourceVersion);
   }
 
-  /** How many live routes a suspect rebuild would spare as changed by the local manager since the last contact. */
+  /**
+   * How many live routes a suspect rebuild would spare as changed by the local manager since the
+   * last contact (and recently enough to be trusted: see trustedLocalChangeSince).
+   */
   rememberedLocalChanges(): number {
+    const since = Math.max(this.lastContactMs, this.trustedLocalChangeSince());
     let count = 0;
-    for (const route of this.table.list()) if (this.changedLocallySince(route, this.lastContactMs)) count++;
+    for (const route of this.table.list()) if (this.changedLocallySince(route, since)) count++;
     return count;
   }
 
   private changedLocallySince(route: Route, sinceMs: number): boolean {
     const at = localChangeAt(route);
     return at !== undefined && at + this.clockOriginMs >= sinceMs;
+  }
+
+  /** Before this time a local change is too old to be trusted over the fleet's word (see the header). */
+  private trustedLocalChangeSince(): number {
+    return this.now() - this.config.tombstoneTtlMs * LOCAL_CHANGE_TRUSTED_TTL_FRACTION;
+  }
+
+  /**
+   * Whether a queued change is still owed to peers (PeerSyncOptions.stillOwed), asked as it
+   * leaves the outbox. A deletion always is. An upsert of an identity this table no longer holds
+   * is owed only while the identity's fence lives here (a peer without it would take the route
+   * and offer it back). One this table still holds is owed while it is the table's current route
+   * and its local change is recent: any deletion that supersedes it was made later, so its fence
+   * lives wherever it reached. Anything else (a replay's old stamp, a route since replaced by a
+   * pull) is pushed only by a replica that is not suspect: a suspect one may have missed a
+   * deletion whose fence has expired at the peer (see the header, "Pushes").
+   */
+  stillOwed(change: RouteChange, key: string): boolean {
+    if (change.op !== 'upsert') return true;
+    const route = this.table.getByKey(key);
+    if (route === undefined) return this.table.getFenceByKey(key) !== undefined;
+    if (change.route === route && this.changedLocallySince(route, this.trustedLocalChangeSince())) return true;
+    return !this.isSuspect();
   }
 
   /** Out of contact for too long while having peers: this table must not be offered. */
@@ -607,13 +642,23 @@ export class Reconciler {
       )
       .filter((result) => result.outcome === 'applied').length;
     this.metrics.reconcileRepaired.inc(redeleted);
+    // A local change is spared only while recent enough that a deletion superseding it still has
+    // its fence wherever the deletion reached (see the header); older ones are dropped like any
+    // other stale route, and named in the log: their manager's sync reached no peer.
+    const trustedSince = Math.max(cutStartMs, this.trustedLocalChangeSince());
     const stale: Route[] = [];
+    const untrustedLocal: string[] = [];
+    let untrustedLocalCount = 0;
     for (const route of heldAtStart) {
       const key = routeKey(route);
       if (seen.has(key)) continue;
       // Replaced or removed since the rebuild began (routes are immutable: an update is a new object).
       if (this.table.getByKey(key) !== route) continue;
-      if (this.changedLocallySince(route, cutStartMs)) continue;
+      if (this.changedLocallySince(route, trustedSince)) continue;
+      if (this.changedLocallySince(route, cutStartMs)) {
+        untrustedLocalCount++;
+        if (untrustedLocal.length < LOGGED_KEYS_MAX) untrustedLocal.push(key);
+      }
       // Dropped without a fence (see dropWithoutFence). A live route dropped here comes back
       // with the next pull from a peer that holds it.
       stale.push(route);
@@ -621,7 +666,15 @@ export class Reconciler {
     const dropped = this.service.dropStale(stale).filter((result) => result.outcome === 'applied').length;
     this.metrics.reconcileRepaired.inc(dropped);
     this.logger.warn(
-      { peer, outOfContactMs: this.now() - cutStartMs, pulledChanges: seen.size, repaired: pulled.repaired, redeleted, droppedStale: dropped },
+      {
+        peer,
+        outOfContactMs: this.now() - cutStartMs,
+        pulledChanges: seen.size,
+        repaired: pulled.repaired,
+        redeleted,
+        droppedStale: dropped,
+        ...(untrustedLocalCount > 0 ? { droppedOldLocalChanges: untrustedLocalCount, droppedOldLocalKeys: untrustedLocal } : {}),
+      },
       'reconcile: table was suspect (out of contact too long); rebuilt from a peer',
     );
     return { peer, result: 'rebuilt', repaired: pulled.repaired + redeleted + dropped, bytes: bytesSoFar + pulled.bytes, buckets: all.length };

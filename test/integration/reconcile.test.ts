@@ -227,9 +227,6 @@ describe('no resurrection', () => {
     c!.replica.faults.isolate();
     const deleted = await fetch(`${a!.api}/v1/routes/zombie/${doomed.name as string}?resourceVersion=11`, { method: 'DELETE' });
     expect(((await deleted.json()) as any).result).toMatchObject({ outcome: 'applied', reason: 'deleted' });
-    // A change C's own manager makes during the cut: it must survive the rebuild.
-    const local = makeRoute({ namespace: 'zombie', resourceVersion: '20' });
-    expect((await putRoute(c!.api, local)).body.result.outcome).toBe('applied');
 
     // The cut outlasts the fence: gone from A and B (route and fence), still held by C.
     await waitUntil(
@@ -240,6 +237,10 @@ describe('no resurrection', () => {
     expect(c!.replica.table.get('zombie', doomed.name as string)).toBeDefined();
     expect(c!.replica.reconciler.isSuspect()).toBe(true);
     expect(c!.replica.reconciler.digest(false).suspect).toBe(true);
+    // A change C's own manager makes late in the cut (less than 3/4 of the TTL before the heal):
+    // it must survive the rebuild and reach the others, although C is suspect.
+    const local = makeRoute({ namespace: 'zombie', resourceVersion: '20' });
+    expect((await putRoute(c!.api, local)).body.result.outcome).toBe('applied');
 
     c!.replica.faults.heal();
     await waitUntil(async () => (await counter(c!.replica.metrics.reconcileRounds, { result: 'rebuilt' })) >= 1, 10_000, 'c to rebuild');
@@ -336,6 +337,105 @@ describe('no resurrection', () => {
     await waitUntil(() => b!.replica.sync.outboxSize() === 0, 5000, "b's queue for c to empty");
     for (let k = 0; k < 3; k++) for (const node of all) expect((await node.replica.reconciler.runRound()).result).not.toBe('failed');
     for (const node of all) expect(node.replica.table.get('zombie', name), 'the deleted route stays deleted').toBeUndefined();
+  });
+});
+
+/**
+ * Three replicas with manual rounds; C is cut off, and its own manager creates `name` at version
+ * 10 (the push queued for A and B), then the sandbox is deleted through A at version 11. The cut
+ * outlasts the fences on A and B. Returns with C still isolated and suspect.
+ */
+async function createdOnCutReplicaThenDeletedElsewhere(ttlMs: number): Promise<{ all: Node[]; name: string }> {
+  const env = { ROUTESYNC_TOMBSTONE_TTL_MS: String(ttlMs), ROUTESYNC_RECONCILE_INTERVAL_MS: '100', ROUTESYNC_EJECT_PROBE_MS: '50' };
+  const [a, b, c] = await cluster(3, env, MANUAL_ROUNDS);
+  const all = [a!, b!, c!];
+  const route = makeRoute({ namespace: 'zombie', resourceVersion: '10' });
+  const name = route.name as string;
+  c!.replica.faults.isolate();
+  expect((await putRoute(c!.api, route)).body.sync.acked, 'c is cut off').toBe(0);
+  const deleted = await fetch(`${a!.api}/v1/routes/zombie/${name}?resourceVersion=11`, { method: 'DELETE' });
+  expect(((await deleted.json()) as any).result.outcome).toBe('applied');
+  expect(b!.replica.table.getFence('zombie', name), 'the fence reached b').toBeDefined();
+  await waitUntil(
+    async () => {
+      await a!.replica.reconciler.runRound();
+      await b!.replica.reconciler.runRound();
+      return c!.replica.reconciler.isSuspect() && [a!, b!].every((node) => node.replica.table.getFence('zombie', name) === undefined);
+    },
+    ttlMs + 5000,
+    'c to turn suspect and the fences on a and b to expire',
+  );
+  expect(c!.replica.table.get('zombie', name), 'c still holds it').toBeDefined();
+  return { all, name };
+}
+
+describe('no resurrection of a change made on a replica cut off for longer than the TTL', () => {
+  it("the cut replica's queued push of a route deleted elsewhere is withheld once the deletion's fences have expired", async () => {
+    const { all, name } = await createdOnCutReplicaThenDeletedElsewhere(1000);
+    const [a, b, c] = all as [Node, Node, Node];
+    // The cut heals for C's pushes first: A and B would take the route (no fence left) and spread it.
+    for (const node of [a, b]) node.replica.faults.blockPushes(c.replica.addresses.peer);
+    c.replica.faults.heal();
+    await waitUntil(() => c.replica.sync.outboxSize() === 0, 5000, "c's queue to empty");
+    for (const node of [a, b]) expect(node.replica.table.get('zombie', name), 'the push was withheld').toBeUndefined();
+
+    expect(await c.replica.reconciler.runRound()).toMatchObject({ result: 'rebuilt' });
+    for (const node of [a, b]) node.replica.faults.heal();
+    for (let k = 0; k < 3; k++) for (const node of all) expect((await node.replica.reconciler.runRound()).result).not.toBe('failed');
+    for (const node of all) expect(node.replica.table.get('zombie', name), 'the deleted route stays deleted').toBeUndefined();
+  });
+
+  it("the cut replica's rebuild drops a route deleted elsewhere although its own manager made it, once the change is older than 3/4 of the TTL", async () => {
+    const { all, name } = await createdOnCutReplicaThenDeletedElsewhere(1000);
+    const [a, b, c] = all as [Node, Node, Node];
+    // The cut heals for rounds first: C rebuilds before any push goes out (its own, or A's of the delete).
+    for (const node of [a, b]) node.replica.faults.blockPushes(c.replica.addresses.peer);
+    c.replica.faults.heal();
+    c.replica.faults.blockPushes();
+    expect(await c.replica.reconciler.runRound()).toMatchObject({ result: 'rebuilt' });
+    expect(c.replica.table.get('zombie', name), 'dropped by the rebuild').toBeUndefined();
+    const warning = c.logs.lines.find((line) => line.includes('rebuilt from a peer'));
+    expect(warning && JSON.parse(warning)).toMatchObject({ droppedOldLocalChanges: 1, droppedOldLocalKeys: [`zombie/${name}`] });
+
+    for (const node of all) node.replica.faults.heal();
+    await waitUntil(() => c.replica.sync.outboxSize() === 0, 5000, "c's queue to empty");
+    for (let k = 0; k < 3; k++) for (const node of all) expect((await node.replica.reconciler.runRound()).result).not.toBe('failed');
+    for (const node of all) expect(node.replica.table.get('zombie', name), 'the deleted route stays deleted').toBeUndefined();
+  });
+
+  it('a route created early in a long cut and deleted nowhere is dropped by the rebuild, named in its warning, and back everywhere when its manager sends it again', async () => {
+    const ttlMs = 1000;
+    const env = { ROUTESYNC_TOMBSTONE_TTL_MS: String(ttlMs), ROUTESYNC_RECONCILE_INTERVAL_MS: '100', ROUTESYNC_EJECT_PROBE_MS: '50' };
+    const [a, b, c] = await cluster(3, env, MANUAL_ROUNDS);
+    const all = [a!, b!, c!];
+    const route = makeRoute({ namespace: 'early', resourceVersion: '10' });
+    const name = route.name as string;
+    c!.replica.faults.isolate();
+    const createdAt = Date.now();
+    expect((await putRoute(c!.api, route)).body.sync.acked).toBe(0);
+    await waitUntil(
+      async () => {
+        await a!.replica.reconciler.runRound();
+        await b!.replica.reconciler.runRound();
+        return c!.replica.reconciler.isSuspect() && Date.now() - createdAt > ttlMs;
+      },
+      ttlMs + 5000,
+      'c to turn suspect and its change to age past the TTL',
+    );
+    c!.replica.faults.heal();
+    c!.replica.faults.blockPushes();
+    expect(await c!.replica.reconciler.runRound()).toMatchObject({ result: 'rebuilt' });
+    expect(c!.replica.table.get('early', name)).toBeUndefined();
+    const warning = c!.logs.lines.find((line) => line.includes('rebuilt from a peer'));
+    expect(warning && JSON.parse(warning)).toMatchObject({ droppedOldLocalChanges: 1, droppedOldLocalKeys: [`early/${name}`] });
+    c!.replica.faults.heal();
+    await waitUntil(() => c!.replica.sync.outboxSize() === 0, 5000, "c's queue to empty");
+    for (const node of [a!, b!]) expect(node.replica.table.get('early', name), 'the old queued push was withheld').toBeUndefined();
+
+    // The manager was told its sync reached no peer; sending it again puts it everywhere.
+    const again = await putRoute(c!.api, route);
+    expect(again.body).toMatchObject({ result: { outcome: 'applied' }, sync: { acked: 2 } });
+    for (const node of all) expect(node.replica.table.get('early', name)?.resourceVersion).toBe('10');
   });
 });
 

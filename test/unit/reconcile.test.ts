@@ -126,6 +126,56 @@ describe('Reconciler: what it remembers of local changes', () => {
     await client.close();
   });
 
+  it('trusts a local change over the fleet for 3/4 of the TTL: a rebuild would spare it, and a suspect replica still pushes it', async () => {
+    const clock = { ms: 1_000_000 };
+    const { reconciler: r, service, table, sync, client } = reconciler(clock); // TTL 10 s
+    sync.setPeers(['127.0.0.1:1']); // nothing listens: no contact
+    await service.applyLocal(route('old'));
+    clock.ms += 4000;
+    await service.applyLocal(route('young'));
+    clock.ms += 2000; // 'old' changed 6 s ago, 'young' 2 s ago; 6 s without contact: suspect
+    expect(r.isSuspect()).toBe(true);
+    const upsert = (name: string) => ({ op: 'upsert' as const, route: table.get('ns', name)! });
+    expect(r.rememberedLocalChanges()).toBe(2);
+    expect(r.stillOwed(upsert('old'), 'ns/old')).toBe(true);
+    clock.ms += 1501; // 'old' is now 7.501 s old: past 3/4 of the TTL
+    expect(r.rememberedLocalChanges()).toBe(1);
+    expect(r.stillOwed(upsert('old'), 'ns/old'), 'an old change, from a suspect replica').toBe(false);
+    expect(r.stillOwed(upsert('young'), 'ns/young')).toBe(true);
+    // A queued upsert superseded since by a peer's newer version is not this replica's change to push while suspect.
+    const queued = upsert('young');
+    service.applyRemote([route('young', '2')], 'peer');
+    expect(r.stillOwed(queued, 'ns/young')).toBe(false);
+    // Deletions are always owed; an upsert of a deleted identity only while its fence lives.
+    await service.deleteLocal('ns', 'old', '1');
+    expect(r.stillOwed({ op: 'delete', deletion: { namespace: 'ns', name: 'old', resourceVersion: '1' } }, 'ns/old')).toBe(true);
+    const gone = route('old'); // the upsert as it was queued
+    expect(r.stillOwed(gone, 'ns/old')).toBe(true);
+    clock.ms += 10_001;
+    expect(table.getFence('ns', 'old')).toBeUndefined();
+    expect(r.stillOwed(gone, 'ns/old')).toBe(false);
+    sync.close();
+    r.close();
+    await client.close();
+  });
+
+  it('pushes an old local change again once it is no longer suspect (a replay, an outbox that waited on one peer)', async () => {
+    const clock = { ms: 1_000_000 };
+    const { reconciler: r, service, table, sync, client } = reconciler(clock);
+    sync.setPeers(['127.0.0.1:1']);
+    await service.applyLocal(route('a'));
+    clock.ms += 8000;
+    const change = { op: 'upsert' as const, route: table.get('ns', 'a')! };
+    expect(r.stillOwed(change, 'ns/a')).toBe(false);
+    sync.setPeers([]); // alone: counts as contact
+    expect(r.isSuspect()).toBe(false);
+    sync.setPeers(['127.0.0.1:1']);
+    expect(r.stillOwed(change, 'ns/a')).toBe(true);
+    sync.close();
+    r.close();
+    await client.close();
+  });
+
   it('restarts the contact clock on every round while alone, so a peer that appears later does not find it suspect', async () => {
     const clock = { ms: 1_000_000 };
     const { reconciler: r, sync, client } = reconciler(clock);
