@@ -67,6 +67,7 @@ import {
   RouteValidationError,
   changeKey,
   changeToWire,
+  identityKey,
   localChangeAt,
   markLocalChange,
   parseChange,
@@ -84,6 +85,13 @@ export const DIGEST_PATH = '/v1/peer/digest';
 export const PULL_PATH = '/v1/peer/pull';
 /** Past this many peers the interval grows with the peer count (see the header). */
 export const LARGE_FLEET_PEERS = 50;
+/** The identity key of a pulled entry this version refuses, when it names one at all. */
+function refusedEntryKey(entry: unknown): string | undefined {
+  if (typeof entry !== 'object' || entry === null) return undefined;
+  const { namespace, name } = entry as { namespace?: unknown; name?: unknown };
+  return typeof namespace === 'string' && typeof name === 'string' ? identityKey(namespace, name) : undefined;
+}
+
 /** A rebuild's warning names at most this many of the old local changes it dropped. */
 const LOGGED_KEYS_MAX = 20;
 /** Suspect after this fraction of the fence TTL without contact: config's constant, which also bounds the interval. */
@@ -723,6 +731,10 @@ export class Reconciler {
           if (!(error instanceof RouteValidationError)) throw error;
           refused += 1;
           refusal ??= { reason: error.reason, field: error.field };
+          // The peer holds this identity, in a form this version refuses: a rebuild must not
+          // count a local route of it as one the source lacks and drop it.
+          const key = refusedEntryKey(entry);
+          if (seen && key !== undefined) seen.add(key);
         }
       }
       if (refused > 0) {

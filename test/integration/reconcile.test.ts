@@ -440,6 +440,32 @@ describe('no resurrection of a change made on a replica cut off for longer than 
 });
 
 describe('suspect tables and trust', () => {
+  it('a rebuild keeps a route whose newer version the source holds in a form this version refuses, rather than counting it missing', async () => {
+    const env = { ROUTESYNC_TOMBSTONE_TTL_MS: '1000', ROUTESYNC_RECONCILE_INTERVAL_MS: '100', ROUTESYNC_EJECT_PROBE_MS: '50' };
+    const [a, b, c] = await cluster(3, env, MANUAL_ROUNDS);
+    const route = makeRoute({ namespace: 'mixed', resourceVersion: '10' });
+    const name = route.name as string;
+    expect((await putRoute(a!.api, route)).body.sync.acked).toBe(2);
+    c!.replica.faults.isolate();
+    // Meanwhile A and B come to hold a newer version stored under rules this version does not
+    // accept (a peer of another version wrote it past validation).
+    const unreadable = { ...route, resourceVersion: '12', ip: '999.0.0.1' } as unknown as Route;
+    for (const node of [a!, b!]) node.replica.table.upsert(unreadable);
+    await waitUntil(
+      async () => {
+        await a!.replica.reconciler.runRound();
+        await b!.replica.reconciler.runRound();
+        return c!.replica.reconciler.isSuspect();
+      },
+      5000,
+      'c to turn suspect',
+    );
+    c!.replica.faults.heal();
+    expect(await c!.replica.reconciler.runRound()).toMatchObject({ result: 'rebuilt' });
+    expect(await counter(c!.replica.metrics.reconcileRefused)).toBe(1);
+    expect(c!.replica.table.get('mixed', name)?.resourceVersion, 'the readable version is kept').toBe('10');
+  });
+
   it('a lone survivor whose only peer restarts empty keeps its table and the peer gets it, rather than both losing it', async () => {
     const env = { ROUTESYNC_TOMBSTONE_TTL_MS: '2000', ROUTESYNC_RECONCILE_INTERVAL_MS: '200', ROUTESYNC_EJECT_PROBE_MS: '100' };
     const [a, b] = await cluster(2, env);
