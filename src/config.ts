@@ -367,6 +367,14 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, argv: readonly 
       `worst-case total backoff ${worstBackoff} ms must stay below ROUTESYNC_ATTEMPT_TIMEOUT_MS ${config.attemptTimeoutMs} ms`,
     );
   }
+  // SIGTERM lets in-flight lifecycle calls finish within the grace: one cut off before its own
+  // deadline would tell its manager nothing of a change already applied here.
+  if (config.syncDeadlineMs > config.shutdownGraceMs) {
+    throw new ConfigError(
+      'ROUTESYNC_SHUTDOWN_GRACE_MS',
+      `${config.shutdownGraceMs} ms is shorter than ROUTESYNC_SYNC_DEADLINE_MS ${config.syncDeadlineMs} ms: a lifecycle call in flight at shutdown could be cut before its deadline`,
+    );
+  }
   const tls = [config.peerTlsCert, config.peerTlsKey].filter((file) => file !== '').length;
   if (tls === 1) {
     throw new ConfigError(config.peerTlsCert === '' ? 'ROUTESYNC_PEER_TLS_CERT' : 'ROUTESYNC_PEER_TLS_KEY', 'TLS needs both a certificate and a key');

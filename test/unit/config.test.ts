@@ -113,6 +113,15 @@ describe('configuration', () => {
     expect(() => loadConfig({}, ['--peer-token', 'pass\u20acphrase'])).toThrow(/^invalid --peer-token: /);
   });
 
+  it('refuses a shutdown grace shorter than the sync deadline, naming both variables', () => {
+    const tooShort = () => loadConfig({ ROUTESYNC_SYNC_DEADLINE_MS: '2000', ROUTESYNC_SHUTDOWN_GRACE_MS: '1999' });
+    expect(tooShort).toThrow(ConfigError);
+    expect(tooShort).toThrow(/^invalid ROUTESYNC_SHUTDOWN_GRACE_MS: 1999 ms is shorter than ROUTESYNC_SYNC_DEADLINE_MS 2000 ms/);
+    expect(loadConfig({ ROUTESYNC_SYNC_DEADLINE_MS: '2000', ROUTESYNC_SHUTDOWN_GRACE_MS: '2000' }).shutdownGraceMs).toBe(2000);
+    // An immediate stop needs no deadline to wait for.
+    expect(loadConfig({ ROUTESYNC_SYNC_DEADLINE_MS: '0', ROUTESYNC_SHUTDOWN_GRACE_MS: '0' }).shutdownGraceMs).toBe(0);
+  });
+
   it('refuses a reconcile interval at which healthy replicas could turn suspect, naming both variables', () => {
     // Suspect after half the TTL without a round; rounds up to 1.25 intervals apart; two such gaps must fit.
     expect(SUSPECT_AFTER_TTL_FRACTION).toBe(RECONCILER_SUSPECT_FRACTION);

@@ -22,7 +22,7 @@ async function peers(count: number): Promise<FakePeer[]> {
 }
 
 function fanout(env: Record<string, string> = {}): PeerSync {
-  return startPeerSync({ ROUTESYNC_SYNC_DEADLINE_MS: '2000', ROUTESYNC_RETRY_MIN_MS: '10', ROUTESYNC_RETRY_MAX_MS: '20', ...env }, (close) => cleanups.push(close), 2);
+  return startPeerSync({ ROUTESYNC_SYNC_DEADLINE_MS: '2000', ROUTESYNC_SHUTDOWN_GRACE_MS: '60000', ROUTESYNC_RETRY_MIN_MS: '10', ROUTESYNC_RETRY_MAX_MS: '20', ...env }, (close) => cleanups.push(close), 2);
 }
 
 const changes = (count: number): RouteChange[] => Array.from({ length: count }, () => parseChange(makeRoute()));
