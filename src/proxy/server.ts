@@ -369,6 +369,18 @@ class UpstreamAgent extends http.Agent {
   }
 }
 
+/** The Connection tokens that belong to an h2c upgrade. */
+const H2C_CONNECTION_TOKENS = new Set(['upgrade', 'http2-settings']);
+
+/** An upgrade that offers h2c and nothing else (a WebSocket handshake never does). */
+function offersOnlyH2c(req: IncomingMessage): boolean {
+  const offered = String(req.headers.upgrade ?? '')
+    .split(',')
+    .map((token) => token.trim().toLowerCase())
+    .filter((token) => token !== '');
+  return offered.length > 0 && offered.every((token) => token === 'h2c');
+}
+
 export class DataPlane {
   readonly server: http.Server;
   private readonly config: Config;
@@ -429,7 +441,8 @@ export class DataPlane {
     this.server.on('checkContinue', (req: IncomingMessage, res: ServerResponse) => this.guard(() => this.onRequest(req, res, true), res));
     this.server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => {
       try {
-        this.onUpgrade(req, socket, head);
+        if (offersOnlyH2c(req)) this.serveWithoutUpgrade(req, socket, head);
+        else this.onUpgrade(req, socket, head);
       } catch (error) {
         this.logger.error({ err: error }, 'data plane upgrade handler failed');
         socket.destroy();
@@ -659,6 +672,38 @@ export class DataPlane {
     if (request === undefined || exchange.proxyReq !== undefined || request.socket) return;
     exchange.upstreamRequest = undefined;
     this.agent.withdraw(request);
+  }
+
+  /**
+   * An `Upgrade: h2c` (curl --http2 to an http:// URL, some gRPC clients): served as the
+   * HTTP/1.1 request it also is, as a server that does not speak h2c does (RFC 9110 §7.8 lets a
+   * server ignore Upgrade; RFC 9113 §3.1, the client goes on in HTTP/1.1). Node has already
+   * taken the socket out of HTTP parsing, so the request is written back in front of what
+   * followed it, without the upgrade, and the socket handed to the server as a new connection
+   * (the documented way to inject one): its parser reads it as any request, body and pipelined
+   * requests included.
+   */
+  private serveWithoutUpgrade(req: IncomingMessage, socket: Socket, head: Buffer): void {
+    const lines = [`${req.method ?? 'GET'} ${req.url ?? '/'} HTTP/${req.httpVersion}`];
+    const raw = req.rawHeaders;
+    for (let i = 0; i + 1 < raw.length; i += 2) {
+      const name = raw[i]!;
+      const lower = name.toLowerCase();
+      if (lower === 'upgrade' || lower === 'http2-settings') continue;
+      let value = raw[i + 1]!;
+      if (lower === 'connection') {
+        value = value
+          .split(',')
+          .map((token) => token.trim())
+          .filter((token) => token !== '' && !H2C_CONNECTION_TOKENS.has(token.toLowerCase()))
+          .join(', ');
+        if (value === '') continue;
+      }
+      lines.push(`${name}: ${value}`);
+    }
+    // latin1: header bytes as they came (Node decodes raw headers as latin1).
+    socket.unshift(Buffer.concat([Buffer.from(`${lines.join('\r\n')}\r\n\r\n`, 'latin1'), head]));
+    this.server.emit('connection', socket);
   }
 
   // --- WebSocket ----------------------------------------------------------------------------

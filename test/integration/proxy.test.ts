@@ -2,6 +2,7 @@
 // hygiene, access log and metrics.
 import { readFileSync } from 'node:fs';
 import http from 'node:http';
+import net, { type AddressInfo } from 'node:net';
 import { Readable } from 'node:stream';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { ERROR_STATUS } from '../../src/proxy/target.js';
@@ -308,9 +309,9 @@ describe('admission errors: documented status and code, upstream untouched', () 
       code: 'traffic_token_invalid',
     },
     {
-      name: 'a WebSocket-less upgrade (h2c)',
+      name: 'an upgrade to anything but WebSocket or h2c',
       route: { id: 's12' },
-      request: (port) => ({ path: `/kruise/s12/${port}/`, headers: { connection: 'Upgrade, HTTP2-Settings', upgrade: 'h2c', 'http2-settings': 'AAMAAABkAAQAAP__' } }),
+      request: (port) => ({ path: `/kruise/s12/${port}/`, headers: { connection: 'Upgrade', upgrade: 'SPDY/3.1' } }),
       status: 400,
       code: 'unsupported_upgrade',
     },
@@ -397,6 +398,62 @@ describe('admission errors: documented status and code, upstream untouched', () 
     });
     expect(body).toBe('hello');
     expect(upstream.requests[0]?.headers.expect).toBeUndefined();
+  });
+});
+
+describe('an h2c upgrade (curl --http2 to an http:// URL)', () => {
+  /** Write raw bytes to the data plane and collect everything until `done` says the answers are complete. */
+  function rawExchange(address: AddressInfo, bytes: string, done: (received: string) => boolean): Promise<string> {
+    return new Promise((resolve, reject) => {
+      const socket = net.connect(address.port, address.address, () => socket.write(bytes));
+      let received = '';
+      const timer = setTimeout(() => {
+        socket.destroy();
+        reject(new Error(`no complete answer within 5 s; got ${JSON.stringify(received)}`));
+      }, 5000);
+      socket.on('data', (chunk: Buffer) => {
+        received += chunk.toString('latin1');
+        if (done(received)) {
+          clearTimeout(timer);
+          socket.destroy();
+          resolve(received);
+        }
+      });
+      socket.on('error', reject);
+    });
+  }
+
+  it('is served as the HTTP/1.1 request it also is: the upgrade dropped, the body and the next request on the connection kept', async () => {
+    dp.setRoute({ id: 'h2c', ip: upstream.host });
+    const path = `/kruise/h2c/${upstream.port}`;
+    const body = 'hello over http/1.1';
+    const request =
+      `POST ${path}/echo HTTP/1.1\r\nHost: client.example.com\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n` +
+      `HTTP2-Settings: AAMAAABkAAQAAP__\r\nContent-Length: ${body.length}\r\n\r\n${body}` +
+      `GET ${path}/inspect HTTP/1.1\r\nHost: client.example.com\r\nX-App: second\r\n\r\n`;
+    // Both answers are chunked: complete at the second last-chunk.
+    const received = await rawExchange(dp.address, request, (text) => (text.match(/\r\n0\r\n\r\n/g) ?? []).length >= 2);
+    const answers = received.split(/(?=HTTP\/1\.1 )/);
+    expect(answers).toHaveLength(2);
+    expect(answers[0]).toMatch(/^HTTP\/1\.1 200 /);
+    expect(answers[0]).not.toMatch(/^HTTP\/1\.1 101/);
+    expect(answers[0]).toContain(`\r\n\r\n${body.length.toString(16)}\r\n${body}\r\n0\r\n\r\n`);
+    expect(answers[1]).toMatch(/^HTTP\/1\.1 200 /);
+    const [first, second] = upstream.requests.slice(-2);
+    expect(first).toMatchObject({ method: 'POST', url: '/echo' });
+    for (const seen of [first!, second!]) {
+      expect(seen.headers.upgrade).toBeUndefined();
+      expect(seen.headers['http2-settings']).toBeUndefined();
+      expect(seen.headers.connection).toBe('keep-alive');
+    }
+    expect(second).toMatchObject({ method: 'GET', url: '/inspect', headers: { 'x-app': 'second' } });
+  });
+
+  it('is refused with the same errors as any request when the sandbox is unknown', async () => {
+    const request = `GET /kruise/nobody/${upstream.port}/ HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n`;
+    const received = await rawExchange(dp.address, request, (text) => text.includes('\r\n\r\n') && text.trimEnd().endsWith('}'));
+    expect(received).toMatch(/^HTTP\/1\.1 404 /);
+    expect(received.toLowerCase()).toContain('x-routesync-error: sandbox_not_found');
   });
 });
 
