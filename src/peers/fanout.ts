@@ -555,7 +555,6 @@ export class PeerSync {
     peer.ejections++;
     const durationMs = Math.min(this.config.ejectProbeMs * 2 ** (peer.ejections - 1), this.config.ejectMaxMs);
     peer.ejected = true;
-    peer.ejectedUntilMs = now + durationMs;
     this.metrics.peerEjections.inc();
     this.metrics.peersEjected.set(this.ejectedCount());
     this.logger.warn(
@@ -568,7 +567,9 @@ export class PeerSync {
     this.notifyIfIdle();
   }
 
+  /** The next probe; `ejectedUntil` says when (after a failed probe too, not the first ejection's end). */
   private scheduleProbe(peer: PeerState, delayMs: number): void {
+    peer.ejectedUntilMs = this.now() + delayMs;
     peer.timer = setTimeout(() => {
       peer.timer = null;
       void this.probe(peer);

@@ -196,7 +196,7 @@ describe('fan-out to peers', () => {
     expect(metrics).toMatch(/^routesync_peer_ejections_total 1$/m);
   });
 
-  it('keeps a peer ejected while its probe answers are cut off mid-body', async () => {
+  it('keeps a peer ejected while its probe answers are cut off mid-body, and says when the next probe is due', async () => {
     const [hung] = await fakePeers(1);
     hung!.mode = { kind: 'hang' };
     hung!.cutProbeAnswers = true;
@@ -211,7 +211,10 @@ describe('fan-out to peers', () => {
     await putRoute(node.api, makeRoute());
     await waitUntil(() => node.replica.sync.status()[0]?.ejected === true, 10_000, 'the hung peer to be ejected');
     const pushesWhenEjected = hung!.pushes;
+    const firstProbeAt = Date.parse(node.replica.sync.status()[0]!.ejectedUntil!);
     await waitUntil(() => hung!.probes >= 3, 10_000, 'three probes');
+    // GET /v1/peers tells when the next probe is due, not when the first one was.
+    await waitUntil(() => Date.parse(node.replica.sync.status()[0]!.ejectedUntil!) >= firstProbeAt + 100, 5000, 'ejectedUntil to move on with each failed probe');
     // A 200 whose body never arrives whole is no answer: no probe readmitted the peer, so no new push was sent.
     expect(hung!.pushes).toBe(pushesWhenEjected);
     expect(node.replica.sync.status()[0]).toMatchObject({ ejected: true, lastFailure: { errorClass: 'reset' } });
