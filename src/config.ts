@@ -38,6 +38,8 @@ export interface Config {
   readonly peerTlsCert: string;
   readonly peerTlsKey: string;
   readonly peerTlsCa: string;
+  /** How often the peer TLS files are read again to pick up a rotation (0 = read once, at start). */
+  readonly peerTlsReloadMs: number;
 
   /** Cap on peer requests in flight across all peers (p-limit). */
   readonly syncConcurrency: number;
@@ -129,6 +131,7 @@ export const SETTINGS: Readonly<Record<string, Setting>> = {
   ROUTESYNC_PEER_TLS_CERT: { key: 'peerTlsCert', kind: 'file', fallback: '' },
   ROUTESYNC_PEER_TLS_KEY: { key: 'peerTlsKey', kind: 'file', fallback: '' },
   ROUTESYNC_PEER_TLS_CA: { key: 'peerTlsCa', kind: 'file', fallback: '' },
+  ROUTESYNC_PEER_TLS_RELOAD_MS: { key: 'peerTlsReloadMs', kind: 'int', fallback: '60000', min: 0, max: 86_400_000 },
   ROUTESYNC_SYNC_CONCURRENCY: { key: 'syncConcurrency', kind: 'int', fallback: '64', min: 1, max: 10_000 },
   ROUTESYNC_SYNC_DEADLINE_MS: { key: 'syncDeadlineMs', kind: 'int', fallback: '500', min: 0, max: 60_000 },
   ROUTESYNC_ATTEMPT_TIMEOUT_MS: { key: 'attemptTimeoutMs', kind: 'int', fallback: '100', min: 1, max: 60_000 },

@@ -58,6 +58,17 @@ export class Metrics {
     labelNames: ['result'] as const,
     registers: [this.registry],
   });
+  readonly peerTlsReloads = new Counter({
+    name: 'routesync_peer_tls_reloads_total',
+    help: 'Changed peer TLS files read again, by outcome (applied, or failed: unreadable or unusable, the current ones kept)',
+    labelNames: ['outcome'] as const,
+    registers: [this.registry],
+  });
+  readonly peerTlsCertExpiry = new Gauge({
+    name: 'routesync_peer_tls_cert_expiry_timestamp_seconds',
+    help: "The peer TLS certificate in use: its notAfter, in Unix seconds (absent without TLS)",
+    registers: [this.registry],
+  });
   readonly outboxDropped = new Counter({
     name: 'routesync_outbox_dropped_total',
     help: 'Queued changes dropped because an outbox was full (reconciliation repairs them)',

@@ -1,9 +1,9 @@
 // Replica: the composition root. config -> components -> listeners; ordered shutdown.
 // main.ts runs one; the integration tests run several in one process, each with its own
 // registry, logger, Agent and servers.
-import { randomUUID } from 'node:crypto';
+import { randomUUID, X509Certificate } from 'node:crypto';
 import { createServer, type RequestListener, type Server, type ServerResponse } from 'node:http';
-import { createServer as createHttpsServer } from 'node:https';
+import { createServer as createHttpsServer, type Server as HttpsServer } from 'node:https';
 import type { AddressInfo } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import type { DestinationStream } from 'pino';
@@ -73,6 +73,11 @@ export class Replica {
   private shuttingDown = false;
   private closing: Promise<void> | undefined;
   private readonly timers: NodeJS.Timeout[] = [];
+  /** The peer TLS material in use (undefined without TLS), and the HTTPS peer listener it serves. */
+  private peerTls: PeerTlsMaterial | undefined;
+  private readonly tlsServer: HttpsServer | undefined;
+  /** The last failed re-read of the TLS files, so that a lasting failure is logged once. */
+  private tlsReloadFailure: string | undefined;
   private bound: ReplicaAddresses | undefined;
   /** Responses of the local and peer APIs, so that shutdown can make each close its connection. */
   private readonly apiResponses = new KeepAliveCutter();
@@ -93,12 +98,13 @@ export class Replica {
     // certificate (its client certificate when the peers ask for one) and the same CA.
     const tls = options.peerTls ?? readPeerTls(config);
     this.peerScheme = tls ? 'https' : 'http';
+    this.peerTls = tls;
     this.table = new RouteTable({ tombstoneTtlMs: config.tombstoneTtlMs });
     this.client = new PeerClient({
       connections: config.peerConnections,
       token: config.peerToken,
       instanceId: this.instanceId,
-      ...(tls ? { scheme: 'https' as const, connect: { cert: tls.cert, key: tls.key, ...(tls.ca ? { ca: tls.ca } : {}) } } : {}),
+      ...(tls ? { scheme: 'https' as const, tls } : {}),
       onRequest: (peer, path) => {
         this.faults.checkOutgoing(peer, path);
         options.onPeerRequest?.(peer, path);
@@ -172,12 +178,11 @@ export class Replica {
     // it against the CA. The handshake itself accepts a client without one, so the kubelet's
     // HTTPS probes and Prometheus still reach /healthz, /readyz and /metrics; every other path
     // answers 403 unless the certificate verified (checked above, before Express sees it).
-    this.peerServer = tls
-      ? createHttpsServer(
-          { cert: tls.cert, key: tls.key, ...(tls.ca ? { ca: tls.ca, requestCert: true, rejectUnauthorized: false } : {}) },
-          peerListener,
-        )
-      : createServer(peerListener);
+    this.tlsServer = tls
+      ? createHttpsServer({ ...secureContextOptions(tls), ...(tls.ca ? { requestCert: true, rejectUnauthorized: false } : {}) }, peerListener)
+      : undefined;
+    this.peerServer = this.tlsServer ?? createServer(peerListener);
+    if (tls) this.metrics.peerTlsCertExpiry.set(certificateExpirySeconds(tls.cert));
     // Outlive the peers' pooled idle connections (undici keeps them 30 s at most), so a
     // connection is never closed by the server just as a peer reuses it.
     this.peerServer.keepAliveTimeout = 65_000;
@@ -232,6 +237,14 @@ export class Replica {
     const sweep = setInterval(() => this.table.sweepExpiredFences(), sweepMs);
     sweep.unref();
     this.timers.push(sweep);
+
+    // A certificate rotation (cert-manager renews a Secret; the kubelet swaps the mounted files)
+    // is picked up by reading the files again: no restart, no connection dropped.
+    if (this.peerTls && this.config.peerTlsReloadMs > 0) {
+      const reload = setInterval(() => this.reloadPeerTls(), this.config.peerTlsReloadMs);
+      reload.unref();
+      this.timers.push(reload);
+    }
 
     if (!isLoopback(this.config.apiAddr.host)) {
       this.logger.warn(
@@ -313,6 +326,40 @@ export class Replica {
     return delivered && queued === 0;
   }
 
+  /**
+   * Read the peer TLS files again and, when they changed and are usable, serve and dial with
+   * them: the listener's new handshakes (setSecureContext) and the client's new connections
+   * (PeerClient.setTls). Connections already open keep the handshake they made. Files caught
+   * half-rotated (a certificate whose key has not landed yet) or gone leave the material in use,
+   * and say so once until they are usable again.
+   */
+  reloadPeerTls(): 'applied' | 'unchanged' | 'failed' {
+    const current = this.peerTls;
+    if (!current || !this.tlsServer) return 'unchanged';
+    let next: PeerTlsMaterial | undefined;
+    try {
+      next = readPeerTls(this.config);
+    } catch (error) {
+      if (!(error instanceof ConfigError)) throw error;
+      this.metrics.peerTlsReloads.inc({ outcome: 'failed' });
+      if (error.message !== this.tlsReloadFailure) {
+        this.logger.warn({ reason: error.message }, 'peer TLS files are not usable; the certificate in use is kept');
+      }
+      this.tlsReloadFailure = error.message;
+      return 'failed';
+    }
+    this.tlsReloadFailure = undefined;
+    if (!next || (next.cert.equals(current.cert) && next.key.equals(current.key) && sameBuffer(next.ca, current.ca))) return 'unchanged';
+    this.tlsServer.setSecureContext(secureContextOptions(next));
+    this.client.setTls(next);
+    this.peerTls = next;
+    this.metrics.peerTlsReloads.inc({ outcome: 'applied' });
+    this.metrics.peerTlsCertExpiry.set(certificateExpirySeconds(next.cert));
+    const certificate = new X509Certificate(next.cert);
+    this.logger.info({ subject: certificate.subject, notAfter: certificate.validTo, fingerprint256: certificate.fingerprint256 }, 'peer TLS material reloaded');
+    return 'applied';
+  }
+
   /** Close everything now (tests, and the end of shutdown). Idempotent. */
   close(): Promise<void> {
     this.closing ??= (async () => {
@@ -328,6 +375,19 @@ export class Replica {
     })();
     return this.closing;
   }
+}
+
+function secureContextOptions(tls: PeerTlsMaterial): { cert: Buffer; key: Buffer; ca?: Buffer } {
+  return { cert: tls.cert, key: tls.key, ...(tls.ca ? { ca: tls.ca } : {}) };
+}
+
+function sameBuffer(a: Buffer | undefined, b: Buffer | undefined): boolean {
+  return a === undefined || b === undefined ? a === b : a.equals(b);
+}
+
+/** A certificate's notAfter in Unix seconds (the first certificate of a chain file). */
+function certificateExpirySeconds(cert: Buffer): number {
+  return Math.floor(Date.parse(new X509Certificate(cert).validTo) / 1000);
 }
 
 /**

@@ -9,7 +9,7 @@
 //    own errors with a stable `code`;
 //  - errors are classified by `code` (and HTTP status), never by `instanceof` (undici's error
 //    classes are duplicated when two copies of undici are loaded).
-import { Agent, type Dispatcher } from 'undici';
+import { Agent, buildConnector, type Dispatcher } from 'undici';
 import type { RouteChange } from '../routes/route.js';
 import { changeToWire } from '../routes/route.js';
 
@@ -186,8 +186,8 @@ export interface PeerClientOptions {
   readonly instanceId: string;
   /** 'https' when the peer API uses TLS. */
   readonly scheme?: 'http' | 'https';
-  /** Extra undici connect options (TLS CA, client certificate). */
-  readonly connect?: Agent.Options['connect'];
+  /** TLS material (client certificate, trusted CA) for the connections to peers; see setTls. */
+  readonly tls?: PeerClientTls;
   /** Test hook: count dispatched requests. */
   readonly onRequest?: (peer: string, path: string) => void;
 }
@@ -203,6 +203,20 @@ export interface PushAck {
 
 const NONE_REJECTED: readonly number[] = Object.freeze([]);
 
+/** The client side of the peer TLS material. */
+export interface PeerClientTls {
+  readonly cert: Buffer;
+  readonly key: Buffer;
+  readonly ca?: Buffer | undefined;
+}
+
+/** undici's own connect timeout (the attempt's AbortSignal is the real budget). */
+const CONNECT_TIMEOUT_MS = 10_000;
+
+function tlsConnector(tls: PeerClientTls): buildConnector.connector {
+  return buildConnector({ timeout: CONNECT_TIMEOUT_MS, cert: tls.cert, key: tls.key, ...(tls.ca ? { ca: tls.ca } : {}) });
+}
+
 export const INSTANCE_HEADER = 'x-routesync-instance';
 export const PEER_PUSH_PATH = '/v1/peer/routes';
 
@@ -211,8 +225,12 @@ export class PeerClient {
   private readonly headers: Record<string, string>;
   private readonly scheme: 'http' | 'https';
 
+  /** undici's connector for TLS, replaced by setTls; connections already open keep theirs. */
+  private connector: buildConnector.connector | undefined;
+
   constructor(private readonly options: PeerClientOptions) {
     this.scheme = options.scheme ?? 'http';
+    this.connector = options.tls ? tlsConnector(options.tls) : undefined;
     this.agent = new Agent({
       connections: options.connections,
       pipelining: 1,
@@ -220,10 +238,21 @@ export class PeerClient {
       // own keep-alive hint (Node's default 5 s) still wins when shorter.
       keepAliveTimeout: 30_000,
       keepAliveMaxTimeout: 60_000,
-      ...(options.connect ? { connect: options.connect } : {}),
+      // Through a field, so that a certificate rotation (setTls) reaches the next connection
+      // without a new pool: the Agent builds its connector once.
+      ...(this.connector ? { connect: (connectOptions, callback) => this.connector!(connectOptions, callback) } : {}),
     });
     this.headers = { 'content-type': 'application/json', [INSTANCE_HEADER]: options.instanceId };
     if (options.token !== '') this.headers.authorization = `Bearer ${options.token}`;
+  }
+
+  /**
+   * New TLS material (a rotated certificate or CA): connections opened from now on use it;
+   * pooled ones keep the handshake they made until they close (at most keepAliveMaxTimeout).
+   * A client made without TLS ignores it.
+   */
+  setTls(tls: PeerClientTls): void {
+    if (this.connector) this.connector = tlsConnector(tls);
   }
 
   origin(peer: string): string {

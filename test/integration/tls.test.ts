@@ -257,3 +257,73 @@ describe.skipIf(!hasOpenssl)('peer TLS', () => {
     expect(child.stderr[0]).toMatch(/^routesync: invalid ROUTESYNC_PEER_TLS_CERT: cannot read ".*missing\.crt" \(ENOENT\)$/);
   });
 });
+
+describe.skipIf(!hasOpenssl)('peer TLS rotation', () => {
+  let pki: Pki;
+  let cluster: TestReplica[] = [];
+  const agents: Agent[] = [];
+  afterAll(async () => {
+    await stopAll(cluster);
+    await Promise.all(agents.map((made) => made.close()));
+    if (pki) rmSync(pki.dir, { recursive: true, force: true });
+  });
+
+  async function counter(node: TestReplica, outcome: string): Promise<number> {
+    const { values } = await node.replica.metrics.peerTlsReloads.get();
+    return values.find((value) => value.labels.outcome === outcome)?.value ?? 0;
+  }
+
+  async function digestStatus(node: TestReplica, tls: { ca: string; cert: string; key: string }): Promise<number | string> {
+    const dispatcher = new Agent({ connect: { ca: readFile(tls.ca), cert: readFile(tls.cert), key: readFile(tls.key) } });
+    agents.push(dispatcher);
+    try {
+      const response = await request(`${node.peerUrl}/v1/peer/digest?root=1`, { dispatcher, signal: AbortSignal.timeout(5000) });
+      await response.body.dump();
+      return response.statusCode;
+    } catch (error) {
+      return (error as { code?: string }).code ?? 'error';
+    }
+  }
+
+  it('picks up a rotated certificate, key and CA from the same files without a restart; a half-written rotation keeps the material in use', async () => {
+    pki = makePki();
+    makeCa(pki.dir, 'next');
+    makeLeaf(pki.dir, 'next', 'rotated');
+    const next = { ca: join(pki.dir, 'next-ca.crt'), cert: join(pki.dir, 'rotated.crt'), key: join(pki.dir, 'rotated.key') };
+    // The files the replicas read, as a mounted Secret: the cluster CA's material first.
+    const live = { ca: join(pki.dir, 'live-ca.crt'), cert: join(pki.dir, 'live.crt'), key: join(pki.dir, 'live.key') };
+    const install = (from: { ca?: string; cert?: string; key?: string }) => {
+      for (const part of ['ca', 'cert', 'key'] as const) if (from[part]) writeFileSync(live[part], readFile(from[part]!));
+    };
+    install({ ca: pki.ca, cert: pki.cert, key: pki.key });
+    cluster = await startCluster(2, {
+      ROUTESYNC_PEER_TLS_CERT: live.cert,
+      ROUTESYNC_PEER_TLS_KEY: live.key,
+      ROUTESYNC_PEER_TLS_CA: live.ca,
+      ROUTESYNC_PEER_TLS_RELOAD_MS: '50',
+    });
+    const [a, b] = cluster as [TestReplica, TestReplica];
+    expect((await putRoute(a.api, makeRoute())).body.sync.acked).toBe(1);
+    const expiryBefore = (await a.replica.metrics.peerTlsCertExpiry.get()).values[0]?.value;
+    expect(expiryBefore).toBeGreaterThan(Date.now() / 1000);
+
+    // Half a rotation: the new certificate has landed, its key not yet. Kept, and said once.
+    install({ cert: next.cert });
+    await waitUntil(async () => (await counter(a, 'failed')) >= 3 && (await counter(b, 'failed')) >= 3, 5000, 'failed re-reads on both');
+    expect(a.logs.lines.filter((line) => line.includes('peer TLS files are not usable')).length).toBe(1);
+    expect(await digestStatus(b, { ca: pki.ca, cert: pki.cert, key: pki.key }), 'b still serves the old certificate').toBe(200);
+    expect((await putRoute(a.api, makeRoute())).body.sync.acked).toBe(1);
+
+    // The whole rotation, to a new CA: both replicas serve, trust and present the new material.
+    install(next);
+    await waitUntil(async () => (await counter(a, 'applied')) === 1 && (await counter(b, 'applied')) === 1, 5000, 'the rotation applied on both');
+    expect(a.logs.lines.some((line) => line.includes('peer TLS material reloaded'))).toBe(true);
+    expect(await digestStatus(b, next), 'a client of the new CA').toBe(200);
+    expect(await digestStatus(b, { ca: pki.ca, cert: pki.cert, key: pki.key }), 'a client of the old CA no longer trusts b').not.toBe(200);
+    // A's connections opened from now on dial with the new material (B asks for a certificate
+    // its new CA signed, and shows one only that CA verifies).
+    b.replica.peerServer.closeAllConnections();
+    expect((await putRoute(a.api, makeRoute())).body.sync).toMatchObject({ acked: 1, failed: [] });
+    expect(await counter(a, 'applied'), 'applied once: unchanged files are not applied again').toBe(1);
+  });
+});
