@@ -196,7 +196,6 @@ export interface PeerClientOptions {
 export interface PushAck {
   readonly applied: number;
   readonly ignored: number;
-  readonly rejected: number;
   /** Indexes in the batch of the entries the peer rejected (anything but applied or ignored). */
   readonly rejectedAt: readonly number[];
 }
@@ -277,7 +276,7 @@ export class PeerClient {
       else if (outcome === 'ignored') ignored++;
       else (rejectedAt ??= []).push(i);
     }
-    return { applied, ignored, rejected: rejectedAt?.length ?? 0, rejectedAt: rejectedAt ?? NONE_REJECTED };
+    return { applied, ignored, rejectedAt: rejectedAt ?? NONE_REJECTED };
   }
 
   /**

@@ -460,11 +460,12 @@ export class PeerSync {
     if (peer.removed) return;
     // A rejected entry is not delivered: the calls waiting on it are told `rejected`.
     peer.outbox.ackInFlight(ack.rejectedAt);
-    this.metrics.routesPushed.inc(batch.length - ack.rejected);
-    if (ack.rejected > 0) {
+    const rejected = ack.rejectedAt.length;
+    this.metrics.routesPushed.inc(batch.length - rejected);
+    if (rejected > 0) {
       // Our own validation passed these, so a rejection means the peer runs an incompatible
       // version; reconciliation cannot fix that either, so say it loudly.
-      this.logger.error({ peer: peer.address, rejected: ack.rejected }, 'peer rejected routes this replica accepted');
+      this.logger.error({ peer: peer.address, rejected }, 'peer rejected routes this replica accepted');
     }
   }
 
