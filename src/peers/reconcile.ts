@@ -37,9 +37,10 @@
 //    the rebuild ran (a push into a bucket already pulled). An older local change is dropped
 //    like any stale route, and the warning names it: a deletion made elsewhere may have
 //    outlived its fences, and sparing it would bring the route back. Its manager's sync reached
-//    no peer, so the manager has been told (pending), and must send it again. Dropped WITHOUT a fence: a fence at a route's live version would
-//    travel and delete it everywhere if it is live after all (a push the source has not had
-//    yet); real deletions are carried by the source's own fences, which the pull brings.
+//    no peer (acked 0, the rest pending), so the manager sends it again. Dropped WITHOUT a
+//    fence: a fence at a route's live version would travel and delete it everywhere if it is
+//    live after all (a push the source has not had yet); real deletions are carried by the
+//    source's own fences, which the pull brings.
 //  - A rebuild needs a trustworthy source: a SEEDED peer (one that started alone, bootstrapped
 //    from a peer, or has since completed a round with a seeded peer). A replica that turned
 //    ready empty after a bootstrap timeout is not seeded: its table is only what its manager
