@@ -280,7 +280,7 @@ export class Replica {
     if (!dns) return {};
     const started = Date.now();
     // Static peers are known peers to bootstrap from; without any, wait for DNS to name some.
-    const peersKnown = dns.resolved || (this.sync.peerAddresses().length === 0 && (await dns.awaitAnswer(this.config.bootstrapTimeoutMs)));
+    const peersKnown = dns.resolved || (this.sync.peerCount === 0 && (await dns.awaitAnswer(this.config.bootstrapTimeoutMs)));
     dns.start();
     return { peersKnown, timeoutMs: Math.max(0, this.config.bootstrapTimeoutMs - (Date.now() - started)) };
   }
@@ -288,7 +288,7 @@ export class Replica {
   refreshGauges(): void {
     this.metrics.routes.set(this.table.size);
     this.metrics.tombstones.set(this.table.fenceCount);
-    this.metrics.peers.set(this.sync.peerAddresses().length);
+    this.metrics.peers.set(this.sync.peerCount);
     this.metrics.peersEjected.set(this.sync.ejectedCount());
     this.metrics.outboxRoutes.set(this.sync.outboxSize());
     this.metrics.convergenceLag.set(this.reconciler.lagSeconds());

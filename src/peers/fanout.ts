@@ -161,6 +161,11 @@ export class PeerSync {
     return [...this.peers.keys()];
   }
 
+  /** How many peers there are (without listing them: asked for every change a suspect check sees). */
+  get peerCount(): number {
+    return this.peers.size;
+  }
+
   /** Peers not ejected: the ones a reconcile round may talk to. */
   healthyPeerAddresses(): string[] {
     return [...this.peers.values()].filter((peer) => !peer.ejected).map((peer) => peer.address);

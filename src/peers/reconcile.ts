@@ -283,7 +283,7 @@ export class Reconciler {
 
   /** Out of contact for too long while having peers: this table must not be offered. */
   isSuspect(): boolean {
-    if (this.sync.peerAddresses().length === 0) {
+    if (this.sync.peerCount === 0) {
       this.alone();
       return false;
     }
@@ -326,7 +326,7 @@ export class Reconciler {
     const started = performance.now();
     const peersKnown = options.peersKnown ?? true;
     try {
-      if (this.sync.peerAddresses().length === 0) {
+      if (this.sync.peerCount === 0) {
         if (!peersKnown) {
           // No peer known is not "no peers" while discovery has not answered: the fleet may
           // hold routes. Ready, so that the manager's pushes are served, but not seeded.
@@ -363,7 +363,7 @@ export class Reconciler {
         if (peersKnown && this.seedFreshFleet()) return 'timeout';
         this.logger.warn(
           {
-            peers: this.sync.peerAddresses().length,
+            peers: this.sync.peerCount,
             timeoutMs: this.config.bootstrapTimeoutMs,
             ...(lastError ? { errorClass: lastError.errorClass, code: lastError.code } : {}),
           },
@@ -463,7 +463,7 @@ export class Reconciler {
    * but never past the longest interval config allows for the fence TTL (below TTL / 5), or a
    * large enough fleet's healthy replicas would go half a TTL between rounds and turn suspect.
    */
-  intervalMs(peerCount = this.sync.peerAddresses().length): number {
+  intervalMs(peerCount = this.sync.peerCount): number {
     const stretched = this.config.reconcileIntervalMs * Math.max(1, peerCount / LARGE_FLEET_PEERS);
     return Math.min(stretched, Math.max(this.config.reconcileIntervalMs, maxReconcileIntervalMs(this.config.tombstoneTtlMs)));
   }
