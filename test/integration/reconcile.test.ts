@@ -275,14 +275,11 @@ describe('no resurrection', () => {
     c!.replica.faults.isolate();
     const deleted = await fetch(`${c!.api}/v1/routes/zombie/${name}?resourceVersion=11`, { method: 'DELETE' });
     expect(((await deleted.json()) as any).result).toMatchObject({ outcome: 'applied', reason: 'deleted' });
-    await waitUntil(
-      async () => {
-        await a!.replica.reconciler.runRound();
-        await b!.replica.reconciler.runRound();
-        return c!.replica.reconciler.isSuspect() && c!.replica.table.getFence('zombie', name) === undefined;
-      },
+    await roundsInContactUntil(
+      [a!, b!],
+      () => c!.replica.reconciler.isSuspect() && c!.replica.table.getFence('zombie', name) === undefined,
       ttlMs + 5000,
-      "c to turn suspect and its fence to expire",
+      'c to turn suspect and its fence to expire',
     );
 
     // The cut heals for rounds first (its pushes wait for the ejected peers' next probe), then for pushes.
@@ -313,12 +310,9 @@ describe('no resurrection', () => {
     expect(((await deleted.json()) as any).result).toMatchObject({ outcome: 'applied', reason: 'deleted' });
     expect(a!.replica.table.get('zombie', name), 'the delete reached a').toBeUndefined();
     // The cut outlasts the fence; A and B stay in contact.
-    await waitUntil(
-      async () => {
-        await a!.replica.reconciler.runRound();
-        await b!.replica.reconciler.runRound();
-        return c!.replica.reconciler.isSuspect() && [a!, b!].every((node) => node.replica.table.getFence('zombie', name) === undefined);
-      },
+    await roundsInContactUntil(
+      [a!, b!],
+      () => c!.replica.reconciler.isSuspect() && [a!, b!].every((node) => node.replica.table.getFence('zombie', name) === undefined),
       ttlMs + 5000,
       'c to turn suspect and the fences on a and b to expire',
     );
@@ -340,6 +334,18 @@ describe('no resurrection', () => {
   });
 });
 
+/** Rounds on the replicas still in contact (one each, in turn) until `done` holds; the cut-off one runs none. */
+async function roundsInContactUntil(inContact: readonly Node[], done: () => boolean, timeoutMs: number, what: string): Promise<void> {
+  await waitUntil(
+    async () => {
+      for (const node of inContact) await node.replica.reconciler.runRound();
+      return done();
+    },
+    timeoutMs,
+    what,
+  );
+}
+
 /**
  * Three replicas with manual rounds; C is cut off, and its own manager creates `name` at version
  * 10 (the push queued for A and B), then the sandbox is deleted through A at version 11. The cut
@@ -356,12 +362,9 @@ async function createdOnCutReplicaThenDeletedElsewhere(ttlMs: number): Promise<{
   const deleted = await fetch(`${a!.api}/v1/routes/zombie/${name}?resourceVersion=11`, { method: 'DELETE' });
   expect(((await deleted.json()) as any).result.outcome).toBe('applied');
   expect(b!.replica.table.getFence('zombie', name), 'the fence reached b').toBeDefined();
-  await waitUntil(
-    async () => {
-      await a!.replica.reconciler.runRound();
-      await b!.replica.reconciler.runRound();
-      return c!.replica.reconciler.isSuspect() && [a!, b!].every((node) => node.replica.table.getFence('zombie', name) === undefined);
-    },
+  await roundsInContactUntil(
+    [a!, b!],
+    () => c!.replica.reconciler.isSuspect() && [a!, b!].every((node) => node.replica.table.getFence('zombie', name) === undefined),
     ttlMs + 5000,
     'c to turn suspect and the fences on a and b to expire',
   );
@@ -413,12 +416,9 @@ describe('no resurrection of a change made on a replica cut off for longer than 
     c!.replica.faults.isolate();
     const createdAt = Date.now();
     expect((await putRoute(c!.api, route)).body.sync.acked).toBe(0);
-    await waitUntil(
-      async () => {
-        await a!.replica.reconciler.runRound();
-        await b!.replica.reconciler.runRound();
-        return c!.replica.reconciler.isSuspect() && Date.now() - createdAt > ttlMs;
-      },
+    await roundsInContactUntil(
+      [a!, b!],
+      () => c!.replica.reconciler.isSuspect() && Date.now() - createdAt > ttlMs,
       ttlMs + 5000,
       'c to turn suspect and its change to age past the TTL',
     );
@@ -451,15 +451,7 @@ describe('suspect tables and trust', () => {
     // accept (a peer of another version wrote it past validation).
     const unreadable = { ...route, resourceVersion: '12', ip: '999.0.0.1' } as unknown as Route;
     for (const node of [a!, b!]) node.replica.table.upsert(unreadable);
-    await waitUntil(
-      async () => {
-        await a!.replica.reconciler.runRound();
-        await b!.replica.reconciler.runRound();
-        return c!.replica.reconciler.isSuspect();
-      },
-      5000,
-      'c to turn suspect',
-    );
+    await roundsInContactUntil([a!, b!], () => c!.replica.reconciler.isSuspect(), 5000, 'c to turn suspect');
     c!.replica.faults.heal();
     expect(await c!.replica.reconciler.runRound()).toMatchObject({ result: 'rebuilt' });
     expect(await counter(c!.replica.metrics.reconcileRefused)).toBe(1);
@@ -662,15 +654,7 @@ describe('suspect rebuild', () => {
     const [a, b, c] = await cluster(3, { ROUTESYNC_TOMBSTONE_TTL_MS: '1000', ROUTESYNC_RECONCILE_INTERVAL_MS: '100' }, MANUAL_ROUNDS);
     c!.replica.faults.isolate();
     // A and B stay in contact (rounds only when the test runs them) while C turns suspect.
-    await waitUntil(
-      async () => {
-        await a!.replica.reconciler.runRound();
-        await b!.replica.reconciler.runRound();
-        return c!.replica.reconciler.isSuspect();
-      },
-      5000,
-      'c to turn suspect',
-    );
+    await roundsInContactUntil([a!, b!], () => c!.replica.reconciler.isSuspect(), 5000, 'c to turn suspect');
     const all = [a!, b!, c!];
     const name = (route: Record<string, unknown>) => route.name as string;
     // A live route whose push reached B and C but not A yet (still in the pusher's outbox for A).
