@@ -9,11 +9,14 @@
 //  3. A delete applies when its resourceVersion is >= the stored route's (a manager deletes at
 //     the sandbox's current version) and leaves a fence at that version. A later delete with a
 //     greater version advances the fence's version; the fence's expiry is counted from its
-//     first creation (`fencedAtMs`, the earliest one seen, carried between replicas so every
-//     replica expires the same fence at the same time; never later than this table's now, so a
-//     peer's clock ahead of ours cannot stretch a fence past the TTL).
+//     first creation (`fencedAtMs`, carried between replicas so that they expire the same fence
+//     together; never later than this table's now, so a peer's clock ahead of ours cannot
+//     stretch a fence past the TTL). A delete that removes a live route starts a fence now,
+//     whatever time it carries, and of the same delete's times the latest is kept: a peer that
+//     missed the route's re-creation carries an older fence's time, which would expire the
+//     deletion while a replica cut off with the route is not yet suspect.
 //  4. The table's state is a function of the set of changes applied, not of their order (a
-//     property test checks this): in particular the route serving a sandbox ID is the one with
+//     property test checks this; a fence's creation time aside, see 3): in particular the route serving a sandbox ID is the one with
 //     the greatest resourceVersion among the live routes carrying that ID (ties: the smallest
 //     identity key). Kubernetes resourceVersions of all objects come from one etcd counter, so
 //     "greatest" means "newest": a newer identity takes the ID over (`id_takeover`).
@@ -191,7 +194,8 @@ export class RouteTable {
     const now = this.now();
     // A peer's fencedAtMs is clamped to now: one in the future (a clock ahead, or a bad pusher)
     // would keep the fence past the TTL, up to for ever, and pulls would copy it fleet-wide.
-    const fencedAtMs = Math.min(deletion.fencedAtMs ?? now, now, fence?.fencedAtMs ?? Number.POSITIVE_INFINITY);
+    const carriedAtMs = deletion.fencedAtMs === undefined ? undefined : Math.min(deletion.fencedAtMs, now);
+    const fencedAtMs = Math.min(carriedAtMs ?? now, fence?.fencedAtMs ?? Number.POSITIVE_INFINITY);
     const expired = fencedAtMs + this.tombstoneTtlMs <= now;
 
     if (stored) {
@@ -199,14 +203,24 @@ export class RouteTable {
         return { outcome: 'ignored', reason: 'stale_resource_version', key, resourceVersion: version };
       }
       this.removeRoute(key, stored);
-      if (!expired) this.addFence(key, { resourceVersion: version, fencedAtMs });
+      // A fence made here, now, whatever time the delete carries: the route was live here, so
+      // another replica may hold it too. A time carried from a fence that never saw this route
+      // (a peer that missed its re-creation keeps an older fence's first creation) would expire
+      // this deletion early, and a replica cut off holding the route could offer it back.
+      this.addFence(key, { resourceVersion: version, fencedAtMs: now });
       return { outcome: 'applied', reason: 'deleted', key, resourceVersion: version };
     }
     if (fence) {
-      if (compareResourceVersions(version, fence.resourceVersion) <= 0) {
-        // Same or older delete: the visible state is unchanged, but an earlier first-creation
-        // time from a peer is adopted so that every replica expires the fence alike.
-        if (fencedAtMs < fence.fencedAtMs) this.fences.set(key, { resourceVersion: fence.resourceVersion, fencedAtMs });
+      const same = compareResourceVersions(version, fence.resourceVersion);
+      if (same <= 0) {
+        // The same delete from a peer whose fence of it started later (one that removed the live
+        // route later, see above): its time is adopted, so that every replica expires the fence
+        // as late as the latest of them. Never past now (the clamp above), and only a peer's
+        // time: a manager repeating its delete does not stretch the fence. An older delete
+        // changes nothing.
+        if (same === 0 && carriedAtMs !== undefined && carriedAtMs > fence.fencedAtMs) {
+          this.fences.set(key, { resourceVersion: fence.resourceVersion, fencedAtMs: carriedAtMs });
+        }
         return { outcome: 'ignored', reason: 'stale_resource_version', key, resourceVersion: version };
       }
       this.removeFence(key, fence);

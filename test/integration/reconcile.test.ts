@@ -86,8 +86,17 @@ async function counter(metric: { get(): Promise<{ values: { value: number; label
   return values.filter((entry) => Object.entries(labels).every(([key, value]) => entry.labels[key] === value)).reduce((sum, entry) => sum + entry.value, 0);
 }
 
+/**
+ * The same routes, fences (identity and version) and ID owners. Not the fences' creation times:
+ * a replica that removes a live route starts its fence when it does (src/routes/table.ts, 3), a
+ * few ms apart from replica to replica.
+ */
 function same(a: Replica, b: Replica): boolean {
-  return a.table.rootDigest() === b.table.rootDigest() && JSON.stringify(a.table.snapshot()) === JSON.stringify(b.table.snapshot());
+  const state = (replica: Replica) => {
+    const { routes, fences, idOwners } = replica.table.snapshot();
+    return JSON.stringify({ routes, fences: fences.map(({ key, resourceVersion }) => [key, resourceVersion]), idOwners });
+  };
+  return a.table.rootDigest() === b.table.rootDigest() && state(a) === state(b);
 }
 
 async function postBatch(api: string, routes: Record<string, unknown>[]): Promise<{ status: number; body: any }> {
@@ -436,6 +445,42 @@ describe('no resurrection of a change made on a replica cut off for longer than 
     const again = await putRoute(c!.api, route);
     expect(again.body).toMatchObject({ result: { outcome: 'applied' }, sync: { acked: 2 } });
     for (const node of all) expect(node.replica.table.get('early', name)?.resourceVersion).toBe('10');
+  });
+});
+
+describe('no resurrection of a re-created identity', () => {
+  it('a route re-created and deleted again stays deleted when a replica that missed the re-creation carries the first fence\'s time', async () => {
+    const ttlMs = 4000;
+    const env = { ROUTESYNC_TOMBSTONE_TTL_MS: String(ttlMs), ROUTESYNC_RECONCILE_INTERVAL_MS: '100', ROUTESYNC_EJECT_PROBE_MS: '50' };
+    const [a, b, c] = await cluster(3, env, MANUAL_ROUNDS);
+    const all = [a!, b!, c!];
+    const first = makeRoute({ namespace: 'reused', resourceVersion: '10' });
+    const name = first.name as string;
+    expect((await putRoute(a!.api, first)).body.sync.acked).toBe(2);
+    const deleteAt = async (node: Node, version: number) =>
+      ((await (await fetch(`${node.api}/v1/routes/reused/${name}?resourceVersion=${version}`, { method: 'DELETE' })).json()) as any).result.outcome;
+    expect(await deleteAt(a!, 11)).toBe('applied');
+    const firstFenceAt = Date.now();
+    // Most of a TTL later the name is claimed again, through A; C misses that push.
+    await roundsInContactUntil(all, () => Date.now() - firstFenceAt > 0.8 * ttlMs, ttlMs, '0.8 of the TTL');
+    a!.replica.faults.blockPushes(c!.replica.addresses.peer);
+    expect((await putRoute(a!.api, { ...first, resourceVersion: '12' })).body.result.outcome).toBe('applied');
+    expect(b!.replica.table.get('reused', name)?.resourceVersion).toBe('12');
+    expect(c!.replica.table.getFence('reused', name)?.resourceVersion, 'c missed the re-creation').toBe('11');
+    // B is cut off holding it; the sandbox is deleted again through C, whose fence advances
+    // from 11 to 13 keeping its first creation's time, which its push carries to A.
+    b!.replica.faults.isolate();
+    c!.replica.faults.blockPushes(b!.replica.addresses.peer);
+    expect(await deleteAt(c!, 13)).toBe('applied');
+    expect(a!.replica.table.get('reused', name), 'the delete reached a').toBeUndefined();
+    // The first fence's TTL passes; B, cut off for less than half a TTL, is not suspect yet.
+    await roundsInContactUntil([a!, c!], () => Date.now() - firstFenceAt > ttlMs + 100, 2 * ttlMs, 'the first fence to expire');
+    expect(b!.replica.reconciler.isSuspect(), 'b is still trusted (else the test is too slow to show anything)').toBe(false);
+    expect(a!.replica.table.getFence('reused', name), "a's fence dates from its own removal of the route").toBeDefined();
+
+    b!.replica.faults.heal();
+    for (let k = 0; k < 4; k++) for (const node of all) expect((await node.replica.reconciler.runRound()).result).not.toBe('failed');
+    for (const node of all) expect(node.replica.table.get('reused', name), 'the deleted route stays deleted').toBeUndefined();
   });
 });
 

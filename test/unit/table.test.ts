@@ -66,12 +66,20 @@ describe('RouteTable', () => {
     expect(table.upsert(route('b', '7')).outcome).toBe('applied');
   });
 
-  it('sweeps expired fences and adopts an earlier first-creation time from a peer', () => {
+  it('sweeps expired fences, and keeps the later of two times a peer gives for the same delete', () => {
     const clock = clockAt(50_000);
     const table = new RouteTable({ tombstoneTtlMs: 10_000, now: () => clock.now });
-    table.delete({ namespace: 'ns', name: 'c', resourceVersion: '3' });
     table.delete({ namespace: 'ns', name: 'c', resourceVersion: '3', fencedAtMs: 45_000 });
     expect(table.getFence('ns', 'c')?.fencedAtMs).toBe(45_000);
+    // An earlier time changes nothing; a later one (a peer that fenced it later) is adopted.
+    table.delete({ namespace: 'ns', name: 'c', resourceVersion: '3', fencedAtMs: 44_000 });
+    expect(table.getFence('ns', 'c')?.fencedAtMs).toBe(45_000);
+    table.delete({ namespace: 'ns', name: 'c', resourceVersion: '3', fencedAtMs: 46_000 });
+    expect(table.getFence('ns', 'c')?.fencedAtMs).toBe(46_000);
+    // The manager repeating its delete (no time of its own) does not stretch it.
+    clock.tick(1_000);
+    table.delete({ namespace: 'ns', name: 'c', resourceVersion: '3' });
+    expect(table.getFence('ns', 'c')?.fencedAtMs).toBe(46_000);
     clock.tick(4_999);
     expect(table.sweepExpiredFences()).toBe(0);
     clock.tick(1);
@@ -80,6 +88,23 @@ describe('RouteTable', () => {
     // A deletion whose fence already expired elsewhere leaves no fence here either.
     expect(table.delete({ namespace: 'ns', name: 'd', resourceVersion: '1', fencedAtMs: 0 })).toMatchObject({ reason: 'fence_expired' });
     expect(table.fenceCount).toBe(0);
+  });
+
+  it("starts the fence of a delete that removes a live route now, not at an older fence's time the delete carries", () => {
+    // A peer that missed the identity's re-creation (at 12) still held the fence of its first
+    // deletion (at 11, 8 s ago) and advanced it to the new delete (13) without a new expiry.
+    // Taken here, where the route was live, that time would expire this deletion in 2 s.
+    const clock = clockAt(100_000);
+    const table = new RouteTable({ tombstoneTtlMs: 10_000, now: () => clock.now });
+    table.upsert(route('h', '12'));
+    expect(table.delete({ namespace: 'ns', name: 'h', resourceVersion: '13', fencedAtMs: 92_000 })).toMatchObject({ outcome: 'applied', reason: 'deleted' });
+    expect(table.getFence('ns', 'h')).toEqual({ resourceVersion: '13', fencedAtMs: 100_000 });
+    clock.tick(9_999);
+    expect(table.upsert(route('h', '12')).outcome, 'the re-created route, offered back by a replica cut off with it').toBe('ignored');
+    // Even a delete whose carried time has long expired leaves a fence where it removed a route.
+    table.upsert(route('k', '5'));
+    table.delete({ namespace: 'ns', name: 'k', resourceVersion: '5', fencedAtMs: 0 });
+    expect(table.getFence('ns', 'k')?.fencedAtMs).toBe(clock.now);
   });
 
   it('drops a route without a fence only while it is the route stored, and a later upsert at its version applies', () => {
