@@ -241,7 +241,15 @@ export class Replica {
     // A certificate rotation (cert-manager renews a Secret; the kubelet swaps the mounted files)
     // is picked up by reading the files again: no restart, no connection dropped.
     if (this.peerTls && this.config.peerTlsReloadMs > 0) {
-      const reload = setInterval(() => this.reloadPeerTls(), this.config.peerTlsReloadMs);
+      const reload = setInterval(() => {
+        try {
+          this.reloadPeerTls();
+        } catch (error) {
+          // Not a file problem (those are handled inside): logged, and the material in use kept.
+          this.metrics.peerTlsReloads.inc({ outcome: 'failed' });
+          this.logger.error({ err: error }, 'peer TLS reload failed; the certificate in use is kept');
+        }
+      }, this.config.peerTlsReloadMs);
       reload.unref();
       this.timers.push(reload);
     }
