@@ -840,6 +840,8 @@ describe('deploy/grafana-dashboard.json', () => {
       'routesync_proxy_websockets_active',
       'routesync_process_resident_memory_bytes',
       'routesync_process_open_fds',
+      'routesync_peer_tls_cert_expiry_timestamp_seconds',
+      'routesync_peer_tls_reloads_total',
     ];
     for (const name of needed) expect(charted, name).toContain(name);
   });
