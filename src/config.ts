@@ -398,6 +398,11 @@ export interface PeerTlsMaterial {
   readonly ca: Buffer | undefined;
 }
 
+/** The material as Node's and undici's TLS options take it (no `ca` key without a CA). */
+export function tlsOptions(tls: PeerTlsMaterial): { cert: Buffer; key: Buffer; ca?: Buffer } {
+  return { cert: tls.cert, key: tls.key, ...(tls.ca ? { ca: tls.ca } : {}) };
+}
+
 /**
  * Read and check the peer TLS files (undefined when TLS is off). An unreadable or unusable
  * file throws ConfigError naming its variable, so start-up stops with one clear line.

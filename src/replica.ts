@@ -10,7 +10,7 @@ import type { DestinationStream } from 'pino';
 import { createLocalApp } from './api/local.js';
 import { createPeerApp } from './api/peer.js';
 import { reconcileEndpoints } from './api/reconcile.js';
-import { ConfigError, formatHostPort, readPeerTls, type Config, type ListenAddress, type PeerTlsMaterial } from './config.js';
+import { ConfigError, formatHostPort, readPeerTls, tlsOptions, type Config, type ListenAddress, type PeerTlsMaterial } from './config.js';
 import { createLogger, type Logger } from './log.js';
 import { Metrics } from './metrics.js';
 import { PeerClient } from './peers/client.js';
@@ -179,10 +179,10 @@ export class Replica {
     // HTTPS probes and Prometheus still reach /healthz, /readyz and /metrics; every other path
     // answers 403 unless the certificate verified (checked above, before Express sees it).
     this.tlsServer = tls
-      ? createHttpsServer({ ...secureContextOptions(tls), ...(tls.ca ? { requestCert: true, rejectUnauthorized: false } : {}) }, peerListener)
+      ? createHttpsServer({ ...tlsOptions(tls), ...(tls.ca ? { requestCert: true, rejectUnauthorized: false } : {}) }, peerListener)
       : undefined;
     this.peerServer = this.tlsServer ?? createServer(peerListener);
-    if (tls) this.metrics.peerTlsCertExpiry.set(certificateExpirySeconds(tls.cert));
+    if (tls) this.metrics.peerTlsCertExpiry.set(expirySeconds(new X509Certificate(tls.cert)));
     // Outlive the peers' pooled idle connections (undici keeps them 30 s at most), so a
     // connection is never closed by the server just as a peer reuses it.
     this.peerServer.keepAliveTimeout = 65_000;
@@ -358,12 +358,12 @@ export class Replica {
     }
     this.tlsReloadFailure = undefined;
     if (!next || (next.cert.equals(current.cert) && next.key.equals(current.key) && sameBuffer(next.ca, current.ca))) return 'unchanged';
-    this.tlsServer.setSecureContext(secureContextOptions(next));
+    this.tlsServer.setSecureContext(tlsOptions(next));
     this.client.setTls(next);
     this.peerTls = next;
-    this.metrics.peerTlsReloads.inc({ outcome: 'applied' });
-    this.metrics.peerTlsCertExpiry.set(certificateExpirySeconds(next.cert));
     const certificate = new X509Certificate(next.cert);
+    this.metrics.peerTlsReloads.inc({ outcome: 'applied' });
+    this.metrics.peerTlsCertExpiry.set(expirySeconds(certificate));
     this.logger.info({ subject: certificate.subject, notAfter: certificate.validTo, fingerprint256: certificate.fingerprint256 }, 'peer TLS material reloaded');
     return 'applied';
   }
@@ -385,17 +385,13 @@ export class Replica {
   }
 }
 
-function secureContextOptions(tls: PeerTlsMaterial): { cert: Buffer; key: Buffer; ca?: Buffer } {
-  return { cert: tls.cert, key: tls.key, ...(tls.ca ? { ca: tls.ca } : {}) };
-}
-
 function sameBuffer(a: Buffer | undefined, b: Buffer | undefined): boolean {
   return a === undefined || b === undefined ? a === b : a.equals(b);
 }
 
-/** A certificate's notAfter in Unix seconds (the first certificate of a chain file). */
-function certificateExpirySeconds(cert: Buffer): number {
-  return Math.floor(Date.parse(new X509Certificate(cert).validTo) / 1000);
+/** A certificate's notAfter in Unix seconds (X509Certificate reads the first of a chain file). */
+function expirySeconds(certificate: X509Certificate): number {
+  return Math.floor(Date.parse(certificate.validTo) / 1000);
 }
 
 /**

@@ -10,6 +10,7 @@
 //  - errors are classified by `code` (and HTTP status), never by `instanceof` (undici's error
 //    classes are duplicated when two copies of undici are loaded).
 import { Agent, buildConnector, type Dispatcher } from 'undici';
+import { tlsOptions, type PeerTlsMaterial } from '../config.js';
 import type { RouteChange } from '../routes/route.js';
 import { changeToWire } from '../routes/route.js';
 
@@ -187,7 +188,7 @@ export interface PeerClientOptions {
   /** 'https' when the peer API uses TLS. */
   readonly scheme?: 'http' | 'https';
   /** TLS material (client certificate, trusted CA) for the connections to peers; see setTls. */
-  readonly tls?: PeerClientTls;
+  readonly tls?: PeerTlsMaterial;
   /** Test hook: count dispatched requests. */
   readonly onRequest?: (peer: string, path: string) => void;
 }
@@ -202,18 +203,11 @@ export interface PushAck {
 
 const NONE_REJECTED: readonly number[] = Object.freeze([]);
 
-/** The client side of the peer TLS material. */
-export interface PeerClientTls {
-  readonly cert: Buffer;
-  readonly key: Buffer;
-  readonly ca?: Buffer | undefined;
-}
-
 /** undici's own connect timeout (the attempt's AbortSignal is the real budget). */
 const CONNECT_TIMEOUT_MS = 10_000;
 
-function tlsConnector(tls: PeerClientTls): buildConnector.connector {
-  return buildConnector({ timeout: CONNECT_TIMEOUT_MS, cert: tls.cert, key: tls.key, ...(tls.ca ? { ca: tls.ca } : {}) });
+function tlsConnector(tls: PeerTlsMaterial): buildConnector.connector {
+  return buildConnector({ timeout: CONNECT_TIMEOUT_MS, ...tlsOptions(tls) });
 }
 
 export const INSTANCE_HEADER = 'x-routesync-instance';
@@ -250,7 +244,7 @@ export class PeerClient {
    * pooled ones keep the handshake they made until they close (at most keepAliveMaxTimeout).
    * A client made without TLS ignores it.
    */
-  setTls(tls: PeerClientTls): void {
+  setTls(tls: PeerTlsMaterial): void {
     if (this.connector) this.connector = tlsConnector(tls);
   }
 
