@@ -62,6 +62,11 @@ function connectionTokens(value: string | string[] | number | undefined): Readon
   const text = Array.isArray(value) ? value.join(',') : String(value);
   // The common value needs no split: it names only a hop-by-hop header, which goes anyway.
   if (text === 'keep-alive' || text === 'Keep-Alive') return NO_TOKENS;
+  return headerTokens(text);
+}
+
+/** The tokens of a comma-separated header value (`Connection`, `Upgrade`), trimmed, lower case, empty ones left out. */
+export function headerTokens(text: string): Set<string> {
   const tokens = new Set<string>();
   for (const part of text.split(',')) {
     const token = part.trim().toLowerCase();

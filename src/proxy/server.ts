@@ -26,7 +26,7 @@ import type { Config } from '../config.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 import type { RouteTable } from '../routes/table.js';
-import { cleanResponseHeaders, upstreamRequestHeaders } from './headers.js';
+import { cleanResponseHeaders, headerTokens, upstreamRequestHeaders } from './headers.js';
 import {
   classifyUpstreamError,
   dataPlaneError,
@@ -369,16 +369,10 @@ class UpstreamAgent extends http.Agent {
   }
 }
 
-/** The Connection tokens that belong to an h2c upgrade. */
-const H2C_CONNECTION_TOKENS = new Set(['upgrade', 'http2-settings']);
-
 /** An upgrade that offers h2c and nothing else (a WebSocket handshake never does). */
 function offersOnlyH2c(req: IncomingMessage): boolean {
-  const offered = String(req.headers.upgrade ?? '')
-    .split(',')
-    .map((token) => token.trim().toLowerCase())
-    .filter((token) => token !== '');
-  return offered.length > 0 && offered.every((token) => token === 'h2c');
+  const offered = headerTokens(String(req.headers.upgrade ?? ''));
+  return offered.size === 1 && offered.has('h2c');
 }
 
 export class DataPlane {
@@ -679,27 +673,17 @@ export class DataPlane {
    * HTTP/1.1 request it also is, as a server that does not speak h2c does (RFC 9110 §7.8 lets a
    * server ignore Upgrade; RFC 9113 §3.1, the client goes on in HTTP/1.1). Node has already
    * taken the socket out of HTTP parsing, so the request is written back in front of what
-   * followed it, without the upgrade, and the socket handed to the server as a new connection
-   * (the documented way to inject one): its parser reads it as any request, body and pipelined
-   * requests included.
+   * followed it, without its `Upgrade` header (without it Node's parser sees no upgrade), and
+   * the socket handed to the server as a new connection (the documented way to inject one): its
+   * parser reads it as any request, body and pipelined requests included. `Connection` and
+   * `HTTP2-Settings` stay: like every request's hop-by-hop headers, upstreamRequestHeaders
+   * drops them before the sandbox.
    */
   private serveWithoutUpgrade(req: IncomingMessage, socket: Socket, head: Buffer): void {
     const lines = [`${req.method ?? 'GET'} ${req.url ?? '/'} HTTP/${req.httpVersion}`];
     const raw = req.rawHeaders;
     for (let i = 0; i + 1 < raw.length; i += 2) {
-      const name = raw[i]!;
-      const lower = name.toLowerCase();
-      if (lower === 'upgrade' || lower === 'http2-settings') continue;
-      let value = raw[i + 1]!;
-      if (lower === 'connection') {
-        value = value
-          .split(',')
-          .map((token) => token.trim())
-          .filter((token) => token !== '' && !H2C_CONNECTION_TOKENS.has(token.toLowerCase()))
-          .join(', ');
-        if (value === '') continue;
-      }
-      lines.push(`${name}: ${value}`);
+      if (raw[i]!.toLowerCase() !== 'upgrade') lines.push(`${raw[i]!}: ${raw[i + 1]!}`);
     }
     // latin1: header bytes as they came (Node decodes raw headers as latin1).
     socket.unshift(Buffer.concat([Buffer.from(`${lines.join('\r\n')}\r\n\r\n`, 'latin1'), head]));
