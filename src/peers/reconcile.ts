@@ -247,7 +247,7 @@ export class Reconciler {
    * last contact (and recently enough to be trusted: see trustedLocalChangeSince).
    */
   rememberedLocalChanges(): number {
-    const since = Math.max(this.lastContactMs, this.trustedLocalChangeSince());
+    const since = this.sparedSince(this.lastContactMs);
     let count = 0;
     for (const route of this.table.list()) if (this.changedLocallySince(route, since)) count++;
     return count;
@@ -261,6 +261,11 @@ export class Reconciler {
   /** Before this time a local change is too old to be trusted over the fleet's word (see the header). */
   private trustedLocalChangeSince(): number {
     return this.now() - this.config.tombstoneTtlMs * LOCAL_CHANGE_TRUSTED_TTL_FRACTION;
+  }
+
+  /** A rebuild after a cut begun at `cutStartMs` spares the local changes made since this time. */
+  private sparedSince(cutStartMs: number): number {
+    return Math.max(cutStartMs, this.trustedLocalChangeSince());
   }
 
   /**
@@ -654,7 +659,7 @@ export class Reconciler {
     // A local change is spared only while recent enough that a deletion superseding it still has
     // its fence wherever the deletion reached (see the header); older ones are dropped like any
     // other stale route, and named in the log: their manager's sync reached no peer.
-    const trustedSince = Math.max(cutStartMs, this.trustedLocalChangeSince());
+    const trustedSince = this.sparedSince(cutStartMs);
     const stale: Route[] = [];
     const untrustedLocal: string[] = [];
     let untrustedLocalCount = 0;

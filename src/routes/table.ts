@@ -16,9 +16,9 @@
 //     missed the route's re-creation carries an older fence's time, which would expire the
 //     deletion while a replica cut off with the route is not yet suspect.
 //  4. The table's state is a function of the set of changes applied, not of their order (a
-//     property test checks this; a fence's creation time aside, see 3): in particular the route serving a sandbox ID is the one with
-//     the greatest resourceVersion among the live routes carrying that ID (ties: the smallest
-//     identity key). Kubernetes resourceVersions of all objects come from one etcd counter, so
+//     property test checks this; a fence's creation time aside, see 3): in particular the
+//     route serving a sandbox ID is the one with the greatest resourceVersion among the live
+//     routes carrying that ID (ties: the smallest identity key). Kubernetes resourceVersions of all objects come from one etcd counter, so
 //     "greatest" means "newest": a newer identity takes the ID over (`id_takeover`).
 //  5. The digest is maintained incrementally: each bucket holds the XOR of a 64-bit hash of
 //     (kind, identity, resourceVersion) over its routes and fences, so two tables with the same
