@@ -359,6 +359,12 @@ export class Reconciler {
             return 'pulled';
           } catch (error) {
             lastError = classifyPeerError(error);
+            if (peersKnown && this.sync.peerCount === 0) {
+              // Every address listed was this replica: it has no peers after all.
+              this.logger.info('no peers (every peer address was this replica): ready at once with the table as it is');
+              this.seeded = true;
+              return 'no_peers';
+            }
             if (signal.aborted) break;
             await delay(BOOTSTRAP_RETRY_MS, undefined, { signal }).catch(() => undefined);
           }
@@ -432,7 +438,13 @@ export class Reconciler {
     const losers = new AbortController();
     const combined = AbortSignal.any([signal, losers.signal]);
     const answers = peers.map(async (peer) => {
-      const { digest, bytes } = await this.fetchDigest(peer, true, combined);
+      const { digest, bytes } = await this.fetchDigest(peer, true, combined).catch((error: unknown) => {
+        // An address that is this replica under another name (a StatefulSet hostname in the
+        // static list, ROUTESYNC_SELF the pod IP) leaves the peer set now, not at the first
+        // round: a fresh fleet seeds itself only once every peer left has answered.
+        if (classifyPeerError(error).errorClass === 'self') this.sync.excludeSelf(peer);
+        throw error;
+      });
       if (digest.suspect || !digest.seeded) {
         await this.noteUnfitSource(peer, digest, combined);
         throw new PeerRequestError('unknown', `peer ${peer} is suspect, bootstrapping or not seeded`, { code: 'ROUTESYNC_PEER_UNTRUSTED' });
@@ -559,7 +571,8 @@ export class Reconciler {
     } catch (error) {
       const classified = this.closed ? new PeerRequestError('aborted', 'shutting down', { cause: error }) : classifyPeerError(error);
       if (classified.errorClass === 'self') this.sync.excludeSelf(peer);
-      if (classified.errorClass !== 'aborted') {
+      // Finding this replica's own address is not a failed round (excludeSelf logs it).
+      if (classified.errorClass !== 'aborted' && classified.errorClass !== 'self') {
         this.metrics.reconcileRounds.inc({ result: 'failed' });
         this.logger.warn({ peer, errorClass: classified.errorClass, code: classified.code, status: classified.status }, 'reconcile round failed');
       }

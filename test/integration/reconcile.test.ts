@@ -619,6 +619,38 @@ describe('a fleet that starts together', () => {
     expect(restarted.replica.reconciler.isSeeded()).toBe(true);
   });
 
+  it('seeds itself too when the peer list names each replica itself under another name (its own address is dropped at bootstrap)', async () => {
+    // StatefulSet-style: every replica is given the whole list, and ROUTESYNC_SELF is a name
+    // the list does not use, so a replica finds its own entry only when it answers as itself.
+    const addresses = (await Promise.all([unusedPort(), unusedPort()])).map((port) => `127.0.0.1:${port}`);
+    const started = await Promise.all(
+      addresses.map((address, i) =>
+        start(
+          { ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '1000', ROUTESYNC_PEER_ADDR: address, ROUTESYNC_SELF: `rs-${i}.rs:7789`, ROUTESYNC_PEERS: addresses.join(',') },
+          MANUAL_ROUNDS,
+        ),
+      ),
+    );
+    expect(await Promise.all(started.map((node) => node.replica.bootstrapped))).toEqual(['timeout', 'timeout']);
+    expect(started.map((node) => node.replica.sync.peerAddresses())).toEqual([[addresses[1]], [addresses[0]]]);
+    expect(started.map((node) => node.replica.reconciler.isSeeded())).toEqual([true, true]);
+    // Dropping its own address is not a failed bootstrap or round.
+    for (const node of started) expect((await node.replica.reconciler.runRound()).result).toBe('in_sync');
+    expect(await counter(started[0]!.replica.metrics.reconcileRounds, { result: 'failed' })).toBe(0);
+  });
+
+  it('a replica whose peer list names only itself under another name is ready at once, seeded', async () => {
+    const address = `127.0.0.1:${await unusedPort()}`;
+    const node = await start(
+      { ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '30000', ROUTESYNC_PEER_ADDR: address, ROUTESYNC_SELF: 'rs-0.rs:7789', ROUTESYNC_PEERS: address },
+      MANUAL_ROUNDS,
+    );
+    expect(await node.replica.bootstrapped).toBe('no_peers');
+    expect(node.replica.sync.peerAddresses()).toEqual([]);
+    expect(node.replica.reconciler.isSeeded()).toBe(true);
+    expect(node.logs.lines.some((line) => line.includes('bootstrap: no peer answered'))).toBe(false);
+  });
+
   it('then cut off for longer than the fence TTL, a replica rebuilds from a seeded peer and a route deleted meanwhile stays deleted', async () => {
     const { started, addresses } = await coldCluster(
       3,
