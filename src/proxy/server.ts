@@ -162,7 +162,20 @@ function switchedProtocolsError(): DataPlaneError {
 function unrelayableAnswer(proxyRes: IncomingMessage): DataPlaneError | undefined {
   if (proxyRes.statusCode === 101) return switchedProtocolsError();
   if (!isWritableStatusLine(proxyRes)) return dataPlaneError('upstream_protocol_error', 'the sandbox sent a status line that is not valid HTTP');
+  const codings = proxyRes.headers['transfer-encoding'];
+  if (codings !== undefined && codings.toLowerCase() !== 'chunked') return unsupportedTransferCoding(codings);
   return undefined;
+}
+
+/**
+ * A transfer coding other than chunked (`Transfer-Encoding: gzip, chunked`). Node decodes only
+ * the chunked framing and the library drops the header, so relayed, the body would reach the
+ * client still gzipped with nothing saying so: refused instead of corrupted.
+ */
+function unsupportedTransferCoding(codings: string): DataPlaneError | undefined {
+  const other = [...headerTokens(codings)].filter((coding) => coding !== 'chunked');
+  if (other.length === 0) return undefined;
+  return dataPlaneError('upstream_protocol_error', `the sandbox sent a transfer coding this proxy does not decode (${other.join(', ').slice(0, 64)})`);
 }
 
 function errorResponseHeaders(error: DataPlaneError, body: string): Record<string, string | number> {
@@ -765,12 +778,27 @@ export class DataPlane {
       this.record(exchange, 101);
       this.trackWebSocket(client, upstream);
     });
-    // The sandbox answered the handshake with plain HTTP (404, 401...): the library relays it.
+    // The sandbox answered the handshake with plain HTTP (404, 401...): the library relays it,
+    // writing the status line and headers to the socket itself, right after this listener.
     proxyReq.once('response', (proxyRes: IncomingMessage) => {
       clearTimeout(exchange.timer);
       exchange.timer = undefined;
       if (exchange.outcome !== undefined) return;
       exchange.handshakeClient?.answeredPlainly();
+      const unrelayable = unrelayableAnswer(proxyRes);
+      if (unrelayable) {
+        // Our 502 goes first and ends the socket; the library's write then fails on the ended
+        // socket (its error is the socket's, already listened to) and writes nothing.
+        proxyRes.destroy();
+        this.refuseUpgrade(exchange, client, unrelayable);
+        return;
+      }
+      // As on the HTTP path: no hop-by-hop header of the sandbox's reaches the client, and the
+      // connection closes after this answer (the library ends the socket), which it says.
+      // Set before the library's passes run, so they keep it (it would copy the request's
+      // `Connection: Upgrade` otherwise).
+      cleanResponseHeaders(proxyRes.headers);
+      proxyRes.headers.connection = 'close';
       // Set now, so that nothing else answers; recorded once the answer has ended (as the
       // HTTP path does), by what ended it (endPlainAnswerWithClient).
       exchange.outcome = 'proxied';

@@ -228,6 +228,20 @@ describe('upstream failures', () => {
     await expectStillServing();
   });
 
+  it('a transfer coding other than chunked (gzip, chunked) -> 502 upstream_protocol_error; chunked alone, in any case, is relayed', async () => {
+    // Node's client decodes only the chunked framing and the library drops the header: relayed,
+    // the body would reach the client still gzipped, labelled as nothing.
+    const coded = await raw((socket) => socket.once('data', () => socket.end('HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n')));
+    dp.setRoute({ id: 'coded', ip: coded.host });
+    const refused = await send(dp.address, { path: `/kruise/coded/${coded.port}/` });
+    expect({ status: refused.status, code: refused.headers['x-routesync-error'] }).toEqual({ status: 502, code: 'upstream_protocol_error' });
+    const plain = await raw((socket) => socket.once('data', () => socket.end('HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n')));
+    dp.setRoute({ id: 'plain-chunked', ip: plain.host });
+    const relayed = await send(dp.address, { path: `/kruise/plain-chunked/${plain.port}/` });
+    expect({ status: relayed.status, body: relayed.body }).toEqual({ status: 200, body: 'hi' });
+    await expectStillServing();
+  });
+
   it('a reset in the middle of the body cuts the client response instead of hanging it', async () => {
     const sandbox = await startUpstream({ host: '127.0.0.2' });
     try {

@@ -288,6 +288,51 @@ describe('admission on upgrade: documented status and code, sandbox untouched', 
     }
   });
 
+  it("a plain answer to the handshake loses the sandbox's hop-by-hop headers and says Connection: close", async () => {
+    const plain = await startRawUpstream((socket) =>
+      socket.once('data', () =>
+        socket.end('HTTP/1.1 403 Forbidden\r\nConnection: keep-alive, x-internal\r\nX-Internal: secret\r\nKeep-Alive: timeout=99\r\nContent-Length: 3\r\n\r\nno!'),
+      ),
+    );
+    try {
+      dp.setRoute({ id: 'plain', ip: plain.host });
+      const client = rawClient();
+      client.socket.write(handshakeRequest(`/kruise/plain/${plain.port}/`));
+      await waitUntil(client.closed, 5000, 'the data plane to close the client connection after the answer');
+      const [head = '', body] = client.received().split('\r\n\r\n');
+      const lines = head.split('\r\n');
+      expect(lines[0]).toBe('HTTP/1.1 403 Forbidden');
+      const names = lines.slice(1).map((line) => line.slice(0, line.indexOf(':')).toLowerCase());
+      expect(names).not.toContain('x-internal');
+      expect(names).not.toContain('keep-alive');
+      expect(lines.filter((line) => /^connection:/i.test(line))).toEqual(['connection: close']);
+      expect(body).toBe('no!');
+    } finally {
+      await plain.close();
+    }
+  });
+
+  const unrelayable = [
+    { name: 'a status line Node cannot write (000)', answer: 'HTTP/1.1 000 Weird\r\nContent-Length: 2\r\n\r\nhi' },
+    { name: 'a transfer coding other than chunked', answer: 'HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n' },
+  ];
+  for (const testCase of unrelayable) {
+    it(`a plain answer to the handshake with ${testCase.name} -> 502 upstream_protocol_error`, async () => {
+      const bad = await startRawUpstream((socket) => socket.once('data', () => socket.end(testCase.answer)));
+      try {
+        dp.setRoute({ id: 'bad', ip: bad.host });
+        const answer = await refusal(`/kruise/bad/${bad.port}/`);
+        expect(answer.status).toBe(502);
+        expect(answer.code).toBe('upstream_protocol_error');
+        expect(answer.body.error.code).toBe('upstream_protocol_error');
+        expect(await proxyRequestCount(dp.metrics, 'upstream_protocol_error')).toBe(1);
+        expect(await proxyRequestCount(dp.metrics, 'proxied')).toBe(0);
+      } finally {
+        await bad.close();
+      }
+    });
+  }
+
   it('a sandbox that refuses the connection -> 502; one that never answers the handshake -> 504', async () => {
     const closedPort = await unusedPort();
     expect((await refusal(`/kruise/ws/${closedPort}/`)).code).toBe('upstream_unreachable');
