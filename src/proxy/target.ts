@@ -233,7 +233,8 @@ function fromHost(request: SandboxRequest, target: string, options: MappingOptio
   const dot = name.indexOf('.');
   if (dot <= 0) return undefined;
   const label = name.slice(0, dot);
-  const domain = name.slice(dot + 1).toLowerCase();
+  // A fully qualified name's trailing dot (`8080-sb.example.com.`) names the same host.
+  const domain = withoutTrailingDot(name.slice(dot + 1).toLowerCase());
   if (domain === '' || isIP(name) !== 0) return undefined;
   if (options.proxyDomain !== '' && domain !== options.proxyDomain.toLowerCase()) return undefined;
   const match = HOST_LABEL.exec(label);
@@ -244,6 +245,10 @@ function fromHost(request: SandboxRequest, target: string, options: MappingOptio
     return { ok: false, sandboxId, error: dataPlaneError('invalid_port', `port "${match[1]}" in the host is not a TCP port (1-65535)`) };
   }
   return { ok: true, address: { form: 'host', sandboxId, port, upstreamPath: target } };
+}
+
+function withoutTrailingDot(name: string): string {
+  return name.endsWith('.') ? name.slice(0, -1) : name;
 }
 
 /** Find the sandbox and port a request names (forms in SPEC order). */

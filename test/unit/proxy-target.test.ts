@@ -63,6 +63,9 @@ describe('mapRequest', () => {
     const restricted = { ...options, proxyDomain: 'Sandbox.Example' };
     expect(mapRequest({ headers: { host: '8080-sb.sandbox.example' } }, restricted)).toMatchObject({ ok: true });
     expect(mapRequest({ headers: { host: '8080-sb.other.example' } }, restricted)).toMatchObject({ ok: false, error: { code: 'sandbox_not_specified' } });
+    // A fully qualified host (trailing dot) is the same host (ROUTESYNC_PROXY_DOMAIN itself has none).
+    expect(mapRequest({ headers: { host: '8080-sb.sandbox.example.:443' } }, restricted)).toMatchObject({ ok: true, address: { sandboxId: 'sb', port: 8080 } });
+    expect(mapRequest({ headers: { host: '8080-sb.' } }, options)).toMatchObject({ ok: false, error: { code: 'sandbox_not_specified' } });
     expect(mapRequest({ headers: { host: '127.0.0.1:8080' } }, options)).toMatchObject({ ok: false, error: { code: 'sandbox_not_specified' } });
   });
 
