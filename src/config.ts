@@ -139,7 +139,10 @@ export const SETTINGS: Readonly<Record<string, Setting>> = {
   ROUTESYNC_RETRY_MIN_MS: { key: 'retryMinMs', kind: 'int', fallback: '10', min: 0, max: 60_000 },
   ROUTESYNC_RETRY_MAX_MS: { key: 'retryMaxMs', kind: 'int', fallback: '25', min: 0, max: 60_000 },
   ROUTESYNC_PEER_CONNECTIONS: { key: 'peerConnections', kind: 'int', fallback: '4', min: 1, max: 1024 },
-  ROUTESYNC_BATCH_MAX_ROUTES: { key: 'batchMaxRoutes', kind: 'int', fallback: '1000', min: 1, max: 100_000 },
+  // At most 2,000: a push of that many routes of the largest kind validation admits (~30 KB on
+  // the wire each, a 4,096-character token of escaped characters) stays under the peer API's
+  // 64 MiB body limit; past it the peer answered 413, a permanent failure, and the batch was dropped.
+  ROUTESYNC_BATCH_MAX_ROUTES: { key: 'batchMaxRoutes', kind: 'int', fallback: '1000', min: 1, max: 2_000 },
   ROUTESYNC_OUTBOX_MAX_ROUTES: { key: 'outboxMaxRoutes', kind: 'int', fallback: '100000', min: 1, max: 10_000_000 },
   ROUTESYNC_EJECT_AFTER_FAILURES: { key: 'ejectAfterFailures', kind: 'int', fallback: '5', min: 1, max: 1000 },
   ROUTESYNC_EJECT_PROBE_MS: { key: 'ejectProbeMs', kind: 'int', fallback: '1000', min: 10, max: 600_000 },

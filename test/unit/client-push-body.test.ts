@@ -3,7 +3,17 @@ import { createServer, type IncomingMessage } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { PeerClient, pushBody } from '../../src/peers/client.js';
-import { changeToWire, type RouteChange } from '../../src/routes/route.js';
+import { PEER_BATCH_BODY_LIMIT_BYTES } from '../../src/api/peer.js';
+import { SETTINGS } from '../../src/config.js';
+import {
+  changeToWire,
+  MAX_NAME_LENGTH,
+  MAX_NAMESPACE_LENGTH,
+  MAX_RESOURCE_VERSION_DIGITS,
+  MAX_TOKEN_LENGTH,
+  parseRoute,
+  type RouteChange,
+} from '../../src/routes/route.js';
 
 const upsert: RouteChange = {
   op: 'upsert',
@@ -63,5 +73,32 @@ describe('push body', () => {
     }
     await client.push(address, [upsert], AbortSignal.timeout(5_000));
     expect(bodies).toEqual([expected, expected, expected, JSON.stringify({ routes: [changeToWire(upsert)] })]);
+  });
+});
+
+describe('push size', () => {
+  it('a push of ROUTESYNC_BATCH_MAX_ROUTES routes of the largest kind validation admits fits the peer API body limit', () => {
+    // A lone surrogate is the character JSON.stringify writes longest (\udXXX, 6 bytes); every
+    // string field at its longest, of it, where validation allows any character.
+    const widest = (length: number) => '\ud800'.repeat(length);
+    const route = parseRoute({
+      namespace: 'n'.repeat(MAX_NAMESPACE_LENGTH),
+      name: 'n'.repeat(MAX_NAME_LENGTH),
+      id: widest(MAX_NAME_LENGTH),
+      uid: widest(MAX_NAME_LENGTH),
+      resourceVersion: '9'.repeat(MAX_RESOURCE_VERSION_DIGITS),
+      ip: 'ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255',
+      state: widest(64),
+      owner: widest(MAX_NAME_LENGTH),
+      accessToken: widest(MAX_TOKEN_LENGTH),
+      requireTrafficAuth: true,
+    });
+    const max = SETTINGS.ROUTESYNC_BATCH_MAX_ROUTES!.max!;
+    // Byte for byte JSON.stringify({ routes }): each route after the first adds itself and a comma.
+    const bytesOf = (count: number) => Buffer.byteLength(pushBody(Array.from({ length: count }, (): RouteChange => ({ op: 'upsert', route }))));
+    const [one, two] = [bytesOf(1), bytesOf(2)];
+    expect(two - one).toBeGreaterThan(25_000);
+    expect(bytesOf(10)).toBe(one + 9 * (two - one));
+    expect(one + (max - 1) * (two - one)).toBeLessThanOrEqual(PEER_BATCH_BODY_LIMIT_BYTES);
   });
 });
