@@ -55,6 +55,7 @@ export type RejectReason =
   | 'empty_field'
   | 'too_long'
   | 'control_character'
+  | 'invalid_unicode'
   | 'invalid_kubernetes_name'
   | 'invalid_resource_version'
   | 'invalid_ip'
@@ -83,6 +84,12 @@ const DNS1123_SUBDOMAIN = /^[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z
 // everything that breaks a log line, a URL path or a header.
 // eslint-disable-next-line no-control-regex
 const CONTROL = /[\u0000-\u001f\u007f-\u009f]/;
+// A UTF-16 surrogate that is not half of a pair (with the u flag a pair is one code point, so
+// only a lone half matches). JSON's \ud800 escape can carry one; no Kubernetes object can
+// (the API server stores UTF-8), it has no UTF-8 form (Buffer writes U+FFFD, so "\ud800" and
+// "\ufffd" would hash and log alike) and the invalid UTF-8 bytes it stands for are already a
+// 400 invalid_json.
+const LONE_SURROGATE = /\p{Cs}/u;
 
 export function isCanonicalResourceVersion(value: string): boolean {
   return value.length <= MAX_RESOURCE_VERSION_DIGITS && CANONICAL_RV.test(value);
@@ -148,6 +155,7 @@ function optionalString(input: Record<string, unknown>, field: string, maxLength
 function checkText(field: string, value: string, maxLength: number): string {
   if (value.length > maxLength) fail('too_long', field, `${field} is longer than ${maxLength} characters`);
   if (CONTROL.test(value)) fail('control_character', field, `${field} contains a control character`);
+  if (LONE_SURROGATE.test(value)) fail('invalid_unicode', field, `${field} contains a lone UTF-16 surrogate (not a Unicode character)`);
   return value;
 }
 

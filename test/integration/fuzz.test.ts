@@ -76,8 +76,12 @@ function badEntry(random: () => number, pick: <T>(items: readonly T[]) => T): { 
     }
     case 5: {
       const field = pick(['namespace', 'name', 'id', 'uid', 'owner']);
-      base[field] = random() < 0.5 ? 'x'.repeat(254 + Math.floor(random() * 100)) : `bad${String.fromCharCode(Math.floor(random() * 32))}name`;
-      return { kind: 'too long or control character', entry: base };
+      const flaw = random();
+      // A lone surrogate travels as JSON's \udXXX escape (JSON.stringify writes it so).
+      if (flaw < 0.4) base[field] = 'x'.repeat(254 + Math.floor(random() * 100));
+      else if (flaw < 0.8) base[field] = `bad${String.fromCharCode(Math.floor(random() * 32))}name`;
+      else base[field] = `bad${String.fromCharCode(0xd800 + Math.floor(random() * 0x800))}name`;
+      return { kind: 'too long, control character or lone surrogate', entry: base };
     }
     case 6: {
       // A deletion (state dead) that is still not valid.

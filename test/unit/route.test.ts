@@ -60,11 +60,26 @@ describe('parseRoute', () => {
     expect(reasonOf({ ...valid, id: '' })).toBe('empty_field');
     expect(reasonOf({ ...valid, uid: 'x'.repeat(300) })).toBe('too_long');
     expect(reasonOf({ ...valid, name: 'a\nb' })).toBe('control_character');
+    expect(reasonOf({ ...valid, id: 'sb-\ud800' })).toBe('invalid_unicode');
+    expect(reasonOf({ ...valid, accessToken: '\udfff-token' })).toBe('invalid_unicode');
     expect(reasonOf({ ...valid, resourceVersion: '01' })).toBe('invalid_resource_version');
     expect(reasonOf({ ...valid, resourceVersion: 7 })).toBe('wrong_type');
     expect(reasonOf({ ...valid, ip: '10.0.0.256' })).toBe('invalid_ip');
     expect(reasonOf({ ...valid, ip: 'fe80::1%eth0' })).toBe('invalid_ip');
     expect(reasonOf({ ...valid, requireTrafficAuth: 'yes' })).toBe('wrong_type');
+  });
+
+  it('refuses a lone UTF-16 surrogate in any string field but keeps a character outside the BMP (a surrogate pair)', () => {
+    // From JSON text, as a manager's body arrives: "\ud800" and "\ufffd" would otherwise be two
+    // tokens with one UTF-8 form.
+    const fromJson = (field: string, escaped: string) => parseRoute(JSON.parse(`{"namespace":"ns","name":"a","id":"x","uid":"u","resourceVersion":"1","${field}":"${escaped}"}`));
+    for (const field of ['id', 'uid', 'state', 'owner', 'accessToken']) {
+      for (const lone of ['\\ud800', 'a\\udc00', '\\ude00\\ud83d']) {
+        expect(() => fromJson(field, lone)).toThrow(expect.objectContaining({ reason: 'invalid_unicode', field }));
+      }
+    }
+    expect(fromJson('owner', '\\ud83d\\ude00 team').owner).toBe('\u{1F600} team');
+    expect(fromJson('accessToken', 'caf\\u00e9\\u4e2d').accessToken).toBe('café中');
   });
 
   it('takes the identity as Kubernetes does: namespace a DNS-1123 label, name a DNS-1123 subdomain, never a "/"', () => {
