@@ -107,6 +107,26 @@ describe('RouteTable', () => {
     expect(table.getFence('ns', 'k')?.fencedAtMs).toBe(clock.now);
   });
 
+  it('keeps a live fence when a newer delete arrives whose own fence has expired, in either order', () => {
+    // The newer delete was queued (or held by a peer) for longer than the TTL. Had it come first it
+    // would be forgotten (fence_expired); coming second it must not end the live fence with it, or
+    // an upsert below the live fence's version is created and the deleted route is back.
+    const clock = clockAt(100_000);
+    const expiredElsewhere = { namespace: 'ns', name: 'm', resourceVersion: '7', fencedAtMs: 1 };
+    const liveHere = { namespace: 'ns', name: 'm', resourceVersion: '5' };
+    const fenceFirst = new RouteTable({ tombstoneTtlMs: 10_000, now: () => clock.now });
+    expect(fenceFirst.delete(liveHere)).toMatchObject({ outcome: 'applied', reason: 'fenced' });
+    expect(fenceFirst.delete(expiredElsewhere)).toMatchObject({ outcome: 'ignored', reason: 'fence_expired', resourceVersion: '7' });
+    const expiredFirst = new RouteTable({ tombstoneTtlMs: 10_000, now: () => clock.now });
+    expect(expiredFirst.delete(expiredElsewhere)).toMatchObject({ outcome: 'ignored', reason: 'fence_expired' });
+    expect(expiredFirst.delete(liveHere)).toMatchObject({ outcome: 'applied', reason: 'fenced' });
+    for (const table of [fenceFirst, expiredFirst]) {
+      expect(table.getFence('ns', 'm')).toEqual({ resourceVersion: '5', fencedAtMs: 100_000 });
+      expect(table.upsert(route('m', '4'))).toMatchObject({ outcome: 'ignored', reason: 'stale_resource_version' });
+      expect(table.get('ns', 'm')).toBeUndefined();
+    }
+  });
+
   it('drops a route without a fence only while it is the route stored, and a later upsert at its version applies', () => {
     const table = new RouteTable({ tombstoneTtlMs: 10_000 });
     const held = route('g', '5');
@@ -212,6 +232,28 @@ describe('RouteTable properties', () => {
           expect(b.rootDigest()).toBe(a.rootDigest());
         },
       ),
+      { numRuns: 500 },
+    );
+  });
+
+  it('no change lowers the version an identity is guarded at; only the sweep of an expired fence does', () => {
+    // The guard is the stored route's version or the fence's: an upsert must be above it to apply.
+    // Deletions carry fence times as peers' do: none, recent, long expired, in the future.
+    const now = 1_000_000;
+    const ttl = 60_000;
+    const timed = fc.tuple(changeArb, fc.constantFrom(undefined, now - 1_000, now - ttl - 1, 0, now + 5_000)).map(([change, fencedAtMs]) =>
+      change.op === 'delete' && fencedAtMs !== undefined ? { ...change, deletion: { ...change.deletion, fencedAtMs } } : change,
+    );
+    const guard = (table: RouteTable, name: string) => Number(table.get('ns', name)?.resourceVersion ?? table.getFence('ns', name)?.resourceVersion ?? 0);
+    fc.assert(
+      fc.property(fc.array(timed, { maxLength: 40 }), (changes) => {
+        const table = new RouteTable({ tombstoneTtlMs: ttl, now: () => now });
+        for (const change of changes) {
+          const before = names.map((name) => guard(table, name));
+          table.apply(change);
+          expect(names.map((name) => guard(table, name))).toSatisfy((after: number[]) => after.every((version, i) => version >= before[i]!));
+        }
+      }),
       { numRuns: 500 },
     );
   });
