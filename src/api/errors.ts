@@ -27,7 +27,7 @@ const BODY_ERRORS: Readonly<Record<string, readonly [number, string, string]>> =
   'entity.too.large': [413, 'body_too_large', 'request body is larger than this endpoint accepts'],
   'entity.parse.failed': [400, 'invalid_json', 'request body is not valid JSON'],
   'encoding.unsupported': [415, 'unsupported_encoding', 'unsupported content encoding'],
-  'charset.unsupported': [415, 'unsupported_charset', 'unsupported charset'],
+  'charset.unsupported': [415, 'unsupported_charset', 'the body must be UTF-8 JSON (RFC 8259 §8.1): name charset=utf-8 or no charset'],
   'request.aborted': [400, 'request_aborted', 'request aborted by the client'],
   'request.size.invalid': [400, 'invalid_body_size', 'request body size does not match Content-Length'],
 };
@@ -79,9 +79,16 @@ export function methodNotAllowed(allow: string): RequestHandler {
  * each invalid byte as U+FFFD, so sandbox IDs that differ only in such bytes became one ID and
  * one identity took over the other's traffic. Refused as invalid JSON instead (400). Every JSON
  * parser of the local and the peer API verifies with it (express.json's `verify`).
+ *
+ * body-parser also decodes any other `utf-*` charset the type names (utf-16le, utf-7, ...), which
+ * this check would not see: those are refused with 415 unsupported_charset, as body-parser itself
+ * refuses the rest. /refresh drops the Content-Type first, so it always reads UTF-8.
  */
 export function rejectInvalidUtf8(_req: unknown, _res: unknown, body: Buffer, encoding: string): void {
-  if (encoding === 'utf-8' && !isUtf8(body)) {
+  if (encoding !== 'utf-8') {
+    throw Object.assign(new Error(`request body charset ${encoding} is not UTF-8`), { status: 415, type: 'charset.unsupported' });
+  }
+  if (!isUtf8(body)) {
     throw Object.assign(new Error('request body is not valid UTF-8'), { status: 400, type: 'entity.parse.failed' });
   }
 }

@@ -96,6 +96,28 @@ describe('local API', () => {
     expect(node.replica.table.getById('sb-é')?.name).toBe(accented.name);
   });
 
+  it('refuses a body in another Unicode charset (UTF-16, UTF-7) with 415 instead of decoding it past the UTF-8 check', async () => {
+    // body-parser decodes any utf-* charset: UTF-16 dodged the UTF-8 check, and UTF-7 read
+    // "+AGEAYgBj-" as the ID "abc".
+    const node = await replica();
+    const utf16 = (value: unknown) => Buffer.from(JSON.stringify(value), 'utf16le');
+    const cases: [string, string, string, Buffer | string][] = [
+      [`${node.api}/v1/routes`, 'PUT', 'application/json; charset=utf-16le', utf16(makeRoute())],
+      [`${node.api}/v1/routes`, 'PUT', 'application/json; charset=UTF-7', JSON.stringify(makeRoute({ id: '+AGEAYgBj-' }))],
+      [`${node.api}/v1/routes/batch`, 'POST', 'application/json; charset=utf-16', utf16({ routes: [makeRoute()] })],
+      [`${node.peerUrl}/v1/peer/routes`, 'POST', 'application/json; charset=utf-16le', utf16({ routes: [makeRoute()] })],
+    ];
+    for (const [url, method, type, body] of cases) {
+      const response = await send(url, { method, headers: { 'content-type': type }, body });
+      expect(response.status, `${method} ${url} ${type}`).toBe(415);
+      expect(response.body.error.code).toBe('unsupported_charset');
+    }
+    expect(node.replica.table.size).toBe(0);
+    // UTF-8 named in any case is UTF-8.
+    expect((await send(`${node.api}/v1/routes`, { method: 'PUT', headers: { 'content-type': 'application/json; charset=UTF-8' }, body: JSON.stringify(makeRoute()) })).status).toBe(200);
+    expect(node.replica.table.size).toBe(1);
+  });
+
   it('deletes with and without a resourceVersion, fencing the identity', async () => {
     const node = await replica();
     const route = makeRoute({ resourceVersion: '5' });
