@@ -59,6 +59,8 @@ describe('parseRoute', () => {
     expect(reasonOf({ ...valid, name: 3 })).toBe('wrong_type');
     expect(reasonOf({ ...valid, id: '' })).toBe('empty_field');
     expect(reasonOf({ ...valid, uid: 'x'.repeat(300) })).toBe('too_long');
+    expect(reasonOf({ ...valid, state: 's'.repeat(65) })).toBe('too_long');
+    expect(parseRoute({ ...valid, state: 's'.repeat(64) }).state, 'a state of 64 characters is stored').toBe('s'.repeat(64));
     expect(reasonOf({ ...valid, name: 'a\nb' })).toBe('control_character');
     expect(reasonOf({ ...valid, id: 'sb-\ud800' })).toBe('invalid_unicode');
     expect(reasonOf({ ...valid, accessToken: '\udfff-token' })).toBe('invalid_unicode');
