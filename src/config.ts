@@ -179,6 +179,11 @@ export function parseHostPort(text: string): { host: string; port: number } | un
   return { host: host === '' ? '0.0.0.0' : host, port };
 }
 
+/** The all-interfaces addresses: where to listen, never where a replica is. */
+function isWildcard(host: string): boolean {
+  return host === '0.0.0.0' || (isIP(host) === 6 && canonicalIpv6(host) === '::');
+}
+
 /**
  * Canonical `host:port` text of an address; IPv6 bracketed. Peer sets, self-exclusion and DNS
  * answers are compared as these strings, so one address must have one spelling: IPv6 in the
@@ -219,6 +224,9 @@ function parseValue(variable: string, setting: Setting, raw: string): unknown {
         if (text === '') continue;
         const addr = parseHostPort(text);
         if (!addr || addr.port === 0) throw new ConfigError(variable, `peer "${text}" is not host:port`);
+        // A wildcard (":7789", "0.0.0.0:7789") is a listen address: as a peer it would dial this
+        // machine, not another replica.
+        if (isWildcard(addr.host)) throw new ConfigError(variable, `peer "${text}" names no address (a wildcard): give each peer's own address`);
         const canonical = formatHostPort(addr.host, addr.port);
         if (!peers.includes(canonical)) peers.push(canonical);
       }
@@ -256,6 +264,11 @@ const VISIBLE_ASCII = /^[\x21-\x7e]*$/;
  */
 export function parsePeerToken(raw: string, variable = 'ROUTESYNC_PEER_TOKEN'): string {
   const token = raw.trim();
+  // Set, but to whitespace only (a Secret written with `echo ""`): not "no auth", which is
+  // written as an empty or unset variable, but a token lost on the way.
+  if (token === '' && raw !== '') {
+    throw new ConfigError(variable, 'the token is whitespace only: set a token, or leave the variable empty to run the peer API without auth; value not shown');
+  }
   if (!VISIBLE_ASCII.test(token)) {
     throw new ConfigError(variable, 'the token may hold only visible ASCII characters (no spaces, control characters or non-ASCII); value not shown');
   }
@@ -323,9 +336,10 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, argv: readonly 
     const self = parseHostPort(config.self);
     if (!self) throw new ConfigError('ROUTESYNC_SELF', `"${config.self}" is not host:port`);
     // A wildcard is a listen address, not one a peer list can hold: as self it excludes nothing.
-    if (self.host === '0.0.0.0' || self.host === '::') {
+    if (isWildcard(self.host)) {
       throw new ConfigError('ROUTESYNC_SELF', `"${config.self}" names no address (a wildcard): give this replica's own address, or leave it empty to derive it`);
     }
+    if (self.port === 0) throw new ConfigError('ROUTESYNC_SELF', `"${config.self}" has port 0, which no peer address has: give the peer port`);
   }
   if (config.peerDns !== '') {
     const match = /^[A-Za-z0-9.-]+(?::(\d{1,5}))?$/.exec(config.peerDns);

@@ -80,6 +80,11 @@ describe('configuration', () => {
       [{ ROUTESYNC_SELF: ':7789' }, /^invalid ROUTESYNC_SELF: ":7789" names no address \(a wildcard\)/],
       [{ ROUTESYNC_SELF: '0.0.0.0:7789' }, /^invalid ROUTESYNC_SELF: "0.0.0.0:7789" names no address/],
       [{ ROUTESYNC_SELF: '[::]:7789' }, /^invalid ROUTESYNC_SELF: "\[::\]:7789" names no address/],
+      [{ ROUTESYNC_SELF: '10.0.0.5:0' }, /^invalid ROUTESYNC_SELF: "10.0.0.5:0" has port 0/],
+      // A wildcard as a peer would dial this machine.
+      [{ ROUTESYNC_PEERS: '10.0.0.6:7789,:7789' }, /^invalid ROUTESYNC_PEERS: peer ":7789" names no address \(a wildcard\)/],
+      [{ ROUTESYNC_PEERS: '0.0.0.0:7789' }, /^invalid ROUTESYNC_PEERS: peer "0.0.0.0:7789" names no address/],
+      [{ ROUTESYNC_PEERS: '[0::0]:7789' }, /^invalid ROUTESYNC_PEERS: peer "\[0::0\]:7789" names no address/],
     ];
     for (const [env, message] of cases) {
       expect(() => loadConfig(env)).toThrow(ConfigError);
@@ -96,7 +101,12 @@ describe('configuration', () => {
 
   it('reads the peer token trimmed, and refuses one that cannot travel in a header, naming the variable and never the value', () => {
     expect(loadConfig({ ROUTESYNC_PEER_TOKEN: '  tok-1_~!./+=\n' }).peerToken).toBe('tok-1_~!./+=');
-    expect(loadConfig({ ROUTESYNC_PEER_TOKEN: '\n' }).peerToken).toBe('');
+    // Empty is "no auth"; whitespace only is a token lost on the way (a Secret written with
+    // `echo ""`), which must not turn the peer API's auth off without a word.
+    expect(loadConfig({ ROUTESYNC_PEER_TOKEN: '' }).peerToken).toBe('');
+    for (const blank of ['\n', '  ', ' \r\n']) {
+      expect(() => loadConfig({ ROUTESYNC_PEER_TOKEN: blank }), JSON.stringify(blank)).toThrow(/^invalid ROUTESYNC_PEER_TOKEN: the token is whitespace only/);
+    }
     for (const token of ['pass\u20acphrase-1', 'caf\u00e9-latin1', 'two\nlines', 'with space', 'tab\there', 'nul\u0000byte', 'del\u007f']) {
       let error: unknown;
       try {
