@@ -8,7 +8,7 @@ import express, { type Express, type RequestHandler, type Router } from 'express
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 import { INSTANCE_HEADER, PEER_PUSH_PATH } from '../peers/client.js';
-import { parseChange, type RouteChange } from '../routes/route.js';
+import { parseChange, RouteValidationError, type RouteChange } from '../routes/route.js';
 import type { RouteService } from '../service.js';
 import { ApiError, errorHandler, methodNotAllowed, notFound, rejectInvalidUtf8, sendError } from './errors.js';
 
@@ -104,15 +104,28 @@ export function createPeerApp(deps: PeerApiDeps): Express {
   peer.post(PEER_PUSH_PATH, batchJson, (req, res) => {
     const entries = (req.body as { routes?: unknown } | null)?.routes;
     if (!Array.isArray(entries)) throw new ApiError(400, 'invalid_batch', 'the body must be {"routes": [...]}');
+    // All or nothing, as on the local API. Every refused entry is listed by index: the sender
+    // validated them all, so these come from a replica of another version, and it sends the rest
+    // again without them (PeerClient.push) instead of losing the whole batch. The first is also
+    // named at the top, as before.
     const changes: RouteChange[] = [];
+    const invalid: { index: number; reason: string; field?: string; message: string }[] = [];
     for (const [index, entry] of entries.entries()) {
       try {
         changes.push(parseChange(entry));
       } catch (error) {
-        const { reason, field, message } = error as { reason: string; field?: string; message: string };
-        // All or nothing, as on the local API.
-        throw new ApiError(400, 'invalid_route', `route ${index}: ${message}; nothing was applied`, { index, reason, ...(field ? { field } : {}) });
+        if (!(error instanceof RouteValidationError)) throw error;
+        invalid.push({ index, reason: error.reason, message: error.message, ...(error.field ? { field: error.field } : {}) });
       }
+    }
+    const [first] = invalid;
+    if (first) {
+      throw new ApiError(400, 'invalid_route', `${invalid.length} of ${entries.length} routes are invalid (route ${first.index}: ${first.message}); nothing was applied`, {
+        index: first.index,
+        reason: first.reason,
+        ...(first.field ? { field: first.field } : {}),
+        invalid,
+      });
     }
     const results = service.applyRemote(changes, 'peer');
     res.json({ results: results.map(({ outcome, reason }) => ({ outcome, reason })) });

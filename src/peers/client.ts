@@ -199,6 +199,11 @@ export interface PushAck {
   readonly ignored: number;
   /** Indexes in the batch of the entries the peer rejected (anything but applied or ignored). */
   readonly rejectedAt: readonly number[];
+  /**
+   * Set when the peer refused the whole batch (400 `invalid_route`, all or nothing) for the
+   * entries in `rejectedAt` and applied none: the others are owed to it still, to be sent again.
+   */
+  readonly resend?: true;
 }
 
 const NONE_REJECTED: readonly number[] = Object.freeze([]);
@@ -255,7 +260,8 @@ export class PeerClient {
   /** Push changes to a peer's batch endpoint. Resolves on 2xx; throws a classified PeerRequestError otherwise. */
   async push(peer: string, changes: readonly RouteChange[], signal: AbortSignal): Promise<PushAck> {
     // One await on the request and one on its body: this runs ten times per lifecycle call.
-    const response = await this.request(peer, 'POST', PEER_PUSH_PATH, pushBody(changes), signal);
+    const response = await this.request(peer, 'POST', PEER_PUSH_PATH, pushBody(changes), signal, 400);
+    if (response.statusCode === 400) return refusedEntries(peer, response, changes.length);
     const json = await jsonBody(peer, response);
     const results = (json as { results?: unknown }).results;
     if (!Array.isArray(results) || results.length !== changes.length) {
@@ -291,7 +297,15 @@ export class PeerClient {
    * One request. On a non-2xx status the body is dumped and a classified error thrown; the
    * caller consumes the body of a 2xx.
    */
-  async request(peer: string, method: 'GET' | 'POST', path: string, body: string | undefined, signal: AbortSignal): Promise<Dispatcher.ResponseData> {
+  async request(
+    peer: string,
+    method: 'GET' | 'POST',
+    path: string,
+    body: string | undefined,
+    signal: AbortSignal,
+    /** A non-2xx status whose body the caller reads too. */
+    alsoRead?: number,
+  ): Promise<Dispatcher.ResponseData> {
     this.options.onRequest?.(peer, path);
     let response: Dispatcher.ResponseData;
     try {
@@ -304,7 +318,7 @@ export class PeerClient {
       await response.body.dump();
       throw new PeerRequestError('self', `peer ${peer} is this replica`);
     }
-    if (response.statusCode < 200 || response.statusCode >= 300) {
+    if ((response.statusCode < 200 || response.statusCode >= 300) && response.statusCode !== alsoRead) {
       await response.body.dump();
       throw new PeerRequestError(classifyStatus(response.statusCode), `peer ${peer} answered ${response.statusCode}`, {
         status: response.statusCode,
@@ -339,6 +353,35 @@ function jsonBody(peer: string, response: Dispatcher.ResponseData): Promise<unkn
     if (error instanceof SyntaxError) throw new PeerRequestError('protocol', `peer ${peer} sent a body that is not JSON`, { cause: error });
     throw classifyPeerError(error);
   });
+}
+
+/**
+ * A push answered 400. The peer API refuses a batch with an invalid route whole, listing every
+ * refused entry by index (`error.invalid`; a replica of an older version names only the first,
+ * as `error.index`). This replica validated each of them, so the peer runs another version: the
+ * refused entries are reported `rejected` and the rest is owed still (`resend`), instead of the
+ * whole batch being dropped as a permanent failure. A 400 that names no entry of this batch is
+ * that permanent failure (`http_4xx`).
+ */
+async function refusedEntries(peer: string, response: Dispatcher.ResponseData, count: number): Promise<PushAck> {
+  let body: unknown;
+  try {
+    body = await jsonBody(peer, response);
+  } catch (error) {
+    // A body that is not JSON is a 400 like any other; a read that failed is classified as one.
+    if (!(error instanceof PeerRequestError) || error.errorClass !== 'protocol') throw error;
+  }
+  const refusal = (body as { error?: { code?: unknown; index?: unknown; invalid?: unknown } } | null | undefined)?.error;
+  const indexes = new Set<number>();
+  if (refusal?.code === 'invalid_route') {
+    const listed: unknown[] = Array.isArray(refusal.invalid) ? refusal.invalid : [refusal];
+    for (const entry of listed) {
+      const index = (entry as { index?: unknown } | null)?.index;
+      if (typeof index === 'number' && Number.isInteger(index) && index >= 0 && index < count) indexes.add(index);
+    }
+  }
+  if (indexes.size === 0) throw new PeerRequestError('http_4xx', `peer ${peer} answered 400`, { status: 400 });
+  return { applied: 0, ignored: 0, rejectedAt: [...indexes].sort((a, b) => a - b), resend: true };
 }
 
 /** A 2xx response's body read to its end (the probe's), failures classified as in jsonBody. */

@@ -463,14 +463,21 @@ export class PeerSync {
       return;
     }
     if (peer.removed) return;
-    // A rejected entry is not delivered: the calls waiting on it are told `rejected`.
-    peer.outbox.ackInFlight(ack.rejectedAt);
     const rejected = ack.rejectedAt.length;
-    this.metrics.routesPushed.inc(batch.length - rejected);
+    if (ack.resend) {
+      // The peer refused the whole batch for these entries: the rest goes out again at once
+      // (the pump after this send), their calls still waiting on it.
+      const dropped = peer.outbox.refuseInFlight(ack.rejectedAt);
+      if (dropped.length > 0) this.countDropped(peer, dropped.length);
+    } else {
+      // A rejected entry is not delivered: the calls waiting on it are told `rejected`.
+      peer.outbox.ackInFlight(ack.rejectedAt);
+      this.metrics.routesPushed.inc(batch.length - rejected);
+    }
     if (rejected > 0) {
       // Our own validation passed these, so a rejection means the peer runs an incompatible
       // version; reconciliation cannot fix that either, so say it loudly.
-      this.logger.error({ peer: peer.address, rejected }, 'peer rejected routes this replica accepted');
+      this.logger.error({ peer: peer.address, rejected, resent: ack.resend ? batch.length - rejected : 0 }, 'peer rejected routes this replica accepted');
     }
   }
 

@@ -158,22 +158,49 @@ export class PeerOutbox {
     const keys = this.inFlightKeys;
     this.inFlight = [];
     this.inFlightKeys = [];
-    let dropped: RouteChange[] = [];
-    if (requeue) {
-      // Failed changes go back in front of anything queued meanwhile, in their original order.
-      const merged = new Map<string, RouteChange>();
-      for (let i = 0; i < batch.length; i++) {
-        const key = keys[i]!;
-        const change = batch[i]!;
-        const newer = this.pending.get(key);
-        merged.set(key, newer && supersedes(newer, change) ? newer : change);
-      }
-      for (const [key, change] of this.pending) if (!merged.has(key)) merged.set(key, change);
-      this.pending = merged;
-      dropped = this.dropOverBound();
-    }
+    const dropped = requeue ? this.requeueInFront(batch, keys) : [];
     for (let i = 0; i < batch.length; i++) this.settle(keys[i]!, batch[i]!, outcome);
     return dropped;
+  }
+
+  /**
+   * The peer refused the whole batch in flight for the entries at the indexes in `rejectedAt`
+   * (ascending) and applied none: those fail `rejected` and are not queued again; the rest go
+   * back in front of the queue to be sent again at once, the calls waiting on them still
+   * waiting. Returns what the outbox bound dropped.
+   */
+  refuseInFlight(rejectedAt: readonly number[]): RouteChange[] {
+    const batch = this.inFlight;
+    const keys = this.inFlightKeys;
+    this.inFlight = [];
+    this.inFlightKeys = [];
+    const kept: RouteChange[] = [];
+    const keptKeys: string[] = [];
+    let next = 0;
+    for (let i = 0; i < batch.length; i++) {
+      if (rejectedAt[next] === i) {
+        next++;
+        this.settle(keys[i]!, batch[i]!, REJECTED);
+      } else {
+        kept.push(batch[i]!);
+        keptKeys.push(keys[i]!);
+      }
+    }
+    return this.requeueInFront(kept, keptKeys);
+  }
+
+  /** Changes back in front of anything queued meanwhile, in their original order, unless a newer version was queued. */
+  private requeueInFront(batch: readonly RouteChange[], keys: readonly string[]): RouteChange[] {
+    const merged = new Map<string, RouteChange>();
+    for (let i = 0; i < batch.length; i++) {
+      const key = keys[i]!;
+      const change = batch[i]!;
+      const newer = this.pending.get(key);
+      merged.set(key, newer && supersedes(newer, change) ? newer : change);
+    }
+    for (const [key, change] of this.pending) if (!merged.has(key)) merged.set(key, change);
+    this.pending = merged;
+    return this.dropOverBound();
   }
 
   /** Tell every waiting call the same outcome (peer ejected, removed, shutting down). */

@@ -1,5 +1,8 @@
 // The fan-out on real loopback sockets: real replicas, real fake peers with fault switches.
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import pLimit from 'p-limit';
+import { request as undiciRequest } from 'undici';
 import { afterEach, describe, expect, it } from 'vitest';
 import { FakePeer, InFlightGauge } from '../helpers/fake-peer.js';
 import { makeRoute, putRoute, startCluster, startReplica, stopAll, type TestReplica } from '../helpers/cluster.js';
@@ -95,6 +98,71 @@ describe('fan-out to peers', () => {
     const metrics = await (await fetch(`${node.peerUrl}/metrics`)).text();
     expect(metrics).toMatch(/^routesync_routes_pushed_total 1$/m);
     expect(node.replica.sync.status()[0]).toMatchObject({ ejected: false, consecutiveFailures: 0 });
+  });
+
+  it('sends the rest of a batch again when a real peer refuses it whole for routes its version does not accept', async () => {
+    // A replica of another version: a real replica behind a proxy that makes the routes named in
+    // `skewed` invalid on the way (as a rule added since would). Its peer API refuses the batch
+    // whole (400 invalid_route, every refused entry listed); the rest must still reach it.
+    const receiver = await replica();
+    const skewed = new Set<string>();
+    const forwarded: { path: string; routes: number }[] = [];
+    const skew = createServer((req, res) => {
+      const chunks: Buffer[] = [];
+      req.on('data', (chunk: Buffer) => chunks.push(chunk));
+      req.on('end', () => {
+        let body = Buffer.concat(chunks).toString('utf8');
+        if (req.url === '/v1/peer/routes') {
+          const batch = JSON.parse(body) as { routes: { name: string; namespace: string }[] };
+          for (const route of batch.routes) if (skewed.has(route.name)) route.namespace = 'Not_A_Label';
+          forwarded.push({ path: req.url, routes: batch.routes.length });
+          body = JSON.stringify(batch);
+        }
+        const headers = { ...req.headers, 'content-length': String(Buffer.byteLength(body)) };
+        delete headers.host;
+        delete headers.connection;
+        undiciRequest(`${receiver.peerUrl}${req.url}`, { method: req.method as 'POST', headers, body: req.method === 'GET' ? undefined : body }).then(
+          async (answer) => {
+            const text = await answer.body.text();
+            res.writeHead(answer.statusCode, { 'content-type': String(answer.headers['content-type'] ?? 'application/json') });
+            res.end(text);
+          },
+          () => res.destroy(),
+        );
+      });
+    });
+    await new Promise<void>((resolve) => skew.listen(0, '127.0.0.1', resolve));
+    const skewAddress = `127.0.0.1:${(skew.address() as AddressInfo).port}`;
+    try {
+      const node = await replica({ ROUTESYNC_PEERS: skewAddress });
+      const [refusedA, good1, refusedB, good2] = [makeRoute(), makeRoute(), makeRoute(), makeRoute()];
+      skewed.add(refusedA.name as string).add(refusedB.name as string);
+      const response = await fetch(`${node.api}/v1/routes/batch`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ routes: [refusedA, good1, refusedB, good2] }),
+      });
+      const body = (await response.json()) as { sync: { failed: { peer: string; errorClass: string }[]; acked: number } };
+      expect(response.status).toBe(200);
+      // The call's outcome for the peer is settled by the refusal; the rest follows at once.
+      expect(body.sync.failed).toEqual([{ peer: skewAddress, errorClass: 'rejected' }]);
+      await waitUntil(() => forwarded.length === 2 && node.replica.sync.status()[0]?.pendingRoutes === 0, 10_000, 'the re-sent push');
+      expect(receiver.replica.table.get('default', good1.name as string)?.resourceVersion).toBe('1');
+      expect(receiver.replica.table.get('default', good2.name as string)?.resourceVersion).toBe('1');
+      expect(receiver.replica.table.get('default', refusedA.name as string)).toBeUndefined();
+      // One push of four refused, one of the two others; the refused two never sent again.
+      expect(forwarded).toEqual([
+        { path: '/v1/peer/routes', routes: 4 },
+        { path: '/v1/peer/routes', routes: 2 },
+      ]);
+      const metrics = await (await fetch(`${node.peerUrl}/metrics`)).text();
+      expect(metrics).toMatch(/^routesync_routes_pushed_total 2$/m);
+      expect(node.replica.sync.status()[0]).toMatchObject({ ejected: false, consecutiveFailures: 0 });
+      expect(node.logs.lines.some((line) => line.includes('peer rejected routes this replica accepted') && line.includes('"rejected":2'))).toBe(true);
+    } finally {
+      skew.closeAllConnections();
+      await new Promise<void>((resolve) => skew.close(() => resolve()));
+    }
   });
 
   it.each([

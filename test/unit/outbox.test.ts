@@ -46,6 +46,25 @@ describe('PeerOutbox', () => {
     expect(outbox.takeBatch(10)).toEqual([upsert('a', '3'), remove('b', '1')]);
   });
 
+  it('on a batch refused whole, fails the refused entries and sends the rest again first, their waiters still waiting', async () => {
+    const outbox = new PeerOutbox(100);
+    for (const name of ['a', 'b', 'c']) outbox.enqueue(upsert(name, '1'));
+    const [a, b, c] = ['a', 'b', 'c'].map((name) => waitFor(outbox, `ns/${name}`, '1'));
+    outbox.takeBatch(10);
+    outbox.enqueue(upsert('c', '2'));
+    outbox.enqueue(upsert('d', '1'));
+    let waiting = 2;
+    for (const waiter of [a, c]) void waiter!.promise.then(() => waiting--);
+    expect(outbox.refuseInFlight([1])).toEqual([]);
+    await expect(b!.promise).resolves.toEqual({ status: 'failed', errorClass: 'rejected' });
+    // a again, then c at its newer version (queued meanwhile), then what was queued behind.
+    expect(outbox.takeBatch(10)).toEqual([upsert('a', '1'), upsert('c', '2'), upsert('d', '1')]);
+    expect(waiting).toBe(2);
+    outbox.ackInFlight();
+    await expect(a!.promise).resolves.toEqual({ status: 'acked' });
+    await expect(c!.promise).resolves.toEqual({ status: 'acked' });
+  });
+
   it('resolves a waiter when the same or a newer version is acknowledged', async () => {
     const outbox = new PeerOutbox(100);
     outbox.enqueue(upsert('a', '1'));
