@@ -15,10 +15,12 @@
 //     whatever time it carries, and of the same delete's times the latest is kept: a peer that
 //     missed the route's re-creation carries an older fence's time, which would expire the
 //     deletion while a replica cut off with the route is not yet suspect. A newer delete whose
-//     fence has expired is ignored (`fence_expired`) whether or not a live fence is there, so no
-//     change lowers the version an identity is guarded at; only the sweep of an expired fence does.
+//     own fence has expired advances a live fence's version at the live fence's expiry, and is
+//     forgotten (`fence_expired`) where there is no fence: no change lowers the version an
+//     identity is guarded at (only the sweep of an expired fence and dropWithoutFence do).
 //  4. The table's state is a function of the set of changes applied, not of their order (a
-//     property test checks this; a fence's creation time aside, see 3): in particular the
+//     property test checks this; a fence's creation time aside, see 3, and a deletion whose
+//     fence has expired, which is forgotten if it arrives where nothing is to fence): in particular the
 //     route serving a sandbox ID is the one with the greatest resourceVersion among the live
 //     routes carrying that ID (ties: the smallest identity key). Kubernetes resourceVersions of all objects come from one etcd counter, so
 //     "greatest" means "newest": a newer identity takes the ID over (`id_takeover`).
@@ -225,13 +227,12 @@ export class RouteTable {
         }
         return { outcome: 'ignored', reason: 'stale_resource_version', key, resourceVersion: version };
       }
-      // A newer delete whose own fence began a TTL ago or more (a push queued that long, a pull
-      // from a replica that kept it) has expired: it is forgotten, as it would be had it come
-      // first, and the live fence stays. Advancing to it would end the live fence with it, and an
-      // upsert below the live fence's version would then be created.
-      if (expired) return { outcome: 'ignored', reason: 'fence_expired', key, resourceVersion: version };
+      // A later delete advances the fence's version, not its expiry. One whose own fence began a
+      // TTL ago or more (a push queued that long, a pull from a replica that kept it) would end the
+      // live fence with it, and an upsert below the live fence's version would then be created:
+      // it advances the version at the live fence's expiry instead.
       this.removeFence(key, fence);
-      this.addFence(key, { resourceVersion: version, fencedAtMs });
+      this.addFence(key, { resourceVersion: version, fencedAtMs: expired ? fence.fencedAtMs : fencedAtMs });
       return { outcome: 'applied', reason: 'fenced', key, resourceVersion: version };
     }
     if (expired) return { outcome: 'ignored', reason: 'fence_expired', key, resourceVersion: version };

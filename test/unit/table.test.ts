@@ -107,24 +107,22 @@ describe('RouteTable', () => {
     expect(table.getFence('ns', 'k')?.fencedAtMs).toBe(clock.now);
   });
 
-  it('keeps a live fence when a newer delete arrives whose own fence has expired, in either order', () => {
-    // The newer delete was queued (or held by a peer) for longer than the TTL. Had it come first it
-    // would be forgotten (fence_expired); coming second it must not end the live fence with it, or
-    // an upsert below the live fence's version is created and the deleted route is back.
+  it("advances a live fence to a newer delete whose own fence has expired, at the live fence's expiry", () => {
+    // The newer delete was queued (or held by a peer) for longer than the TTL. Ending the live
+    // fence with it would let an upsert below the live fence's version be created: the deleted
+    // route back. A later delete advances the fence's version, not its expiry.
     const clock = clockAt(100_000);
-    const expiredElsewhere = { namespace: 'ns', name: 'm', resourceVersion: '7', fencedAtMs: 1 };
-    const liveHere = { namespace: 'ns', name: 'm', resourceVersion: '5' };
-    const fenceFirst = new RouteTable({ tombstoneTtlMs: 10_000, now: () => clock.now });
-    expect(fenceFirst.delete(liveHere)).toMatchObject({ outcome: 'applied', reason: 'fenced' });
-    expect(fenceFirst.delete(expiredElsewhere)).toMatchObject({ outcome: 'ignored', reason: 'fence_expired', resourceVersion: '7' });
-    const expiredFirst = new RouteTable({ tombstoneTtlMs: 10_000, now: () => clock.now });
-    expect(expiredFirst.delete(expiredElsewhere)).toMatchObject({ outcome: 'ignored', reason: 'fence_expired' });
-    expect(expiredFirst.delete(liveHere)).toMatchObject({ outcome: 'applied', reason: 'fenced' });
-    for (const table of [fenceFirst, expiredFirst]) {
-      expect(table.getFence('ns', 'm')).toEqual({ resourceVersion: '5', fencedAtMs: 100_000 });
-      expect(table.upsert(route('m', '4'))).toMatchObject({ outcome: 'ignored', reason: 'stale_resource_version' });
-      expect(table.get('ns', 'm')).toBeUndefined();
-    }
+    const table = new RouteTable({ tombstoneTtlMs: 10_000, now: () => clock.now });
+    expect(table.delete({ namespace: 'ns', name: 'm', resourceVersion: '5' })).toMatchObject({ outcome: 'applied', reason: 'fenced' });
+    clock.tick(4_000);
+    expect(table.delete({ namespace: 'ns', name: 'm', resourceVersion: '7', fencedAtMs: 1 })).toMatchObject({ outcome: 'applied', reason: 'fenced', resourceVersion: '7' });
+    expect(table.getFence('ns', 'm')).toEqual({ resourceVersion: '7', fencedAtMs: 100_000 });
+    for (const version of ['4', '6', '7']) expect(table.upsert(route('m', version))).toMatchObject({ outcome: 'ignored', reason: 'stale_resource_version' });
+    expect(table.get('ns', 'm')).toBeUndefined();
+    clock.tick(6_000);
+    expect(table.sweepExpiredFences(), 'the live fence expires when it would have').toBe(1);
+    // Where nothing is fenced, the same expired delete is forgotten.
+    expect(table.delete({ namespace: 'ns', name: 'n', resourceVersion: '7', fencedAtMs: 1 })).toMatchObject({ outcome: 'ignored', reason: 'fence_expired' });
   });
 
   it('drops a route without a fence only while it is the route stored, and a later upsert at its version applies', () => {
@@ -236,7 +234,7 @@ describe('RouteTable properties', () => {
     );
   });
 
-  it('no change lowers the version an identity is guarded at; only the sweep of an expired fence does', () => {
+  it('no change lowers the version an identity is guarded at (only the sweep of an expired fence and dropWithoutFence may)', () => {
     // The guard is the stored route's version or the fence's: an upsert must be above it to apply.
     // Deletions carry fence times as peers' do: none, recent, long expired, in the future.
     const now = 1_000_000;
