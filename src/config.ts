@@ -118,6 +118,12 @@ const LEVELS: readonly LogLevel[] = ['fatal', 'error', 'warn', 'info', 'debug', 
  * The table of settings. Defaults are chosen for a real cluster (in-cluster RTT well under
  * 5 ms); the README explains each number. Tests that need short timers set them.
  */
+/**
+ * The most routes a push may carry (ROUTESYNC_BATCH_MAX_ROUTES's maximum): every push of the
+ * widest routes fits the peer API's body limit, and the peer API refuses a longer batch.
+ */
+export const PUSH_MAX_ROUTES = 2_000;
+
 export const SETTINGS: Readonly<Record<string, Setting>> = {
   ROUTESYNC_API_ADDR: { key: 'apiAddr', kind: 'addr', fallback: '127.0.0.1:7788' },
   ROUTESYNC_PEER_ADDR: { key: 'peerAddr', kind: 'addr', fallback: '0.0.0.0:7789' },
@@ -142,7 +148,7 @@ export const SETTINGS: Readonly<Record<string, Setting>> = {
   // At most 2,000: a push of that many routes of the largest kind validation admits (~30 KB on
   // the wire each, a 4,096-character token of escaped characters) stays under the peer API's
   // 64 MiB body limit; past it the peer answered 413, a permanent failure, and the batch was dropped.
-  ROUTESYNC_BATCH_MAX_ROUTES: { key: 'batchMaxRoutes', kind: 'int', fallback: '1000', min: 1, max: 2_000 },
+  ROUTESYNC_BATCH_MAX_ROUTES: { key: 'batchMaxRoutes', kind: 'int', fallback: '1000', min: 1, max: PUSH_MAX_ROUTES },
   ROUTESYNC_OUTBOX_MAX_ROUTES: { key: 'outboxMaxRoutes', kind: 'int', fallback: '100000', min: 1, max: 10_000_000 },
   ROUTESYNC_EJECT_AFTER_FAILURES: { key: 'ejectAfterFailures', kind: 'int', fallback: '5', min: 1, max: 1000 },
   ROUTESYNC_EJECT_PROBE_MS: { key: 'ejectProbeMs', kind: 'int', fallback: '1000', min: 10, max: 600_000 },

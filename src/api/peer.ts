@@ -5,6 +5,7 @@
 // Reconciliation adds its own endpoints through `extend` (digest, pull).
 import { createHash, timingSafeEqual } from 'node:crypto';
 import express, { type Express, type RequestHandler, type Router } from 'express';
+import { PUSH_MAX_ROUTES } from '../config.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 import { INSTANCE_HEADER, PEER_PUSH_PATH } from '../peers/client.js';
@@ -104,6 +105,9 @@ export function createPeerApp(deps: PeerApiDeps): Express {
   peer.post(PEER_PUSH_PATH, batchJson, (req, res) => {
     const entries = (req.body as { routes?: unknown } | null)?.routes;
     if (!Array.isArray(entries)) throw new ApiError(400, 'invalid_batch', 'the body must be {"routes": [...]}');
+    // No sender pushes more (ROUTESYNC_BATCH_MAX_ROUTES's maximum). It also bounds the answer
+    // below, which lists each refused entry: unbounded, 2 MB of [0,0,...] was an 84 MB answer.
+    if (entries.length > PUSH_MAX_ROUTES) throw new ApiError(413, 'batch_too_large', `a push carries at most ${PUSH_MAX_ROUTES} routes`);
     // All or nothing, as on the local API. Every refused entry is listed by index: the sender
     // validated them all, so these come from a replica of another version, and it sends the rest
     // again without them (PeerClient.push) instead of losing the whole batch. The first is also

@@ -1,5 +1,6 @@
 // The local and peer APIs: status codes, validation, redaction, auth (SPEC §3).
 import { afterEach, describe, expect, it } from 'vitest';
+import { PUSH_MAX_ROUTES } from '../../src/config.js';
 import { parseRoute, type Route } from '../../src/routes/route.js';
 import { makeRoute, putRoute, startCluster, startReplica, stopAll, type TestReplica } from '../helpers/cluster.js';
 
@@ -116,6 +117,27 @@ describe('local API', () => {
     // UTF-8 named in any case is UTF-8.
     expect((await send(`${node.api}/v1/routes`, { method: 'PUT', headers: { 'content-type': 'application/json; charset=UTF-8' }, body: JSON.stringify(makeRoute()) })).status).toBe(200);
     expect(node.replica.table.size).toBe(1);
+  });
+
+  it('lists every refused entry of a peer push by index, and refuses a push longer than any sender makes', async () => {
+    const node = await replica();
+    const push = (routes: unknown[]) => send(`${node.peerUrl}/v1/peer/routes`, { method: 'POST', headers: json, body: JSON.stringify({ routes }) });
+    const good = makeRoute();
+    const refused = await push([good, 0, makeRoute({ namespace: 'Bad' }), makeRoute()]);
+    expect(refused.status).toBe(400);
+    expect(refused.body.error).toMatchObject({ code: 'invalid_route', index: 1, reason: 'not_an_object' });
+    expect(refused.body.error.invalid.map((entry: { index: number; reason: string }) => [entry.index, entry.reason])).toEqual([
+      [1, 'not_an_object'],
+      [2, 'invalid_kubernetes_name'],
+    ]);
+    // Bounded: without the cap, 2 MB of [0,0,...] was answered with 84 MB of refusals.
+    const tooLong = await push(Array.from({ length: PUSH_MAX_ROUTES + 1 }, () => 0));
+    expect(tooLong.status).toBe(413);
+    expect(tooLong.body.error.code).toBe('batch_too_large');
+    const longest = await push(Array.from({ length: PUSH_MAX_ROUTES }, () => 0));
+    expect(longest.status).toBe(400);
+    expect(longest.body.error.invalid).toHaveLength(PUSH_MAX_ROUTES);
+    expect(node.replica.table.size).toBe(0);
   });
 
   it('deletes with and without a resourceVersion, fencing the identity', async () => {
