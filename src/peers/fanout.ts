@@ -476,7 +476,10 @@ export class PeerSync {
     }
     if (rejected > 0) {
       // Our own validation passed these, so a rejection means the peer runs an incompatible
-      // version; reconciliation cannot fix that either, so say it loudly.
+      // version; reconciliation cannot fix that either, so say it loudly, and count it where the
+      // permanent failures are counted (the alert on them), and show it in /v1/peers.
+      peer.lastFailure = { errorClass: 'rejected', atMs: this.now() };
+      this.metrics.peerFailures.inc({ class: 'rejected' });
       this.logger.error({ peer: peer.address, rejected, resent: ack.resend ? batch.length - rejected : 0 }, 'peer rejected routes this replica accepted');
     }
   }
@@ -494,7 +497,8 @@ export class PeerSync {
     const started = performance.now();
     try {
       const ack = await this.client.push(peer.address, batch, signal);
-      this.metrics.peerAttempts.inc({ result: 'ok' });
+      // A batch refused whole was answered (the peer is healthy) but delivered nothing.
+      this.metrics.peerAttempts.inc({ result: ack.resend ? 'rejected' : 'ok' });
       this.recordSuccess(peer);
       return ack;
     } catch (error) {

@@ -97,6 +97,7 @@ describe('fan-out to peers', () => {
     expect(picky!.routesReceived).toBe(2);
     const metrics = await (await fetch(`${node.peerUrl}/metrics`)).text();
     expect(metrics).toMatch(/^routesync_routes_pushed_total 1$/m);
+    expect(metrics).toMatch(/^routesync_peer_failures_total\{class="rejected"\} 1$/m);
     expect(node.replica.sync.status()[0]).toMatchObject({ ejected: false, consecutiveFailures: 0 });
   });
 
@@ -157,7 +158,11 @@ describe('fan-out to peers', () => {
       ]);
       const metrics = await (await fetch(`${node.peerUrl}/metrics`)).text();
       expect(metrics).toMatch(/^routesync_routes_pushed_total 2$/m);
-      expect(node.replica.sync.status()[0]).toMatchObject({ ejected: false, consecutiveFailures: 0 });
+      // Seen where permanent failures are (the alert on them), though the peer is healthy.
+      expect(metrics).toMatch(/^routesync_peer_failures_total\{class="rejected"\} 1$/m);
+      expect(metrics).toMatch(/^routesync_peer_attempts_total\{result="rejected"\} 1$/m);
+      expect(metrics).toMatch(/^routesync_peer_attempts_total\{result="ok"\} 1$/m);
+      expect(node.replica.sync.status()[0]).toMatchObject({ ejected: false, consecutiveFailures: 0, reachable: true, lastFailure: { errorClass: 'rejected' } });
       expect(node.logs.lines.some((line) => line.includes('peer rejected routes this replica accepted') && line.includes('"rejected":2'))).toBe(true);
     } finally {
       skew.closeAllConnections();
