@@ -115,15 +115,15 @@ interface Setting {
 const LEVELS: readonly LogLevel[] = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
 
 /**
- * The table of settings. Defaults are chosen for a real cluster (in-cluster RTT well under
- * 5 ms); the README explains each number. Tests that need short timers set them.
- */
-/**
  * The most routes a push may carry (ROUTESYNC_BATCH_MAX_ROUTES's maximum): every push of the
  * widest routes fits the peer API's body limit, and the peer API refuses a longer batch.
  */
 export const PUSH_MAX_ROUTES = 2_000;
 
+/**
+ * The table of settings. Defaults are chosen for a real cluster (in-cluster RTT well under
+ * 5 ms); the README explains each number. Tests that need short timers set them.
+ */
 export const SETTINGS: Readonly<Record<string, Setting>> = {
   ROUTESYNC_API_ADDR: { key: 'apiAddr', kind: 'addr', fallback: '127.0.0.1:7788' },
   ROUTESYNC_PEER_ADDR: { key: 'peerAddr', kind: 'addr', fallback: '0.0.0.0:7789' },
@@ -145,8 +145,8 @@ export const SETTINGS: Readonly<Record<string, Setting>> = {
   ROUTESYNC_RETRY_MIN_MS: { key: 'retryMinMs', kind: 'int', fallback: '10', min: 0, max: 60_000 },
   ROUTESYNC_RETRY_MAX_MS: { key: 'retryMaxMs', kind: 'int', fallback: '25', min: 0, max: 60_000 },
   ROUTESYNC_PEER_CONNECTIONS: { key: 'peerConnections', kind: 'int', fallback: '4', min: 1, max: 1024 },
-  // At most 2,000: a push of that many routes of the largest kind validation admits (~30 KB on
-  // the wire each, a 4,096-character token of escaped characters) stays under the peer API's
+  // At most 2,000: a push of that many routes of the largest kind validation admits (~15 KB on
+  // the wire each, a 4,096-character token of 3-byte characters) stays under the peer API's
   // 64 MiB body limit; past it the peer answered 413, a permanent failure, and the batch was dropped.
   ROUTESYNC_BATCH_MAX_ROUTES: { key: 'batchMaxRoutes', kind: 'int', fallback: '1000', min: 1, max: PUSH_MAX_ROUTES },
   ROUTESYNC_OUTBOX_MAX_ROUTES: { key: 'outboxMaxRoutes', kind: 'int', fallback: '100000', min: 1, max: 10_000_000 },
