@@ -260,6 +260,14 @@ export class Replica {
         'LOCAL API IS NOT ON LOOPBACK: anything that reaches this address can change routes without a token',
       );
     }
+    // The peer API changes routes and its pull returns every access token: open to anything
+    // that reaches it unless a token or mutual TLS guards it (or it is on loopback).
+    if (this.config.peerToken === '' && this.config.peerTlsCa === '' && !isLoopback(this.config.peerAddr.host)) {
+      this.logger.warn(
+        { peerAddr: this.bound.peer },
+        'PEER API HAS NO TOKEN: anything that reaches this address can change routes and read every access token; set ROUTESYNC_PEER_TOKEN (or ROUTESYNC_PEER_TLS_CA)',
+      );
+    }
     this.logger.info(
       { api: this.bound.api, peer: this.bound.peer, proxy: this.bound.proxy, peers: this.sync.peerAddresses(), peerScheme: this.peerScheme },
       'routesync listening',

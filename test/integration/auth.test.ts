@@ -114,6 +114,26 @@ describe('peer token', () => {
   });
 });
 
+describe('peer API without a token', () => {
+  const WARNING = 'PEER API HAS NO TOKEN';
+  const warningOf = (node: TestReplica) =>
+    node.logs.lines.map((line) => JSON.parse(line) as { level: string; msg: string; peerAddr?: string }).find((line) => line.msg.includes(WARNING));
+
+  it('logs a loud warning when the peer API listens off loopback with neither a token nor mutual TLS', async () => {
+    const node = await startReplica({ ROUTESYNC_PEER_ADDR: '0.0.0.0:0' });
+    nodes.push(node);
+    expect(warningOf(node)).toMatchObject({ level: 'warn', peerAddr: expect.stringMatching(/^0\.0\.0\.0:\d+$/) });
+  });
+
+  it('says nothing of the kind with a token, or on loopback', async () => {
+    const guarded = await startReplica({ ROUTESYNC_PEER_ADDR: '0.0.0.0:0', ROUTESYNC_PEER_TOKEN: 'peer-token-SECRET-MARKER' });
+    const local = await startReplica();
+    nodes.push(guarded, local);
+    expect(warningOf(guarded)).toBeUndefined();
+    expect(warningOf(local)).toBeUndefined();
+  });
+});
+
 describe('local API address', () => {
   const WARNING = 'LOCAL API IS NOT ON LOOPBACK';
 
