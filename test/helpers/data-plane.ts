@@ -9,6 +9,7 @@ import { Metrics } from '../../src/metrics.js';
 import { DataPlane, type DataPlaneOptions } from '../../src/proxy/server.js';
 import type { Route } from '../../src/routes/route.js';
 import { RouteTable } from '../../src/routes/table.js';
+import { registerLogSource, registerSecret } from './secrets.js';
 
 export interface TestDataPlane {
   readonly plane: DataPlane;
@@ -36,6 +37,8 @@ export async function startDataPlane(
   const metrics = new Metrics({ processMetrics: false });
   const lines: string[] = [];
   const logger = createLogger({ level: config.logLevel, destination: { write: (line: string) => void lines.push(line) } });
+  // Scanned for secrets after the test file, as every replica's lines are (test/helpers/secrets-setup.ts).
+  registerLogSource({ name: 'DataPlane', lines });
   const plane = new DataPlane({ config, table, metrics, logger, ...extra });
   const address = await plane.listen();
   return {
@@ -59,6 +62,7 @@ export async function startDataPlane(
         ...partial,
         resourceVersion: String(resourceVersion),
       };
+      registerSecret(route.accessToken);
       const result = table.upsert(route);
       if (result.outcome !== 'applied') throw new Error(`route not applied: ${result.reason}`);
       return route;

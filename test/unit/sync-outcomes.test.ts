@@ -51,7 +51,8 @@ describe('a call with several changes', () => {
     expect(outcome.acked).toBe(1);
     expect(outcome.failed).toEqual([{ peer: refusing!.address, errorClass: 'http_4xx' }]);
     expect(outcome.pending).toEqual([]);
-    expect(outcome.elapsedMs).toBeLessThan(5000);
+    // Well below the deadline: a call that waited it out ends 25 ms before it (the answer's reserve).
+    expect(outcome.elapsedMs).toBeLessThan(2500);
   });
 
   it('reports a peer still owing a change at the deadline as pending, the others as acked', async () => {
@@ -77,7 +78,7 @@ describe('a call with several changes', () => {
     const second = await sync.sync(changes(2));
     expect(second.acked).toBe(1);
     expect(second.pending).toEqual([{ peer: hung!.address, reason: 'ejected' }]);
-    expect(second.elapsedMs).toBeLessThan(2000);
+    expect(second.elapsedMs).toBeLessThan(1000);
   });
 });
 
@@ -101,7 +102,7 @@ describe('a peer whose last push failed, while its re-send waits out its back-of
     const second = await sync.sync([change!]);
     expect(second.acked).toBe(1);
     expect(second.pending).toEqual([{ peer: failing!.address, reason: 'retrying' }]);
-    expect(second.elapsedMs).toBeLessThan(20_000);
+    expect(second.elapsedMs).toBeLessThan(10_000);
     // Its change is owed, not lost: queued for the re-send.
     expect(sync.status().find((peer) => peer.peer === failing!.address)?.pendingRoutes).toBe(2);
   });
@@ -125,7 +126,9 @@ describe('a call whose change is queued behind a batch that then fails', () => {
     // waited for the back-off and the re-send of its change, and was told that re-send's failure.
     const second = sync.sync(changes(1));
     expect((await first).failed).toEqual([{ peer: hung!.address, errorClass: 'timeout' }]);
-    expect((await second).pending).toEqual([{ peer: hung!.address, reason: 'retrying' }]);
+    const queued = await second;
+    expect(queued.pending).toEqual([{ peer: hung!.address, reason: 'retrying' }]);
+    expect(queued.elapsedMs).toBeLessThan(10_000);
   });
 });
 
@@ -168,6 +171,7 @@ describe('a call with more changes than the outbox bound', () => {
       ],
       pending: [],
     });
+    expect(outcome.elapsedMs).toBeLessThan(15_000);
     // The two that fit are still delivered in the background; the others are left to reconciliation.
     expect(await sync.drain(10_000)).toBe(true);
     for (const peer of [a!, b!]) expect(peer.routesReceived).toBe(2);
@@ -196,6 +200,7 @@ describe('a call with more changes than the outbox bound, to an ejected peer', (
       { peer: hung!.address, errorClass: 'outbox_full' },
     ]);
     expect(outcome.pending).toEqual([]);
+    expect(outcome.elapsedMs).toBeLessThan(2500);
   });
 });
 
