@@ -17,7 +17,6 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { configFromEnv } from '../../src/config.js';
 import { Replica } from '../../src/replica.js';
 import { LogSink, TEST_ENV } from '../helpers/cluster.js';
-import { unusedPort } from '../helpers/upstream.js';
 import { waitUntil } from '../helpers/wait.js';
 import { seededRandom } from '../helpers/random.js';
 
@@ -125,9 +124,10 @@ describe('chaos: five replicas, 10,000 changes, kills, hangs and partitions', ()
     console.log(`chaos seed ${SEED} (replay with CHAOS_SEED=${SEED})`);
     const random = seededRandom(SEED);
     const faultRandom = seededRandom(SEED ^ 0x5eed);
-    const ports = await Promise.all(Array.from({ length: REPLICAS }, () => unusedPort()));
+    // As pods do: each replica its own loopback address on one peer port, below the ephemeral
+    // range, so that no other test's socket can take it while a killed replica is down.
     for (let index = 0; index < REPLICAS; index++) {
-      slots.push({ index, peerAddress: `127.0.0.1:${ports[index]}`, replica: undefined, api: '', fault: undefined, inflight: 0 });
+      slots.push({ index, peerAddress: `127.0.6.${index + 1}:17789`, replica: undefined, api: '', fault: undefined, inflight: 0 });
     }
     for (const slot of slots) await boot(slot);
     await Promise.all(slots.map((slot) => slot.replica!.bootstrapped));

@@ -24,7 +24,6 @@ import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest
 import { configFromEnv } from '../../src/config.js';
 import { Replica } from '../../src/replica.js';
 import { LogSink, TEST_ENV } from '../helpers/cluster.js';
-import { unusedPort } from '../helpers/upstream.js';
 import { seededRandom } from '../helpers/random.js';
 
 const SEEDS = process.env.SCENARIO_SEEDS ? process.env.SCENARIO_SEEDS.split(',').map(Number) : [1, 2, 3, 4, 5, 6, 7, 8, 20, 43, 102, 124, 134, 150, 161, 175, 180, 181, 187];
@@ -66,6 +65,9 @@ interface Write {
   readonly ip?: string;
 }
 
+/** The peer port every scenario replica listens on, each on its own 127.0.5.x. */
+const SCENARIO_PEER_PORT = 17_789;
+
 const running: Replica[] = [];
 afterEach(async () => {
   await Promise.all(running.splice(0).map((replica) => replica.close()));
@@ -76,7 +78,10 @@ async function runScenario(seed: number): Promise<void> {
   const pick = <T>(list: readonly T[]): T => list[Math.floor(random() * list.length)]!;
   const replicaCount = 3 + Math.floor(random() * 2);
   const log: string[] = [`seed ${seed}, ${replicaCount} replicas`];
-  const addresses = (await Promise.all(Array.from({ length: replicaCount }, () => unusedPort()))).map((port) => `127.0.0.1:${port}`);
+  // As pods do: each replica its own loopback address, all on one peer port, below the
+  // ephemeral range (32768-60999) so that no socket of another test can take it between a
+  // replica's stop and its restart on the same address (a port found free on 127.0.0.1 could be).
+  const addresses = Array.from({ length: replicaCount }, (_, i) => `127.0.5.${i + 1}:${SCENARIO_PEER_PORT}`);
   const env = (i: number): Record<string, string> => ({
     ...TEST_ENV,
     ROUTESYNC_LOG_LEVEL: 'warn',
