@@ -205,11 +205,14 @@ export async function startRoutesync(options: RoutesyncOptions): Promise<Routesy
   };
   const child = start({ name: options.name ?? `routesync ${host}`, script: entry.script, tsx: entry.tsx, env, nodeFlags: [...NODE_FLAGS, ...(options.nodeFlags ?? [])] });
   const api = `${host}:${apiPort}`;
+  const peer = `${host}:${peerPort}`;
+  // Ready, not just listening: until its bootstrap has ended (a pull from a peer, or its
+  // timeout) a replica is still asking its peers, and a measurement would include that.
   await waitUntil(
-    `${child.name} to answer on ${api}`,
+    `${child.name} to be ready on ${peer}`,
     async () => {
       if (!child.alive) throw new GiveUp(`${child.name} exited`);
-      const response = await fetch(`http://${api}/v1/peers`, { signal: AbortSignal.timeout(1_000) });
+      const response = await fetch(`http://${peer}/readyz`, { signal: AbortSignal.timeout(1_000) });
       await response.arrayBuffer();
       return response.status === 200;
     },
@@ -218,7 +221,7 @@ export async function startRoutesync(options: RoutesyncOptions): Promise<Routesy
   ).catch((error: unknown) => {
     throw new Error(`${(error as Error).message}\n${child.tail()}`);
   });
-  return new RoutesyncProcess(child, api, `${host}:${peerPort}`, `${host}:${proxyPort}`);
+  return new RoutesyncProcess(child, api, peer, `${host}:${proxyPort}`);
 }
 
 /** Does something accept TCP connections at host:port? */

@@ -84,8 +84,8 @@ export async function connectionsPerChange(ctx: SuiteContext): Promise<SuiteResu
         formatSpread(summary[`${contender}PeakOpenPerPeer`]!, 0),
       ]);
     }
-    // The bound must hold whatever the number of changes: judge the raw count, not a rate.
-    // Judged like every other figure: the median across runs; the worst run is reported beside it.
+    // The bound must hold whatever the number of changes: judge the raw count, not a rate, and
+    // in every run (the worst), not at the median: a bound is broken by one run that breaks it.
     const busiest = spread(runs.map((r) => r.routesync.maxPerPeer));
     summary.routesyncBusiestPeer = busiest;
     const worstOpen = Math.max(...runs.map((r) => r.routesync.peakOpenPerPeer));
@@ -93,10 +93,10 @@ export async function connectionsPerChange(ctx: SuiteContext): Promise<SuiteResu
     const failures = runsOver.map((r) => JSON.stringify(r.routesync.failedAttempts ?? {})).join(', ');
     const targets: TargetCheck[] = [
       {
-        description: 'routesync: sockets the busiest peer accepted for all the changes (median of runs)',
-        value: busiest.median,
+        description: 'routesync: sockets the busiest peer accepted for all the changes, start-up included (worst run)',
+        value: busiest.max,
         target: `≤ ${POOL_SIZE} (the pool size)`,
-        met: busiest.median <= POOL_SIZE,
+        met: busiest.max <= POOL_SIZE,
         note:
           `runs: ${busiest.runs.join(', ')}` +
           (runsOver.length > 0 ? `; ${runsOver.length} of ${runs.length} runs above ${POOL_SIZE}, failed attempts in those runs: ${failures}` : ''),
@@ -126,6 +126,9 @@ export async function connectionsPerChange(ctx: SuiteContext): Promise<SuiteResu
 async function measure(contender: Contender, addresses: string[], peers: readonly PeerProcess[], changes: number, routes: RouteFactory): Promise<ContenderCount> {
   // The previous contender's sockets must be gone, or they would count as this one's.
   await waitUntil('the peers to have no socket open', async () => (await Promise.all(peers.map((peer) => peer.stats()))).every((s) => s.openSockets === 0), 30_000, 50);
+  // Counted from before the contender starts: a replica's bootstrap opens sockets to its peers
+  // that its pushes then reuse, and they are sockets it opened.
+  await Promise.all(peers.map((peer) => peer.reset()));
   let metricsAddress: string | null = null;
   const server =
     contender === 'routesync'
@@ -138,7 +141,6 @@ async function measure(contender: Contender, addresses: string[], peers: readonl
         : await startLegacy(addresses, { fresh: contender === 'legacyFresh' });
   const client = new HttpTarget(`http://${server.address}`, IN_FLIGHT);
   try {
-    await Promise.all(peers.map((peer) => peer.reset()));
     const result = await fixedCount(IN_FLIGHT, changes, async () => {
       const answer = await client.call('PUT', '/v1/routes', routes.nextBody());
       if (answer.status !== 200) return false;

@@ -12,7 +12,10 @@ import { formatSpread, round, spread } from '../lib/stats.js';
 const ROUTES = 100_000;
 /** Routes per batch request: the size of a manager's periodic resync page, not one giant body. */
 const CHUNK = Number(process.env.ROUTESYNC_BENCH_MEMORY_CHUNK ?? 1_000);
-const MB = 1_048_576;
+// The issue's units read strictly: MB and KB as SI's 10^6 and 10^3 bytes (a MiB would grant
+// the 150 MB bound 5 % more).
+const MB = 1_000_000;
+const KB = 1_000;
 
 interface MemoryRun {
   readonly baseline: { rssBytes: number; heapUsedBytes: number };
@@ -91,8 +94,8 @@ export async function memory(ctx: SuiteContext): Promise<SuiteResult> {
     ['load time (s, batches of ' + CHUNK.toLocaleString('en') + ')', '', formatSpread(summary.loadSeconds!, 1), ''],
   ];
   const targets: TargetCheck[] = [
-    { description: 'RSS holding 100,000 routes (MB)', value: summary.rssMB!.median, target: '≤ 150', met: summary.rssMB!.median <= 150 },
-    { description: 'heap per route (bytes)', value: summary.heapPerRouteBytes!.median, target: '≤ 1024', met: summary.heapPerRouteBytes!.median <= 1024 },
+    { description: 'RSS holding 100,000 routes (MB, 10^6 bytes)', value: summary.rssMB!.median, target: '≤ 150', met: summary.rssMB!.median <= 150 },
+    { description: 'heap per route (bytes)', value: summary.heapPerRouteBytes!.median, target: `≤ ${KB} (1 KB)`, met: summary.heapPerRouteBytes!.median <= KB },
   ];
   const incomplete = runs.filter((r) => r.applied !== routes).length;
   return {
