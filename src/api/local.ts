@@ -3,7 +3,7 @@ import { performance } from 'node:perf_hooks';
 import express, { type Express, type Response } from 'express';
 import type { Logger } from '../log.js';
 import type { PeerSync } from '../peers/fanout.js';
-import { isCanonicalResourceVersion, parseChange, parseDeletion, redactRoute, type ChangeParseOptions, type RouteChange } from '../routes/route.js';
+import { isCanonicalResourceVersion, parseChange, parseChanges, parseDeletion, redactRoute, type ChangeParseOptions } from '../routes/route.js';
 import type { RouteTable } from '../routes/table.js';
 import type { RouteService } from '../service.js';
 import { ApiError, errorHandler, methodNotAllowed, notFound, rejectInvalidUtf8, requireJson } from './errors.js';
@@ -62,16 +62,7 @@ export function createLocalApp(deps: LocalApiDeps): Express {
     if (!Array.isArray(entries)) throw new ApiError(400, 'invalid_batch', 'the body must be {"routes": [...]} or an array of routes');
     if (entries.length > BATCH_MAX_ROUTES) throw new ApiError(413, 'batch_too_large', `a batch carries at most ${BATCH_MAX_ROUTES} routes`);
     // All or nothing: a batch with any invalid route changes nothing.
-    const changes: RouteChange[] = [];
-    const invalid: { index: number; reason: string; field?: string; message: string }[] = [];
-    entries.forEach((entry, index) => {
-      try {
-        changes.push(parseChange(entry, LOCAL_CHANGE));
-      } catch (error) {
-        const { reason, field, message } = error as { reason: string; field?: string; message: string };
-        invalid.push({ index, reason, message, ...(field ? { field } : {}) });
-      }
-    });
+    const { changes, invalid } = parseChanges(entries, LOCAL_CHANGE);
     if (invalid.length > 0) {
       throw new ApiError(400, 'invalid_route', `${invalid.length} of ${entries.length} routes are invalid; nothing was applied`, {
         invalid: invalid.slice(0, 100),

@@ -9,7 +9,7 @@ import { PUSH_MAX_ROUTES } from '../config.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 import { INSTANCE_HEADER, PEER_PUSH_PATH } from '../peers/client.js';
-import { parseChange, RouteValidationError, type RouteChange } from '../routes/route.js';
+import { parseChange, parseChanges } from '../routes/route.js';
 import type { RouteService } from '../service.js';
 import { ApiError, errorHandler, methodNotAllowed, notFound, rejectInvalidUtf8, sendError } from './errors.js';
 
@@ -112,16 +112,7 @@ export function createPeerApp(deps: PeerApiDeps): Express {
     // validated them all, so these come from a replica of another version, and it sends the rest
     // again without them (PeerClient.push) instead of losing the whole batch. The first is also
     // named at the top, as before.
-    const changes: RouteChange[] = [];
-    const invalid: { index: number; reason: string; field?: string; message: string }[] = [];
-    for (const [index, entry] of entries.entries()) {
-      try {
-        changes.push(parseChange(entry));
-      } catch (error) {
-        if (!(error instanceof RouteValidationError)) throw error;
-        invalid.push({ index, reason: error.reason, message: error.message, ...(error.field ? { field: error.field } : {}) });
-      }
-    }
+    const { changes, invalid } = parseChanges(entries);
     const [first] = invalid;
     if (first) {
       throw new ApiError(400, 'invalid_route', `${invalid.length} of ${entries.length} routes are invalid (route ${first.index}: ${first.message}); nothing was applied`, {

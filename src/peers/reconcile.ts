@@ -65,13 +65,12 @@ import { LOCAL_CHANGE_TRUSTED_TTL_FRACTION, maxReconcileIntervalMs, RECONCILE_JI
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 import {
-  RouteValidationError,
   changeKey,
   changeToWire,
   identityKey,
   localChangeAt,
   markLocalChange,
-  parseChange,
+  parseChanges,
   routeKey,
   splitIdentityKey,
   type Route,
@@ -734,32 +733,24 @@ export class Reconciler {
       }
       const entries = (body as { changes?: unknown } | null)?.changes;
       if (!Array.isArray(entries)) throw new PeerRequestError('protocol', `peer ${peer} answered a pull without "changes"`);
-      const changes: RouteChange[] = [];
       // Unlike a push (all or nothing: the pusher is told), a pull skips what this version
       // refuses: a peer of another version may hold a route stored under rules this one does not
       // accept (say, from before names were checked as Kubernetes names), and failing the whole
       // pull would fail every round with that peer over one entry, for every bucket it shares,
       // until this replica turned suspect. The skipped entry's bucket stays different, is pulled
       // again each round, and is counted each time.
-      let refused = 0;
-      let refusal: { reason: string; field: string | undefined } | undefined;
-      for (const entry of entries) {
-        try {
-          changes.push(parseChange(entry));
-        } catch (error) {
-          if (!(error instanceof RouteValidationError)) throw error;
-          refused += 1;
-          refusal ??= { reason: error.reason, field: error.field };
-          // The peer holds this identity, in a form this version refuses: a rebuild must not
-          // count a local route of it as one the source lacks and drop it.
-          const key = refusedEntryKey(entry);
-          if (seen && key !== undefined) seen.add(key);
-        }
+      const { changes, invalid } = parseChanges(entries);
+      // The peer holds each refused identity, in a form this version refuses: a rebuild must
+      // not count a local route of it as one the source lacks and drop it.
+      for (const { index } of invalid) {
+        const key = refusedEntryKey(entries[index]);
+        if (seen && key !== undefined) seen.add(key);
       }
-      if (refused > 0) {
-        this.metrics.reconcileRefused.inc(refused);
+      const [refusal] = invalid;
+      if (refusal) {
+        this.metrics.reconcileRefused.inc(invalid.length);
         // The reason and field only: an entry's values may hold an access token.
-        this.logger.warn({ peer, refused, ...refusal }, 'pull: skipped changes this replica refuses (a peer of another version?)');
+        this.logger.warn({ peer, refused: invalid.length, reason: refusal.reason, field: refusal.field }, 'pull: skipped changes this replica refuses (a peer of another version?)');
       }
       if (seen) for (const change of changes) seen.add(changeKey(change));
       const applied = this.service.applyRemote(changes, 'reconcile').filter((result) => result.outcome === 'applied').length;

@@ -356,6 +356,33 @@ export function parseChange(input: unknown, options: ChangeParseOptions = {}): R
   return { op: 'upsert', route: parseRoute(input) };
 }
 
+/** A batch entry that failed validation, as the 400 of a batch endpoint lists it. */
+export interface InvalidEntry {
+  readonly index: number;
+  readonly reason: RejectReason;
+  readonly field?: string;
+  readonly message: string;
+}
+
+/**
+ * Every entry of a batch (the local API's or a peer's push) through parseChange: the valid
+ * changes in order, and each invalid entry with its index. Batches are all or nothing, so a
+ * caller refuses the whole batch when `invalid` is not empty.
+ */
+export function parseChanges(entries: readonly unknown[], options: ChangeParseOptions = {}): { changes: RouteChange[]; invalid: InvalidEntry[] } {
+  const changes: RouteChange[] = [];
+  const invalid: InvalidEntry[] = [];
+  entries.forEach((entry, index) => {
+    try {
+      changes.push(parseChange(entry, options));
+    } catch (error) {
+      if (!(error instanceof RouteValidationError)) throw error;
+      invalid.push({ index, reason: error.reason, message: error.message, ...(error.field ? { field: error.field } : {}) });
+    }
+  });
+  return { changes, invalid };
+}
+
 /** The route as listing endpoints show it: the access token never leaves. */
 export function redactRoute(route: Route): Omit<Route, 'accessToken'> & { hasAccessToken: boolean } {
   const { accessToken, ...visible } = route;
