@@ -14,9 +14,10 @@
 //     stretch a fence past the TTL). A delete that removes a live route starts a fence now,
 //     whatever time it carries, and of the same delete's times the latest is kept: a peer that
 //     missed the route's re-creation carries an older fence's time, which would expire the
-//     deletion while a replica cut off with the route is not yet suspect. A newer delete whose
-//     own fence has expired advances a live fence's version at the live fence's expiry, and is
-//     forgotten (`fence_expired`) where there is no fence: no change lowers the version an
+//     deletion while a replica cut off with the route is not yet suspect. A newer delete never
+//     moves a live fence's expiry earlier (one carrying an older time, or one whose own fence has
+//     expired, advances the version at the live fence's expiry), and a delete whose own fence has
+//     expired is forgotten (`fence_expired`) where there is no fence: no change lowers the version an
 //     identity is guarded at (only the sweep of an expired fence and dropWithoutFence do).
 //  4. The table's state is a function of the set of changes applied, not of their order (a
 //     property test checks this; a fence's creation time aside, see 3, and a deletion whose
@@ -199,8 +200,6 @@ export class RouteTable {
     // A peer's fencedAtMs is clamped to now: one in the future (a clock ahead, or a bad pusher)
     // would keep the fence past the TTL, up to for ever, and pulls would copy it fleet-wide.
     const carriedAtMs = deletion.fencedAtMs === undefined ? undefined : Math.min(deletion.fencedAtMs, now);
-    const fencedAtMs = Math.min(carriedAtMs ?? now, fence?.fencedAtMs ?? Number.POSITIVE_INFINITY);
-    const expired = fencedAtMs + this.tombstoneTtlMs <= now;
 
     if (stored) {
       if (compareResourceVersions(version, stored.resourceVersion) < 0) {
@@ -227,15 +226,19 @@ export class RouteTable {
         }
         return { outcome: 'ignored', reason: 'stale_resource_version', key, resourceVersion: version };
       }
-      // A later delete advances the fence's version, not its expiry. One whose own fence began a
-      // TTL ago or more (a push queued that long, a pull from a replica that kept it) would end the
-      // live fence with it, and an upsert below the live fence's version would then be created:
-      // it advances the version at the live fence's expiry instead.
+      // A later delete advances the fence's version, not its expiry, whatever time it carries.
+      // An older time comes from a replica whose fence began before this one's: one that missed
+      // the route's re-creation (it kept its first deletion's time), or one whose own fence began
+      // a TTL ago or more (a push queued that long). Taken, it would end this fence early, while a
+      // replica cut off holding the re-created route is not suspect yet, and that route would
+      // come back. (A later time is not taken either: a pusher with a clock ahead, or a bad one,
+      // could then keep the fence for ever with ever newer deletes.)
       this.removeFence(key, fence);
-      this.addFence(key, { resourceVersion: version, fencedAtMs: expired ? fence.fencedAtMs : fencedAtMs });
+      this.addFence(key, { resourceVersion: version, fencedAtMs: fence.fencedAtMs });
       return { outcome: 'applied', reason: 'fenced', key, resourceVersion: version };
     }
-    if (expired) return { outcome: 'ignored', reason: 'fence_expired', key, resourceVersion: version };
+    const fencedAtMs = carriedAtMs ?? now;
+    if (fencedAtMs + this.tombstoneTtlMs <= now) return { outcome: 'ignored', reason: 'fence_expired', key, resourceVersion: version };
     this.addFence(key, { resourceVersion: version, fencedAtMs });
     return { outcome: 'applied', reason: 'fenced', key, resourceVersion: version };
   }

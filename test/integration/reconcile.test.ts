@@ -486,6 +486,40 @@ describe('no resurrection of a re-created identity', () => {
   });
 });
 
+describe('no resurrection of an identity deleted twice', () => {
+  it('a route re-created, then deleted at 13 where it was live and at 14 where it was not, stays deleted', async () => {
+    // C missed the re-creation, so its fence (11, then 14) keeps the first deletion's time; A
+    // removed the live route at 13 and fenced it then. A must not take C's older time when it
+    // advances to 14: every replica would expire the fence up to a TTL early, while B, cut off
+    // holding 12, is not suspect yet. An openkruise manager's /refresh (source "peer") carries
+    // each change to the replicas named, and nothing re-sends it.
+    const ttlMs = 6000;
+    const env = { ROUTESYNC_TOMBSTONE_TTL_MS: String(ttlMs), ROUTESYNC_RECONCILE_INTERVAL_MS: '100', ROUTESYNC_EJECT_PROBE_MS: '50' };
+    const [a, b, c] = await cluster(3, env, MANUAL_ROUNDS);
+    const all = [a!, b!, c!];
+    const first = makeRoute({ namespace: 'reused', resourceVersion: '10' });
+    const name = first.name as string;
+    const refresh = async (targets: readonly Node[], body: Record<string, unknown>) => {
+      for (const node of targets) expect((await fetch(`${node.peerUrl}/refresh`, { method: 'POST', body: JSON.stringify(body) })).status).toBe(204);
+    };
+    await refresh(all, first);
+    await refresh(all, { ...first, resourceVersion: '11', state: 'dead' });
+    const firstFenceAt = Date.now();
+    await roundsInContactUntil(all, () => Date.now() - firstFenceAt > 0.9 * ttlMs, ttlMs, '0.9 of the TTL');
+    await refresh([a!, b!], { ...first, resourceVersion: '12' });
+    b!.replica.faults.isolate();
+    await refresh([a!], { ...first, resourceVersion: '13', state: 'dead' });
+    await refresh([c!], { ...first, resourceVersion: '14', state: 'dead' });
+    await roundsInContactUntil([a!, c!], () => a!.replica.table.getFence('reused', name)?.resourceVersion === '14', 5000, "a to pull c's fence at 14");
+    expect(a!.replica.table.getFence('reused', name)!.fencedAtMs, "a's fence keeps its own start").toBeGreaterThanOrEqual(firstFenceAt + 0.9 * ttlMs);
+    await roundsInContactUntil([a!, c!], () => Date.now() - firstFenceAt > ttlMs + 100, 2 * ttlMs, 'the first fence to expire');
+    expect(b!.replica.reconciler.isSuspect(), 'b is still trusted (else the test is too slow to show anything)').toBe(false);
+    b!.replica.faults.heal();
+    for (let k = 0; k < 4; k++) for (const node of all) expect((await node.replica.reconciler.runRound()).result).not.toBe('failed');
+    for (const node of all) expect(node.replica.table.get('reused', name), 'the deleted route stays deleted').toBeUndefined();
+  });
+});
+
 describe('suspect tables and trust', () => {
   it('a rebuild keeps a route whose newer version the source holds in a form this version refuses, rather than counting it missing', async () => {
     const env = { ROUTESYNC_TOMBSTONE_TTL_MS: '1000', ROUTESYNC_RECONCILE_INTERVAL_MS: '100', ROUTESYNC_EJECT_PROBE_MS: '50' };

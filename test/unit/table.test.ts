@@ -125,6 +125,21 @@ describe('RouteTable', () => {
     expect(table.delete({ namespace: 'ns', name: 'n', resourceVersion: '7', fencedAtMs: 1 })).toMatchObject({ outcome: 'ignored', reason: 'fence_expired' });
   });
 
+  it("never moves a live fence's expiry earlier: a newer delete carrying an older fence's time advances the version only", () => {
+    // This table removed the live route at 12 (fence 13, now). A peer that missed the
+    // re-creation still holds its first deletion's time (8 s older) and deletes at 14: taken, that
+    // time would expire the deletion 8 s early, while a replica cut off with route 12 is trusted.
+    const clock = clockAt(100_000);
+    const table = new RouteTable({ tombstoneTtlMs: 10_000, now: () => clock.now });
+    table.upsert(route('h', '12'));
+    table.delete({ namespace: 'ns', name: 'h', resourceVersion: '13' });
+    clock.tick(1_000);
+    expect(table.delete({ namespace: 'ns', name: 'h', resourceVersion: '14', fencedAtMs: 92_000 })).toMatchObject({ outcome: 'applied', reason: 'fenced' });
+    expect(table.getFence('ns', 'h')).toEqual({ resourceVersion: '14', fencedAtMs: 100_000 });
+    clock.tick(1_500); // 10.5 s after the peer's first fence, 2.5 s after this table removed the route
+    expect(table.upsert(route('h', '12')).outcome, 'the re-created route, offered back by a replica cut off with it').toBe('ignored');
+  });
+
   it('drops a route without a fence only while it is the route stored, and a later upsert at its version applies', () => {
     const table = new RouteTable({ tombstoneTtlMs: 10_000 });
     const held = route('g', '5');
