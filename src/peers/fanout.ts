@@ -37,7 +37,7 @@ export interface SyncOutcome {
   readonly peers: number;
   /** Peers that acknowledged every change of the call. */
   readonly acked: number;
-  /** Peers whose delivery failed before the deadline, with the error class (changes stay queued unless the failure was permanent). */
+  /** Peers whose delivery failed before the deadline, with the error class (changes stay queued unless the failure was a permanent one about the request: a 4xx but 401/403, or `protocol`). */
   readonly failed: readonly { readonly peer: string; readonly errorClass: string }[];
   /** Peers still owed the change when the call returned: handed to the background path. */
   readonly pending: readonly { readonly peer: string; readonly reason: string }[];
@@ -535,8 +535,12 @@ export class PeerSync {
       return;
     }
     // Transient failures (and shutdown) keep the changes for background delivery; a permanent
-    // failure (a 4xx) drops them: sending the same bytes again cannot succeed.
-    const requeue = error.transient || error.errorClass === 'aborted';
+    // failure (a 4xx) drops them: sending the same bytes again cannot succeed. A 401/403 is the
+    // fleet's configuration, not these bytes (a token Secret rotated on some pods only): they are
+    // kept, re-sent after a back-off like a transient failure until the peer is ejected, and
+    // sent once the configuration is fixed; and the calls it ejects the peer for are told
+    // `pending: ejected`, which must mean their changes are still owed.
+    const requeue = error.transient || error.errorClass === 'aborted' || error.errorClass === 'unauthorized';
     const dropped = peer.outbox.failInFlight({ status: 'failed', errorClass: error.errorClass }, requeue);
     if (dropped.length > 0) this.countDropped(peer, dropped.length);
     if (error.errorClass === 'aborted') return;

@@ -108,6 +108,27 @@ describe('a peer whose last push failed, while its re-send waits out its back-of
   });
 });
 
+describe('a peer that answers 401 (the peer token differs)', () => {
+  it('keeps the change queued, also for the call whose failure ejects the peer, and sends it once the token is fixed', async () => {
+    const [peer] = await peers(1);
+    peer!.mode = { kind: 'status', status: 401 };
+    const sync = fanout({ ROUTESYNC_EJECT_AFTER_FAILURES: '1', ROUTESYNC_EJECT_PROBE_MS: '200' });
+    sync.setPeers([peer!.address]);
+    const [first, second] = [parseChange(makeRoute()), parseChange(makeRoute())];
+    // The 401 ejects the peer: the call is told its change is handed to the background path.
+    expect((await sync.sync([first!])).pending).toEqual([{ peer: peer!.address, reason: 'ejected' }]);
+    expect((await sync.sync([second!])).pending).toEqual([{ peer: peer!.address, reason: 'ejected' }]);
+    expect(sync.status()[0]!.lastFailure?.errorClass).toBe('unauthorized');
+    peer!.mode = { kind: 'ok' };
+    await waitUntil(() => sync.status()[0]!.ejected === false, 5_000, 'the probe to readmit the peer');
+    await sync.drain(5_000);
+    for (const change of [first!, second!]) {
+      expect(peer!.table.get('default', change.op === 'upsert' ? change.route.name : ''), 'sent once the token is fixed').toBeDefined();
+    }
+    expect(sync.status()[0]!.pendingRoutes).toBe(0);
+  });
+});
+
 describe('a call whose change is queued behind a batch that then fails', () => {
   it('stops waiting once the batch has failed and the re-send waits out its back-off (pending: retrying)', async () => {
     const [hung] = await peers(1);
