@@ -350,9 +350,22 @@ class UpstreamAgent extends http.Agent {
     return socket.connect(options as net.NetConnectOpts);
   }
 
-  /** A socket the sandbox closed while a request was being written to it is never reused. */
+  /**
+   * A socket the sandbox closed while a request was being written to it is never reused, nor
+   * one the sandbox's keep-alive hint says it is about to close.
+   */
   override keepSocketAlive(socket: Duplex): boolean {
     if (socket instanceof UpstreamSocket && socket.peerClosedDuringWrite) return false;
+    // Node's agent reads the sandbox's `Keep-Alive: timeout=N` from the response's headers (it
+    // keeps the socket N - 1 s, or not at all for N <= 1), but cleanResponseHeaders has removed
+    // it there, as hop-by-hop, before the client's answer was written: without it every socket
+    // was kept for the agent's own timeout, and a sandbox that closes sooner got the next request
+    // on a closing socket (502). It is put back from the raw headers, which nothing edits.
+    const res = (socket as { _httpMessage?: { res?: IncomingMessage } | null })._httpMessage?.res;
+    if (res && res.headers['keep-alive'] === undefined) {
+      const hint = rawHeader(res.rawHeaders, 'keep-alive');
+      if (hint !== undefined) res.headers['keep-alive'] = hint;
+    }
     // Node's own returns whether to keep it (false for a server's keep-alive hint of 1 s or
     // less); @types/node types it as void.
     return (super.keepSocketAlive(socket) as unknown as boolean | undefined) !== false;
@@ -1087,4 +1100,10 @@ export class DataPlane {
     ws.client.destroy();
     ws.upstream.destroy();
   }
+}
+
+/** The first value of a header in `rawHeaders` (name, value, name, value, ...), by any case. */
+function rawHeader(rawHeaders: readonly string[], name: string): string | undefined {
+  for (let i = 0; i + 1 < rawHeaders.length; i += 2) if (rawHeaders[i]!.toLowerCase() === name) return rawHeaders[i + 1];
+  return undefined;
 }

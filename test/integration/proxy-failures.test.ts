@@ -368,6 +368,28 @@ describe('upstream failures', () => {
   });
 });
 
+describe("the sandbox's keep-alive hint", () => {
+  it('is honoured: a socket the sandbox announced it closes within 1 s is not reused for the next request', async () => {
+    // `Keep-Alive: timeout=1` is what a Node server with keepAliveTimeout 1000 sends. The hint is
+    // hop-by-hop, removed from what the client gets, but the upstream agent must still see it.
+    // A second request on the same connection meets the sandbox's close (here a reset, at once).
+    const sandbox = await raw((socket) => {
+      let requests = 0;
+      socket.on('data', () => {
+        requests++;
+        if (requests === 1) socket.write('HTTP/1.1 200 OK\r\nKeep-Alive: timeout=1\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok');
+        else socket.resetAndDestroy();
+      });
+    });
+    dp.setRoute({ id: 'short-keepalive', ip: '127.0.0.2' });
+    const first = await send(dp.address, { path: `/kruise/short-keepalive/${sandbox.port}/` });
+    expect(first.status).toBe(200);
+    expect(first.headers['keep-alive'], 'hop-by-hop: not relayed').toBeUndefined();
+    const second = await send(dp.address, { path: `/kruise/short-keepalive/${sandbox.port}/` });
+    expect({ status: second.status, body: second.body, connections: sandbox.acceptedSockets() }).toEqual({ status: 200, body: 'ok', connections: 2 });
+  });
+});
+
 describe('waiting for a pooled upstream socket', () => {
   function queuedInAgent(plane: TestDataPlane): number {
     const agent = (plane.plane as unknown as { agent: http.Agent }).agent;
