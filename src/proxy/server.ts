@@ -833,6 +833,12 @@ export class DataPlane {
    */
   private endPlainAnswerWithClient(exchange: Exchange, proxyRes: IncomingMessage, client: Socket): void {
     const status = proxyRes.statusCode ?? 0;
+    // The library relays the answer chunk by chunk (`client.write(chunk)` in its own 'data'
+    // listener) without backpressure: for a client that reads slowly or not at all, the whole
+    // answer, however large, would be read from the sandbox and held here. The answer is paused
+    // while the client's socket is full, checked once the library's write of the chunk has run
+    // (this listener runs first, as it was added first).
+    proxyRes.on('data', () => process.nextTick(holdBackWhileFull, proxyRes, client));
     client.once('close', () => {
       if (proxyRes.complete) return;
       // A sandbox that cut the answer may have had the library close the client first (Node 24
@@ -1106,4 +1112,11 @@ export class DataPlane {
 function rawHeader(rawHeaders: readonly string[], name: string): string | undefined {
   for (let i = 0; i + 1 < rawHeaders.length; i += 2) if (rawHeaders[i]!.toLowerCase() === name) return rawHeaders[i + 1];
   return undefined;
+}
+
+/** Pause `source` until `sink` drains, if the sink's buffer is full (see endPlainAnswerWithClient). */
+function holdBackWhileFull(source: IncomingMessage, sink: Socket): void {
+  if (!sink.writableNeedDrain || sink.destroyed || source.isPaused()) return;
+  source.pause();
+  sink.once('drain', () => source.resume());
 }

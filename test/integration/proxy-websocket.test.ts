@@ -2,6 +2,7 @@
 // refusals before the handshake, long-lived connections past the HTTP timeout, big and many
 // messages, and a clean close (1001) when the data plane shuts down.
 import { createHash, randomBytes } from 'node:crypto';
+import http from 'node:http';
 import net, { type AddressInfo } from 'node:net';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import WebSocket, { type RawData } from 'ws';
@@ -468,6 +469,63 @@ describe('an open WebSocket', () => {
     expect((await sandboxClosed).code).toBe(4000);
     await upstream.waitForOpenSockets(0);
   });
+});
+
+describe('a plain answer to a handshake, to a client that reads nothing', () => {
+  it('is relayed with backpressure: the sandbox is held back, not read into the data plane, and the client gets it all once it reads', async () => {
+    // A sandbox without WebSockets answers the handshake as a plain GET, here with 64 MiB. The
+    // sandbox writes as fast as its socket takes it and says when its writes have been held
+    // back for a second: buffering in the data plane would read it all, never holding it back.
+    const BYTES = 64 * 1024 * 1024;
+    const CHUNK = Buffer.alloc(64 * 1024, 0x61);
+    let sent = 0;
+    let heldBackSince: number | undefined;
+    const sandbox = http.createServer((_req, res) => {
+      res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': String(BYTES) });
+      const write = (): void => {
+        while (sent < BYTES) {
+          sent += CHUNK.length;
+          if (!res.write(CHUNK)) {
+            heldBackSince = Date.now();
+            res.once('drain', () => {
+              heldBackSince = undefined;
+              write();
+            });
+            return;
+          }
+        }
+        res.end();
+      };
+      write();
+    });
+    await new Promise<void>((resolve) => sandbox.listen(0, '127.0.0.1', () => resolve()));
+    const port = (sandbox.address() as AddressInfo).port;
+    dp.setRoute({ id: 'plain-download', ip: '127.0.0.1' });
+    let dataPlaneSide: net.Socket | undefined;
+    dp.plane.server.on('upgrade', (_req: unknown, socket: net.Socket) => (dataPlaneSide = socket));
+    const client = net.connect({ port: dp.address.port, host: dp.address.address });
+    client.on('error', () => {});
+    try {
+      client.pause();
+      client.write(
+        `GET /kruise/plain-download/${port}/file HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n` +
+          'Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n',
+      );
+      await waitUntil(() => sent >= BYTES || (heldBackSince !== undefined && Date.now() - heldBackSince > 1000), 30_000, 'the sandbox to finish or be held back');
+      expect(sent, 'the sandbox was held back before the end of its answer').toBeLessThan(BYTES);
+      expect(dataPlaneSide!.writableLength, 'bytes queued in the data plane for the client').toBeLessThan(4 * 1024 * 1024);
+      let received = 0;
+      client.on('data', (chunk: Buffer) => (received += chunk.length));
+      const closed = new Promise<void>((resolve) => client.once('close', () => resolve()));
+      client.resume();
+      await closed;
+      expect(received, 'the whole answer, headers and body').toBeGreaterThan(BYTES);
+    } finally {
+      client.destroy();
+      sandbox.closeAllConnections();
+      await new Promise<void>((resolve) => sandbox.close(() => resolve()));
+    }
+  }, 60_000);
 });
 
 describe('a client that goes away from an open WebSocket, in front of a sandbox that ignores TCP half-close', () => {
