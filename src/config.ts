@@ -68,6 +68,11 @@ export interface Config {
   readonly reconcileIntervalMs: number;
   readonly bootstrapTimeoutMs: number;
   readonly tombstoneTtlMs: number;
+  /**
+   * How long past its TTL a fence is still kept while a current peer has not caught up on it
+   * (pulled this replica's table since the fence arrived): a bound on a split's memory.
+   */
+  readonly tombstoneHoldMaxMs: number;
 
   readonly defaultSandboxPort: number;
   /** Optional: when set, host-based routing only accepts `<port>-<id>.<proxyDomain>`. */
@@ -156,6 +161,7 @@ export const SETTINGS: Readonly<Record<string, Setting>> = {
   ROUTESYNC_RECONCILE_INTERVAL_MS: { key: 'reconcileIntervalMs', kind: 'int', fallback: '5000', min: 50, max: 3_600_000 },
   ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: { key: 'bootstrapTimeoutMs', kind: 'int', fallback: '5000', min: 0, max: 600_000 },
   ROUTESYNC_TOMBSTONE_TTL_MS: { key: 'tombstoneTtlMs', kind: 'int', fallback: '600000', min: 1, max: 604_800_000 },
+  ROUTESYNC_TOMBSTONE_HOLD_MAX_MS: { key: 'tombstoneHoldMaxMs', kind: 'int', fallback: '3600000', min: 0, max: 604_800_000 },
   ROUTESYNC_DEFAULT_SANDBOX_PORT: { key: 'defaultSandboxPort', kind: 'int', fallback: '49983', min: 1, max: 65_535 },
   ROUTESYNC_PROXY_DOMAIN: { key: 'proxyDomain', kind: 'string', fallback: '' },
   ROUTESYNC_PROXY_TIMEOUT_MS: { key: 'proxyTimeoutMs', kind: 'int', fallback: '60000', min: 1, max: 3_600_000 },

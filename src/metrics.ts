@@ -12,6 +12,11 @@ export class Metrics {
   // Route table
   readonly routes = new Gauge({ name: 'routesync_routes', help: 'Routes in the table', registers: [this.registry] });
   readonly tombstones = new Gauge({ name: 'routesync_tombstones', help: 'Deletion fences in the table', registers: [this.registry] });
+  readonly tombstonesHeld = new Gauge({
+    name: 'routesync_tombstones_held',
+    help: 'Deletion fences past their TTL kept because a peer has not caught up on them (as of the last sweep)',
+    registers: [this.registry],
+  });
   readonly changes = new Counter({
     name: 'routesync_changes_total',
     help: 'Route changes offered to the table, by source (local, peer, reconcile), outcome (applied, ignored, rejected) and reason',

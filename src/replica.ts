@@ -99,7 +99,12 @@ export class Replica {
     const tls = options.peerTls ?? readPeerTls(config);
     this.peerScheme = tls ? 'https' : 'http';
     this.peerTls = tls;
-    this.table = new RouteTable({ tombstoneTtlMs: config.tombstoneTtlMs });
+    this.table = new RouteTable({
+      tombstoneTtlMs: config.tombstoneTtlMs,
+      // A fence past its TTL is held while a peer has not caught up on it (docs/reconcile.md).
+      fenceHoldMaxMs: config.tombstoneHoldMaxMs,
+      caughtUpThrough: () => this.reconciler.caughtUpThrough(),
+    });
     this.client = new PeerClient({
       connections: config.peerConnections,
       token: config.peerToken,
@@ -304,6 +309,7 @@ export class Replica {
   refreshGauges(): void {
     this.metrics.routes.set(this.table.size);
     this.metrics.tombstones.set(this.table.fenceCount);
+    this.metrics.tombstonesHeld.set(this.table.heldFenceCount);
     this.metrics.peers.set(this.sync.peerCount);
     this.metrics.peersEjected.set(this.sync.ejectedCount());
     this.metrics.outboxRoutes.set(this.sync.outboxSize());

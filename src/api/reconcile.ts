@@ -4,8 +4,9 @@
 //   POST /v1/peer/pull             {"buckets": [i, ...]} -> {"changes": [route | dead route, ...]}
 // Routes travel whole (tokens included: this is the peer API) and fences as `dead` routes with
 // `fencedAtMs`, exactly as a push carries them, so parseChange reads both.
-import express, { type Router } from 'express';
-import { DIGEST_PATH, PULL_PATH, type Reconciler } from '../peers/reconcile.js';
+import express, { type Request, type Router } from 'express';
+import { INSTANCE_HEADER } from '../peers/client.js';
+import { DIGEST_PATH, PULL_PATH, type CaughtUpReport, type Reconciler } from '../peers/reconcile.js';
 import { ApiError, methodNotAllowed, rejectInvalidUtf8 } from './errors.js';
 
 /** A pull names bucket indexes only; 1 MiB holds far more than the 1024 buckets there are. */
@@ -14,7 +15,7 @@ export const PULL_BODY_LIMIT_BYTES = 1_048_576;
 export function reconcileEndpoints(reconciler: Reconciler, digestBuckets: number): (router: Router) => void {
   return (router) => {
     router.get(DIGEST_PATH, (req, res) => {
-      res.json(reconciler.digest(req.query.root !== '1'));
+      res.json(reconciler.digest(req.query.root !== '1', caughtUpReport(req)));
     });
     router.all(DIGEST_PATH, methodNotAllowed('GET'));
 
@@ -32,4 +33,27 @@ export function reconcileEndpoints(reconciler: Reconciler, digestBuckets: number
     });
     router.all(PULL_PATH, methodNotAllowed('POST'));
   };
+}
+
+/** An instance ID as replicas make them (a UUID), with room to spare. */
+const INSTANCE_MAX_LENGTH = 128;
+
+/**
+ * `?caughtUpTo=<ms>`: the requester has caught up on this replica's table as of that digest's
+ * asOfMs (Reconciler.caughtUpThrough). The requester is named by its instance header, which
+ * every routesync peer request carries. Malformed, it is a 400 and nothing is recorded.
+ */
+function caughtUpReport(req: Request): CaughtUpReport | undefined {
+  const raw = req.query.caughtUpTo;
+  if (raw === undefined) return undefined;
+  if (typeof raw !== 'string' || !/^(0|[1-9][0-9]{0,15})$/.test(raw) || !Number.isSafeInteger(Number(raw))) {
+    throw new ApiError(400, 'invalid_query', 'caughtUpTo must be given once, as a time in ms (a non-negative integer)', { field: 'caughtUpTo' });
+  }
+  const instance = req.get(INSTANCE_HEADER);
+  if (instance === undefined || instance === '' || instance.length > INSTANCE_MAX_LENGTH) {
+    throw new ApiError(400, 'invalid_query', `caughtUpTo needs the ${INSTANCE_HEADER} header (1 to ${INSTANCE_MAX_LENGTH} characters) naming the replica that caught up`, {
+      field: INSTANCE_HEADER,
+    });
+  }
+  return { instance, caughtUpToMs: Number(raw) };
 }

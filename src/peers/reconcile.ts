@@ -119,6 +119,21 @@ export interface TableDigest {
   readonly seeded: boolean;
   /** True while still bootstrapping (then `suspect` is true too, but its table is new, not out of date). */
   readonly bootstrapping: boolean;
+  /**
+   * The answering replica's clock when it took this digest. A peer that has caught up on it
+   * (found the table equal, or pulled every bucket that differed) reports it back as
+   * `caughtUpTo` in its next digest request, and the answering replica holds a fence past its
+   * TTL until every peer has caught up on it (see caughtUpThrough). Absent from older replicas.
+   */
+  readonly asOfMs?: number;
+}
+
+/** A peer's word, with a digest request, that it has caught up on this table as of asOfMs. */
+export interface CaughtUpReport {
+  /** The reporting replica's instance ID (its requests' x-routesync-instance header). */
+  readonly instance: string;
+  /** An asOfMs of this replica's, from a digest it answered that peer. */
+  readonly caughtUpToMs: number;
 }
 
 export type RoundResult = 'in_sync' | 'repaired' | 'unchanged' | 'rebuilt' | 'kept' | 'skipped' | 'failed' | 'no_peers';
@@ -194,6 +209,12 @@ export class Reconciler {
    * Emptied at every contact, so it holds only the deletions of one cut (or one interval).
    */
   private readonly localDeletions = new Map<string, string>();
+  /** Per peer instance: the time (this replica's clock) through which it last said it has caught up on this table. */
+  private readonly caughtUpBy = new Map<string, number>();
+  /** Per peer address: the instance its last digest answer named. */
+  private readonly peerInstances = new Map<string, string>();
+  /** Per peer address: the asOfMs of its digest this replica last caught up on, reported back to it. */
+  private readonly caughtUpOn = new Map<string, number>();
   private cursor: number;
   private timer: NodeJS.Timeout | null = null;
   private running: Promise<RoundReport> | null = null;
@@ -280,7 +301,9 @@ export class Reconciler {
   stillOwed(change: RouteChange, key: string): boolean {
     if (change.op !== 'upsert') return true;
     const route = this.table.getByKey(key);
-    if (route === undefined) return this.table.getFenceByKey(key) !== undefined;
+    // Within the fence's TTL, not while it is held past it for a peer that has not caught up: the
+    // peers' own fences of it may have ended by then, and one would take the route.
+    if (route === undefined) return this.table.fenceWithinTtl(key);
     if (change.route === route && this.changedLocallySince(route, this.trustedLocalChangeSince())) return true;
     return !this.isSuspect();
   }
@@ -294,8 +317,10 @@ export class Reconciler {
     return this.now() - this.lastContactMs > this.config.tombstoneTtlMs * SUSPECT_AFTER_TTL_FRACTION;
   }
 
-  /** GET /v1/peer/digest. */
-  digest(withBuckets: boolean): TableDigest {
+  /** GET /v1/peer/digest; `report`, the requester's word that it caught up on an earlier one. */
+  digest(withBuckets: boolean, report?: CaughtUpReport): TableDigest {
+    const now = this.now();
+    if (report) this.noteCaughtUpBy(report, now);
     return {
       instance: this.instanceId,
       buckets: this.table.digestBuckets,
@@ -306,7 +331,49 @@ export class Reconciler {
       suspect: !this.bootstrapped || this.isSuspect(),
       seeded: this.seeded,
       bootstrapping: !this.bootstrapped,
+      asOfMs: now,
     };
+  }
+
+  /**
+   * The time (this replica's clock) through which every current peer has caught up on this
+   * table, by their reports: a fence that arrived here at or after it is held past its TTL (the
+   * table asks; see RouteTable's caughtUpThrough). +Infinity without peers; -Infinity while any
+   * peer has not reported (or this replica has not yet learnt its instance from its digest).
+   */
+  caughtUpThrough(): number {
+    let through = Number.POSITIVE_INFINITY;
+    for (const peer of this.sync.peerAddresses()) {
+      const instance = this.peerInstances.get(peer);
+      const at = instance === undefined ? undefined : this.caughtUpBy.get(instance);
+      if (at === undefined) return Number.NEGATIVE_INFINITY;
+      if (at < through) through = at;
+    }
+    return through;
+  }
+
+  private noteCaughtUpBy(report: CaughtUpReport, now: number): void {
+    // Never past now: no peer has caught up on a table this replica has not shown yet.
+    const through = Math.min(report.caughtUpToMs, now);
+    const before = this.caughtUpBy.get(report.instance);
+    if (before === undefined || through > before) this.caughtUpBy.set(report.instance, through);
+    this.forgetOldPeers();
+  }
+
+  /** The three per-peer maps keep current peers (and a few more): addresses and instances churn. */
+  private forgetOldPeers(): void {
+    const bound = 2 * this.sync.peerCount + 16;
+    if (this.caughtUpBy.size <= bound && this.peerInstances.size <= bound && this.caughtUpOn.size <= bound) return;
+    const current = new Set(this.sync.peerAddresses());
+    for (const address of this.peerInstances.keys()) if (!current.has(address)) this.peerInstances.delete(address);
+    for (const address of this.caughtUpOn.keys()) if (!current.has(address)) this.caughtUpOn.delete(address);
+    const instances = new Set(this.peerInstances.values());
+    for (const instance of this.caughtUpBy.keys()) if (!instances.has(instance)) this.caughtUpBy.delete(instance);
+  }
+
+  /** This replica has caught up on `peer`'s table as of that digest: said in the next digest request to it. */
+  private caughtUpOnDigest(peer: string, digest: TableDigest): void {
+    if (digest.asOfMs !== undefined) this.caughtUpOn.set(peer, digest.asOfMs);
   }
 
   /** POST /v1/peer/pull: every route and live fence in the buckets, in push wire form. */
@@ -422,6 +489,7 @@ export class Reconciler {
     this.freshPeers.set(peer, false);
     if (digest.seeded || (digest.suspect && !digest.bootstrapping)) return;
     await this.pullAndApply(peer, this.differingBuckets(digest), signal);
+    this.caughtUpOnDigest(peer, digest);
     this.freshPeers.set(peer, true);
   }
 
@@ -462,6 +530,7 @@ export class Reconciler {
     }
     const differing = this.differingBuckets(first.digest);
     const pulled = await this.pullAndApply(first.peer, differing, signal);
+    this.caughtUpOnDigest(first.peer, first.digest);
     this.sync.markReconciled(first.peer);
     this.metrics.reconcileDigests.inc();
     return { peer: first.peer, result: 'repaired', repaired: pulled.repaired, bytes: first.bytes + pulled.bytes, buckets: differing.length };
@@ -549,14 +618,18 @@ export class Reconciler {
         this.logger.debug({ peer }, 'reconcile: peer is suspect or bootstrapping; not pulling from it');
         return report;
       } else if (wasSuspect) {
+        // Every bucket is pulled after the head digest was taken.
         report = await this.rebuildFrom(peer, signal, bytes);
+        this.caughtUpOnDigest(peer, remote);
       } else if (head.digest.root === this.table.rootDigest()) {
         report = { peer, result: 'in_sync', repaired: 0, bytes, buckets: 0 };
+        this.caughtUpOnDigest(peer, remote);
       } else {
         const full = await this.fetchDigest(peer, true, signal);
         bytes += full.bytes;
         const differing = this.differingBuckets(full.digest);
         const pulled = await this.pullAndApply(peer, differing, signal);
+        this.caughtUpOnDigest(peer, full.digest);
         bytes += pulled.bytes;
         report = { peer, result: pulled.repaired > 0 ? 'repaired' : 'unchanged', repaired: pulled.repaired, bytes, buckets: differing.length };
       }
@@ -762,9 +835,16 @@ export class Reconciler {
 
   private async fetchDigest(peer: string, withBuckets: boolean, signal: AbortSignal): Promise<{ digest: TableDigest; bytes: number }> {
     const started = performance.now();
+    const query: string[] = withBuckets ? [] : ['root=1'];
+    const caughtUpTo = this.caughtUpOn.get(peer);
+    if (caughtUpTo !== undefined) query.push(`caughtUpTo=${caughtUpTo}`);
     try {
-      const { json, bytes } = await this.requestJson(peer, 'GET', withBuckets ? DIGEST_PATH : `${DIGEST_PATH}?root=1`, undefined, signal);
-      return { digest: parseDigest(peer, json, withBuckets), bytes };
+      const path = query.length > 0 ? `${DIGEST_PATH}?${query.join('&')}` : DIGEST_PATH;
+      const { json, bytes } = await this.requestJson(peer, 'GET', path, undefined, signal);
+      const digest = parseDigest(peer, json, withBuckets);
+      if (digest.instance !== '') this.peerInstances.set(peer, digest.instance);
+      this.forgetOldPeers();
+      return { digest, bytes };
     } finally {
       this.metrics.peerRequestDuration.observe({ kind: 'digest' }, (performance.now() - started) / 1000);
     }
@@ -818,5 +898,6 @@ function parseDigest(peer: string, json: unknown, withBuckets: boolean): TableDi
     seeded: body.seeded !== false,
     // Replicas that predate this one: a suspect one counts as out of contact (the safe reading).
     bootstrapping: body.bootstrapping === true,
+    ...(typeof body.asOfMs === 'number' && Number.isSafeInteger(body.asOfMs) && body.asOfMs >= 0 ? { asOfMs: body.asOfMs } : {}),
   };
 }

@@ -67,6 +67,20 @@ export interface Fence {
 export interface RouteTableOptions {
   /** Deletion-fence retention, counted from the fence's first creation. */
   readonly tombstoneTtlMs: number;
+  /**
+   * How long past its TTL a fence may still be held for a peer that has not caught up on it
+   * (see caughtUpThrough). Default 0: a fence ends at its TTL.
+   */
+  readonly fenceHoldMaxMs?: number;
+  /**
+   * The time (this table's clock) through which every current peer has caught up on this table:
+   * has pulled it, or found it equal, from a digest taken then. A fence past its TTL that arrived
+   * here at or after this time is held (up to fenceHoldMaxMs): a peer that has not seen it may
+   * still hold the route it deleted, and once the fence is gone here that route would be taken
+   * back from it. +Infinity when there are no peers; -Infinity while some peer has never caught
+   * up. Default: +Infinity (nothing held).
+   */
+  readonly caughtUpThrough?: () => number;
   /** Wall clock in ms (fences travel between replicas, so this is Date.now, not a monotonic clock). */
   readonly now?: () => number;
   /** Digest buckets, a power of two. */
@@ -103,6 +117,11 @@ export class RouteTable {
   private readonly now: () => number;
   private readonly routes = new Map<string, Route>();
   private readonly fences = new Map<string, Fence>();
+  /** When each fence's current version arrived here (this table's clock): what peers must catch up on. */
+  private readonly fenceArrivals = new Map<string, number>();
+  private readonly fenceHoldMaxMs: number;
+  private readonly caughtUpThrough: () => number;
+  private held = 0;
   /** Sandbox ID -> the route serving it. */
   private readonly idOwner = new Map<string, Route>();
   /** Only for IDs carried by more than one identity: ID -> those identities' keys. */
@@ -114,6 +133,8 @@ export class RouteTable {
   constructor(options: RouteTableOptions) {
     this.tombstoneTtlMs = options.tombstoneTtlMs;
     this.now = options.now ?? Date.now;
+    this.fenceHoldMaxMs = options.fenceHoldMaxMs ?? 0;
+    this.caughtUpThrough = options.caughtUpThrough ?? (() => Number.POSITIVE_INFINITY);
     this.digestBuckets = options.digestBuckets ?? DEFAULT_DIGEST_BUCKETS;
     if (!Number.isInteger(this.digestBuckets) || this.digestBuckets < 1 || (this.digestBuckets & (this.digestBuckets - 1)) !== 0) {
       throw new RangeError('digestBuckets must be a power of two');
@@ -128,6 +149,11 @@ export class RouteTable {
 
   get fenceCount(): number {
     return this.fences.size;
+  }
+
+  /** Fences past their TTL held for a peer that has not caught up on them, as of the last sweep. */
+  get heldFenceCount(): number {
+    return this.held;
   }
 
   get(namespace: string, name: string): Route | undefined {
@@ -256,17 +282,26 @@ export class RouteTable {
     return { outcome: 'applied', reason: 'dropped', key, resourceVersion: route.resourceVersion };
   }
 
-  /** Remove every fence whose TTL has passed; returns how many. Called by the owner's timer. */
+  /** Remove every fence that has expired (see isExpired); returns how many. Called by the owner's timer. */
   sweepExpiredFences(): number {
     const now = this.now();
+    const through = this.lazyCaughtUpThrough();
     let removed = 0;
+    let held = 0;
     for (const [key, fence] of this.fences) {
-      if (fence.fencedAtMs + this.tombstoneTtlMs <= now) {
+      if (this.isExpired(key, fence, now, through)) {
         this.removeFence(key, fence);
         removed++;
-      }
+      } else if (fence.fencedAtMs + this.tombstoneTtlMs <= now) held++;
     }
+    this.held = held;
     return removed;
+  }
+
+  /** Whether the identity's fence is still within its TTL (held past it or not: see isExpired). */
+  fenceWithinTtl(key: string): boolean {
+    const fence = this.liveFence(key);
+    return fence !== undefined && fence.fencedAtMs + this.tombstoneTtlMs > this.now();
   }
 
   // --- digest and pull ----------------------------------------------------------------
@@ -321,8 +356,9 @@ export class RouteTable {
     if (!any) return out;
     for (const [key, route] of this.routes) if (wanted[this.bucketOf(key)] === 1) out.push({ op: 'upsert', route });
     const now = this.now();
+    const through = this.lazyCaughtUpThrough();
     for (const [key, fence] of this.fences) {
-      if (fence.fencedAtMs + this.tombstoneTtlMs <= now || wanted[this.bucketOf(key)] !== 1) continue;
+      if (wanted[this.bucketOf(key)] !== 1 || this.isExpired(key, fence, now, through)) continue;
       out.push({ op: 'delete', deletion: { ...splitIdentityKey(key), resourceVersion: fence.resourceVersion, fencedAtMs: fence.fencedAtMs } });
     }
     return out;
@@ -337,6 +373,7 @@ export class RouteTable {
   clear(): void {
     this.routes.clear();
     this.fences.clear();
+    this.fenceArrivals.clear();
     this.idOwner.clear();
     this.idContenders.clear();
     this.digestLanes.fill(0);
@@ -354,11 +391,31 @@ export class RouteTable {
 
   private liveFence(key: string): Fence | undefined {
     const fence = this.fences.get(key);
-    if (fence && fence.fencedAtMs + this.tombstoneTtlMs <= this.now()) {
+    if (fence && this.isExpired(key, fence, this.now(), this.caughtUpThrough)) {
       this.removeFence(key, fence);
       return undefined;
     }
     return fence;
+  }
+
+  /**
+   * A fence expires at its TTL, unless some current peer has not caught up on it yet (it arrived
+   * here at or after caughtUpThrough): then it is held until every peer has, for at most
+   * fenceHoldMaxMs past the TTL. Without the hold, a split into groups that each keep in touch
+   * (so nobody turns suspect) and outlasts the TTL brought a deletion made on one side back: its
+   * fences expired there, and the other side offered the route back at the heal.
+   */
+  private isExpired(key: string, fence: Fence, now: number, caughtUpThrough: () => number): boolean {
+    const dueMs = fence.fencedAtMs + this.tombstoneTtlMs;
+    if (dueMs > now) return false;
+    if (dueMs + this.fenceHoldMaxMs <= now) return true;
+    return (this.fenceArrivals.get(key) ?? Number.NEGATIVE_INFINITY) < caughtUpThrough();
+  }
+
+  /** caughtUpThrough, asked at most once per pass (and only for a fence past its TTL). */
+  private lazyCaughtUpThrough(): () => number {
+    let through: number | undefined;
+    return () => (through ??= this.caughtUpThrough());
   }
 
   private toggleDigest(kind: 'R' | 'F', key: string, resourceVersion: string): void {
@@ -370,11 +427,13 @@ export class RouteTable {
 
   private addFence(key: string, fence: Fence): void {
     this.fences.set(key, fence);
+    this.fenceArrivals.set(key, this.now());
     this.toggleDigest('F', key, fence.resourceVersion);
   }
 
   private removeFence(key: string, fence: Fence): void {
     this.fences.delete(key);
+    this.fenceArrivals.delete(key);
     this.toggleDigest('F', key, fence.resourceVersion);
   }
 

@@ -80,6 +80,12 @@ async function coldCluster(
 
 /** Rounds only when the test runs them (a short fence TTL rules out an interval long enough for that). */
 const MANUAL_ROUNDS: ReplicaOptions = { reconcileTimer: false };
+/**
+ * Fences end at their TTL, not held for a peer that has not caught up on them: as after a cut
+ * longer than ROUTESYNC_TOMBSTONE_HOLD_MAX_MS, or when every replica that held a fence has
+ * restarted. The suspect rule, the rebuild and the push rule must then keep a deletion alone.
+ */
+const NO_HOLD = { ROUTESYNC_TOMBSTONE_HOLD_MAX_MS: '0' };
 
 async function counter(metric: { get(): Promise<{ values: { value: number; labels: Record<string, unknown> }[] }> }, labels: Record<string, string> = {}): Promise<number> {
   const { values } = await metric.get();
@@ -213,7 +219,8 @@ describe('anti-entropy rounds', () => {
     const report = await b!.replica.reconciler.runRound();
     expect(report).toMatchObject({ result: 'repaired', repaired: 1, buckets: 1 });
     expect(same(a!.replica, b!.replica)).toBe(true);
-    expect(b!.requests.slice(requestsBefore).map((request) => request.path)).toEqual(['/v1/peer/digest?root=1', '/v1/peer/digest', '/v1/peer/pull']);
+    // (A digest request may carry b's report that it caught up on an earlier digest of a's.)
+    expect(b!.requests.slice(requestsBefore).map((request) => request.path.replace(/[?&]caughtUpTo=\d+$/, ''))).toEqual(['/v1/peer/digest?root=1', '/v1/peer/digest', '/v1/peer/pull']);
     expect(await counter(b!.replica.metrics.reconcileBytes)).toBe(report.bytes);
     console.log(`100,000 routes, 1 difference: round moved ${report.bytes} bytes; full table is ${fullTableBytes} bytes (${((100 * report.bytes) / fullTableBytes).toFixed(3)} %)`);
     expect(report.bytes).toBeLessThan(fullTableBytes / 100);
@@ -228,7 +235,7 @@ describe('anti-entropy rounds', () => {
 describe('no resurrection', () => {
   it('a route deleted while a replica is cut off for longer than the TTL stays deleted everywhere after the cut heals', async () => {
     const ttlMs = 3000;
-    const [a, b, c] = await cluster(3, { ROUTESYNC_TOMBSTONE_TTL_MS: String(ttlMs), ROUTESYNC_RECONCILE_INTERVAL_MS: '200', ROUTESYNC_EJECT_PROBE_MS: '100' });
+    const [a, b, c] = await cluster(3, { ROUTESYNC_TOMBSTONE_TTL_MS: String(ttlMs), ROUTESYNC_RECONCILE_INTERVAL_MS: '200', ROUTESYNC_EJECT_PROBE_MS: '100', ...NO_HOLD });
     const doomed = makeRoute({ namespace: 'zombie', resourceVersion: '10' });
     expect((await putRoute(a!.api, doomed)).body.sync.acked).toBe(2);
     expect(c!.replica.table.get('zombie', doomed.name as string)).toBeDefined();
@@ -271,7 +278,7 @@ describe('no resurrection', () => {
 
   it('a route deleted on a replica cut off for longer than the TTL stays deleted when its rebuild runs before its queued push of the delete', async () => {
     const ttlMs = 1000;
-    const env = { ROUTESYNC_TOMBSTONE_TTL_MS: String(ttlMs), ROUTESYNC_RECONCILE_INTERVAL_MS: '100', ROUTESYNC_EJECT_PROBE_MS: '50' };
+    const env = { ROUTESYNC_TOMBSTONE_TTL_MS: String(ttlMs), ROUTESYNC_RECONCILE_INTERVAL_MS: '100', ROUTESYNC_EJECT_PROBE_MS: '50', ...NO_HOLD };
     const [a, b, c] = await cluster(3, env, MANUAL_ROUNDS);
     const all = [a!, b!, c!];
     const doomed = makeRoute({ namespace: 'zombie', resourceVersion: '10' });
@@ -304,7 +311,7 @@ describe('no resurrection', () => {
 
   it("an upsert queued for a replica cut off for longer than the TTL is not pushed once it was deleted elsewhere and the deletion's fence has expired", async () => {
     const ttlMs = 1000;
-    const env = { ROUTESYNC_TOMBSTONE_TTL_MS: String(ttlMs), ROUTESYNC_RECONCILE_INTERVAL_MS: '100', ROUTESYNC_EJECT_PROBE_MS: '50' };
+    const env = { ROUTESYNC_TOMBSTONE_TTL_MS: String(ttlMs), ROUTESYNC_RECONCILE_INTERVAL_MS: '100', ROUTESYNC_EJECT_PROBE_MS: '50', ...NO_HOLD };
     const [a, b, c] = await cluster(3, env, MANUAL_ROUNDS);
     const all = [a!, b!, c!];
     const cAddress = c!.replica.addresses.peer;
@@ -361,7 +368,7 @@ async function roundsInContactUntil(inContact: readonly Node[], done: () => bool
  * outlasts the fences on A and B. Returns with C still isolated and suspect.
  */
 async function createdOnCutReplicaThenDeletedElsewhere(ttlMs: number): Promise<{ all: Node[]; name: string }> {
-  const env = { ROUTESYNC_TOMBSTONE_TTL_MS: String(ttlMs), ROUTESYNC_RECONCILE_INTERVAL_MS: '100', ROUTESYNC_EJECT_PROBE_MS: '50' };
+  const env = { ROUTESYNC_TOMBSTONE_TTL_MS: String(ttlMs), ROUTESYNC_RECONCILE_INTERVAL_MS: '100', ROUTESYNC_EJECT_PROBE_MS: '50', ...NO_HOLD };
   const [a, b, c] = await cluster(3, env, MANUAL_ROUNDS);
   const all = [a!, b!, c!];
   const route = makeRoute({ namespace: 'zombie', resourceVersion: '10' });
@@ -483,6 +490,51 @@ describe('no resurrection of a re-created identity', () => {
     b!.replica.faults.heal();
     for (let k = 0; k < 4; k++) for (const node of all) expect((await node.replica.reconciler.runRound()).result).not.toBe('failed');
     for (const node of all) expect(node.replica.table.get('reused', name), 'the deleted route stays deleted').toBeUndefined();
+  });
+});
+
+describe('no resurrection after a split into groups that outlasts the fence TTL', () => {
+  it('a route deleted on one side of a 2|2 split stays deleted at the heal, and the held fences end once every peer has caught up', async () => {
+    // Each side keeps in touch within itself, so nobody turns suspect. The fences of the delete
+    // made on the C/D side are held past their TTL there, for A and B have not caught up on
+    // them; without that they expired, and at the heal C and D took the route back from A and B.
+    const ttlMs = 1000;
+    const env = { ROUTESYNC_TOMBSTONE_TTL_MS: String(ttlMs), ROUTESYNC_RECONCILE_INTERVAL_MS: '100', ROUTESYNC_EJECT_PROBE_MS: '50' };
+    const [a, b, c, d] = await cluster(4, env, MANUAL_ROUNDS);
+    const all = [a!, b!, c!, d!];
+    const doomed = makeRoute({ namespace: 'split', resourceVersion: '10' });
+    const name = doomed.name as string;
+    expect((await putRoute(a!.api, doomed)).body.sync.acked).toBe(3);
+    // Everyone catches up on everyone before the split (two rounds per pair: a report rides on the next).
+    for (let k = 0; k < 2 * all.length; k++) for (const node of all) expect((await node.replica.reconciler.runRound()).result).not.toBe('failed');
+    for (const x of [a!, b!]) {
+      for (const y of [c!, d!]) {
+        x.replica.faults.blockPeer(y.replica.addresses.peer);
+        y.replica.faults.blockPeer(x.replica.addresses.peer);
+      }
+    }
+    // An openkruise manager on the C/D side deletes the sandbox: its /refresh reaches C and D only.
+    for (const node of [c!, d!]) {
+      const answer = await fetch(`${node.peerUrl}/refresh`, { method: 'POST', body: JSON.stringify({ ...doomed, resourceVersion: '11', state: 'dead' }) });
+      expect(answer.status).toBe(204);
+    }
+    const deletedAt = Date.now();
+    await roundsInContactUntil(all, () => Date.now() - deletedAt > ttlMs + 300, ttlMs + 10_000, 'the split to outlast the fence TTL');
+    expect(all.map((node) => node.replica.reconciler.isSuspect()), 'nobody is suspect: each side kept in touch').toEqual([false, false, false, false]);
+    expect(a!.replica.table.get('split', name), 'the A/B side still holds the route').toBeDefined();
+    for (const node of [c!, d!]) {
+      expect(node.replica.table.getFence('split', name), 'the fence is held past its TTL').toBeDefined();
+      node.replica.table.sweepExpiredFences();
+      expect(node.replica.table.heldFenceCount).toBe(1);
+    }
+
+    for (const node of all) node.replica.faults.heal();
+    for (let k = 0; k < 6; k++) for (const node of all) expect((await node.replica.reconciler.runRound()).result).not.toBe('failed');
+    for (const node of all) expect(node.replica.table.get('split', name), 'the deleted route stays deleted').toBeUndefined();
+    // Every peer has caught up now: the fences end (the held ones, and those A and B made when
+    // they removed the route, at their own TTL), and every table is the same again.
+    await roundsInContactUntil(all, () => all.every((node) => node.replica.table.sweepExpiredFences() >= 0 && node.replica.table.fenceCount === 0), 10_000, 'the fences to end');
+    for (const node of all) expect(same(node.replica, a!.replica)).toBe(true);
   });
 });
 
@@ -870,6 +922,26 @@ describe('wire contract', () => {
       expect(((await answer.json()) as any).error.code).toMatch(/^invalid_/);
     }
     expect((await fetch(`${a!.peerUrl}/v1/peer/digest`, { method: 'POST' })).status).toBe(405);
+
+    // A peer's report that it caught up on an earlier digest: a time in ms, with its instance header.
+    expect(typeof digest.asOfMs).toBe('number');
+    const instance = { 'x-routesync-instance': 'another-replica' };
+    const report = await fetch(`${a!.peerUrl}/v1/peer/digest?root=1&caughtUpTo=${digest.asOfMs as number}`, { headers: instance });
+    expect(report.status).toBe(200);
+    expect(((await report.json()) as any).asOfMs).toBeGreaterThanOrEqual(digest.asOfMs as number);
+    for (const [query, headers] of [
+      ['caughtUpTo=-1', instance],
+      ['caughtUpTo=1.5', instance],
+      ['caughtUpTo=0123', instance],
+      ['caughtUpTo=99999999999999999', instance],
+      ['caughtUpTo=1&caughtUpTo=2', instance],
+      ['caughtUpTo=1', {}],
+      ['caughtUpTo=1', { 'x-routesync-instance': 'x'.repeat(129) }],
+    ] as const) {
+      const answer = await fetch(`${a!.peerUrl}/v1/peer/digest?${query}`, { headers });
+      expect(answer.status, query).toBe(400);
+      expect(((await answer.json()) as any).error.code).toBe('invalid_query');
+    }
   });
 
   it('puts digest and pull behind the peer token, and never logs the routes it serves', async () => {

@@ -140,6 +140,47 @@ describe('RouteTable', () => {
     expect(table.upsert(route('h', '12')).outcome, 'the re-created route, offered back by a replica cut off with it').toBe('ignored');
   });
 
+  it('holds a fence past its TTL while a peer has not caught up on it, for at most the hold bound', () => {
+    const clock = clockAt(100_000);
+    let caughtUpThrough = Number.NEGATIVE_INFINITY;
+    const table = new RouteTable({ tombstoneTtlMs: 10_000, fenceHoldMaxMs: 50_000, now: () => clock.now, caughtUpThrough: () => caughtUpThrough });
+    table.delete({ namespace: 'ns', name: 'p', resourceVersion: '4' }); // arrives at 100_000
+    clock.tick(10_000);
+    // Past its TTL, but a peer has never caught up: held, still blocking, offered to pulls, counted.
+    expect(table.sweepExpiredFences()).toBe(0);
+    expect(table.heldFenceCount).toBe(1);
+    expect(table.upsert(route('p', '3')).outcome).toBe('ignored');
+    expect(table.allChanges()).toHaveLength(1);
+    expect(table.fenceWithinTtl('ns/p'), 'held, not within its TTL').toBe(false);
+    // Every peer caught up on a digest taken before the fence arrived: still held.
+    caughtUpThrough = 99_999;
+    expect(table.getFence('ns', 'p')).toBeDefined();
+    // ... taken in the same millisecond: still held (it may have been taken just before).
+    caughtUpThrough = 100_000;
+    expect(table.getFence('ns', 'p')).toBeDefined();
+    // ... taken after: the fence ends.
+    caughtUpThrough = 100_001;
+    expect(table.sweepExpiredFences()).toBe(1);
+    expect(table.heldFenceCount).toBe(0);
+    expect(table.upsert(route('p', '3')).outcome).toBe('applied');
+    // A peer that never catches up holds a fence for the hold bound past its TTL, no longer.
+    caughtUpThrough = Number.NEGATIVE_INFINITY;
+    table.delete({ namespace: 'ns', name: 'q', resourceVersion: '1' });
+    clock.tick(10_000 + 49_999);
+    expect(table.getFence('ns', 'q')).toBeDefined();
+    clock.tick(1);
+    expect(table.getFence('ns', 'q')).toBeUndefined();
+    expect(table.allChanges()).toEqual([{ op: 'upsert', route: table.get('ns', 'p') }]);
+  });
+
+  it('holds nothing past the TTL by default (no peers: nobody to catch up)', () => {
+    const clock = clockAt(100_000);
+    const table = new RouteTable({ tombstoneTtlMs: 10_000, fenceHoldMaxMs: 50_000, now: () => clock.now });
+    table.delete({ namespace: 'ns', name: 'r', resourceVersion: '1' });
+    clock.tick(10_000);
+    expect(table.sweepExpiredFences()).toBe(1);
+  });
+
   it('drops a route without a fence only while it is the route stored, and a later upsert at its version applies', () => {
     const table = new RouteTable({ tombstoneTtlMs: 10_000 });
     const held = route('g', '5');
