@@ -43,6 +43,12 @@ export function createLocalApp(deps: LocalApiDeps): Express {
 
   app.delete('/v1/routes/:namespace/:name', async (req, res) => {
     const { namespace, name } = req.params;
+    // A delete without a version removes the route whatever its version: a misspelt parameter
+    // (`resourceversion`, `resourceVersion[x]`) must not turn a conditional delete into that.
+    const unknown = Object.keys(req.query).find((parameter) => parameter !== 'resourceVersion');
+    if (unknown !== undefined) {
+      throw new ApiError(400, 'invalid_query', `unknown query parameter ${JSON.stringify(unknown)}: a delete takes resourceVersion only`, { field: unknown });
+    }
     const raw = req.query.resourceVersion;
     if (raw !== undefined && (typeof raw !== 'string' || !isCanonicalResourceVersion(raw))) {
       throw new ApiError(400, 'invalid_route', 'resourceVersion must be a positive decimal integer without sign or leading zero', {

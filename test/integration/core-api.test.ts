@@ -43,7 +43,8 @@ describe('local API', () => {
 
   it('answers bad input with a clear 4xx and leaves the table unchanged', async () => {
     const node = await replica();
-    await putRoute(node.api, makeRoute());
+    const stored = makeRoute({ resourceVersion: '5' });
+    await putRoute(node.api, stored);
     const before = node.replica.table.rootDigest();
     const cases: [RequestInit, number, string][] = [
       [{ method: 'PUT', headers: json, body: JSON.stringify(makeRoute({ resourceVersion: '007' })) }, 400, 'invalid_route'],
@@ -66,6 +67,13 @@ describe('local API', () => {
     const badDelete = await send(`${node.api}/v1/routes/default/x?resourceVersion=-1`, { method: 'DELETE' });
     expect(badDelete.status).toBe(400);
     expect(badDelete.body.error).toMatchObject({ code: 'invalid_route', field: 'resourceVersion' });
+    // A misspelt version is not "no version" (which deletes whatever version is stored): a delete
+    // at 3 of the route stored at 5 would be ignored as stale.
+    for (const query of ['resourceversion=3', 'resourceVersion[x]=3', 'resourceVersion=3&force=1']) {
+      const misspelt = await send(`${node.api}/v1/routes/default/${stored.name as string}?${query}`, { method: 'DELETE' });
+      expect(misspelt.status, query).toBe(400);
+      expect(misspelt.body.error.code, query).toBe('invalid_query');
+    }
     expect(node.replica.table.rootDigest()).toBe(before);
     expect(node.replica.table.size).toBe(1);
     const invalid = await send(`${node.api}/v1/routes`, { method: 'PUT', headers: json, body: JSON.stringify(makeRoute({ resourceVersion: '1e3' })) });
