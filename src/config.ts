@@ -387,6 +387,11 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, argv: readonly 
         `(at most ${longestIntervalMs} ms) or the TTL above ${RECONCILE_INTERVALS_PER_TTL} intervals`,
     );
   }
+  // The first ejection lasts ROUTESYNC_EJECT_PROBE_MS and doubles up to the ceiling; a ceiling
+  // below it would silently cut the first one short.
+  if (config.ejectMaxMs < config.ejectProbeMs) {
+    throw new ConfigError('ROUTESYNC_EJECT_MAX_MS', `${config.ejectMaxMs} is below ROUTESYNC_EJECT_PROBE_MS ${config.ejectProbeMs} (the first ejection's length)`);
+  }
   if (config.retryMinMs > config.retryMaxMs) {
     throw new ConfigError('ROUTESYNC_RETRY_MIN_MS', `${config.retryMinMs} is above ROUTESYNC_RETRY_MAX_MS ${config.retryMaxMs}`);
   }

@@ -20,6 +20,7 @@ export const EXIT_UNREACHABLE = 3;
 const DEFAULT_API = '127.0.0.1:7788';
 const DEFAULT_PEER = '127.0.0.1:7789';
 const DEFAULT_TIMEOUT_MS = 5_000;
+const CTL_TIMEOUT_MAX_MS = 600_000;
 /** Buckets named in one pull: keeps a pull's body and answer bounded on a large table. */
 const PULL_CHUNK_BUCKETS = 256;
 
@@ -41,7 +42,7 @@ Options:
   --namespace <ns>        routes: only this namespace
   --full                  diff: pull both whole tables and compare every route's contents
   --token-file <path>     file holding the peer token (default: ROUTESYNC_PEER_TOKEN)
-  --timeout-ms <n>        per-request timeout (default ${DEFAULT_TIMEOUT_MS})
+  --timeout-ms <n>        per-request timeout, 1 to ${CTL_TIMEOUT_MAX_MS} (default ${DEFAULT_TIMEOUT_MS})
   --ca <file>             CA that signs the peers' certificates, for https:// peer addresses
                           (default: ROUTESYNC_PEER_TLS_CA)
   --cert <file>, --key <file>
@@ -127,7 +128,10 @@ export async function runCtl(argv: readonly string[], io: Partial<CtlIo> = {}): 
   let http: CtlHttp | undefined;
   try {
     const timeoutMs = values['timeout-ms'] === undefined ? DEFAULT_TIMEOUT_MS : Number(values['timeout-ms']);
-    if (!/^\d+$/.test(values['timeout-ms'] ?? '1') || timeoutMs < 1) throw usage('--timeout-ms must be a positive integer');
+    // A timer holds at most 2^31 - 1 ms (Node cuts a longer one to 1 ms); 10 minutes is plenty.
+    if (!/^\d+$/.test(values['timeout-ms'] ?? '1') || timeoutMs < 1 || timeoutMs > CTL_TIMEOUT_MAX_MS) {
+      throw usage(`--timeout-ms must be an integer from 1 to ${CTL_TIMEOUT_MAX_MS}`);
+    }
     http = new CtlHttp(timeoutMs, readTls(values, out.env));
     const options: Options = {
       api: origin(values.api ?? DEFAULT_API, '--api'),

@@ -134,7 +134,8 @@ describe('routesync ctl status, routes, peers', () => {
     expect(unreachable.stdout).toBe('');
     expect(unreachable.stderr).toMatch(new RegExp(`^routesync ctl: http://127\\.0\\.0\\.1:${port}/v1/routes: unreachable \\(ECONNREFUSED\\)\\n$`));
 
-    for (const args of [[], ['bogus'], ['diff', '127.0.0.1:1'], ['routes', '--api', 'no-port'], ['routes', '--frobnicate'], ['status', 'extra']]) {
+    const timeouts = ['0', '1.5', '3000000000', '99999999999999999999'].map((value) => ['status', '--timeout-ms', value]);
+    for (const args of [[], ['bogus'], ['diff', '127.0.0.1:1'], ['routes', '--api', 'no-port'], ['routes', '--frobnicate'], ['status', 'extra'], ...timeouts]) {
       const run = await ctl(args);
       expect(run.code, args.join(' ')).toBe(EXIT_USAGE);
       expect(run.stderr, args.join(' ')).toContain('routesync ctl --help');

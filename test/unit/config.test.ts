@@ -71,6 +71,7 @@ describe('configuration', () => {
       [{ ROUTESYNC_SYNC_CONCURRENCY: '0' }, /^invalid ROUTESYNC_SYNC_CONCURRENCY: 0 is below the minimum 1$/],
       [{ ROUTESYNC_DEFAULT_SANDBOX_PORT: '70000' }, /^invalid ROUTESYNC_DEFAULT_SANDBOX_PORT:/],
       [{ ROUTESYNC_RETRY_MIN_MS: '60', ROUTESYNC_RETRY_MAX_MS: '80' }, /^invalid ROUTESYNC_SYNC_RETRIES: worst-case total backoff/],
+      [{ ROUTESYNC_EJECT_PROBE_MS: '5000', ROUTESYNC_EJECT_MAX_MS: '1000' }, /^invalid ROUTESYNC_EJECT_MAX_MS: 1000 is below ROUTESYNC_EJECT_PROBE_MS 5000/],
       [{ ROUTESYNC_PEER_TLS_CERT: '/tmp/cert.pem' }, /^invalid ROUTESYNC_PEER_TLS_KEY:/],
       [{ ROUTESYNC_PEER_DNS: 'routesync-peers.ns.svc.cluster.local:0' }, /^invalid ROUTESYNC_PEER_DNS: port 0 in "routesync-peers.ns.svc.cluster.local:0" is not 1-65535$/],
       [{ ROUTESYNC_PEER_DNS: 'routesync-peers:65536' }, /^invalid ROUTESYNC_PEER_DNS: port 65536 /],
