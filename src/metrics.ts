@@ -19,7 +19,7 @@ export class Metrics {
   });
   readonly changes = new Counter({
     name: 'routesync_changes_total',
-    help: 'Route changes offered to the table, by source (local, peer, reconcile), outcome (applied, ignored, rejected) and reason',
+    help: 'Route changes offered to the table, by source (local, peer, reconcile), outcome (applied, ignored) and reason (input refused with a 4xx never reaches the table)',
     labelNames: ['source', 'outcome', 'reason'] as const,
     registers: [this.registry],
   });
@@ -104,7 +104,7 @@ export class Metrics {
   // Data plane
   readonly proxyRequests = new Counter({
     name: 'routesync_proxy_requests_total',
-    help: 'Data-plane requests by outcome code (proxied, sandbox_not_found, upstream_error, ...)',
+    help: 'Data-plane requests by outcome code (proxied, sandbox_not_found, upstream_unreachable, upstream_timeout, ...)',
     labelNames: ['outcome'] as const,
     registers: [this.registry],
   });
