@@ -91,7 +91,9 @@ export class Replica {
     this.logger = createLogger({
       level: config.logLevel,
       ...(options.logDestination ? { destination: options.logDestination } : {}),
-      base: { replica: formatHostPort(config.peerAddr.host, config.peerAddr.port) },
+      // The address its peers know it by: ROUTESYNC_SELF (the pod IP in the shipped Deployment),
+      // else the peer listen address (which may be a wildcard, 0.0.0.0, on every replica alike).
+      base: { replica: config.self !== '' ? config.self : formatHostPort(config.peerAddr.host, config.peerAddr.port) },
     });
     this.metrics = new Metrics({ processMetrics: options.processMetrics ?? true });
     // TLS is symmetric: a replica that serves HTTPS dials its peers over HTTPS with the same

@@ -737,6 +737,8 @@ describe('a fleet that starts together', () => {
     expect(node.replica.sync.peerAddresses()).toEqual([]);
     expect(node.replica.reconciler.isSeeded()).toBe(true);
     expect(node.logs.lines.some((line) => line.includes('bootstrap: no peer answered'))).toBe(false);
+    // Its log lines name it by the address its peers know, not by its listen address.
+    expect(node.logs.lines.map((line) => (JSON.parse(line) as { replica: string }).replica)).toSatisfy((names: string[]) => names.every((name) => name === 'rs-0.rs:7789'));
   });
 
   it('then cut off for longer than the fence TTL, a replica rebuilds from a seeded peer and a route deleted meanwhile stays deleted', async () => {
