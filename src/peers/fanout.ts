@@ -61,6 +61,8 @@ interface PeerState {
   readonly address: string;
   readonly outbox: PeerOutbox;
   sending: boolean;
+  /** The send in flight started after a failure (the re-send of a failed batch, or what followed it). */
+  resending: boolean;
   removed: boolean;
   consecutiveFailures: number;
   ejected: boolean;
@@ -226,9 +228,10 @@ export class PeerSync {
       // it is dropped, so the call reports the peer failed at once rather than waiting out its
       // deadline for a change that will never be sent. An ejected peer is not waited for, but
       // is watched while the call's changes are queued for it, for the same reason. Nor is a
-      // peer whose last push failed and whose re-send waits out its back-off (`retrying`): the
-      // call would wait until its deadline for a peer known to be failing, before ejection
-      // takes over; the re-send carries this call's changes too.
+      // peer whose last push failed and whose re-send waits out its back-off, or is under way
+      // (`retrying`): the call would wait until its deadline, or the re-send's failure, for a
+      // peer known to be failing, before ejection takes over; the re-send, or the push after
+      // it, carries this call's changes too.
       const first = watchers.length;
       changes.forEach((change, k) => {
         const watcher = new ChangeWatcher(changeVersion(change), change.op, wait, index, peer.outbox, keys[k]!);
@@ -236,7 +239,7 @@ export class PeerSync {
         peer.outbox.watch(watcher.key, watcher);
       });
       this.enqueueFor(peer, changes, keys);
-      if (this.closed || peer.ejected || peer.timer !== null) {
+      if (this.closed || peer.ejected || peer.timer !== null || peer.resending) {
         wait.decide(index, { status: 'pending', reason: this.closed ? 'shutdown' : peer.ejected ? 'ejected' : 'retrying' });
         for (let w = first; w < watchers.length; w++) {
           const watcher = watchers[w]!;
@@ -383,8 +386,10 @@ export class PeerSync {
       return;
     }
     peer.sending = true;
+    peer.resending = peer.consecutiveFailures > 0;
     void this.send(peer, batch).finally(() => {
       peer.sending = false;
+      peer.resending = false;
       this.schedulePump(peer);
       this.notifyIfIdle();
     });
@@ -417,6 +422,7 @@ export class PeerSync {
       address,
       outbox: new PeerOutbox(this.config.outboxMaxRoutes),
       sending: false,
+      resending: false,
       removed: false,
       consecutiveFailures: 0,
       ejected: false,

@@ -108,6 +108,30 @@ describe('a peer whose last push failed, while its re-send waits out its back-of
   });
 });
 
+describe('a peer whose last push failed, while its re-send is under way', () => {
+  it('is not waited for either: a call arriving during the re-send reports it pending (retrying) at once', async () => {
+    const [good, hung] = await peers(2);
+    hung!.mode = { kind: 'hang' };
+    // Attempts of 1 s: a re-send to the hung peer takes three of them, and a call waiting for
+    // it would take that long; one that does not wait answers in the time of the good peer's ack.
+    const sync = fanout({
+      ROUTESYNC_SYNC_DEADLINE_MS: '10000',
+      ROUTESYNC_ATTEMPT_TIMEOUT_MS: '1000',
+      ROUTESYNC_EJECT_PROBE_MS: '200',
+      ROUTESYNC_EJECT_AFTER_FAILURES: '1000',
+    });
+    sync.setPeers([good!.address, hung!.address]);
+    expect((await sync.sync(changes(1))).failed).toEqual([{ peer: hung!.address, errorClass: 'timeout' }]);
+    const firstSend = hung!.pushes;
+    await waitUntil(() => hung!.pushes > firstSend, 10_000, 'the background re-send to start');
+    const second = await sync.sync(changes(1));
+    expect(second.acked).toBe(1);
+    expect(second.pending).toEqual([{ peer: hung!.address, reason: 'retrying' }]);
+    expect(second.elapsedMs, 'well under one attempt of the re-send').toBeLessThan(500);
+    expect(sync.status().find((peer) => peer.peer === hung!.address)?.pendingRoutes).toBe(2);
+  });
+});
+
 describe('a peer that answers 401 (the peer token differs)', () => {
   it('keeps the change queued, also for the call whose failure ejects the peer, and sends it once the token is fixed', async () => {
     const [peer] = await peers(1);
