@@ -713,7 +713,21 @@ export class DataPlane {
     }
     // latin1: header bytes as they came (Node decodes raw headers as latin1).
     socket.unshift(Buffer.concat([Buffer.from(`${lines.join('\r\n')}\r\n\r\n`, 'latin1'), head]));
-    this.server.emit('connection', socket);
+    const reparse = (): void => {
+      if (socket.destroyed) return;
+      // The connection's old state arms its keep-alive timer once its last answer has finished;
+      // left armed, it would cut this request after 5 s of waiting for the sandbox.
+      socket.setTimeout(0);
+      this.server.emit('connection', socket);
+    };
+    // Node emits 'upgrade' as soon as the request is parsed, even while the answer to an earlier
+    // request on this connection (pipelined) is still being written. Parsed again now, this
+    // request's answer would queue behind that one in a fresh connection state that nothing
+    // ever drains, and the client would wait for ever: it is parsed again once that answer has
+    // finished (after Node's own handling of its end).
+    const pending = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage;
+    if (pending && !pending.writableFinished) pending.once('finish', () => setImmediate(reparse));
+    else reparse();
   }
 
   // --- WebSocket ----------------------------------------------------------------------------

@@ -449,6 +449,44 @@ describe('an h2c upgrade (curl --http2 to an http:// URL)', () => {
     expect(second).toMatchObject({ method: 'GET', url: '/inspect', headers: { 'x-app': 'second' } });
   });
 
+  it('is answered in turn when pipelined behind a request still being answered, and the connection then serves the next one', async () => {
+    // The sandbox answers the first request only once the data plane has seen the h2c one's
+    // 'upgrade', which so comes while the first answer is pending on the same connection.
+    let answerFirst: (() => void) | undefined;
+    let upgradeSeen = false;
+    const sandbox = http.createServer((req, res) => {
+      if (req.url === '/first') {
+        answerFirst = () => res.end('A');
+        if (upgradeSeen) answerFirst();
+        return;
+      }
+      res.end(req.url === '/second' ? 'B' : 'C');
+    });
+    dp.plane.server.once('upgrade', () => {
+      upgradeSeen = true;
+      setImmediate(() => answerFirst?.());
+    });
+    await new Promise<void>((resolve) => sandbox.listen(0, '127.0.0.1', () => resolve()));
+    try {
+      const port = (sandbox.address() as AddressInfo).port;
+      dp.setRoute({ id: 'pipelined', ip: '127.0.0.1' });
+      const request =
+        `GET /kruise/pipelined/${port}/first HTTP/1.1\r\nHost: x\r\n\r\n` +
+        `GET /kruise/pipelined/${port}/second HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n` +
+        `GET /kruise/pipelined/${port}/third HTTP/1.1\r\nHost: x\r\n\r\n`;
+      // Each answer is `...content-length: 1\r\n\r\n<body>`: complete once the third body is in.
+      const received = await rawExchange(dp.address, request, (text) => text.endsWith('\r\n\r\nC'));
+      expect(received.split(/(?=HTTP\/1\.1 )/).map((answer) => `${answer.slice(0, 12)} ${answer.slice(answer.indexOf('\r\n\r\n') + 4)}`)).toEqual([
+        'HTTP/1.1 200 A',
+        'HTTP/1.1 200 B',
+        'HTTP/1.1 200 C',
+      ]);
+    } finally {
+      sandbox.closeAllConnections();
+      await new Promise<void>((resolve) => sandbox.close(() => resolve()));
+    }
+  });
+
   it('is refused with the same errors as any request when the sandbox is unknown', async () => {
     const request = `GET /kruise/nobody/${upstream.port}/ HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n`;
     const received = await rawExchange(dp.address, request, (text) => text.includes('\r\n\r\n') && text.trimEnd().endsWith('}'));
