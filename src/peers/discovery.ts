@@ -6,6 +6,7 @@
 // host name that is really this replica are caught at the first request: the peer API answers
 // with its instance ID and PeerSync drops a peer that answers with ours.
 import { Resolver } from 'node:dns/promises';
+import { isIP } from 'node:net';
 import { networkInterfaces } from 'node:os';
 import { setTimeout as delay } from 'node:timers/promises';
 import type { Config } from '../config.js';
@@ -51,7 +52,7 @@ export function staticPeers(config: Pick<Config, 'peers'>, self: ReadonlySet<str
  * peer list of a running fleet.
  */
 export interface DnsDiscoveryOptions {
-  readonly config: Pick<Config, 'peerDns' | 'peerDnsIntervalMs' | 'peerDnsServers'>;
+  readonly config: Pick<Config, 'peerDns' | 'peerDnsIntervalMs' | 'peerDnsServers' | 'self' | 'peerAddr'>;
   readonly self: ReadonlySet<string>;
   readonly staticPeers: readonly string[];
   /** Port for a name given without one: this replica's peer port (every replica listens alike). */
@@ -76,7 +77,12 @@ export class DnsDiscovery {
   private lastGood: string[] | undefined;
   private readonly stop = new AbortController();
 
+  /** The address family taken when the name has both A and AAAA records. */
+  private readonly family: 4 | 6;
+
   constructor(private readonly options: DnsDiscoveryOptions) {
+    const selfHost = parseHostPort(options.config.self)?.host ?? '';
+    this.family = isIP(selfHost) === 6 || (isIP(selfHost) === 0 && isIP(options.config.peerAddr.host) === 6) ? 6 : 4;
     const { name, port } = parseDnsTarget(options.config.peerDns, options.defaultPort);
     this.name = name;
     this.port = port;
@@ -92,15 +98,22 @@ export class DnsDiscovery {
   async refresh(): Promise<boolean> {
     const [v4, v6] = await Promise.allSettled([this.resolver.resolve4(this.name), this.resolver.resolve6(this.name)]);
     if (this.closed) return false;
-    const addresses: string[] = [];
+    const byFamily: string[][] = [];
     let failure: string | undefined;
     for (const answer of [v4, v6]) {
-      if (answer.status === 'fulfilled') addresses.push(...answer.value);
+      if (answer.status === 'fulfilled') byFamily.push(answer.value);
       else {
+        byFamily.push([]);
         const code = dnsCode(answer.reason);
         if (code !== NO_RECORDS) failure ??= code;
       }
     }
+    // On a dual-stack cluster a headless Service has an A and an AAAA record for each pod: both
+    // taken, every replica would be two peers (each change pushed to it twice, `peers` doubled,
+    // and a call waiting for both). One family, then: this replica's own (IPv6 when its
+    // ROUTESYNC_SELF or listen address is), else IPv4.
+    const [a = [], aaaa = []] = byFamily;
+    const addresses = a.length > 0 && aaaa.length > 0 ? (this.family === 6 ? aaaa : a) : [...a, ...aaaa];
     if (failure === undefined && addresses.length === 0) failure = 'EMPTY_ANSWER';
     if (failure !== undefined) {
       this.options.metrics.dnsResolutions.inc({ result: failure });

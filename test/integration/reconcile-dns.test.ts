@@ -28,7 +28,7 @@ afterEach(async () => {
   await dns.close();
 });
 
-async function start(host: string, port: number): Promise<Node> {
+async function start(host: string, port: number, env: Record<string, string> = {}): Promise<Node> {
   const logs = new LogSink();
   const requests: { peer: string; path: string }[] = [];
   const replica = await Replica.start(
@@ -40,6 +40,7 @@ async function start(host: string, port: number): Promise<Node> {
       ROUTESYNC_PEER_DNS_INTERVAL_MS: '200',
       ROUTESYNC_RECONCILE_INTERVAL_MS: '200',
       ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '3000',
+      ...env,
     }),
     { logDestination: logs, processMetrics: false, onPeerRequest: (peer, path) => requests.push({ peer, path }) },
   );
@@ -137,6 +138,22 @@ describe('DNS discovery', () => {
     expect(replica.isReady()).toBe(true);
     // Not seeded: a suspect peer must not rebuild from this table, nor a new one bootstrap from it.
     expect(replica.reconciler.isSeeded()).toBe(false);
+  });
+
+  it('takes one address family when the name has A and AAAA records for the same pods (dual stack): each replica is one peer', async () => {
+    // The AAAA records stand for the same two replicas' IPv6 addresses (unreachable here).
+    dns.set(NAME, ['127.0.0.2', '127.0.0.3', 'fd00::2', 'fd00::3']);
+    const a = await start('127.0.0.2', 0);
+    const port = Number(a.replica.addresses.peer.split(':')[1]);
+    const b = await start('127.0.0.3', port);
+    await waitUntil(() => a.replica.sync.peerAddresses().length > 0, 5000, 'a to discover b');
+    expect(a.replica.sync.peerAddresses()).toEqual([`127.0.0.3:${port}`]);
+    expect(b.replica.sync.peerAddresses()).toEqual([`127.0.0.2:${port}`]);
+    const { body } = await putRoute(a.api, makeRoute({ namespace: 'dual-stack' }));
+    expect(body.sync).toMatchObject({ peers: 1, acked: 1 });
+    // A replica known by an IPv6 address takes the IPv6 records.
+    const v6 = await start('127.0.0.4', port, { ROUTESYNC_SELF: `[fd00::4]:${port}`, ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '100' });
+    expect(v6.replica.sync.peerAddresses()).toEqual([`[fd00::2]:${port}`, `[fd00::3]:${port}`]);
   });
 
   it('keeps the last good peer set when resolution fails, and says why', async () => {
