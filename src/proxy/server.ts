@@ -715,6 +715,11 @@ export class DataPlane {
     socket.unshift(Buffer.concat([Buffer.from(`${lines.join('\r\n')}\r\n\r\n`, 'latin1'), head]));
     const reparse = (): void => {
       if (socket.destroyed) return;
+      // The answer before said `Connection: close` and ended the connection: nothing more is read.
+      if (socket.writableEnded) {
+        socket.destroy();
+        return;
+      }
       // The connection's old state arms its keep-alive timer once its last answer has finished;
       // left armed, it would cut this request after 5 s of waiting for the sandbox.
       socket.setTimeout(0);
