@@ -81,8 +81,11 @@ export class DnsDiscovery {
   private readonly family: 4 | 6;
 
   constructor(private readonly options: DnsDiscoveryOptions) {
-    const selfHost = parseHostPort(options.config.self)?.host ?? '';
-    this.family = isIP(selfHost) === 6 || (isIP(selfHost) === 0 && isIP(options.config.peerAddr.host) === 6) ? 6 : 4;
+    // The listener decides (0.0.0.0 takes IPv4 only); a `::` one, which takes both, goes by
+    // ROUTESYNC_SELF when that is an IPv4 address.
+    const listen = isIP(options.config.peerAddr.host);
+    const selfFamily = isIP(parseHostPort(options.config.self)?.host ?? '');
+    this.family = listen === 4 ? 4 : listen === 6 ? (selfFamily === 4 ? 4 : 6) : selfFamily === 6 ? 6 : 4;
     const { name, port } = parseDnsTarget(options.config.peerDns, options.defaultPort);
     this.name = name;
     this.port = port;
@@ -110,8 +113,7 @@ export class DnsDiscovery {
     }
     // On a dual-stack cluster a headless Service has an A and an AAAA record for each pod: both
     // taken, every replica would be two peers (each change pushed to it twice, `peers` doubled,
-    // and a call waiting for both). One family, then: this replica's own (IPv6 when its
-    // ROUTESYNC_SELF or listen address is), else IPv4.
+    // and a call waiting for both). One family, then: that of this replica's own listener.
     const [a = [], aaaa = []] = byFamily;
     const addresses = a.length > 0 && aaaa.length > 0 ? (this.family === 6 ? aaaa : a) : [...a, ...aaaa];
     if (failure === undefined && addresses.length === 0) failure = 'EMPTY_ANSWER';
