@@ -39,8 +39,9 @@ export function reconcileEndpoints(reconciler: Reconciler, digestBuckets: number
 const INSTANCE_MAX_LENGTH = 128;
 
 /**
- * `?caughtUpTo=<ms>`: the requester has caught up on this replica's table as of that digest's
- * asOfMs (Reconciler.caughtUpThrough). The requester is named by its instance header, which
+ * `?caughtUpTo=<ms>&digestOf=<instance>`: the requester has caught up on the table of replica
+ * `digestOf` as of that digest's asOfMs (Reconciler.caughtUpThrough; a report meant for another
+ * instance, this address's replica before a restart, is ignored). The requester is named by its instance header, which
  * every routesync peer request carries. Malformed, it is a 400 and nothing is recorded.
  */
 function caughtUpReport(req: Request): CaughtUpReport | undefined {
@@ -55,5 +56,11 @@ function caughtUpReport(req: Request): CaughtUpReport | undefined {
       field: INSTANCE_HEADER,
     });
   }
-  return { instance, caughtUpToMs: Number(raw) };
+  const digestOf = req.query.digestOf;
+  if (typeof digestOf !== 'string' || digestOf === '' || digestOf.length > INSTANCE_MAX_LENGTH) {
+    throw new ApiError(400, 'invalid_query', `caughtUpTo needs digestOf, given once: the instance (1 to ${INSTANCE_MAX_LENGTH} characters) whose digest it was`, {
+      field: 'digestOf',
+    });
+  }
+  return { instance, caughtUpToMs: Number(raw), digestOf };
 }

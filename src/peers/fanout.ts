@@ -124,6 +124,8 @@ export class PeerSync {
   private readonly random: () => number;
   private readonly stillOwed: ((change: RouteChange, key: string) => boolean) | undefined;
   private closed = false;
+  private peerSetVersion = 0;
+  private readonly departureListeners: ((address: string) => void)[] = [];
 
   constructor(options: PeerSyncOptions) {
     this.config = options.config;
@@ -149,11 +151,15 @@ export class PeerSync {
   setPeers(addresses: readonly string[]): void {
     const wanted = new Set(addresses.filter((address) => !this.selfAddresses.has(address)));
     for (const [address, peer] of this.peers) {
-      if (!wanted.has(address)) this.removePeer(peer, 'peer_removed');
+      if (!wanted.has(address)) {
+        this.removePeer(peer, 'peer_removed');
+        for (const listener of this.departureListeners) listener(address);
+      }
     }
     for (const address of wanted) {
       if (this.peers.has(address)) continue;
       this.peers.set(address, this.newPeer(address));
+      this.peerSetVersion++;
       this.logger.info({ peer: address }, 'peer added');
     }
     this.metrics.peers.set(this.peers.size);
@@ -161,6 +167,16 @@ export class PeerSync {
 
   peerAddresses(): string[] {
     return [...this.peers.keys()];
+  }
+
+  /** Grows whenever a peer is added or removed: lets a caller cache what it derives from the set. */
+  get peersVersion(): number {
+    return this.peerSetVersion;
+  }
+
+  /** Called with each address discovery (setPeers) drops; not for an address found to be this replica. */
+  onPeerDeparted(listener: (address: string) => void): void {
+    this.departureListeners.push(listener);
   }
 
   /** How many peers there are (without listing them: asked for every change a suspect check sees). */
@@ -630,6 +646,7 @@ export class PeerSync {
 
   private removePeer(peer: PeerState, errorClass: 'peer_removed'): void {
     peer.removed = true;
+    this.peerSetVersion++;
     if (peer.timer) clearTimeout(peer.timer);
     peer.timer = null;
     peer.attemptDeadline.close();

@@ -76,7 +76,7 @@ import {
   type Route,
   type RouteChange,
 } from '../routes/route.js';
-import type { RouteTable } from '../routes/table.js';
+import { monotonicClock, type RouteTable } from '../routes/table.js';
 import type { RouteService } from '../service.js';
 import { attemptSignal, classifyPeerError, PeerRequestError, SyncAbortedError, type PeerClient } from './client.js';
 import type { PeerSync } from './fanout.js';
@@ -103,7 +103,9 @@ const BOOTSTRAP_FANOUT = 8;
 /** Pause between bootstrap attempts when no peer answered. */
 const BOOTSTRAP_RETRY_MS = 200;
 
-export type ReconcileConfig = Pick<Config, 'reconcileIntervalMs' | 'bootstrapTimeoutMs' | 'tombstoneTtlMs'>;
+export type ReconcileConfig = Pick<Config, 'reconcileIntervalMs' | 'bootstrapTimeoutMs' | 'tombstoneTtlMs' | 'tombstoneHoldMaxMs'>;
+/** Departed peers remembered as still owed fences, at most (see caughtUpThrough). */
+const DEPARTED_PEERS_MAX = 1024;
 
 /** GET /v1/peer/digest's body (the wire contract; extra fields allowed). */
 export interface TableDigest {
@@ -134,6 +136,8 @@ export interface CaughtUpReport {
   readonly instance: string;
   /** An asOfMs of this replica's, from a digest it answered that peer. */
   readonly caughtUpToMs: number;
+  /** The instance whose digest that was: a report to a replica restarted since is ignored. */
+  readonly digestOf: string;
 }
 
 export type RoundResult = 'in_sync' | 'repaired' | 'unchanged' | 'rebuilt' | 'kept' | 'skipped' | 'failed' | 'no_peers';
@@ -171,6 +175,8 @@ export interface ReconcilerOptions {
   readonly now?: () => number;
   /** Random source for jitter and the round-robin start, in [0, 1). */
   readonly random?: () => number;
+  /** The caught-up clock (asOfMs); the table's monotonicNow must be the same. Default: monotonicClock. */
+  readonly monotonicNow?: () => number;
 }
 
 export class Reconciler {
@@ -213,8 +219,14 @@ export class Reconciler {
   private readonly caughtUpBy = new Map<string, number>();
   /** Per peer address: the instance its last digest answer named. */
   private readonly peerInstances = new Map<string, string>();
-  /** Per peer address: the asOfMs of its digest this replica last caught up on, reported back to it. */
-  private readonly caughtUpOn = new Map<string, number>();
+  /** Per peer address: the instance and asOfMs of its digest this replica last caught up on, reported back to it. */
+  private readonly caughtUpOn = new Map<string, { readonly instance: string; readonly asOfMs: number }>();
+  /** Peers discovery dropped, by address: their last instance and when (see caughtUpThrough). */
+  private readonly departed = new Map<string, { readonly instance: string | undefined; readonly atMs: number }>();
+  /** Grows with every change caughtUpThrough depends on, but for the peer set (which has its own). */
+  private caughtUpVersion = 0;
+  private caughtUpCache: { readonly key: string; readonly value: number } | undefined;
+  private readonly monotonicNow: () => number;
   private cursor: number;
   private timer: NodeJS.Timeout | null = null;
   private running: Promise<RoundReport> | null = null;
@@ -231,6 +243,8 @@ export class Reconciler {
     this.instanceId = options.instanceId;
     this.now = options.now ?? Date.now;
     this.random = options.random ?? Math.random;
+    this.monotonicNow = options.monotonicNow ?? monotonicClock;
+    this.sync.onPeerDeparted((address) => this.peerDeparted(address));
     this.lastContactMs = this.now();
     this.clockOriginMs = this.lastContactMs;
     this.cursor = Math.floor(this.random() * 1_000_000);
@@ -319,8 +333,9 @@ export class Reconciler {
 
   /** GET /v1/peer/digest; `report`, the requester's word that it caught up on an earlier one. */
   digest(withBuckets: boolean, report?: CaughtUpReport): TableDigest {
-    const now = this.now();
-    if (report) this.noteCaughtUpBy(report, now);
+    // The caught-up clock is monotonic (see RouteTable's monotonicNow), whole ms on the wire.
+    const asOfMs = Math.floor(this.monotonicNow());
+    if (report) this.noteCaughtUpBy(report, asOfMs);
     return {
       instance: this.instanceId,
       buckets: this.table.digestBuckets,
@@ -331,49 +346,77 @@ export class Reconciler {
       suspect: !this.bootstrapped || this.isSuspect(),
       seeded: this.seeded,
       bootstrapping: !this.bootstrapped,
-      asOfMs: now,
+      asOfMs,
     };
   }
 
   /**
-   * The time (this replica's clock) through which every current peer has caught up on this
+   * The time (this replica's monotonic clock) through which every peer has caught up on this
    * table, by their reports: a fence that arrived here at or after it is held past its TTL (the
    * table asks; see RouteTable's caughtUpThrough). +Infinity without peers; -Infinity while any
    * peer has not reported (or this replica has not yet learnt its instance from its digest).
+   * "Every peer" counts the current ones and those discovery dropped within the longest a fence
+   * can be held (TTL + hold bound): one listed again later may still hold a route deleted
+   * meanwhile, and its copy would be taken back once the fence is gone. Cached until a report,
+   * an instance or the peer set changes: the table asks for every operation on a held fence.
    */
   caughtUpThrough(): number {
+    const key = `${this.sync.peersVersion}:${this.caughtUpVersion}`;
+    if (this.caughtUpCache?.key === key) return this.caughtUpCache.value;
     let through = Number.POSITIVE_INFINITY;
-    for (const peer of this.sync.peerAddresses()) {
-      const instance = this.peerInstances.get(peer);
+    const least = (instance: string | undefined): void => {
       const at = instance === undefined ? undefined : this.caughtUpBy.get(instance);
-      if (at === undefined) return Number.NEGATIVE_INFINITY;
-      if (at < through) through = at;
+      through = Math.min(through, at ?? Number.NEGATIVE_INFINITY);
+    };
+    for (const peer of this.sync.peerAddresses()) {
+      this.departed.delete(peer);
+      least(this.peerInstances.get(peer));
     }
+    const forgetBefore = this.now() - this.config.tombstoneTtlMs - this.config.tombstoneHoldMaxMs;
+    for (const [address, gone] of this.departed) {
+      if (gone.atMs < forgetBefore) this.departed.delete(address);
+      else least(gone.instance);
+    }
+    this.caughtUpCache = { key, value: through };
     return through;
   }
 
-  private noteCaughtUpBy(report: CaughtUpReport, now: number): void {
-    // Never past now: no peer has caught up on a table this replica has not shown yet.
-    const through = Math.min(report.caughtUpToMs, now);
+  /** Discovery dropped `address`: it stays owed the fences it has not caught up on (caughtUpThrough). */
+  private peerDeparted(address: string): void {
+    this.departed.delete(address);
+    this.departed.set(address, { instance: this.peerInstances.get(address), atMs: this.now() });
+    // Bounded: past the bound the oldest departure is forgotten (the table's hold bound stays).
+    if (this.departed.size > DEPARTED_PEERS_MAX) this.departed.delete(this.departed.keys().next().value!);
+    this.caughtUpVersion++;
+  }
+
+  private noteCaughtUpBy(report: CaughtUpReport, asOfMs: number): void {
+    // A report of another instance's digest (this address's replica before a restart) says
+    // nothing of this table; and no peer has caught up on a table this replica has not shown yet.
+    if (report.digestOf !== this.instanceId) return;
+    const through = Math.min(report.caughtUpToMs, asOfMs);
     const before = this.caughtUpBy.get(report.instance);
-    if (before === undefined || through > before) this.caughtUpBy.set(report.instance, through);
+    if (before !== undefined && through <= before) return;
+    this.caughtUpBy.set(report.instance, through);
+    this.caughtUpVersion++;
     this.forgetOldPeers();
   }
 
-  /** The three per-peer maps keep current peers (and a few more): addresses and instances churn. */
+  /** The per-peer maps keep current and departed peers (and a few more): addresses and instances churn. */
   private forgetOldPeers(): void {
-    const bound = 2 * this.sync.peerCount + 16;
+    const bound = 2 * (this.sync.peerCount + this.departed.size) + 16;
     if (this.caughtUpBy.size <= bound && this.peerInstances.size <= bound && this.caughtUpOn.size <= bound) return;
     const current = new Set(this.sync.peerAddresses());
     for (const address of this.peerInstances.keys()) if (!current.has(address)) this.peerInstances.delete(address);
     for (const address of this.caughtUpOn.keys()) if (!current.has(address)) this.caughtUpOn.delete(address);
-    const instances = new Set(this.peerInstances.values());
+    const instances = new Set([...this.peerInstances.values(), ...[...this.departed.values()].map((gone) => gone.instance)]);
     for (const instance of this.caughtUpBy.keys()) if (!instances.has(instance)) this.caughtUpBy.delete(instance);
+    this.caughtUpVersion++;
   }
 
   /** This replica has caught up on `peer`'s table as of that digest: said in the next digest request to it. */
   private caughtUpOnDigest(peer: string, digest: TableDigest): void {
-    if (digest.asOfMs !== undefined) this.caughtUpOn.set(peer, digest.asOfMs);
+    if (digest.asOfMs !== undefined && digest.instance !== '') this.caughtUpOn.set(peer, { instance: digest.instance, asOfMs: digest.asOfMs });
   }
 
   /** POST /v1/peer/pull: every route and live fence in the buckets, in push wire form. */
@@ -396,6 +439,8 @@ export class Reconciler {
   async bootstrap(options: BootstrapOptions = {}): Promise<BootstrapOutcome> {
     const started = performance.now();
     const peersKnown = options.peersKnown ?? true;
+    // A fence its source holds past the TTL is kept here too (see RouteTable.adoptHeldFences).
+    this.table.adoptHeldFences = true;
     try {
       if (this.sync.peerCount === 0) {
         if (!peersKnown) {
@@ -451,6 +496,7 @@ export class Reconciler {
         clear();
       }
     } finally {
+      this.table.adoptHeldFences = false;
       this.freshPeers.clear();
       this.bootstrapped = true;
       this.lastContactMs = this.now();
@@ -727,7 +773,13 @@ export class Reconciler {
     const heldAtStart = this.table.list();
     const all = Array.from({ length: this.table.digestBuckets }, (_, i) => i);
     const seen = new Set<string>();
-    const pulled = await this.pullAndApply(peer, all, signal, seen);
+    this.table.adoptHeldFences = true;
+    let pulled: { repaired: number; bytes: number };
+    try {
+      pulled = await this.pullAndApply(peer, all, signal, seen);
+    } finally {
+      this.table.adoptHeldFences = false;
+    }
     // From here to dropStale nothing awaits: no push can land between the check and the drop.
     // What the local manager deleted since the cut began, deleted again: past a cut longer than
     // the TTL its fence has expired here before any peer saw it (its push may still be queued,
@@ -836,14 +888,17 @@ export class Reconciler {
   private async fetchDigest(peer: string, withBuckets: boolean, signal: AbortSignal): Promise<{ digest: TableDigest; bytes: number }> {
     const started = performance.now();
     const query: string[] = withBuckets ? [] : ['root=1'];
-    const caughtUpTo = this.caughtUpOn.get(peer);
-    if (caughtUpTo !== undefined) query.push(`caughtUpTo=${caughtUpTo}`);
+    const caughtUp = this.caughtUpOn.get(peer);
+    if (caughtUp !== undefined) query.push(`caughtUpTo=${caughtUp.asOfMs}`, `digestOf=${encodeURIComponent(caughtUp.instance)}`);
     try {
       const path = query.length > 0 ? `${DIGEST_PATH}?${query.join('&')}` : DIGEST_PATH;
       const { json, bytes } = await this.requestJson(peer, 'GET', path, undefined, signal);
       const digest = parseDigest(peer, json, withBuckets);
-      if (digest.instance !== '') this.peerInstances.set(peer, digest.instance);
-      this.forgetOldPeers();
+      if (digest.instance !== '' && this.peerInstances.get(peer) !== digest.instance) {
+        this.peerInstances.set(peer, digest.instance);
+        this.caughtUpVersion++;
+        this.forgetOldPeers();
+      }
       return { digest, bytes };
     } finally {
       this.metrics.peerRequestDuration.observe({ kind: 'digest' }, (performance.now() - started) / 1000);

@@ -28,6 +28,7 @@
 //  5. The digest is maintained incrementally: each bucket holds the XOR of a 64-bit hash of
 //     (kind, identity, resourceVersion) over its routes and fences, so two tables with the same
 //     content have the same digest and a one-route difference shows in exactly one bucket.
+import { performance } from 'node:perf_hooks';
 import {
   compareResourceVersions,
   identityKey,
@@ -81,6 +82,12 @@ export interface RouteTableOptions {
    * up. Default: +Infinity (nothing held).
    */
   readonly caughtUpThrough?: () => number;
+  /**
+   * The clock of fence arrivals and of caughtUpThrough: monotonic (a wall clock stepped back
+   * would date arrivals before a peer's earlier report, and release fences it has not seen).
+   * Default: performance.timeOrigin + performance.now(), as the Reconciler's.
+   */
+  readonly monotonicNow?: () => number;
   /** Wall clock in ms (fences travel between replicas, so this is Date.now, not a monotonic clock). */
   readonly now?: () => number;
   /** Digest buckets, a power of two. */
@@ -121,7 +128,16 @@ export class RouteTable {
   private readonly fenceArrivals = new Map<string, number>();
   private readonly fenceHoldMaxMs: number;
   private readonly caughtUpThrough: () => number;
+  private readonly monotonicNow: () => number;
   private held = 0;
+  /**
+   * Set by the Reconciler while it bootstraps or rebuilds this table: a pulled fence past its
+   * TTL (held by its source for a peer that has not caught up) is kept here too, as held, rather
+   * than forgotten. Otherwise restarting the replicas that hold a fence one at a time (a rolling
+   * restart), each bootstrapping from another holder, would lose it. Only then: replicas in touch
+   * trading a held fence back and forth would keep it alive to the bound.
+   */
+  adoptHeldFences = false;
   /** Sandbox ID -> the route serving it. */
   private readonly idOwner = new Map<string, Route>();
   /** Only for IDs carried by more than one identity: ID -> those identities' keys. */
@@ -135,6 +151,7 @@ export class RouteTable {
     this.now = options.now ?? Date.now;
     this.fenceHoldMaxMs = options.fenceHoldMaxMs ?? 0;
     this.caughtUpThrough = options.caughtUpThrough ?? (() => Number.POSITIVE_INFINITY);
+    this.monotonicNow = options.monotonicNow ?? monotonicClock;
     this.digestBuckets = options.digestBuckets ?? DEFAULT_DIGEST_BUCKETS;
     if (!Number.isInteger(this.digestBuckets) || this.digestBuckets < 1 || (this.digestBuckets & (this.digestBuckets - 1)) !== 0) {
       throw new RangeError('digestBuckets must be a power of two');
@@ -264,7 +281,10 @@ export class RouteTable {
       return { outcome: 'applied', reason: 'fenced', key, resourceVersion: version };
     }
     const fencedAtMs = carriedAtMs ?? now;
-    if (fencedAtMs + this.tombstoneTtlMs <= now) return { outcome: 'ignored', reason: 'fence_expired', key, resourceVersion: version };
+    const dueMs = fencedAtMs + this.tombstoneTtlMs;
+    if (dueMs <= now && (!this.adoptHeldFences || dueMs + this.fenceHoldMaxMs <= now)) {
+      return { outcome: 'ignored', reason: 'fence_expired', key, resourceVersion: version };
+    }
     this.addFence(key, { resourceVersion: version, fencedAtMs });
     return { outcome: 'applied', reason: 'fenced', key, resourceVersion: version };
   }
@@ -427,7 +447,7 @@ export class RouteTable {
 
   private addFence(key: string, fence: Fence): void {
     this.fences.set(key, fence);
-    this.fenceArrivals.set(key, this.now());
+    this.fenceArrivals.set(key, this.monotonicNow());
     this.toggleDigest('F', key, fence.resourceVersion);
   }
 
@@ -474,6 +494,11 @@ export class RouteTable {
     }
     if (contenders.size <= 1) this.idContenders.delete(route.id);
   }
+}
+
+/** ms on a clock that never steps back, in the range of Date.now() (the default for fence arrivals). */
+export function monotonicClock(): number {
+  return performance.timeOrigin + performance.now();
 }
 
 /** Does `a` win the sandbox ID over `b`? Newer resourceVersion; ties by the smaller key. */

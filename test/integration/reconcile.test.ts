@@ -1,6 +1,6 @@
 // Anti-entropy between real replicas on loopback: bootstrap, repair after a cut, bytes moved
 // for one difference in 100,000 routes, no resurrection, and the wire contract.
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it, vi } from 'vitest';
 import { configFromEnv } from '../../src/config.js';
 import { PULL_BUCKETS_PER_REQUEST } from '../../src/peers/reconcile.js';
 import { Replica, type ReplicaOptions } from '../../src/replica.js';
@@ -538,6 +538,103 @@ describe('no resurrection after a split into groups that outlasts the fence TTL'
   });
 });
 
+/**
+ * Four replicas with manual rounds, every one caught up on every other, holding a route at 10;
+ * then a 2|2 split ({A, B} | {C, D}) and the route deleted at 11 on the C/D side by an openkruise
+ * manager's /refresh (nothing re-sends it). `during` runs right after the split. Returns once the
+ * split has outlasted the fence TTL, still split.
+ */
+async function deletedOnOneSideOfASplit(ttlMs: number, during: (nodes: Node[]) => void = () => {}): Promise<{ all: Node[]; name: string; env: Record<string, string> }> {
+  const env = { ROUTESYNC_TOMBSTONE_TTL_MS: String(ttlMs), ROUTESYNC_RECONCILE_INTERVAL_MS: '100', ROUTESYNC_EJECT_PROBE_MS: '50' };
+  const all = await cluster(4, env, MANUAL_ROUNDS);
+  const [a, b, c, d] = all as [Node, Node, Node, Node];
+  const doomed = makeRoute({ namespace: 'split', resourceVersion: '10' });
+  expect((await putRoute(a.api, doomed)).body.sync.acked).toBe(3);
+  for (let k = 0; k < 2 * all.length; k++) for (const node of all) await node.replica.reconciler.runRound();
+  for (const x of [a, b]) {
+    for (const y of [c, d]) {
+      x.replica.faults.blockPeer(y.replica.addresses.peer);
+      y.replica.faults.blockPeer(x.replica.addresses.peer);
+    }
+  }
+  during(all);
+  for (const node of [c, d]) {
+    const answer = await fetch(`${node.peerUrl}/refresh`, { method: 'POST', body: JSON.stringify({ ...doomed, resourceVersion: '11', state: 'dead' }) });
+    expect(answer.status).toBe(204);
+  }
+  const deletedAt = Date.now();
+  await roundsInContactUntil(all, () => Date.now() - deletedAt > ttlMs + 300, ttlMs + 10_000, 'the split to outlast the fence TTL');
+  return { all, name: doomed.name as string, env };
+}
+
+async function healAndExpectDeleted(all: readonly Node[], name: string): Promise<void> {
+  for (const node of all) node.replica.faults.heal();
+  for (let k = 0; k < 6; k++) for (const node of all) await node.replica.reconciler.runRound();
+  for (const node of all) expect(node.replica.table.get('split', name), 'the deleted route stays deleted').toBeUndefined();
+}
+
+describe('held fences: the ways a hold could end too early', () => {
+  it('a wall clock stepped back during the split does not release the held fence', async () => {
+    // Arrival times and the peers' reports are on a monotonic clock: on the wall clock, fences
+    // arriving after a step back were dated before the peers' last reports, and released.
+    const real = Date.now.bind(Date);
+    let offsetMs = 0;
+    vi.spyOn(Date, 'now').mockImplementation(() => real() + offsetMs);
+    try {
+      const { all, name } = await deletedOnOneSideOfASplit(1000, () => {
+        offsetMs -= 60_000;
+      });
+      all[2]!.replica.table.sweepExpiredFences();
+      expect(all[2]!.replica.table.getFence('split', name), 'held on C').toBeDefined();
+      await healAndExpectDeleted(all, name);
+    } finally {
+      vi.restoreAllMocks();
+    }
+  });
+
+  it('a split side that discovery drops and lists again is still owed the fence', async () => {
+    const addressOf = (node: Node): string => node.replica.addresses.peer;
+    const { all, name } = await deletedOnOneSideOfASplit(1000, ([, , c, d]) => {
+      // A and B vanish from C's and D's peer set (their pods gone from the DNS answer) ...
+      c!.replica.sync.setPeers([addressOf(d!)]);
+      d!.replica.sync.setPeers([addressOf(c!)]);
+    });
+    const [a, b, c, d] = all as [Node, Node, Node, Node];
+    expect(c.replica.table.getFence('split', name), 'held on C for the departed peers').toBeDefined();
+    // ... and come back.
+    c.replica.sync.setPeers([addressOf(a), addressOf(b), addressOf(d)]);
+    d.replica.sync.setPeers([addressOf(a), addressOf(b), addressOf(c)]);
+    await healAndExpectDeleted(all, name);
+  });
+
+  it('a rolling restart of the side that holds the fence keeps it: each restarted replica adopts it from the other', async () => {
+    const { all, name, env } = await deletedOnOneSideOfASplit(1000);
+    const [a, b] = all as [Node, Node];
+    const addressOf = (node: Node): string => node.replica.addresses.peer;
+    // D, then C, restart at their addresses, each bootstrapping from the other (still cut off from A and B).
+    for (const [i, j] of [
+      [3, 2],
+      [2, 3],
+    ] as const) {
+      const old = all[i]!;
+      const address = addressOf(old);
+      await old.replica.close();
+      nodes.splice(nodes.indexOf(old), 1);
+      const fresh = await start({ ...env, ROUTESYNC_PEER_ADDR: address, ROUTESYNC_PEERS: addressOf(all[j]!) }, MANUAL_ROUNDS);
+      expect(await fresh.replica.bootstrapped).toBe('pulled');
+      expect(fresh.replica.table.getFence('split', name), 'adopted from its source, held').toBeDefined();
+      fresh.replica.sync.setPeers([addressOf(a), addressOf(b), addressOf(all[j]!)]);
+      for (const x of [a, b]) {
+        fresh.replica.faults.blockPeer(addressOf(x));
+        x.replica.faults.blockPeer(address);
+      }
+      all[i] = fresh;
+      for (let k = 0; k < 2; k++) for (const node of all) await node.replica.reconciler.runRound();
+    }
+    await healAndExpectDeleted(all, name);
+  });
+});
+
 describe('no resurrection of an identity deleted twice', () => {
   it('a route re-created, then deleted at 13 where it was live and at 14 where it was not, stays deleted', async () => {
     // C missed the re-creation, so its fence (11, then 14) keeps the first deletion's time; A
@@ -748,6 +845,7 @@ describe('a fleet that starts together', () => {
         ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '500',
         ROUTESYNC_TOMBSTONE_TTL_MS: '1500', // suspect after 750 ms out of contact
         ROUTESYNC_RECONCILE_INTERVAL_MS: '100', // below TTL / 5, as config requires; no timer runs it
+        ...NO_HOLD, // the fences end at their TTL: the rebuild alone keeps the deletion
       },
       [],
       MANUAL_ROUNDS,
@@ -928,17 +1026,22 @@ describe('wire contract', () => {
     // A peer's report that it caught up on an earlier digest: a time in ms, with its instance header.
     expect(typeof digest.asOfMs).toBe('number');
     const instance = { 'x-routesync-instance': 'another-replica' };
-    const report = await fetch(`${a!.peerUrl}/v1/peer/digest?root=1&caughtUpTo=${digest.asOfMs as number}`, { headers: instance });
-    expect(report.status).toBe(200);
-    expect(((await report.json()) as any).asOfMs).toBeGreaterThanOrEqual(digest.asOfMs as number);
+    for (const digestOf of [a!.replica.instanceId, 'a-restarted-replica']) {
+      // (A report of another instance's digest is taken without complaint, and ignored.)
+      const report = await fetch(`${a!.peerUrl}/v1/peer/digest?root=1&caughtUpTo=${digest.asOfMs as number}&digestOf=${digestOf}`, { headers: instance });
+      expect(report.status).toBe(200);
+      expect(((await report.json()) as any).asOfMs).toBeGreaterThanOrEqual(digest.asOfMs as number);
+    }
     for (const [query, headers] of [
-      ['caughtUpTo=-1', instance],
-      ['caughtUpTo=1.5', instance],
-      ['caughtUpTo=0123', instance],
-      ['caughtUpTo=99999999999999999', instance],
-      ['caughtUpTo=1&caughtUpTo=2', instance],
-      ['caughtUpTo=1', {}],
-      ['caughtUpTo=1', { 'x-routesync-instance': 'x'.repeat(129) }],
+      ['caughtUpTo=-1&digestOf=x', instance],
+      ['caughtUpTo=1.5&digestOf=x', instance],
+      ['caughtUpTo=0123&digestOf=x', instance],
+      ['caughtUpTo=99999999999999999&digestOf=x', instance],
+      ['caughtUpTo=1&caughtUpTo=2&digestOf=x', instance],
+      ['caughtUpTo=1&digestOf=x', {}],
+      ['caughtUpTo=1&digestOf=x', { 'x-routesync-instance': 'x'.repeat(129) }],
+      ['caughtUpTo=1', instance],
+      ['caughtUpTo=1&digestOf=x&digestOf=y', instance],
     ] as const) {
       const answer = await fetch(`${a!.peerUrl}/v1/peer/digest?${query}`, { headers });
       expect(answer.status, query).toBe(400);

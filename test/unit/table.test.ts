@@ -143,7 +143,7 @@ describe('RouteTable', () => {
   it('holds a fence past its TTL while a peer has not caught up on it, for at most the hold bound', () => {
     const clock = clockAt(100_000);
     let caughtUpThrough = Number.NEGATIVE_INFINITY;
-    const table = new RouteTable({ tombstoneTtlMs: 10_000, fenceHoldMaxMs: 50_000, now: () => clock.now, caughtUpThrough: () => caughtUpThrough });
+    const table = new RouteTable({ tombstoneTtlMs: 10_000, fenceHoldMaxMs: 50_000, now: () => clock.now, monotonicNow: () => clock.now, caughtUpThrough: () => caughtUpThrough });
     table.delete({ namespace: 'ns', name: 'p', resourceVersion: '4' }); // arrives at 100_000
     clock.tick(10_000);
     // Past its TTL, but a peer has never caught up: held, still blocking, offered to pulls, counted.
@@ -171,6 +171,17 @@ describe('RouteTable', () => {
     clock.tick(1);
     expect(table.getFence('ns', 'q')).toBeUndefined();
     expect(table.allChanges()).toEqual([{ op: 'upsert', route: table.get('ns', 'p') }]);
+  });
+
+  it('adopts a pulled fence past its TTL as held only while bootstrapping or rebuilding, within the hold bound', () => {
+    const clock = clockAt(100_000);
+    const table = new RouteTable({ tombstoneTtlMs: 10_000, fenceHoldMaxMs: 50_000, now: () => clock.now, caughtUpThrough: () => Number.NEGATIVE_INFINITY });
+    const pulled = (name: string, fencedAtMs: number) => table.delete({ namespace: 'ns', name, resourceVersion: '2', fencedAtMs });
+    expect(pulled('s', 85_000)).toMatchObject({ reason: 'fence_expired' });
+    table.adoptHeldFences = true;
+    expect(pulled('s', 85_000)).toMatchObject({ outcome: 'applied', reason: 'fenced' });
+    expect(table.getFence('ns', 's')).toEqual({ resourceVersion: '2', fencedAtMs: 85_000 });
+    expect(pulled('t', 100_000 - 10_000 - 50_000), 'past the hold bound').toMatchObject({ reason: 'fence_expired' });
   });
 
   it('holds nothing past the TTL by default (no peers: nobody to catch up)', () => {
