@@ -226,6 +226,8 @@ export class Reconciler {
   /** Grows with every change caughtUpThrough depends on, but for the peer set (which has its own). */
   private caughtUpVersion = 0;
   private caughtUpCache: { readonly key: string; readonly value: number } | undefined;
+  /** Peers whose last pull here skipped entries this version refuses (see caughtUpOnDigest). */
+  private readonly pulledWithRefusals = new Set<string>();
   private readonly monotonicNow: () => number;
   private cursor: number;
   private timer: NodeJS.Timeout | null = null;
@@ -416,6 +418,9 @@ export class Reconciler {
 
   /** This replica has caught up on `peer`'s table as of that digest: said in the next digest request to it. */
   private caughtUpOnDigest(peer: string, digest: TableDigest): void {
+    // A pull that skipped entries this version refuses has not caught up on them: one may be a
+    // fence of a route this replica holds, and the peer would let it go.
+    if (this.pulledWithRefusals.has(peer)) return;
     if (digest.asOfMs !== undefined && digest.instance !== '') this.caughtUpOn.set(peer, { instance: digest.instance, asOfMs: digest.asOfMs });
   }
 
@@ -845,6 +850,7 @@ export class Reconciler {
   private async pullAndApply(peer: string, buckets: readonly number[], signal: AbortSignal, seen?: Set<string>): Promise<{ repaired: number; bytes: number }> {
     let repaired = 0;
     let bytes = 0;
+    this.pulledWithRefusals.delete(peer);
     for (let i = 0; i < buckets.length; i += PULL_BUCKETS_PER_REQUEST) {
       const chunk = buckets.slice(i, i + PULL_BUCKETS_PER_REQUEST);
       const started = performance.now();
@@ -873,6 +879,7 @@ export class Reconciler {
       }
       const [refusal] = invalid;
       if (refusal) {
+        this.pulledWithRefusals.add(peer);
         this.metrics.reconcileRefused.inc(invalid.length);
         // The reason and field only: an entry's values may hold an access token.
         this.logger.warn({ peer, refused: invalid.length, reason: refusal.reason, field: refusal.field }, 'pull: skipped changes this replica refuses (a peer of another version?)');

@@ -686,6 +686,13 @@ describe('suspect tables and trust', () => {
     expect(await c!.replica.reconciler.runRound()).toMatchObject({ result: 'rebuilt' });
     expect(await counter(c!.replica.metrics.reconcileRefused)).toBe(1);
     expect(c!.replica.table.get('mixed', name)?.resourceVersion, 'the readable version is kept').toBe('10');
+    // Nor does C say it caught up on a table it could not read whole: a refused entry may be a
+    // fence its holder must keep.
+    const requestsBefore = c!.requests.length;
+    for (let k = 0; k < 4; k++) await c!.replica.reconciler.runRound();
+    const digestRequests = c!.requests.slice(requestsBefore).filter((request) => request.path.startsWith('/v1/peer/digest'));
+    expect(digestRequests.length).toBeGreaterThan(0);
+    for (const request of digestRequests) expect(request.path).not.toContain('caughtUpTo');
   });
 
   it('a lone survivor whose only peer restarts empty keeps its table and the peer gets it, rather than both losing it', async () => {
