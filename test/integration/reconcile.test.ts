@@ -455,16 +455,21 @@ describe('no resurrection of a change made on a replica cut off for longer than 
   });
 });
 
+/** Three replicas with manual rounds (fence TTL `ttlMs`) and a route at 10 made nowhere yet, for an identity that will be re-created. */
+async function reusedIdentityCluster(ttlMs: number): Promise<{ all: [Node, Node, Node]; first: Record<string, unknown>; name: string }> {
+  const env = { ROUTESYNC_TOMBSTONE_TTL_MS: String(ttlMs), ROUTESYNC_RECONCILE_INTERVAL_MS: '100', ROUTESYNC_EJECT_PROBE_MS: '50' };
+  const [a, b, c] = await cluster(3, env, MANUAL_ROUNDS);
+  const first = makeRoute({ namespace: 'reused', resourceVersion: '10' });
+  return { all: [a!, b!, c!], first, name: first.name as string };
+}
+
 describe('no resurrection of a re-created identity', () => {
   it('a route re-created and deleted again stays deleted when a replica that missed the re-creation carries the first fence\'s time', async () => {
     // B must stay trusted (cut off for less than half a TTL) from the re-creation at 0.9 of the
     // TTL until the first fence has expired: 2.3 s of slack for a slow machine.
     const ttlMs = 6000;
-    const env = { ROUTESYNC_TOMBSTONE_TTL_MS: String(ttlMs), ROUTESYNC_RECONCILE_INTERVAL_MS: '100', ROUTESYNC_EJECT_PROBE_MS: '50' };
-    const [a, b, c] = await cluster(3, env, MANUAL_ROUNDS);
-    const all = [a!, b!, c!];
-    const first = makeRoute({ namespace: 'reused', resourceVersion: '10' });
-    const name = first.name as string;
+    const { all, first, name } = await reusedIdentityCluster(ttlMs);
+    const [a, b, c] = all;
     expect((await putRoute(a!.api, first)).body.sync.acked).toBe(2);
     const deleteAt = async (node: Node, version: number) =>
       ((await (await fetch(`${node.api}/v1/routes/reused/${name}?resourceVersion=${version}`, { method: 'DELETE' })).json()) as any).result.outcome;
@@ -643,11 +648,8 @@ describe('no resurrection of an identity deleted twice', () => {
     // holding 12, is not suspect yet. An openkruise manager's /refresh (source "peer") carries
     // each change to the replicas named, and nothing re-sends it.
     const ttlMs = 6000;
-    const env = { ROUTESYNC_TOMBSTONE_TTL_MS: String(ttlMs), ROUTESYNC_RECONCILE_INTERVAL_MS: '100', ROUTESYNC_EJECT_PROBE_MS: '50' };
-    const [a, b, c] = await cluster(3, env, MANUAL_ROUNDS);
-    const all = [a!, b!, c!];
-    const first = makeRoute({ namespace: 'reused', resourceVersion: '10' });
-    const name = first.name as string;
+    const { all, first, name } = await reusedIdentityCluster(ttlMs);
+    const [a, b, c] = all;
     const refresh = async (targets: readonly Node[], body: Record<string, unknown>) => {
       for (const node of targets) expect((await fetch(`${node.peerUrl}/refresh`, { method: 'POST', body: JSON.stringify(body) })).status).toBe(204);
     };
