@@ -74,7 +74,7 @@ export interface RouteTableOptions {
    */
   readonly fenceHoldMaxMs?: number;
   /**
-   * The time (this table's clock) through which every current peer has caught up on this table:
+   * The time (the monotonicNow clock) through which every peer has caught up on this table:
    * has pulled it, or found it equal, from a digest taken then. A fence past its TTL that arrived
    * here at or after this time is held (up to fenceHoldMaxMs): a peer that has not seen it may
    * still hold the route it deleted, and once the fence is gone here that route would be taken
@@ -124,7 +124,7 @@ export class RouteTable {
   private readonly now: () => number;
   private readonly routes = new Map<string, Route>();
   private readonly fences = new Map<string, Fence>();
-  /** When each fence's current version arrived here (this table's clock): what peers must catch up on. */
+  /** When each fence's current version arrived here (the monotonicNow clock): what peers must catch up on. */
   private readonly fenceArrivals = new Map<string, number>();
   private readonly fenceHoldMaxMs: number;
   private readonly caughtUpThrough: () => number;
@@ -419,7 +419,7 @@ export class RouteTable {
   }
 
   /**
-   * A fence expires at its TTL, unless some current peer has not caught up on it yet (it arrived
+   * A fence expires at its TTL, unless some peer has not caught up on it yet (it arrived
    * here at or after caughtUpThrough): then it is held until every peer has, for at most
    * fenceHoldMaxMs past the TTL. Without the hold, a split into groups that each keep in touch
    * (so nobody turns suspect) and outlasts the TTL brought a deletion made on one side back: its
