@@ -50,17 +50,13 @@ function caughtUpReport(req: Request): CaughtUpReport | undefined {
   if (typeof raw !== 'string' || !/^(0|[1-9][0-9]{0,15})$/.test(raw) || !Number.isSafeInteger(Number(raw))) {
     throw new ApiError(400, 'invalid_query', 'caughtUpTo must be given once, as a time in ms (a non-negative integer)', { field: 'caughtUpTo' });
   }
-  const instance = req.get(INSTANCE_HEADER);
-  if (instance === undefined || instance === '' || instance.length > INSTANCE_MAX_LENGTH) {
-    throw new ApiError(400, 'invalid_query', `caughtUpTo needs the ${INSTANCE_HEADER} header (1 to ${INSTANCE_MAX_LENGTH} characters) naming the replica that caught up`, {
-      field: INSTANCE_HEADER,
-    });
-  }
-  const digestOf = req.query.digestOf;
-  if (typeof digestOf !== 'string' || digestOf === '' || digestOf.length > INSTANCE_MAX_LENGTH) {
-    throw new ApiError(400, 'invalid_query', `caughtUpTo needs digestOf, given once: the instance (1 to ${INSTANCE_MAX_LENGTH} characters) whose digest it was`, {
-      field: 'digestOf',
-    });
-  }
+  const instance = instanceId(req.get(INSTANCE_HEADER), INSTANCE_HEADER, `the ${INSTANCE_HEADER} header`, 'naming the replica that caught up');
+  const digestOf = instanceId(req.query.digestOf, 'digestOf', 'digestOf, given once', 'naming the instance whose digest it was');
   return { instance, caughtUpToMs: Number(raw), digestOf };
+}
+
+/** An instance ID a caught-up report names (1 to INSTANCE_MAX_LENGTH characters), or a 400 saying which is wrong. */
+function instanceId(value: unknown, field: string, what: string, role: string): string {
+  if (typeof value === 'string' && value !== '' && value.length <= INSTANCE_MAX_LENGTH) return value;
+  throw new ApiError(400, 'invalid_query', `caughtUpTo needs ${what} (1 to ${INSTANCE_MAX_LENGTH} characters) ${role}`, { field });
 }

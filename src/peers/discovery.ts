@@ -101,20 +101,17 @@ export class DnsDiscovery {
   async refresh(): Promise<boolean> {
     const [v4, v6] = await Promise.allSettled([this.resolver.resolve4(this.name), this.resolver.resolve6(this.name)]);
     if (this.closed) return false;
-    const byFamily: string[][] = [];
     let failure: string | undefined;
     for (const answer of [v4, v6]) {
-      if (answer.status === 'fulfilled') byFamily.push(answer.value);
-      else {
-        byFamily.push([]);
-        const code = dnsCode(answer.reason);
-        if (code !== NO_RECORDS) failure ??= code;
-      }
+      if (answer.status === 'fulfilled') continue;
+      const code = dnsCode(answer.reason);
+      if (code !== NO_RECORDS) failure ??= code;
     }
     // On a dual-stack cluster a headless Service has an A and an AAAA record for each pod: both
     // taken, every replica would be two peers (each change pushed to it twice, `peers` doubled,
     // and a call waiting for both). One family, then: that of this replica's own listener.
-    const [a = [], aaaa = []] = byFamily;
+    const a = v4.status === 'fulfilled' ? v4.value : [];
+    const aaaa = v6.status === 'fulfilled' ? v6.value : [];
     const addresses = a.length > 0 && aaaa.length > 0 ? (this.family === 6 ? aaaa : a) : [...a, ...aaaa];
     if (failure === undefined && addresses.length === 0) failure = 'EMPTY_ANSWER';
     if (failure !== undefined) {

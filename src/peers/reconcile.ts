@@ -225,7 +225,7 @@ export class Reconciler {
   private readonly departed = new Map<string, { readonly instance: string | undefined; readonly atMs: number }>();
   /** Grows with every change caughtUpThrough depends on, but for the peer set (which has its own). */
   private caughtUpVersion = 0;
-  private caughtUpCache: { readonly key: string; readonly value: number } | undefined;
+  private caughtUpCache: { readonly peersVersion: number; readonly version: number; readonly value: number } | undefined;
   /** Peers whose last pull here skipped entries this version refuses (see caughtUpOnDigest). */
   private readonly pulledWithRefusals = new Set<string>();
   private readonly monotonicNow: () => number;
@@ -363,8 +363,8 @@ export class Reconciler {
    * an instance or the peer set changes: the table asks for every operation on a held fence.
    */
   caughtUpThrough(): number {
-    const key = `${this.sync.peersVersion}:${this.caughtUpVersion}`;
-    if (this.caughtUpCache?.key === key) return this.caughtUpCache.value;
+    const cache = this.caughtUpCache;
+    if (cache?.peersVersion === this.sync.peersVersion && cache.version === this.caughtUpVersion) return cache.value;
     let through = Number.POSITIVE_INFINITY;
     const least = (instance: string | undefined): void => {
       const at = instance === undefined ? undefined : this.caughtUpBy.get(instance);
@@ -379,7 +379,7 @@ export class Reconciler {
       if (gone.atMs < forgetBefore) this.departed.delete(address);
       else least(gone.instance);
     }
-    this.caughtUpCache = { key, value: through };
+    this.caughtUpCache = { peersVersion: this.sync.peersVersion, version: this.caughtUpVersion, value: through };
     return through;
   }
 
