@@ -705,16 +705,27 @@ class CallWait {
     if (--this.undecided === 0) this.finish?.('acked');
   }
 
-  /** Resolves `acked` once every peer has an outcome, or `deadline` after `budgetMs`. */
+  /**
+   * Resolves `acked` once every peer has an outcome, or `deadline` after `budgetMs`. Node's timers
+   * count whole milliseconds of the event loop's clock, so one set for 284.9 ms fires after 283.3
+   * to 284.9 ms of `performance.now()`; a timer that fires before the budget is spent is set
+   * again for what is left, and the wait never ends early.
+   */
   until(budgetMs: number): Promise<'acked' | 'deadline'> {
     if (this.undecided === 0) return Promise.resolve('acked');
+    const endsAt = performance.now() + budgetMs;
     return new Promise((resolve) => {
       this.finish = (result) => {
         this.finish = undefined;
         clearTimeout(this.timer);
         resolve(result);
       };
-      this.timer = setTimeout(() => this.finish?.('deadline'), budgetMs);
+      const expire = (): void => {
+        const leftMs = endsAt - performance.now();
+        if (leftMs > 0) this.timer = setTimeout(expire, leftMs);
+        else this.finish?.('deadline');
+      };
+      this.timer = setTimeout(expire, budgetMs);
     });
   }
 }

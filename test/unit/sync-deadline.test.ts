@@ -69,7 +69,8 @@ describe('sync deadline', () => {
     sync.setPeers([await hungPeer()]);
     const outcome = await sync.sync([change()]);
     expect(outcome.pending).toHaveLength(1);
-    expect(outcome.elapsedMs).toBeGreaterThanOrEqual(300 - answerReserveMs(300) - 1);
+    // Never less: Node's whole-millisecond timers alone would end it up to ~2 ms early.
+    expect(outcome.elapsedMs).toBeGreaterThanOrEqual(300 - answerReserveMs(300));
   });
 
   it('counts the time spent queueing a call\'s changes for every peer against its deadline', async () => {
