@@ -2,6 +2,7 @@
 //   {"error": {"code": "<stable_code>", "message": "<human text>", ...details}}
 import { isUtf8 } from 'node:buffer';
 import type { ErrorRequestHandler, RequestHandler, Response } from 'express';
+import iconv from 'iconv-lite';
 import type { Logger } from '../log.js';
 import { RouteValidationError } from '../routes/route.js';
 
@@ -73,6 +74,16 @@ export function methodNotAllowed(allow: string): RequestHandler {
     sendError(res, 405, 'method_not_allowed', `${req.method} is not allowed here; allowed: ${allow}`);
   };
 }
+
+/**
+ * body-parser asks iconv-lite whether a body's charset exists before reading it, and iconv-lite
+ * loads its table of charsets from files on the first question; a question it cannot answer
+ * reads as "no such charset". So a replica out of file descriptors (EMFILE) before its first
+ * JSON body answered every body 415 unsupported_charset for as long as it stayed short, and a
+ * peer answering a push so had the batch dropped as a permanent 4xx. The table is loaded here, at start-up,
+ * once, for both apps (body-parser and this module share the one copy of iconv-lite).
+ */
+iconv.encodingExists('utf-8');
 
 /**
  * A body that is not valid UTF-8 is not JSON (RFC 8259 §8.1). body-parser decodes it anyway,

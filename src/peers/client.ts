@@ -21,6 +21,7 @@ export type PeerErrorClass =
   | 'timeout'
   | 'unreachable'
   | 'dns'
+  | 'local_resources'
   | 'http_429'
   | 'http_5xx'
   | 'http_4xx'
@@ -30,7 +31,7 @@ export type PeerErrorClass =
   | 'self'
   | 'unknown';
 
-const TRANSIENT: ReadonlySet<PeerErrorClass> = new Set(['refused', 'reset', 'timeout', 'unreachable', 'dns', 'http_429', 'http_5xx']);
+const TRANSIENT: ReadonlySet<PeerErrorClass> = new Set(['refused', 'reset', 'timeout', 'unreachable', 'dns', 'local_resources', 'http_429', 'http_5xx']);
 
 export class PeerRequestError extends Error {
   readonly code: string;
@@ -85,6 +86,12 @@ const CODE_CLASSES: Readonly<Record<string, PeerErrorClass>> = {
   EADDRNOTAVAIL: 'unreachable',
   EAI_AGAIN: 'dns',
   ENOTFOUND: 'dns',
+  // This replica short of what a connection needs (file descriptors, socket buffers, memory): it
+  // passes when connections close, and the changes must not be dropped meanwhile.
+  EMFILE: 'local_resources',
+  ENFILE: 'local_resources',
+  ENOBUFS: 'local_resources',
+  ENOMEM: 'local_resources',
   ROUTESYNC_ABORTED: 'aborted',
   UND_ERR_ABORTED: 'aborted',
   ABORT_ERR: 'aborted',

@@ -96,9 +96,16 @@ export class FakePeer {
     this.hung.clear();
   }
 
+  /** Close every connection to this peer (its clients have to connect again). */
+  dropConnections(): number {
+    const count = this.sockets.size;
+    for (const socket of this.sockets) socket.destroy();
+    return count;
+  }
+
   async close(): Promise<void> {
     this.releaseHung();
-    for (const socket of this.sockets) socket.destroy();
+    this.dropConnections();
     await new Promise<void>((resolve) => this.server.close(() => resolve()));
   }
 

@@ -17,6 +17,8 @@ describe('peer error classification', () => {
       [new AttemptTimeoutError(100), 'timeout'],
       [systemError('EHOSTUNREACH'), 'unreachable'],
       [systemError('EAI_AGAIN'), 'dns'],
+      [systemError('EMFILE'), 'local_resources'],
+      [systemError('ENOBUFS'), 'local_resources'],
       // undici wraps the system error of a failed connect: the cause carries the code.
       [Object.assign(new TypeError('fetch failed'), { cause: systemError('ECONNREFUSED') }), 'refused'],
     ];
