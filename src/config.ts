@@ -354,11 +354,17 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, argv: readonly 
     if (self.port === 0) throw new ConfigError('ROUTESYNC_SELF', `"${config.self}" has port 0, which no peer address has: give the peer port`);
   }
   if (config.peerDns !== '') {
-    const match = /^[A-Za-z0-9.-]+(?::(\d{1,5}))?$/.exec(config.peerDns);
-    if (!match) throw new ConfigError('ROUTESYNC_PEER_DNS', `"${config.peerDns}" is not a DNS name (name or name:port)`);
-    const port = match[1] === undefined ? undefined : Number(match[1]);
+    const match = /^([^:]*)(?::(\d{1,5}))?$/.exec(config.peerDns);
+    // The name the resolver is asked as it is: labels of 1-63 letters, digits and inner hyphens,
+    // at most 253 characters, one trailing dot allowed (a fully qualified name). Anything else
+    // would start a replica that resolves nothing, every interval, and never finds a peer.
+    const name = match?.[1]?.replace(/\.$/, '') ?? '';
+    if (!match || name.length > 253 || !DNS_DOMAIN.test(name)) {
+      throw new ConfigError('ROUTESYNC_PEER_DNS', `"${config.peerDns}" is not a DNS name (name or name:port; labels of 1-63 letters, digits and inner hyphens)`);
+    }
+    const port = match[2] === undefined ? undefined : Number(match[2]);
     if (port !== undefined && (port < 1 || port > 65_535)) {
-      throw new ConfigError('ROUTESYNC_PEER_DNS', `port ${match[1]} in "${config.peerDns}" is not 1-65535`);
+      throw new ConfigError('ROUTESYNC_PEER_DNS', `port ${match[2]} in "${config.peerDns}" is not 1-65535`);
     }
   }
   if (config.proxyDomain !== '') {

@@ -95,8 +95,14 @@ describe('configuration', () => {
   });
 
   it('takes ROUTESYNC_PEER_DNS as name or name:port with a port of 1-65535', () => {
-    for (const value of ['routesync-peers', 'routesync-peers.ns.svc.cluster.local:7789', 'peers:1', 'peers:65535']) {
+    for (const value of ['routesync-peers', 'routesync-peers.ns.svc.cluster.local:7789', 'routesync-peers.ns.svc.cluster.local.', 'peers.:7789', 'peers:1', 'peers:65535']) {
       expect(loadConfig({ ROUTESYNC_PEER_DNS: value }).peerDns).toBe(value);
+    }
+  });
+
+  it('refuses a ROUTESYNC_PEER_DNS the resolver could never answer, rather than starting a replica that finds no peer', () => {
+    for (const value of ['routesync..ns.svc', `${'a'.repeat(64)}.ns.svc`, '-peers.ns.svc', 'peers-.ns.svc', '.', '-', 'peers..', `${'abc.'.repeat(64)}svc`, 'peers_x.ns', ':7789']) {
+      expect(() => loadConfig({ ROUTESYNC_PEER_DNS: value }), value).toThrow(/^invalid ROUTESYNC_PEER_DNS: .* is not a DNS name/);
     }
   });
 
