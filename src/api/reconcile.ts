@@ -46,7 +46,10 @@ const INSTANCE_MAX_LENGTH = 128;
  */
 function caughtUpReport(req: Request): CaughtUpReport | undefined {
   const raw = req.query.caughtUpTo;
-  if (raw === undefined) return undefined;
+  if (raw === undefined) {
+    if (req.query.digestOf === undefined) return undefined;
+    throw new ApiError(400, 'invalid_query', 'digestOf is part of a caught-up report: give it with caughtUpTo, or neither', { field: 'digestOf' });
+  }
   if (typeof raw !== 'string' || !/^(0|[1-9][0-9]{0,15})$/.test(raw) || !Number.isSafeInteger(Number(raw))) {
     throw new ApiError(400, 'invalid_query', 'caughtUpTo must be given once, as a time in ms (a non-negative integer)', { field: 'caughtUpTo' });
   }

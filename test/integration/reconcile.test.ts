@@ -1051,6 +1051,8 @@ describe('wire contract', () => {
       ['caughtUpTo=1&digestOf=x', { 'x-routesync-instance': 'x'.repeat(129) }],
       ['caughtUpTo=1', instance],
       ['caughtUpTo=1&digestOf=x&digestOf=y', instance],
+      ['root=1&digestOf=x', instance],
+      ['digestOf=x&digestOf=y', instance],
     ] as const) {
       const answer = await fetch(`${a!.peerUrl}/v1/peer/digest?${query}`, { headers });
       expect(answer.status, query).toBe(400);
