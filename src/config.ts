@@ -220,7 +220,9 @@ function parseValue(variable: string, setting: Setting, raw: string): unknown {
     case 'addr': {
       const addr = parseHostPort(raw);
       if (!addr) throw new ConfigError(variable, `"${raw}" is not host:port (for example 127.0.0.1:7788)`);
-      return Object.freeze(addr);
+      // IPv6 in its one compressed form, so that what reads it ("is this the wildcard, or
+      // loopback?") need not know every way of writing it: [0:0:0:0:0:0:0:0] is [::].
+      return Object.freeze(isIP(addr.host) === 6 ? { ...addr, host: canonicalIpv6(addr.host) } : addr);
     }
     case 'int': {
       if (!/^\d+$/.test(raw.trim())) throw new ConfigError(variable, `"${raw}" is not a non-negative integer`);

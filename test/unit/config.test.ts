@@ -39,6 +39,15 @@ describe('configuration', () => {
     expect(staticPeers({ peers: loadConfig({ ROUTESYNC_PEERS: '[fd00::1]:7789,[fd00::3]:7789' }).peers }, self)).toEqual(['[fd00::3]:7789']);
   });
 
+  it('knows a listen address however IPv6 writes it: the uncompressed wildcard still means every interface', () => {
+    const written = loadConfig({ ROUTESYNC_PEER_ADDR: '[0:0:0:0:0:0:0:0]:7789', ROUTESYNC_API_ADDR: '[0:0::1]:7788' });
+    expect(written.peerAddr).toEqual({ host: '::', port: 7789 });
+    expect(written.apiAddr).toEqual({ host: '::1', port: 7788 });
+    // Every interface's address is this replica, so a peer list naming one of them excludes it.
+    expect([...selfAddresses(written)]).toEqual([...selfAddresses(loadConfig({ ROUTESYNC_PEER_ADDR: '[::]:7789' }))]);
+    expect(selfAddresses(written).size).toBeGreaterThan(1);
+  });
+
   it('never repeats the credentials of a URL-like value in its one line', () => {
     const cases: Record<string, string>[] = [
       { ROUTESYNC_PEERS: 'http://admin:s3cret@peer-0:7789' },
