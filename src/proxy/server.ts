@@ -184,6 +184,8 @@ function errorResponseHeaders(error: DataPlaneError, body: string): Record<strin
     'content-length': Buffer.byteLength(body),
     'cache-control': 'no-store',
     'x-routesync-error': error.code,
+    // Short of descriptors now, likely not in a second (connections close all the time).
+    ...(error.code === 'proxy_overloaded' ? { 'retry-after': 1 } : {}),
   };
 }
 
@@ -649,9 +651,21 @@ export class DataPlane {
     // it is incomplete and leaves a complete one alone (a sandbox that answered an upload
     // early, then reset the connection: see UpstreamSocket).
     if (exchange.status !== undefined) return;
-    const answer = exchange.timedOut ? upstreamTimeoutError(this.config.proxyTimeoutMs) : classifyUpstreamError(error);
-    this.logger.debug({ sandboxId: exchange.sandboxId, port: exchange.port, code: answer.code, cause: (error as { code?: string }).code }, 'upstream request failed');
+    const answer = this.upstreamFailure(exchange, error);
     this.respondError(exchange, res, answer);
+  }
+
+  /**
+   * What a failed upstream request (or WebSocket handshake) is answered. The sandbox's failures
+   * are logged at debug (their metric counts them); this replica's own shortage at warn, since
+   * it is the operator's to fix (`ulimit -n`).
+   */
+  private upstreamFailure(exchange: Exchange, error: unknown): DataPlaneError {
+    const answer = exchange.timedOut ? upstreamTimeoutError(this.config.proxyTimeoutMs) : classifyUpstreamError(error);
+    const fields = { sandboxId: exchange.sandboxId, port: exchange.port, code: answer.code, cause: (error as { code?: string }).code };
+    if (answer.code === 'proxy_overloaded') this.logger.warn(fields, 'out of file descriptors or socket buffers: sandbox traffic refused with 503');
+    else this.logger.debug(fields, 'upstream request failed');
+    return answer;
   }
 
   private respondError(exchange: Exchange, res: ServerResponse, error: DataPlaneError): void {
@@ -958,7 +972,7 @@ export class DataPlane {
       this.record(exchange, 499);
       return;
     }
-    const answer = exchange.timedOut ? upstreamTimeoutError(this.config.proxyTimeoutMs) : classifyUpstreamError(error);
+    const answer = this.upstreamFailure(exchange, error);
     // The library calls socket.destroySoon() right after this callback: the answer is flushed first.
     this.writeSocketError(exchange, socket, answer);
   }

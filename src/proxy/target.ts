@@ -33,6 +33,7 @@ export type DataPlaneErrorCode =
   | 'upstream_unreachable'
   | 'upstream_protocol_error'
   | 'upstream_timeout'
+  | 'proxy_overloaded'
   | 'internal_error';
 
 export const ERROR_STATUS: Readonly<Record<DataPlaneErrorCode, number>> = Object.freeze({
@@ -47,6 +48,7 @@ export const ERROR_STATUS: Readonly<Record<DataPlaneErrorCode, number>> = Object
   upstream_unreachable: 502,
   upstream_protocol_error: 502,
   upstream_timeout: 504,
+  proxy_overloaded: 503,
   internal_error: 500,
 });
 
@@ -347,10 +349,20 @@ const UNREACHABLE_CODES = new Set([
   'ENOTCONN',
 ]);
 
+/**
+ * This replica could not open the connection: out of file descriptors (its own limit or the
+ * system's), socket buffers or memory. Not the sandbox's failure, so not a 502: a 503 with
+ * Retry-After, which an ingress retries on another replica.
+ */
+const LOCAL_RESOURCE_CODES = new Set(['EMFILE', 'ENFILE', 'ENOBUFS', 'ENOMEM']);
+
 /** One upstream error -> the answer. Timeouts are decided by the caller (it owns the timer). */
 export function classifyUpstreamError(error: unknown): DataPlaneError {
   const code = typeof error === 'object' && error !== null && 'code' in error ? String((error as { code: unknown }).code) : '';
   if (code.startsWith('HPE_')) return dataPlaneError('upstream_protocol_error', 'the sandbox sent a response that is not valid HTTP');
+  if (LOCAL_RESOURCE_CODES.has(code)) {
+    return dataPlaneError('proxy_overloaded', 'this proxy replica is out of file descriptors or socket buffers; try again');
+  }
   if (UNREACHABLE_CODES.has(code)) return dataPlaneError('upstream_unreachable', 'the sandbox refused or dropped the connection');
   return dataPlaneError('upstream_unreachable', 'the request to the sandbox failed');
 }

@@ -7,6 +7,7 @@ import { readdirSync } from 'node:fs';
 import { Pool } from 'undici';
 import { afterEach, describe, expect, it } from 'vitest';
 import { FakePeer } from '../helpers/fake-peer.js';
+import { startUpstream } from '../helpers/upstream.js';
 import { makeRoute } from '../helpers/cluster.js';
 import { spawnReplica, type ProcessReplica } from '../helpers/process.js';
 import { waitUntil } from '../helpers/wait.js';
@@ -19,7 +20,7 @@ afterEach(async () => {
 });
 
 /** A replica pushing to one fake peer, and a connection to its local API opened while it can still accept one. */
-async function replicaWithPeer(): Promise<{ peer: FakePeer; pid: number; api: Pool }> {
+async function replicaWithPeer(): Promise<{ peer: FakePeer; pid: number; api: Pool; replica: ProcessReplica; proxy: string }> {
   const peer = await FakePeer.start();
   cleanups.push(() => peer.close());
   const replica = spawnReplica({
@@ -32,13 +33,13 @@ async function replicaWithPeer(): Promise<{ peer: FakePeer; pid: number; api: Po
     ROUTESYNC_TOMBSTONE_TTL_MS: '86400000',
   });
   running.push(replica);
-  const { api } = await replica.addresses;
+  const { api, proxy } = await replica.addresses;
   const pool = new Pool(`http://${api}`, { connections: 1 });
   cleanups.push(() => pool.close());
   const peers = await pool.request({ method: 'GET', path: '/v1/peers' });
   await peers.body.dump();
   expect(peers.statusCode).toBe(200);
-  return { peer, pid: replica.child.pid!, api: pool };
+  return { peer, pid: replica.child.pid!, api: pool, replica, proxy: proxy! };
 }
 
 function openDescriptors(pid: number): Set<number> {
@@ -94,5 +95,34 @@ describe('a replica out of file descriptors', () => {
     expect(put.body.sync.failed.map((entry: { errorClass: string }) => entry.errorClass)).not.toContain('unknown');
     restore();
     await waitUntil(() => peer.table.get('default', route.name as string) !== undefined, 15_000, 'the peer has the route');
+  }, 30_000);
+
+  it('answers sandbox traffic it cannot open a connection for 503 proxy_overloaded with Retry-After, not 502, and serves it again once it can', async () => {
+    const { peer, pid, api, replica, proxy } = await replicaWithPeer();
+    const upstream = await startUpstream({ name: 'pod' });
+    cleanups.push(() => upstream.close());
+    const route = makeRoute({ id: 'sb-short', ip: upstream.host, state: 'Running' });
+    expect((await putRoute(api, route)).status).toBe(200);
+    // The client's connection to the data plane is open before the limit (a 404 opens no upstream one).
+    const client = new Pool(`http://${proxy}`, { connections: 1 });
+    cleanups.push(() => client.close());
+    const unknown = await client.request({ method: 'GET', path: `/kruise/sb-unknown/${upstream.port}/` });
+    await unknown.body.dump();
+    expect(unknown.statusCode).toBe(404);
+    const restore = await exhaustDescriptors(pid, peer);
+
+    const refused = await client.request({ method: 'GET', path: `/kruise/sb-short/${upstream.port}/hello` });
+    const body = (await refused.body.json()) as any;
+    expect(refused.statusCode).toBe(503);
+    expect(body.error.code).toBe('proxy_overloaded');
+    expect(refused.headers['retry-after']).toBe('1');
+    expect(upstream.requests).toHaveLength(0);
+    await waitUntil(() => replica.lines.some((line) => line.includes('sandbox traffic refused with 503') && line.includes('"cause":"EMFILE"')), 10_000, 'the warn line');
+
+    restore();
+    const served = await client.request({ method: 'GET', path: `/kruise/sb-short/${upstream.port}/hello` });
+    await served.body.dump();
+    expect(served.statusCode).toBe(200);
+    expect(upstream.requests).toHaveLength(1);
   }, 30_000);
 });
