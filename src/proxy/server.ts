@@ -462,13 +462,15 @@ export class DataPlane {
     // Answering Expect: 100-continue ourselves means a refused request never sends its body.
     this.server.on('checkContinue', (req: IncomingMessage, res: ServerResponse) => this.guard(() => this.onRequest(req, res, true), res));
     this.server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => {
-      try {
-        if (offersOnlyH2c(req)) this.serveWithoutUpgrade(req, socket, head);
-        else this.onUpgrade(req, socket, head);
-      } catch (error) {
-        this.logger.error({ err: error }, 'data plane upgrade handler failed');
-        socket.destroy();
-      }
+      afterPendingAnswer(socket, () => {
+        try {
+          if (offersOnlyH2c(req)) this.serveWithoutUpgrade(req, socket, head);
+          else this.onUpgrade(req, socket, head);
+        } catch (error) {
+          this.logger.error({ err: error }, 'data plane upgrade handler failed');
+          socket.destroy();
+        }
+      });
     });
     this.server.on('error', (error) => this.logger.error({ err: error }, 'data plane listener error'));
   }
@@ -727,26 +729,10 @@ export class DataPlane {
     }
     // latin1: header bytes as they came (Node decodes raw headers as latin1).
     socket.unshift(Buffer.concat([Buffer.from(`${lines.join('\r\n')}\r\n\r\n`, 'latin1'), head]));
-    const reparse = (): void => {
-      if (socket.destroyed) return;
-      // The answer before said `Connection: close` and ended the connection: nothing more is read.
-      if (socket.writableEnded) {
-        socket.destroy();
-        return;
-      }
-      // The connection's old state arms its keep-alive timer once its last answer has finished;
-      // left armed, it would cut this request after 5 s of waiting for the sandbox.
-      socket.setTimeout(0);
-      this.server.emit('connection', socket);
-    };
-    // Node emits 'upgrade' as soon as the request is parsed, even while the answer to an earlier
-    // request on this connection (pipelined) is still being written. Parsed again now, this
-    // request's answer would queue behind that one in a fresh connection state that nothing
-    // ever drains, and the client would wait for ever: it is parsed again once that answer has
-    // finished (after Node's own handling of its end).
-    const pending = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage;
-    if (pending && !pending.writableFinished) pending.once('finish', () => setImmediate(reparse));
-    else reparse();
+    // Parsed again only now that any earlier answer on the connection has finished
+    // (afterPendingAnswer): otherwise this request's answer would queue behind that one in a
+    // fresh connection state that nothing ever drains, and the client would wait for ever.
+    this.server.emit('connection', socket);
   }
 
   // --- WebSocket ----------------------------------------------------------------------------
@@ -772,6 +758,15 @@ export class DataPlane {
     const upgrade = String(req.headers.upgrade ?? '').toLowerCase();
     if (req.method !== 'GET' || upgrade !== 'websocket') {
       this.refuseUpgrade(exchange, socket, dataPlaneError('unsupported_upgrade', 'only WebSocket upgrades (GET with Upgrade: websocket) are proxied'));
+      return;
+    }
+    // A handshake has no body (RFC 6455 §4.1), and Node gives an upgrade none: what follows its
+    // headers is the WebSocket's. Passed on, a `Content-Length: N` would tell the sandbox that N
+    // bytes follow which never come, and a sandbox that answers plainly and keeps the connection
+    // would take them from the next request on it, whoever sent that (request smuggling); a
+    // `Transfer-Encoding` would have Node write a chunked terminator into the WebSocket stream.
+    if (req.headers['transfer-encoding'] !== undefined || (req.headers['content-length'] ?? '0') !== '0') {
+      this.refuseUpgrade(exchange, socket, dataPlaneError('unsupported_upgrade', 'a WebSocket handshake has no body: no Content-Length (other than 0) or Transfer-Encoding'));
       return;
     }
     const decision = decide(req, (id) => this.table.getById(id), this.config);
@@ -845,6 +840,10 @@ export class DataPlane {
       // `Connection: Upgrade` otherwise).
       cleanResponseHeaders(proxyRes.headers);
       proxyRes.headers.connection = 'close';
+      // Nor is the sandbox's connection reused: after a handshake, what it has read or will
+      // read next is not certain to be the start of a request (defence in depth for the check
+      // on bodies in onUpgrade).
+      proxyReq.shouldKeepAlive = false;
       // Set now, so that nothing else answers; recorded once the answer has ended (as the
       // HTTP path does), by what ended it (endPlainAnswerWithClient).
       exchange.outcome = 'proxied';
@@ -1148,6 +1147,33 @@ function rawHeader(rawHeaders: readonly string[], name: string): string | undefi
 }
 
 /** Pause `source` until `sink` drains, if the sink's buffer is full (see endPlainAnswerWithClient). */
+/**
+ * Node emits 'upgrade' as soon as the request is parsed, even while the answer to an earlier
+ * request on the same connection (pipelined) is still being written. Handled at once, the
+ * upgrade's own answer (a 101, a refusal, the h2c request's answer) would reach the client
+ * before that earlier one, or inside its body, against HTTP/1.1's order. So it is handled once
+ * the earlier answer has finished, after Node's own handling of its end; what the client sent
+ * after the upgrade stays unread in the socket meanwhile. If that answer closed the connection
+ * (`Connection: close`), the upgrade is dropped with it.
+ */
+function afterPendingAnswer(socket: Socket, handle: () => void): void {
+  const proceed = (): void => {
+    if (socket.destroyed) return;
+    if (socket.writableEnded) {
+      socket.destroy();
+      return;
+    }
+    // The connection's HTTP state armed its keep-alive timer when that answer finished; left
+    // armed, it would cut the upgrade's exchange after 5 s.
+    socket.setTimeout(0);
+    handle();
+  };
+  const pending = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage;
+  // 'close' follows 'finish' and also comes when the answer is cut off (the client left).
+  if (pending && !pending.writableFinished) pending.once('close', () => setImmediate(proceed));
+  else proceed();
+}
+
 function holdBackWhileFull(source: IncomingMessage, sink: Socket): void {
   if (!sink.writableNeedDrain || sink.destroyed || source.isPaused()) return;
   source.pause();

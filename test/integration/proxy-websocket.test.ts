@@ -95,6 +95,22 @@ function refusal(path: string, headers: Record<string, string> = {}): Promise<Re
   });
 }
 
+/** The status of a handshake's answer that is not a 101 (rejects if it is one). */
+function refusalStatus(path: string): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(url(dp.address, path));
+    ws.once('open', () => {
+      ws.terminate();
+      reject(new Error('the handshake was accepted'));
+    });
+    ws.once('error', reject);
+    ws.once('unexpected-response', (_req, res) => {
+      res.resume();
+      res.on('end', () => resolve(res.statusCode ?? 0));
+    });
+  });
+}
+
 /** A WebSocket handshake request as a raw client writes it. */
 function handshakeRequest(path: string): string {
   return `GET ${path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`;
@@ -239,6 +255,52 @@ describe('admission on upgrade: documented status and code, sandbox untouched', 
       expect(line).toMatchObject({ kind: 'websocket', status: 401, outcome: 'proxied' });
     } finally {
       await plain.close();
+    }
+  });
+
+  it('a handshake that claims a body is refused 400 unsupported_upgrade, the sandbox untouched; Content-Length: 0 is no body', async () => {
+    const path = `/kruise/ws/${upstream.port}/`;
+    const handshake = handshakeRequest(path);
+    for (const framing of ['Content-Length: 97', 'Transfer-Encoding: chunked']) {
+      const client = rawClient();
+      // A GET handshake with a body header, and bytes after it that a sandbox would read as the body.
+      client.socket.write(`${handshake.slice(0, -2)}${framing}\r\n\r\n${'0\r\n\r\n'}`);
+      await waitUntil(() => client.closed(), 5000, `the refusal of a handshake with ${framing}`);
+      expect(client.received(), framing).toMatch(/^HTTP\/1\.1 400 /);
+      expect(client.received().toLowerCase()).toContain('x-routesync-error: unsupported_upgrade');
+    }
+    expect(upstream.acceptedSockets()).toBe(0);
+    expect(await proxyRequestCount(dp.metrics, 'unsupported_upgrade')).toBe(2);
+    const ws = await connect(path, { 'content-length': '0' });
+    expect(await echo(ws, 'no body')).toBe('no body');
+  });
+
+  it("a sandbox's connection that answered a handshake plainly is not reused for the next request", async () => {
+    // A sandbox without WebSockets (no 'upgrade' listener: Node serves the handshake as a plain
+    // GET) that keeps its connections alive, and records which connection served which request.
+    const served: { url: string; connection: number }[] = [];
+    let connections = 0;
+    const sandbox = http.createServer((req, res) => {
+      served.push({ url: req.url ?? '', connection: (req.socket as net.Socket & { n?: number }).n! });
+      res.writeHead(req.url === '/ws' ? 404 : 200, { 'content-length': '2' });
+      res.end('ok');
+    });
+    sandbox.on('connection', (socket: net.Socket & { n?: number }) => (socket.n = ++connections));
+    await new Promise<void>((resolve) => sandbox.listen(0, upstream.host, () => resolve()));
+    try {
+      const port = (sandbox.address() as AddressInfo).port;
+      dp.setRoute({ id: 'plain', ip: upstream.host });
+      const answer = await refusalStatus(`/kruise/plain/${port}/ws`);
+      expect(answer).toBe(404);
+      const next = await fetch(`http://${dp.address.address}:${dp.address.port}/kruise/plain/${port}/next`);
+      expect(await next.text()).toBe('ok');
+      expect(served).toEqual([
+        { url: '/ws', connection: 1 },
+        { url: '/next', connection: 2 },
+      ]);
+    } finally {
+      sandbox.closeAllConnections();
+      await new Promise<void>((resolve) => sandbox.close(() => resolve()));
     }
   });
 
@@ -414,6 +476,64 @@ describe('a handshake the sandbox has not answered yet', () => {
     } finally {
       await held.close();
     }
+  });
+});
+
+describe('a handshake pipelined behind a request still being answered', () => {
+  it('is answered after that request, and the WebSocket then works', async () => {
+    // The sandbox answers /first once it has accepted the WebSocket, which a data plane that
+    // forwarded the handshake at once would have it do first; otherwise after 500 ms, a slow
+    // answer (the handshake is forwarded only then), within a proxy timeout longer than this
+    // file's.
+    await dp.close(0);
+    dp = await startDataPlane({ ROUTESYNC_PROXY_TIMEOUT_MS: '10000' });
+    let answerFirst: (() => void) | undefined;
+    const slow = await startUpstream({
+      name: 'slow-then-ws',
+      handler: (_req, res) => {
+        const timer = setTimeout(() => answerFirst?.(), 500);
+        answerFirst = () => {
+          clearTimeout(timer);
+          answerFirst = undefined;
+          res.end('A');
+        };
+      },
+      onWebSocket: (ws) => {
+        sandboxBehaviour(ws);
+        answerFirst?.();
+      },
+    });
+    try {
+      dp.setRoute({ id: 'pipe', ip: slow.host });
+      const client = rawClient();
+      client.socket.write(`GET /kruise/pipe/${slow.port}/first HTTP/1.1\r\nHost: x\r\n\r\n${handshakeRequest(`/kruise/pipe/${slow.port}/ws`)}`);
+      await waitUntil(() => client.received().includes('HTTP/1.1 101'), 5000, 'the 101');
+      const received = client.received();
+      // In request order: the first request's whole answer, then the 101.
+      expect(received).toMatch(/^HTTP\/1\.1 200 /);
+      expect(received.indexOf('\r\n\r\nA')).toBeGreaterThan(0);
+      expect(received.indexOf('\r\n\r\nA')).toBeLessThan(received.indexOf('HTTP/1.1 101'));
+      expect(received.slice(received.indexOf('HTTP/1.1 101'))).not.toContain('HTTP/1.1 200');
+      // A masked text frame "hi"; the sandbox echoes it unmasked.
+      const mask = [1, 2, 3, 4];
+      client.socket.write(Buffer.from([0x81, 0x82, ...mask, 'h'.charCodeAt(0) ^ mask[0]!, 'i'.charCodeAt(0) ^ mask[1]!]));
+      await waitUntil(() => client.received().endsWith('\x81\x02hi'), 5000, 'the echo');
+      client.socket.destroy();
+    } finally {
+      await slow.close();
+    }
+  });
+
+  it('is dropped with the connection when that answer closes it', async () => {
+    // A refusal of a request whose body the data plane does not read closes the connection
+    // after it (Connection: close); the handshake behind it goes with it.
+    const client = rawClient();
+    client.socket.write(`POST /kruise/nobody/${upstream.port}/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello${handshakeRequest(`/kruise/ws/${upstream.port}/`)}`);
+    await waitUntil(() => client.closed(), 5000, 'the connection closed');
+    expect(client.received()).toMatch(/^HTTP\/1\.1 404 /);
+    expect(client.received().toLowerCase()).toContain('connection: close');
+    expect(client.received()).not.toContain('HTTP/1.1 101');
+    expect(upstream.acceptedSockets()).toBe(0);
   });
 });
 
