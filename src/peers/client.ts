@@ -109,6 +109,9 @@ const CODE_CLASSES: Readonly<Record<string, PeerErrorClass>> = {
 /** Map an HTTP status that is not 2xx to its class. */
 export function classifyStatus(status: number): PeerErrorClass {
   if (status === 429) return 'http_429';
+  // Request Timeout: the peer (or a proxy in front of it) gave up waiting for the request, which
+  // may be repeated (RFC 9110 §15.5.9); a timeout like our own.
+  if (status === 408) return 'timeout';
   if (status === 401 || status === 403) return 'unauthorized';
   if (status >= 500) return 'http_5xx';
   return 'http_4xx';
@@ -118,9 +121,23 @@ export function classifyStatus(status: number): PeerErrorClass {
 export function classifyPeerError(error: unknown): PeerRequestError {
   if (error instanceof PeerRequestError) return error;
   const code = codeOf(error);
-  const errorClass = (code && CODE_CLASSES[code]) || (isParserError(error, code) || isTlsFailure(code) ? 'protocol' : 'unknown');
+  const errorClass =
+    (code && CODE_CLASSES[code]) || (isCutByEof(error, code) ? 'reset' : isParserError(error, code) || isTlsFailure(code) ? 'protocol' : 'unknown');
   const message = error instanceof Error ? error.message : String(error);
   return new PeerRequestError(errorClass, message, { cause: error, ...(code ? { code } : {}) });
+}
+
+/**
+ * An answer whose connection ended before it did, on a connection that was to close after it
+ * (`Connection: close`, where the end of the stream may end a body): undici hands the end to
+ * its parser, which fails an unfinished chunked body with llhttp's "Invalid EOF state" as an
+ * HTTPParserError, where a cut with a Content-Length is a socket error. Either is a peer that
+ * went away mid-answer (killed, a proxy between cut it), not one that speaks something else:
+ * transient, like any reset. undici leaves the code unset here (7.x), so the reason decides.
+ */
+function isCutByEof(error: unknown, code: string | undefined): boolean {
+  if (code === 'HPE_INVALID_EOF_STATE') return true;
+  return isParserError(error, code) && /\(Invalid EOF state\)$/.test(String((error as { message?: unknown }).message));
 }
 
 /**

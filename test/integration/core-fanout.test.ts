@@ -172,6 +172,8 @@ describe('fan-out to peers', () => {
 
   it.each([
     ['answering 503', 503 as const],
+    // A proxy in front of the peer that timed the request out: RFC 9110 lets it be repeated.
+    ['answering 408', 408 as const],
     ['resetting the connection', 'reset' as const],
   ])('retries a peer %s and succeeds when it recovers', async (_label, failure) => {
     const [flaky] = await fakePeers(1);

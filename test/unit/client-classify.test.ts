@@ -27,7 +27,8 @@ describe('peer error classification', () => {
       expect(classified.errorClass, String(error)).toBe(errorClass);
       expect(classified.transient).toBe(true);
     }
-    for (const status of [429, 500, 502, 503, 504]) {
+    expect(classifyStatus(408)).toBe('timeout');
+    for (const status of [408, 429, 500, 502, 503, 504]) {
       expect(new PeerRequestError(classifyStatus(status), 'x').transient, String(status)).toBe(true);
     }
   });

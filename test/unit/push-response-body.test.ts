@@ -31,7 +31,7 @@ function onceEachResponseHeaders(fn: () => void): void {
 }
 
 /** How the peer answers a push: well, or with a 200 whose body goes wrong in one way. */
-type BodyFault = 'ok' | 'stall' | 'reset' | 'not_json' | 'wrong_shape';
+type BodyFault = 'ok' | 'stall' | 'reset' | 'reset_chunked' | 'not_json' | 'wrong_shape';
 
 interface BodyPeer {
   readonly address: string;
@@ -81,6 +81,14 @@ async function bodyPeer(): Promise<BodyPeer> {
           res.writeHead(200, { 'content-type': 'application/json', 'content-length': String(answer.length + 100) });
           res.write(answer.slice(0, 5));
           stalled.add(res);
+          return;
+        case 'reset_chunked':
+          // The same with a chunked body on a connection that ends after it (what a peer behind
+          // a proxy that re-frames answers may send): undici's parser, not its socket, sees it
+          // cut short, and says the answer "does not match the HTTP/1.1 protocol".
+          res.writeHead(200, { 'content-type': 'application/json', connection: 'close' });
+          res.write(answer.slice(0, 5));
+          stalled.add(res);
       }
     });
   });
@@ -91,7 +99,7 @@ async function bodyPeer(): Promise<BodyPeer> {
   });
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
   onceEachResponseHeaders(() => {
-    if (state.fault === 'reset') state.dropStalled();
+    if (state.fault === 'reset' || state.fault === 'reset_chunked') state.dropStalled();
   });
   cleanups.push(async () => {
     for (const socket of sockets) socket.destroy();
@@ -136,9 +144,11 @@ describe('PeerClient.push, when the response body goes wrong', () => {
   it('classifies a connection dropped mid-body as a transient reset, and frees the connection', async () => {
     const peer = await bodyPeer();
     const peerClient = client();
-    peer.fault = 'reset';
-    const error = await pushError(peerClient, peer, AbortSignal.timeout(5_000));
-    expect(error).toMatchObject({ errorClass: 'reset', transient: true });
+    for (const fault of ['reset', 'reset_chunked'] as const) {
+      peer.fault = fault;
+      const error = await pushError(peerClient, peer, AbortSignal.timeout(5_000));
+      expect(error, fault).toMatchObject({ errorClass: 'reset', transient: true });
+    }
     peer.fault = 'ok';
     await expect(peerClient.push(peer.address, [change()], AbortSignal.timeout(5_000))).resolves.toEqual({ applied: 1, ignored: 0, rejectedAt: [] });
   });
@@ -159,7 +169,7 @@ describe('PeerClient.push, when the response body goes wrong', () => {
 });
 
 describe('the fan-out, when a peer stalls or drops the connection mid-body', () => {
-  for (const fault of ['stall', 'reset'] as const) {
+  for (const fault of ['stall', 'reset', 'reset_chunked'] as const) {
     it(`(${fault}) retries the push, keeps the change queued and counts the failures toward ejection`, async () => {
       const peer = await bodyPeer();
       peer.fault = fault;
