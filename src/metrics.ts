@@ -29,7 +29,7 @@ export class Metrics {
   readonly peersEjected = new Gauge({ name: 'routesync_peers_ejected', help: 'Peers currently ejected', registers: [this.registry] });
   readonly syncDuration = new Histogram({
     name: 'routesync_sync_duration_seconds',
-    help: 'Time a lifecycle call waited for its peers, by result (acked: every waited-on peer answered; deadline; no_peers)',
+    help: 'Time a lifecycle call waited for its peers, by result (acked: every peer acknowledged; partial: every peer had an outcome before the deadline, not all of them an ack; deadline; no_peers)',
     labelNames: ['result'] as const,
     buckets: LATENCY_BUCKETS,
     registers: [this.registry],

@@ -273,7 +273,6 @@ export class PeerSync {
     const outcomes = wait.outcomes;
 
     const elapsedMs = performance.now() - started;
-    this.metrics.syncDuration.observe({ result }, elapsedMs / 1000);
     let acked = 0;
     const failed: { peer: string; errorClass: string }[] = [];
     const pending: { peer: string; reason: string }[] = [];
@@ -283,6 +282,9 @@ export class PeerSync {
       else if (outcome.status === 'failed') failed.push({ peer: peer.address, errorClass: outcome.errorClass });
       else pending.push({ peer: peer.address, reason: outcome.reason });
     });
+    // `acked` only when every peer acknowledged: a call whose peers all had an outcome before the
+    // deadline, some of them a failure or an ejection, is `partial`.
+    this.metrics.syncDuration.observe({ result: result === 'deadline' ? 'deadline' : acked === peers.length ? 'acked' : 'partial' }, elapsedMs / 1000);
     // Past the deadline the calls stop waiting; the changes stay queued for background delivery.
     // Forgetting the waiters of a large batch takes as long as queueing them: done once the
     // answer is on its way, not before.

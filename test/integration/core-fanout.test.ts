@@ -81,6 +81,10 @@ describe('fan-out to peers', () => {
     expect(second.body.sync.acked).toBe(1);
     expect(bad!.pushes).toBe(2);
     expect(bad!.routesReceived).toBe(1);
+    // The sync latency histogram tells the two calls apart: a call with a failed peer is not `acked`.
+    const metrics = await (await fetch(`${node.peerUrl}/metrics`)).text();
+    expect(metrics).toMatch(/^routesync_sync_duration_seconds_count\{result="partial"\} 1$/m);
+    expect(metrics).toMatch(/^routesync_sync_duration_seconds_count\{result="acked"\} 1$/m);
   });
 
   it('reports a peer that answers a route rejected as failed for it, not acked, and does not resend it', async () => {
