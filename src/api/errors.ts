@@ -80,8 +80,9 @@ export function methodNotAllowed(allow: string): RequestHandler {
  * loads its table of charsets from files on the first question; a question it cannot answer
  * reads as "no such charset". So a replica out of file descriptors (EMFILE) before its first
  * JSON body answered every body 415 unsupported_charset for as long as it stayed short, and a
- * peer answering a push so had the batch dropped as a permanent 4xx. The table is loaded here, at start-up,
- * once, for both apps (body-parser and this module share the one copy of iconv-lite).
+ * peer answering a push so had the batch dropped as a permanent 4xx. The table is loaded here,
+ * at start-up, once, for both apps (body-parser and this module share the one copy of
+ * iconv-lite).
  */
 iconv.encodingExists('utf-8');
 

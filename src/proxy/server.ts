@@ -1146,7 +1146,6 @@ function rawHeader(rawHeaders: readonly string[], name: string): string | undefi
   return undefined;
 }
 
-/** Pause `source` until `sink` drains, if the sink's buffer is full (see endPlainAnswerWithClient). */
 /**
  * Node emits 'upgrade' as soon as the request is parsed, even while the answer to an earlier
  * request on the same connection (pipelined) is still being written. Handled at once, the
@@ -1174,6 +1173,7 @@ function afterPendingAnswer(socket: Socket, handle: () => void): void {
   else proceed();
 }
 
+/** Pause `source` until `sink` drains, if the sink's buffer is full (see endPlainAnswerWithClient). */
 function holdBackWhileFull(source: IncomingMessage, sink: Socket): void {
   if (!sink.writableNeedDrain || sink.destroyed || source.isPaused()) return;
   source.pause();
