@@ -21,11 +21,23 @@ export const STRIPPED_REQUEST_HEADERS: readonly string[] = [...TOKEN_HEADERS, SA
 
 /**
  * Forwarding headers other than X-Forwarded-For/-Proto/-Host: a client-sent value would be a
- * claim (HTTPS, a host, a port, a path prefix, an address) the data plane never checked.
+ * claim (HTTPS, a host, a port, a path prefix, an address, the original URL) the data plane
+ * never checked. The client-address headers are those that CDNs and load balancers set and
+ * that frameworks' "real IP" helpers read before X-Forwarded-For (go-chi reads True-Client-IP
+ * first, for one).
  */
 export const CLIENT_FORWARDING_HEADERS: readonly string[] = [
   'forwarded',
   'x-real-ip',
+  'true-client-ip',
+  'x-client-ip',
+  'x-cluster-client-ip',
+  'cf-connecting-ip',
+  'fastly-client-ip',
+  'client-ip',
+  'x-original-forwarded-for',
+  'x-original-url',
+  'x-rewrite-url',
   'x-forwarded-port',
   'x-forwarded-prefix',
   'x-forwarded-server',

@@ -535,7 +535,7 @@ describe('headers', () => {
     expect(seen.connection).toBe('keep-alive');
   });
 
-  it('a client cannot claim HTTPS, another host, port, prefix or address through the other forwarding headers', async () => {
+  it('a client cannot claim HTTPS, another host, port, prefix, address or URL through the other forwarding headers', async () => {
     dp.setRoute({ id: 'hdr-fwd', ip: upstream.host });
     const claims = {
       forwarded: 'for=198.51.100.66;proto=https;host=bank.example',
@@ -548,6 +548,15 @@ describe('headers', () => {
       'front-end-https': 'on',
       'x-url-scheme': 'https',
       'x-forwarded-server': 'bank.example',
+      'true-client-ip': '198.51.100.66',
+      'x-client-ip': '198.51.100.66',
+      'x-cluster-client-ip': '198.51.100.66',
+      'cf-connecting-ip': '198.51.100.66',
+      'fastly-client-ip': '198.51.100.66',
+      'client-ip': '198.51.100.66',
+      'x-original-forwarded-for': '198.51.100.66',
+      'x-original-url': '/admin',
+      'x-rewrite-url': '/admin',
     };
     const reply = await send(dp.address, { path: `/kruise/hdr-fwd/${upstream.port}/`, headers: { ...claims, 'x-forwarded-proto': 'https' } });
     const seen = reply.json<Echo>().headers;
