@@ -620,10 +620,31 @@ export class DataPlane {
     // dropped instead, as Node does for a handler that leaves a body unread. (A request without
     // a body has nothing left to read: no listener for it.)
     if (exchange.hasBody) {
-      exchange.proxyReq?.once('close', () => {
+      const proxyReq = exchange.proxyReq;
+      proxyReq?.once('close', () => {
         if (!req.complete && !req.destroyed) req.resume();
       });
+      // A client that goes away in the middle of its upload once the answer has finished: Node
+      // has detached the request from its socket by then (no 'aborted', no 'error'), so the
+      // library never ends the upstream request, and the sandbox's connection, its pool slot
+      // with it, stayed half-written until the sandbox's own timeout, or for ever. It is
+      // released when the client's connection closes.
+      const client = req.socket;
+      const onClientGone = (): void => {
+        if (!req.complete) proxyReq?.destroy();
+      };
+      client.once('close', onClientGone);
+      req.once('end', () => client.off('close', onClientGone));
+      proxyReq?.once('close', () => client.off('close', onClientGone));
     }
+    // Node writes a response's headers with its first body bytes: an answer that starts before
+    // its body (an event stream, a long poll) reached the client only with its first event, and
+    // a client waiting for the headers (EventSource's open, fetch) waited that long. Once the
+    // library has set the headers (its passes run right after this listener), they are sent at
+    // once unless body bytes came with them, which carry them in the same write.
+    queueMicrotask(() => {
+      if (!res.headersSent && !res.destroyed && !res.writableEnded && proxyRes.readableLength === 0 && !proxyRes.complete) res.flushHeaders();
+    });
   }
 
   private onUpstreamTimeout(exchange: Exchange, res: ServerResponse): void {

@@ -158,3 +158,101 @@ describe('clients that go away', () => {
     await expect.poll(() => proxyRequestCount(dp.metrics, 'client_aborted')).toBe(1);
   });
 });
+
+describe('an answer that starts before its body', () => {
+  let dp: TestDataPlane;
+  let releaseBody: (() => void) | undefined;
+
+  beforeEach(async () => {
+    // An event stream: headers at once, the first event only when the test says so.
+    upstream = await startUpstream({
+      handler: (_req, res) => {
+        res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' });
+        res.flushHeaders();
+        releaseBody = () => res.end('data: first\n\n');
+      },
+    });
+    dp = await startDataPlane({ ROUTESYNC_PROXY_TIMEOUT_MS: '10000' });
+    dp.setRoute({ id: 'sse', ip: upstream.host });
+  });
+
+  afterEach(async () => {
+    await dp.close(0);
+    await upstream.close();
+  });
+
+  it('has its status and headers relayed at once, before the first event, which then follows', async () => {
+    const response = await new Promise<http.IncomingMessage>((resolve, reject) => {
+      const req = http.get({ host: dp.address.address, port: dp.address.port, path: `/kruise/sse/${upstream.port}/events`, agent: false }, resolve);
+      req.on('error', reject);
+      // Bounded: without its headers the client would wait for the first event, which never comes.
+      setTimeout(() => {
+        req.destroy();
+        reject(new Error('no response headers within 5 s of a stream the sandbox had started'));
+      }, 5000).unref();
+    });
+    // The client holds the response while the sandbox has sent no event yet.
+    expect(response.statusCode).toBe(200);
+    expect(response.headers['content-type']).toBe('text/event-stream');
+    expect(releaseBody).toBeDefined();
+    releaseBody!();
+    let body = '';
+    for await (const chunk of response) body += String(chunk);
+    expect(body).toBe('data: first\n\n');
+  });
+});
+
+describe('an upload the sandbox answered early, abandoned by its client', () => {
+  let dp: TestDataPlane;
+
+  beforeEach(async () => {
+    // The sandbox refuses the upload without reading it and keeps its connection (Node's way for a 401).
+    upstream = await startUpstream({
+      handler: (req, res) => {
+        if (req.url === '/upload') {
+          res.writeHead(401, { 'content-length': '0' });
+          res.end();
+          return;
+        }
+        req.resume();
+        res.end('next');
+      },
+    });
+    // Node would close the connection 5 s after its answer (its keep-alive timeout), hiding a
+    // leak that lasts for ever against a server without one (Go's, by default).
+    upstream.server.keepAliveTimeout = 120_000;
+    // One socket to the sandbox: a leaked one would leave the next request nothing.
+    dp = await startDataPlane({ ROUTESYNC_PROXY_MAX_SOCKETS: '1', ROUTESYNC_PROXY_TIMEOUT_MS: '10000' });
+    dp.setRoute({ id: 'up', ip: upstream.host });
+  });
+
+  afterEach(async () => {
+    await dp.close(0);
+    await upstream.close();
+  });
+
+  it('releases the upstream connection and its pool slot when the client leaves', async () => {
+    const status = await new Promise<number>((resolve) => {
+      const req = http.request({
+        host: dp.address.address,
+        port: dp.address.port,
+        method: 'PUT',
+        path: `/kruise/up/${upstream.port}/upload`,
+        agent: false,
+        headers: { 'transfer-encoding': 'chunked' },
+      });
+      req.on('error', () => {});
+      req.on('response', (res) => {
+        resolve(res.statusCode ?? 0);
+        // The client gives up its upload once it has the answer, as curl does.
+        req.destroy();
+      });
+      new PatternStream(64 * MiB).pipe(req);
+    });
+    expect(status).toBe(401);
+    await upstream.waitForOpenSockets(0);
+    const next = await send(dp.address, { path: `/kruise/up/${upstream.port}/next` });
+    expect(next.status).toBe(200);
+    expect(next.body).toBe('next');
+  });
+});
