@@ -17,7 +17,7 @@
 //  - The library's `error` event always has a listener and every call passes a callback, so no
 //    proxy error can become an uncaught exception; the request handlers are wrapped as well.
 import { randomBytes } from 'node:crypto';
-import http, { type ClientRequest, type IncomingMessage, type ServerResponse } from 'node:http';
+import http, { type ClientRequest, type IncomingHttpHeaders, type IncomingMessage, type ServerResponse } from 'node:http';
 import net, { type AddressInfo, type Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { performance } from 'node:perf_hooks';
@@ -25,6 +25,7 @@ import { ProxyServer } from 'http-proxy-3';
 import type { Config } from '../config.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
+import type { Route } from '../routes/route.js';
 import type { RouteTable } from '../routes/table.js';
 import { cleanResponseHeaders, headerTokens, upstreamRequestHeaders } from './headers.js';
 import {
@@ -32,10 +33,12 @@ import {
   dataPlaneError,
   decide,
   errorBody,
+  readmit,
   splitRequestTarget,
   upstreamTimeoutError,
   type DataPlaneError,
   type DataPlaneErrorCode,
+  type SandboxAddress,
   type UpstreamTarget,
 } from './target.js';
 import { CLOSE_GOING_AWAY, FrameRelay, closeFrame } from './ws-frames.js';
@@ -93,6 +96,8 @@ interface Exchange {
   idleTimer: boolean;
   /** WebSocket: reads the client socket until the sandbox answers the handshake (see HandshakeClientReader). */
   handshakeClient: HandshakeClientReader | undefined;
+  /** What the request was admitted for, checked again when it gets its upstream socket (readmit). */
+  admitted: { readonly route: Route; readonly address: SandboxAddress; readonly clientHeaders: IncomingHttpHeaders } | undefined;
   recorded: boolean;
 }
 
@@ -522,6 +527,7 @@ export class DataPlane {
     }
     exchange.sandboxId = decision.address.sandboxId;
     exchange.port = decision.address.port;
+    exchange.admitted = { route: decision.route, address: decision.address, clientHeaders: req.headers };
 
     req.headers = upstreamRequestHeaders(req.headers, { requestTarget: req.url, remoteAddress: req.socket.remoteAddress, protocol: 'http', upgrade: false });
     req.url = decision.address.upstreamPath;
@@ -543,6 +549,13 @@ export class DataPlane {
     if (!exchange) return;
     if (exchange.outcome !== undefined) {
       // Already answered (timed out while waiting for a pooled socket): never send it.
+      proxyReq.destroy();
+      return;
+    }
+    // The socket came now; the route may have changed while the request waited for it.
+    const refusal = this.readmitted(exchange);
+    if (refusal) {
+      this.respondError(exchange, res, refusal);
       proxyReq.destroy();
       return;
     }
@@ -799,6 +812,7 @@ export class DataPlane {
     }
     exchange.sandboxId = decision.address.sandboxId;
     exchange.port = decision.address.port;
+    exchange.admitted = { route: decision.route, address: decision.address, clientHeaders: req.headers };
 
     req.headers = upstreamRequestHeaders(req.headers, { requestTarget: req.url, remoteAddress: socket.remoteAddress, protocol: 'http', upgrade: true });
     req.url = decision.address.upstreamPath;
@@ -825,6 +839,14 @@ export class DataPlane {
     }
     exchange.proxyReq = proxyReq;
     const client = req.socket;
+    // The library hands the handshake over at its creation; it is checked again once it has a
+    // socket (Node writes it after this event), as a plain request is in onProxyRequest.
+    proxyReq.once('socket', () => {
+      const refusal = this.readmitted(exchange);
+      if (!refusal) return;
+      this.refuseUpgrade(exchange, client, refusal);
+      proxyReq.destroy();
+    });
     // Registered before the library's own 'upgrade' listener, so this runs first: the 101 has
     // not been written yet and the sockets are not piped yet.
     proxyReq.once('upgrade', (_proxyRes: IncomingMessage, upstream: Socket) => {
@@ -1037,8 +1059,17 @@ export class DataPlane {
       timer: undefined,
       idleTimer: false,
       handshakeClient: undefined,
+      admitted: undefined,
       recorded: false,
     };
+  }
+
+  /** Undefined if the exchange may still go to the sandbox it was admitted for (readmit in target.ts). */
+  private readmitted(exchange: Exchange): DataPlaneError | undefined {
+    const admitted = exchange.admitted;
+    if (admitted === undefined) return undefined;
+    const current = this.table.getById(admitted.address.sandboxId);
+    return current === admitted.route ? undefined : readmit(admitted.address, admitted.route, current, admitted.clientHeaders);
   }
 
   /** The library's target: a literal IP from the route and the requested port, nothing else. */

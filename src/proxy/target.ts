@@ -33,6 +33,7 @@ export type DataPlaneErrorCode =
   | 'upstream_unreachable'
   | 'upstream_protocol_error'
   | 'upstream_timeout'
+  | 'sandbox_moved'
   | 'proxy_overloaded'
   | 'internal_error';
 
@@ -48,6 +49,7 @@ export const ERROR_STATUS: Readonly<Record<DataPlaneErrorCode, number>> = Object
   upstream_unreachable: 502,
   upstream_protocol_error: 502,
   upstream_timeout: 504,
+  sandbox_moved: 503,
   proxy_overloaded: 503,
   internal_error: 500,
 });
@@ -318,6 +320,23 @@ export function admit(address: SandboxAddress, route: Route | undefined, headers
     return { ok: false, error: dataPlaneError('sandbox_no_ip', 'sandbox is running but has no pod IP yet') };
   }
   return { ok: true, target: { host: route.ip, port: address.port, origin: upstreamOrigin(route.ip, address.port) } };
+}
+
+/**
+ * A request admitted for `admitted` is about to be sent, and the route now serving its sandbox
+ * ID is `current` (a request that waited for a pooled socket while the route changed: paused,
+ * deleted, moved to another pod, its token rotated). Undefined when the request may go as it
+ * is; otherwise the answer it gets instead: what a new request would get, or `sandbox_moved`
+ * for a route that now points elsewhere (the request waited in the old address's queue).
+ */
+export function readmit(address: SandboxAddress, admitted: Route, current: Route | undefined, headers: IncomingHttpHeaders): DataPlaneError | undefined {
+  if (current === admitted) return undefined;
+  const admission = admit(address, current, headers);
+  if (!admission.ok) return admission.error;
+  if (admission.target.host !== admitted.ip) {
+    return dataPlaneError('sandbox_moved', 'the sandbox moved to another address while the request waited for a connection; send it again');
+  }
+  return undefined;
 }
 
 /** Map and admit in one step: what the data plane calls on every request. */

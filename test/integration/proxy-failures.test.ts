@@ -474,6 +474,80 @@ describe('waiting for a pooled upstream socket', () => {
     }
   });
 
+  describe('while the route changes', () => {
+    /**
+     * A request (or a WebSocket handshake) queued behind the stream holding the pool's only
+     * socket; `change` alters the route meanwhile; the stream ends, the socket frees: what the
+     * queued request is answered, and what the sandbox saw.
+     */
+    async function queuedThrough(
+      change: (plane: TestDataPlane, sandbox: Upstream) => void,
+      options: { websocket?: boolean; headers?: Record<string, string> } = {},
+    ): Promise<{ answer: string; urls: string[] }> {
+      const sandbox = await startUpstream({ host: '127.0.0.2' });
+      const pooled = await startDataPlane({ ROUTESYNC_PROXY_TIMEOUT_MS: '30000', ROUTESYNC_PROXY_MAX_SOCKETS: '1' });
+      try {
+        pooled.setRoute({ id: 'busy', ip: sandbox.host });
+        const stream = await holdOnlySocket(pooled, sandbox);
+        const client = net.connect(pooled.address.port, pooled.address.address);
+        client.on('error', () => {});
+        let answer = '';
+        client.on('data', (chunk: Buffer) => (answer += chunk.toString('latin1')));
+        const headers = Object.entries(options.headers ?? {}).map(([name, value]) => `${name}: ${value}\r\n`).join('');
+        const upgrade = options.websocket ? 'Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n' : '';
+        client.write(`GET /kruise/busy/${sandbox.port}/queued HTTP/1.1\r\nHost: x\r\n${headers}${upgrade}\r\n`);
+        await waitUntil(() => queuedInAgent(pooled) === 1, 5000, 'the request queued for the busy pool');
+        change(pooled, sandbox);
+        stream.destroy();
+        await waitUntil(() => answer.includes('\r\n\r\n'), 5000, 'an answer to the queued request');
+        client.destroy();
+        return { answer, urls: sandbox.requests.map((request) => request.url) };
+      } finally {
+        await pooled.close(0);
+        await sandbox.close();
+      }
+    }
+
+    it('is refused as a new request would be once its sandbox is paused or deleted, and never reaches it', async () => {
+      const paused = await queuedThrough((plane, sandbox) => void plane.setRoute({ id: 'busy', ip: sandbox.host, state: 'paused' }));
+      expect(paused.answer).toMatch(/^HTTP\/1\.1 503 /);
+      expect(paused.answer).toContain('x-routesync-error: sandbox_not_running');
+      expect(paused.urls).toEqual(['/stall']);
+      const deleted = await queuedThrough((plane) => void plane.table.delete({ namespace: 'default', name: 'busy' }));
+      expect(deleted.answer).toMatch(/^HTTP\/1\.1 404 /);
+      expect(deleted.urls).toEqual(['/stall']);
+    });
+
+    it('is refused once the route demands a token other than the one it presented', async () => {
+      const rotated = await queuedThrough((plane, sandbox) => void plane.setRoute({ id: 'busy', ip: sandbox.host, requireTrafficAuth: true, accessToken: 'tok-new' }), {
+        headers: { 'e2b-traffic-access-token': 'tok-old' },
+      });
+      expect(rotated.answer).toMatch(/^HTTP\/1\.1 401 /);
+      expect(rotated.answer).toContain('x-routesync-error: traffic_token_invalid');
+      expect(rotated.urls).toEqual(['/stall']);
+    });
+
+    it('is answered 503 sandbox_moved, not sent to the old address, once its sandbox moved to another pod', async () => {
+      const moved = await queuedThrough((plane) => void plane.setRoute({ id: 'busy', ip: '127.0.0.3' }));
+      expect(moved.answer).toMatch(/^HTTP\/1\.1 503 /);
+      expect(moved.answer).toContain('x-routesync-error: sandbox_moved');
+      expect(moved.urls).toEqual(['/stall']);
+    });
+
+    it('is sent as usual when the route changed in nothing that admits it (a newer version, the same pod)', async () => {
+      const updated = await queuedThrough((plane, sandbox) => void plane.setRoute({ id: 'busy', ip: sandbox.host }));
+      expect(updated.answer).toMatch(/^HTTP\/1\.1 200 /);
+      expect(updated.urls).toEqual(['/stall', '/queued']);
+    });
+
+    it('refuses a queued WebSocket handshake the same way', async () => {
+      const paused = await queuedThrough((plane, sandbox) => void plane.setRoute({ id: 'busy', ip: sandbox.host, state: 'paused' }), { websocket: true });
+      expect(paused.answer).toMatch(/^HTTP\/1\.1 503 /);
+      expect(paused.answer).toContain('x-routesync-error: sandbox_not_running');
+      expect(paused.urls).toEqual(['/stall']);
+    });
+  });
+
   it('requests answered 504 while the pool is busy give up their place: once it frees, the next request is served on one new connection', async () => {
     const sandbox = await startUpstream({ host: '127.0.0.2' });
     const pooled = await startDataPlane({ ROUTESYNC_PROXY_TIMEOUT_MS: String(TIMEOUT_MS), ROUTESYNC_PROXY_MAX_SOCKETS: '1' });
