@@ -669,8 +669,19 @@ export class Reconciler {
         this.logger.debug({ peer }, 'reconcile: peer is suspect or bootstrapping; not pulling from it');
         return report;
       } else if (wasSuspect) {
-        // Every bucket is pulled after the head digest was taken.
-        report = await this.rebuildFrom(peer, signal, bytes);
+        // Every bucket is pulled after the head digest was taken: the whole table, in 16
+        // requests, which a large table cannot fit in one round's budget, and a rebuild that
+        // ran out of it started over the next round, for ever (200,000 routes missed a 1 s
+        // budget here). So each request gets the round's budget, and the rebuild as a whole a
+        // quarter of the fence TTL (the round's, if longer), which the suspect state it ends can
+        // afford: rounds do not overlap, the next one waits for this one.
+        const rebuildMs = Math.max(budgetMs, this.config.tombstoneTtlMs / 4);
+        const rebuild = attemptSignal(rebuildMs, this.stop.signal);
+        try {
+          report = await this.rebuildFrom(peer, rebuild.signal, bytes, budgetMs);
+        } finally {
+          rebuild.clear();
+        }
         this.caughtUpOnDigest(peer, remote);
       } else if (head.digest.root === this.table.rootDigest()) {
         report = { peer, result: 'in_sync', repaired: 0, bytes, buckets: 0 };
@@ -770,7 +781,7 @@ export class Reconciler {
    * without a fence, every route held since before the rebuild that the peer does not hold,
    * unless the local manager changed it since the cut began.
    */
-  private async rebuildFrom(peer: string, signal: AbortSignal, bytesSoFar: number): Promise<RoundReport> {
+  private async rebuildFrom(peer: string, signal: AbortSignal, bytesSoFar: number, requestBudgetMs: number): Promise<RoundReport> {
     const cutStartMs = this.lastContactMs;
     // Only routes held as the rebuild begins can be stale. The pulls take many requests, and
     // pushes (and local changes) keep landing meanwhile, some in buckets already pulled: such a
@@ -781,7 +792,7 @@ export class Reconciler {
     this.table.adoptHeldFences = true;
     let pulled: { repaired: number; bytes: number };
     try {
-      pulled = await this.pullAndApply(peer, all, signal, seen);
+      pulled = await this.pullAndApply(peer, all, signal, seen, requestBudgetMs);
     } finally {
       this.table.adoptHeldFences = false;
     }
@@ -846,8 +857,17 @@ export class Reconciler {
     return differing;
   }
 
-  /** Pull buckets in chunks and apply each chunk as it arrives; `seen` collects the keys pulled. */
-  private async pullAndApply(peer: string, buckets: readonly number[], signal: AbortSignal, seen?: Set<string>): Promise<{ repaired: number; bytes: number }> {
+  /**
+   * Pull buckets in chunks and apply each chunk as it arrives; `seen` collects the keys pulled.
+   * With `requestBudgetMs`, each request also has that long of its own.
+   */
+  private async pullAndApply(
+    peer: string,
+    buckets: readonly number[],
+    signal: AbortSignal,
+    seen?: Set<string>,
+    requestBudgetMs?: number,
+  ): Promise<{ repaired: number; bytes: number }> {
     let repaired = 0;
     let bytes = 0;
     this.pulledWithRefusals.delete(peer);
@@ -855,11 +875,13 @@ export class Reconciler {
       const chunk = buckets.slice(i, i + PULL_BUCKETS_PER_REQUEST);
       const started = performance.now();
       let body: unknown;
+      const request = requestBudgetMs === undefined ? undefined : attemptSignal(requestBudgetMs, signal);
       try {
-        const answer = await this.requestJson(peer, 'POST', PULL_PATH, JSON.stringify({ buckets: chunk }), signal);
+        const answer = await this.requestJson(peer, 'POST', PULL_PATH, JSON.stringify({ buckets: chunk }), request?.signal ?? signal);
         body = answer.json;
         bytes += answer.bytes;
       } finally {
+        request?.clear();
         this.metrics.peerRequestDuration.observe({ kind: 'pull' }, (performance.now() - started) / 1000);
       }
       const entries = (body as { changes?: unknown } | null)?.changes;

@@ -1,5 +1,6 @@
 // Anti-entropy between real replicas on loopback: bootstrap, repair after a cut, bytes moved
 // for one difference in 100,000 routes, no resurrection, and the wire contract.
+import net from 'node:net';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { configFromEnv } from '../../src/config.js';
 import { PULL_BUCKETS_PER_REQUEST } from '../../src/peers/reconcile.js';
@@ -24,8 +25,11 @@ interface Node {
 const nodes: Node[] = [];
 const fakes: FakePeer[] = [];
 
+const linkCleanups: (() => Promise<void>)[] = [];
+
 afterEach(async () => {
   await Promise.all(nodes.splice(0).map((node) => node.replica.close()));
+  await Promise.all(linkCleanups.splice(0).map((cleanup) => cleanup()));
   await Promise.all(fakes.splice(0).map((peer) => peer.close()));
 });
 
@@ -962,7 +966,74 @@ describe('suspect rebuild', () => {
       expect(node.replica.table.get('rebuild', name(unsent))?.resourceVersion, 'unsent everywhere').toBe('30');
     }
   });
+
+  it('completes from a source too slow for the whole table to arrive within one round\'s budget', async () => {
+    const ttlMs = 60_000;
+    const env = { ROUTESYNC_TOMBSTONE_TTL_MS: String(ttlMs), ROUTESYNC_RECONCILE_INTERVAL_MS: '1000' };
+    // The replicas' wall clock, which the test moves (they read it through Date.now).
+    let clockOffsetMs = 0;
+    const realNow = Date.now.bind(Date);
+    const clock = vi.spyOn(Date, 'now').mockImplementation(() => realNow() + clockOffsetMs);
+    try {
+      // A alone (never suspect, seeded); C reaches it through a link that can be made slow.
+      const a = await start(env, MANUAL_ROUNDS);
+      await a.replica.bootstrapped;
+      const link = await delayingLink(a.replica.addresses.peer);
+      const c = await start({ ...env, ROUTESYNC_PEERS: link.address }, MANUAL_ROUNDS);
+      await c.replica.bootstrapped;
+      const routes = Array.from({ length: 50 }, (_, i) => parseChange(makeRoute({ namespace: 'slow-rebuild', resourceVersion: String(100 + i) })));
+      a.replica.service.applyRemote(routes, 'peer');
+      c.replica.service.applyRemote(routes, 'peer');
+      const stale = makeRoute({ namespace: 'slow-rebuild', resourceVersion: '7' });
+      c.replica.service.applyRemote([parseChange(stale)], 'peer');
+      // C out of contact for more than half the TTL: the clock moves on, nothing waits.
+      clockOffsetMs = ttlMs;
+      expect(c.replica.reconciler.isSuspect()).toBe(true);
+      // Every answer now takes 100 ms: the digest and the 16 pulls of a rebuild need ~1.7 s, the
+      // round's budget is 1 s. Each request fits in it; the rebuild as a whole has longer.
+      link.delayMs = 100;
+      expect(await c.replica.reconciler.runRound()).toMatchObject({ result: 'rebuilt' });
+      expect(c.replica.table.get('slow-rebuild', stale.name as string), 'the route its source lacks: dropped').toBeUndefined();
+      expect(same(a.replica, c.replica)).toBe(true);
+      expect(c.replica.reconciler.isSuspect()).toBe(false);
+    } finally {
+      clock.mockRestore();
+    }
+  });
 });
+
+/** A TCP link to `target` whose answers (target to client) each arrive `delayMs` late, in order. */
+async function delayingLink(target: string): Promise<{ address: string; delayMs: number }> {
+  const colon = target.lastIndexOf(':');
+  const link = { address: '', delayMs: 0 };
+  const sockets = new Set<net.Socket>();
+  const server = net.createServer((client) => {
+    const upstream = net.connect(Number(target.slice(colon + 1)), target.slice(0, colon));
+    for (const socket of [client, upstream]) {
+      sockets.add(socket);
+      socket.on('error', () => {});
+      socket.on('close', () => sockets.delete(socket));
+    }
+    client.pipe(upstream);
+    let last = Promise.resolve();
+    upstream.on('data', (chunk: Buffer) => {
+      const delayMs = link.delayMs;
+      last = last.then(() => new Promise<void>((resolve) => setTimeout(resolve, delayMs))).then(() => void client.write(chunk));
+    });
+    upstream.on('end', () => void last.then(() => client.end()));
+    client.on('close', () => upstream.destroy());
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  linkCleanups.push(
+    () =>
+      new Promise<void>((resolve) => {
+        for (const socket of sockets) socket.destroy();
+        server.close(() => resolve());
+      }),
+  );
+  link.address = `127.0.0.1:${(server.address() as net.AddressInfo).port}`;
+  return link;
+}
 
 describe('a replica that was alone', () => {
   it('keeps what its manager made since its last round without peers through a rebuild, when peers appear and a cut begins before any round with them', async () => {
