@@ -51,8 +51,11 @@ Options:
   --json                  machine-readable output
   -h, --help              this text
 
-Addresses are host:port, [v6]:port, or a full http:// or https:// URL.
-Exit codes: 0 ok, 1 difference found / not ready, 2 usage error, 3 unreachable.
+Addresses are host:port, [v6]:port, or a full http:// or https:// URL. A peer address
+without a scheme is https:// when a client certificate is given (--cert, or
+ROUTESYNC_PEER_TLS_CERT as in the replica's own container), http:// otherwise.
+Exit codes: 0 ok, 1 difference found / not ready (shutting down included), 2 usage error,
+3 unreachable.
 `;
 
 export interface CtlIo {
@@ -78,6 +81,8 @@ export class CtlError extends Error {
 interface Options {
   readonly api: string;
   readonly peers: readonly string[];
+  /** The scheme of a peer address given without one: https when a client certificate is at hand. */
+  readonly peerScheme: 'http' | 'https';
   readonly namespace: string | undefined;
   readonly json: boolean;
   /** diff: compare every route's contents, not only the buckets whose digests differ. */
@@ -132,10 +137,15 @@ export async function runCtl(argv: readonly string[], io: Partial<CtlIo> = {}): 
     if (!/^\d+$/.test(values['timeout-ms'] ?? '1') || timeoutMs < 1 || timeoutMs > CTL_TIMEOUT_MAX_MS) {
       throw usage(`--timeout-ms must be an integer from 1 to ${CTL_TIMEOUT_MAX_MS}`);
     }
-    http = new CtlHttp(timeoutMs, readTls(values, out.env));
+    const tls = readTls(values, out.env);
+    http = new CtlHttp(timeoutMs, tls);
+    // A replica with a certificate serves its peer API over TLS only, and ctl run beside it
+    // (kubectl exec) has the same variables: a peer address without a scheme is then https.
+    const peerScheme = tls.cert === undefined ? 'http' : 'https';
     const options: Options = {
       api: origin(values.api ?? DEFAULT_API, '--api'),
-      peers: (values.peer ?? []).map((peer) => origin(peer, '--peer')),
+      peers: (values.peer ?? []).map((peer) => origin(peer, '--peer', peerScheme)),
+      peerScheme,
       namespace: values.namespace,
       json: values.json,
       full: values.full,
@@ -145,6 +155,7 @@ export async function runCtl(argv: readonly string[], io: Partial<CtlIo> = {}): 
     switch (command) {
       case 'status':
         if (args.length > 0) throw usage(`status takes no arguments (got ${args.join(' ')})`);
+        if (options.peers.length > 1) throw usage('status looks at one replica: give --peer once');
         return await status(http, options, out);
       case 'routes':
         if (args.length > 0) throw usage(`routes takes no arguments (got ${args.join(' ')})`);
@@ -153,7 +164,7 @@ export async function runCtl(argv: readonly string[], io: Partial<CtlIo> = {}): 
         if (args.length > 0) throw usage(`peers takes no arguments (got ${args.join(' ')})`);
         return await peers(http, options, out);
       case 'diff': {
-        const targets = [...options.peers, ...args.map((arg) => origin(arg, 'diff'))];
+        const targets = [...options.peers, ...args.map((arg) => origin(arg, 'diff', peerScheme))];
         if (targets.length !== 2) throw usage('diff needs exactly two peer addresses: routesync ctl diff <peerA> <peerB>');
         return await diff(http, options, targets[0]!, targets[1]!, out);
       }
@@ -177,9 +188,9 @@ function usage(message: string): CtlError {
 }
 
 /** `host:port`, `[v6]:port` or a URL -> an origin `http(s)://host:port`. */
-export function origin(address: string, what: string): string {
+export function origin(address: string, what: string, scheme: 'http' | 'https' = 'http'): string {
   const text = address.trim();
-  const withScheme = /^https?:\/\//i.test(text) ? text : `http://${text}`;
+  const withScheme = /^https?:\/\//i.test(text) ? text : `${scheme}://${text}`;
   // The address as the error line shows it: credentials in it are a secret (a token) and
   // never printed.
   const shown = withoutCredentials(address);
@@ -331,48 +342,66 @@ interface PeerRow {
 }
 
 async function status(http: CtlHttp, options: Options, io: CtlIo): Promise<number> {
-  const peerApi = options.peers[0] ?? origin(DEFAULT_PEER, '--peer');
-  const [healthz, readyz, table, peerList] = await Promise.all([
+  const peerApi = options.peers[0] ?? origin(DEFAULT_PEER, '--peer', options.peerScheme);
+  const [healthz, readyz, table, peerList] = await Promise.allSettled([
     http.get(peerApi, '/healthz'),
     http.get(peerApi, '/readyz'),
     http.get(options.api, '/v1/routes'),
     http.get(options.api, '/v1/peers'),
   ]);
-  const tableBody = expectOk(table, `${options.api} GET /v1/routes`);
-  const peerRows = (expectOk(peerList, `${options.api} GET /v1/peers`).peers ?? []) as PeerRow[];
-  const alive = healthz.status === 200;
-  const ready = readyz.status === 200;
+  if (healthz.status === 'rejected') throw healthz.reason;
+  if (readyz.status === 'rejected') throw readyz.reason;
+  const alive = healthz.value.status === 200;
+  const ready = readyz.value.status === 200;
+  const notReadyReason = ready ? null : ((readyz.value.body as { error?: { code?: string } } | undefined)?.error?.code ?? `status ${readyz.value.status}`);
+  // A replica shutting down has closed its local API (or answers it 503) while its peer API
+  // still answers the probes for the grace period: that is "not ready", not "unreachable".
+  const draining = notReadyReason === 'shutting_down';
+  const listed = (answer: PromiseSettledResult<Answer>, path: string): Record<string, unknown> | undefined => {
+    if (draining && (answer.status === 'rejected' || answer.value.status === 503)) return undefined;
+    if (answer.status === 'rejected') throw answer.reason;
+    return expectOk(answer.value, `${options.api} GET ${path}`);
+  };
+  const tableBody = listed(table, '/v1/routes');
+  const peerBody = listed(peerList, '/v1/peers');
+  const peerRows = (peerBody?.peers ?? []) as PeerRow[];
   const report = {
     api: options.api,
     peerApi,
-    instance: readyz.instance ?? healthz.instance ?? null,
+    instance: readyz.value.instance ?? healthz.value.instance ?? null,
     alive,
     ready,
-    notReadyReason: ready ? null : ((readyz.body as { error?: { code?: string } } | undefined)?.error?.code ?? `status ${readyz.status}`),
-    routes: Number(tableBody.count ?? 0),
-    fences: Number(tableBody.tombstones ?? 0),
-    peers: {
-      total: peerRows.length,
-      reachable: peerRows.filter((p) => p.reachable).length,
-      ejected: peerRows.filter((p) => p.ejected).map((p) => p.peer),
-      queuedRoutes: peerRows.reduce((sum, p) => sum + p.pendingRoutes, 0),
-    },
+    notReadyReason,
+    routes: tableBody === undefined ? null : Number(tableBody.count ?? 0),
+    fences: tableBody === undefined ? null : Number(tableBody.tombstones ?? 0),
+    peers:
+      peerBody === undefined
+        ? null
+        : {
+            total: peerRows.length,
+            reachable: peerRows.filter((p) => p.reachable).length,
+            ejected: peerRows.filter((p) => p.ejected).map((p) => p.peer),
+            queuedRoutes: peerRows.reduce((sum, p) => sum + p.pendingRoutes, 0),
+          },
   };
   if (options.json) {
     io.stdout(`${JSON.stringify(report, null, 2)}\n`);
   } else {
+    const unavailable = '- (the local API no longer answers: shutting down)';
     const lines: [string, string][] = [
       ['local API', report.api],
       ['peer API', `${report.peerApi}${report.instance ? ` (instance ${report.instance})` : ''}`],
-      ['alive', alive ? 'yes' : `NO (status ${healthz.status})`],
+      ['alive', alive ? 'yes' : `NO (status ${healthz.value.status})`],
       ['ready', ready ? 'yes' : `NO (${report.notReadyReason})`],
-      ['routes', `${report.routes} (${report.fences} deletion fences)`],
+      ['routes', report.routes === null ? unavailable : `${report.routes} (${report.fences} deletion fences)`],
       [
         'peers',
-        `${report.peers.total} (${report.peers.reachable} reachable, ${report.peers.ejected.length} ejected, ${report.peers.queuedRoutes} changes queued)`,
+        report.peers === null
+          ? unavailable
+          : `${report.peers.total} (${report.peers.reachable} reachable, ${report.peers.ejected.length} ejected, ${report.peers.queuedRoutes} changes queued)`,
       ],
     ];
-    if (report.peers.ejected.length > 0) lines.push(['ejected', report.peers.ejected.join(', ')]);
+    if (report.peers !== null && report.peers.ejected.length > 0) lines.push(['ejected', report.peers.ejected.join(', ')]);
     io.stdout(formatPairs(lines));
   }
   return alive && ready ? EXIT_OK : EXIT_DIFFERENT;

@@ -150,6 +150,7 @@ export class Replica {
       token: config.peerToken,
       instanceId: this.instanceId,
       isReady: () => this.ready,
+      isShuttingDown: () => this.shuttingDown || this.closing !== undefined,
       beforeMetrics: () => this.refreshGauges(),
       extend: reconcileEndpoints(this.reconciler, this.table.digestBuckets),
     });

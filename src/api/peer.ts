@@ -25,6 +25,8 @@ export interface PeerApiDeps {
   readonly token: string;
   readonly instanceId: string;
   readonly isReady: () => boolean;
+  /** Shutdown has begun: /readyz says so rather than "not bootstrapped". */
+  readonly isShuttingDown?: () => boolean;
   /** Called before /metrics is rendered, to refresh gauges. */
   readonly beforeMetrics?: () => void;
   /** Extra authenticated peer endpoints (reconciliation). */
@@ -67,6 +69,7 @@ export function createPeerApp(deps: PeerApiDeps): Express {
   });
   app.get('/readyz', (_req, res) => {
     if (deps.isReady()) res.json({ status: 'ready' });
+    else if (deps.isShuttingDown?.()) sendError(res, 503, 'shutting_down', 'this replica is shutting down');
     else sendError(res, 503, 'not_ready', 'the route table is not bootstrapped yet');
   });
   app.get('/metrics', async (_req, res) => {

@@ -80,6 +80,42 @@ describe('routesync ctl status, routes, peers', () => {
     expect(run.stdout).toMatch(/^ready\s+NO \(not_ready\)$/m);
   });
 
+  it('status: a replica that is shutting down is not ready (exit 1, shutting_down), not unreachable, while its local API is closed', async () => {
+    // A sandbox that never answers: the data plane's drain holds the shutdown for its grace.
+    let reached = 0;
+    const silent = createServer((socket) => {
+      reached++;
+      socket.on('error', () => {});
+    }).listen(0, '127.0.0.1');
+    await once(silent, 'listening');
+    try {
+      const node = await startReplica({ ROUTESYNC_PROXY_TIMEOUT_MS: '30000' });
+      started.push(node);
+      node.replica.table.upsert({ namespace: 'default', name: 'slow', id: 'sb-slow', uid: 'u', resourceVersion: '1', ip: '127.0.0.1', state: 'running' });
+      const port = (silent.address() as { port: number }).port;
+      const pending = fetch(`http://${node.replica.addresses.proxy}/kruise/sb-slow/${port}/`).catch(() => undefined);
+      await waitUntil(() => reached > 0, 5000, 'the request to reach the sandbox');
+      const stopped = node.replica.shutdown(20_000);
+      const readyz = async () => {
+        const answer = await fetch(`${node.peerUrl}/readyz`);
+        return { status: answer.status, body: (await answer.json()) as { error?: { code?: string } } };
+      };
+      await waitUntil(async () => (await readyz()).status === 503, 5000, 'readyz to turn 503');
+      expect((await readyz()).body.error?.code).toBe('shutting_down');
+      const run = await ctl(['status', '--api', hostPort(node.api), '--peer', hostPort(node.peerUrl)]);
+      expect(run.stderr).toBe('');
+      expect(run.code).toBe(EXIT_DIFFERENT);
+      expect(run.stdout).toMatch(/^alive\s+yes$/m);
+      expect(run.stdout).toMatch(/^ready\s+NO \(shutting_down\)$/m);
+      const json = await ctl(['status', '--json', '--api', hostPort(node.api), '--peer', hostPort(node.peerUrl)]);
+      expect(JSON.parse(json.stdout)).toMatchObject({ alive: true, ready: false, notReadyReason: 'shutting_down', routes: null, peers: null });
+      await node.replica.close();
+      await Promise.all([stopped, pending]);
+    } finally {
+      silent.close();
+    }
+  });
+
   it('routes: an aligned table, sorted, tokens never shown; --json is the API answer', async () => {
     const node = await startReplica();
     started.push(node);

@@ -207,8 +207,17 @@ describe.skipIf(!hasOpenssl)('peer TLS', () => {
     expect(withFlags.stderr).toBe('');
     expect(withFlags.code).toBe(EXIT_OK);
     expect(withFlags.stdout).toContain('The tables are identical in routes and versions');
-    const fromEnv = await ctl(diff, { ROUTESYNC_PEER_TLS_CA: pki.ca, ROUTESYNC_PEER_TLS_CERT: pki.cert, ROUTESYNC_PEER_TLS_KEY: pki.key });
+    const replicaEnv = { ROUTESYNC_PEER_TLS_CA: pki.ca, ROUTESYNC_PEER_TLS_CERT: pki.cert, ROUTESYNC_PEER_TLS_KEY: pki.key };
+    const fromEnv = await ctl(diff, replicaEnv);
     expect(fromEnv.code).toBe(EXIT_OK);
+    // Beside a replica (kubectl exec, its variables at hand), an address without a scheme is https.
+    const bare = (url: string) => url.replace(/^https:\/\//, '');
+    const bareDiff = await ctl(['diff', bare(a.peerUrl), bare(b.peerUrl)], replicaEnv);
+    expect(bareDiff.stderr).toBe('');
+    expect(bareDiff.code).toBe(EXIT_OK);
+    const status = await ctl(['status', '--api', a.api.replace(/^http:\/\//, ''), '--peer', bare(a.peerUrl)], replicaEnv);
+    expect(status.stderr).toBe('');
+    expect(status.code).toBe(EXIT_OK);
     // Without a client certificate the listener refuses, and ctl says why.
     const anonymous = await ctl([...diff, '--ca', pki.ca]);
     expect(anonymous.code).toBe(EXIT_UNREACHABLE);
