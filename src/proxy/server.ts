@@ -130,7 +130,7 @@ function exchangeOf(req: IncomingMessage | undefined): Exchange | undefined {
   return (req as CarriesExchange | undefined)?.[EXCHANGE];
 }
 
-const DEFAULT_WS_CLOSE_TIMEOUT_MS = 1000;
+export const DEFAULT_WS_CLOSE_TIMEOUT_MS = 1000;
 const DEFAULT_UPSTREAM_IDLE_SOCKET_TIMEOUT_MS = 4000;
 const DEFAULT_CLIENT_HEADERS_TIMEOUT_MS = 60_000;
 
