@@ -543,7 +543,11 @@ export class PeerSync {
   /** Count a failed attempt; eject the peer once it has failed too many times in a row. */
   private recordFailure(peer: PeerState, error: PeerRequestError): void {
     peer.lastFailure = { errorClass: error.errorClass, atMs: this.now() };
-    // A peer that rejects our input or is shutting us down is not an unhealthy peer.
+    // A peer that rejects our input or is shutting us down is not an unhealthy peer; one that
+    // answered (a 4xx about the batch) ends a failure streak, as Envoy's consecutive-5xx count
+    // does: its earlier timeouts no longer count toward ejecting it, nor make the next push a
+    // re-send that lifecycle calls stop waiting for.
+    if (error.errorClass === 'http_4xx') peer.consecutiveFailures = 0;
     if (!error.transient && error.errorClass !== 'unauthorized') return;
     peer.consecutiveFailures++;
     if (!peer.ejected && !peer.removed && peer.consecutiveFailures >= this.config.ejectAfterFailures) this.eject(peer);

@@ -132,6 +132,21 @@ describe('a peer whose last push failed, while its re-send is under way', () => 
   });
 });
 
+describe('a peer that answers a 4xx after failing', () => {
+  it('has its failure streak ended by the answer: earlier failures no longer count toward ejecting it', async () => {
+    const [peer] = await peers(1);
+    peer!.mode = { kind: 'status', status: 503 };
+    const sync = fanout({ ROUTESYNC_SYNC_RETRIES: '0', ROUTESYNC_EJECT_AFTER_FAILURES: '1000', ROUTESYNC_SYNC_DEADLINE_MS: '1000' });
+    sync.setPeers([peer!.address]);
+    expect((await sync.sync(changes(1))).failed).toEqual([{ peer: peer!.address, errorClass: 'http_5xx' }]);
+    expect(sync.status()[0]!.consecutiveFailures).toBeGreaterThanOrEqual(1);
+    // The peer answers again, refusing the batch: it is up.
+    peer!.mode = { kind: 'status', status: 400 };
+    await waitUntil(() => sync.status()[0]!.lastFailure?.errorClass === 'http_4xx', 10_000, 'the re-send to be refused');
+    expect(sync.status()[0]).toMatchObject({ consecutiveFailures: 0, ejected: false });
+  });
+});
+
 describe('a peer that answers 401 (the peer token differs)', () => {
   it('keeps the change queued, also for the call whose failure ejects the peer, and sends it once the token is fixed', async () => {
     const [peer] = await peers(1);
