@@ -637,18 +637,16 @@ export class DataPlane {
       proxyReq?.once('close', () => {
         if (!req.complete && !req.destroyed) req.resume();
       });
-      // A client that goes away in the middle of its upload once the answer has finished: Node
-      // has detached the request from its socket by then (no 'aborted', no 'error'), so the
-      // library never ends the upstream request, and the sandbox's connection, its pool slot
-      // with it, stayed half-written until the sandbox's own timeout, or for ever. It is
-      // released when the client's connection closes.
-      const client = req.socket;
-      const onClientGone = (): void => {
+      // The sandbox's whole answer came before the whole upload (a 401 to an upload it did not
+      // read, on a connection it keeps): the rest of the upload is of no use to it, and the
+      // upstream request, half-written, can never be reused. It is ended here, and the rest of
+      // the client's body dropped (above). Left to the client, the sandbox's connection and its
+      // pool slot stayed held by a client that went away (Node has detached the request from
+      // its socket by then, and a paused socket does not even see its peer leave) until the
+      // sandbox's own timeout, or for ever against one without a timeout.
+      proxyRes.once('end', () => {
         if (!req.complete) proxyReq?.destroy();
-      };
-      client.once('close', onClientGone);
-      req.once('end', () => client.off('close', onClientGone));
-      proxyReq?.once('close', () => client.off('close', onClientGone));
+      });
     }
     // Node writes a response's headers with its first body bytes: an answer that starts before
     // its body (an event stream, a long poll) reached the client only with its first event, and

@@ -1,11 +1,13 @@
 // Bodies stream through without buffering, and clients that go away release their upstream
 // sockets.
 import http from 'node:http';
+import net from 'node:net';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { makeRoute, putRoute } from '../helpers/cluster.js';
 import { proxyRequestCount, send, startDataPlane, type TestDataPlane } from '../helpers/data-plane.js';
 import { peakRssGrowth, spawnReplica, type ProcessReplica } from '../helpers/process.js';
 import { PatternStream, drain, startUpstream, type Upstream } from '../helpers/upstream.js';
+import { waitUntil } from '../helpers/wait.js';
 
 const MiB = 1024 * 1024;
 /** The size the issue names: a proxy that buffered any sizeable part of it would show. */
@@ -202,7 +204,7 @@ describe('an answer that starts before its body', () => {
   });
 });
 
-describe('an upload the sandbox answered early, abandoned by its client', () => {
+describe('an upload the sandbox answered early, then abandoned by its client', () => {
   let dp: TestDataPlane;
 
   beforeEach(async () => {
@@ -231,24 +233,26 @@ describe('an upload the sandbox answered early, abandoned by its client', () => 
     await upstream.close();
   });
 
-  it('releases the upstream connection and its pool slot when the client leaves', async () => {
-    const status = await new Promise<number>((resolve) => {
-      const req = http.request({
-        host: dp.address.address,
-        port: dp.address.port,
-        method: 'PUT',
-        path: `/kruise/up/${upstream.port}/upload`,
-        agent: false,
-        headers: { 'transfer-encoding': 'chunked' },
-      });
-      req.on('error', () => {});
-      req.on('response', (res) => {
-        resolve(res.statusCode ?? 0);
-        // The client gives up its upload once it has the answer, as curl does.
-        req.destroy();
-      });
-      new PatternStream(64 * MiB).pipe(req);
-    });
+  it('releases the upstream connection and its pool slot once the answer has ended', async () => {
+    // A raw client, uploading chunk after chunk until it has the answer, then gone, as curl
+    // does. (Node's own client may fail its upload with EPIPE before it reads an answer that
+    // came early, depending on the Node version: not what this test is about.)
+    const client = net.connect(dp.address.port, dp.address.address);
+    client.on('error', () => {});
+    let received = '';
+    client.on('data', (chunk: Buffer) => (received += chunk.toString('latin1')));
+    client.write(`PUT /kruise/up/${upstream.port}/upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n`);
+    const chunk = Buffer.concat([Buffer.from('10000\r\n'), Buffer.alloc(0x10000, 0x61), Buffer.from('\r\n')]);
+    let sending = true;
+    const pump = (): void => {
+      while (sending && !client.destroyed && client.write(chunk));
+      if (sending && !client.destroyed) client.once('drain', pump);
+    };
+    pump();
+    await waitUntil(() => received.includes('\r\n\r\n'), 10_000, 'the early answer');
+    sending = false;
+    client.destroy();
+    const status = Number(received.slice(9, 12));
     expect(status).toBe(401);
     await upstream.waitForOpenSockets(0);
     const next = await send(dp.address, { path: `/kruise/up/${upstream.port}/next` });
