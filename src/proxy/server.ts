@@ -96,8 +96,10 @@ interface Exchange {
   idleTimer: boolean;
   /** WebSocket: reads the client socket until the sandbox answers the handshake (see HandshakeClientReader). */
   handshakeClient: HandshakeClientReader | undefined;
-  /** What the request was admitted for, checked again when it gets its upstream socket (readmit). */
-  admitted: { readonly route: Route; readonly address: SandboxAddress; readonly clientHeaders: IncomingHttpHeaders } | undefined;
+  /** What the request was admitted for, checked again when it gets its upstream socket (readmit): the route, the address, the client's own headers. */
+  admittedRoute: Route | undefined;
+  admittedAddress: SandboxAddress | undefined;
+  clientHeaders: IncomingHttpHeaders | undefined;
   recorded: boolean;
 }
 
@@ -467,7 +469,7 @@ export class DataPlane {
     // Answering Expect: 100-continue ourselves means a refused request never sends its body.
     this.server.on('checkContinue', (req: IncomingMessage, res: ServerResponse) => this.guard(() => this.onRequest(req, res, true), res));
     this.server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => {
-      afterPendingAnswer(socket, () => {
+      this.afterPendingAnswer(socket, () => {
         try {
           if (offersOnlyH2c(req)) this.serveWithoutUpgrade(req, socket, head);
           else this.onUpgrade(req, socket, head);
@@ -527,7 +529,9 @@ export class DataPlane {
     }
     exchange.sandboxId = decision.address.sandboxId;
     exchange.port = decision.address.port;
-    exchange.admitted = { route: decision.route, address: decision.address, clientHeaders: req.headers };
+    exchange.admittedRoute = decision.route;
+    exchange.admittedAddress = decision.address;
+    exchange.clientHeaders = req.headers;
 
     req.headers = upstreamRequestHeaders(req.headers, { requestTarget: req.url, remoteAddress: req.socket.remoteAddress, protocol: 'http', upgrade: false });
     req.url = decision.address.upstreamPath;
@@ -653,9 +657,7 @@ export class DataPlane {
     // a client waiting for the headers (EventSource's open, fetch) waited that long. Once the
     // library has set the headers (its passes run right after this listener), they are sent at
     // once unless body bytes came with them, which carry them in the same write.
-    queueMicrotask(() => {
-      if (!res.headersSent && !res.destroyed && !res.writableEnded && proxyRes.readableLength === 0 && !proxyRes.complete) res.flushHeaders();
-    });
+    process.nextTick(flushHeadersAlone, res, proxyRes);
   }
 
   private onUpstreamTimeout(exchange: Exchange, res: ServerResponse): void {
@@ -767,6 +769,56 @@ export class DataPlane {
     this.server.emit('connection', socket);
   }
 
+  /**
+   * Node emits 'upgrade' as soon as the request is parsed, even while the answers to earlier
+   * requests on the same connection (pipelined) are still being written. Handled at once, the
+   * upgrade's own answer (a 101, a refusal, the h2c request's answer) would reach the client
+   * before those, or inside one's body, against HTTP/1.1's order. So it is handled once every
+   * earlier answer has finished, one after the other, after Node's own handling of each end;
+   * what the client sent after the upgrade stays unread in the socket meanwhile. If an answer
+   * closed the connection (`Connection: close`), the upgrade is dropped with it.
+   *
+   * While it waits, the socket has none of Node's HTTP listeners (removed with the upgrade) and
+   * none of the exchange's yet: it gets an error listener (a client's reset would otherwise be
+   * an uncaught exception, which ends the process), and it counts as upgrading, so that
+   * shutdown waits for it and destroys it at the end of its grace like any handshake.
+   */
+  private afterPendingAnswer(socket: Socket, handle: () => void): void {
+    const pending = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage;
+    if (pending && !pending.writableFinished) {
+      const onError = (): void => void socket.destroy();
+      const onClose = (): void => {
+        this.upgrading.delete(socket);
+        this.onQuietCheck?.();
+      };
+      socket.on('error', onError);
+      socket.once('close', onClose);
+      this.upgrading.add(socket);
+      // 'close' follows 'finish' and also comes when the answer is cut off (the client left).
+      pending.once('close', () =>
+        setImmediate(() => {
+          socket.off('error', onError);
+          socket.off('close', onClose);
+          this.upgrading.delete(socket);
+          this.afterPendingAnswer(socket, handle);
+        }),
+      );
+      return;
+    }
+    if (socket.destroyed) {
+      this.onQuietCheck?.();
+      return;
+    }
+    if (socket.writableEnded) {
+      socket.destroy();
+      return;
+    }
+    // The connection's HTTP state armed its keep-alive timer when the last answer finished;
+    // left armed, it would cut the upgrade's exchange after 5 s.
+    socket.setTimeout(0);
+    handle();
+  }
+
   // --- WebSocket ----------------------------------------------------------------------------
 
   private onUpgrade(req: IncomingMessage, socket: Socket, head: Buffer): void {
@@ -810,7 +862,9 @@ export class DataPlane {
     }
     exchange.sandboxId = decision.address.sandboxId;
     exchange.port = decision.address.port;
-    exchange.admitted = { route: decision.route, address: decision.address, clientHeaders: req.headers };
+    exchange.admittedRoute = decision.route;
+    exchange.admittedAddress = decision.address;
+    exchange.clientHeaders = req.headers;
 
     req.headers = upstreamRequestHeaders(req.headers, { requestTarget: req.url, remoteAddress: socket.remoteAddress, protocol: 'http', upgrade: true });
     req.url = decision.address.upstreamPath;
@@ -1057,17 +1111,19 @@ export class DataPlane {
       timer: undefined,
       idleTimer: false,
       handshakeClient: undefined,
-      admitted: undefined,
+      admittedRoute: undefined,
+      admittedAddress: undefined,
+      clientHeaders: undefined,
       recorded: false,
     };
   }
 
   /** Undefined if the exchange may still go to the sandbox it was admitted for (readmit in target.ts). */
   private readmitted(exchange: Exchange): DataPlaneError | undefined {
-    const admitted = exchange.admitted;
-    if (admitted === undefined) return undefined;
-    const current = this.table.getById(admitted.address.sandboxId);
-    return current === admitted.route ? undefined : readmit(admitted.address, admitted.route, current, admitted.clientHeaders);
+    const { admittedRoute, admittedAddress, clientHeaders } = exchange;
+    if (admittedRoute === undefined || admittedAddress === undefined || clientHeaders === undefined) return undefined;
+    const current = this.table.getById(admittedAddress.sandboxId);
+    return current === admittedRoute ? undefined : readmit(admittedAddress, admittedRoute, current, clientHeaders);
   }
 
   /** The library's target: a literal IP from the route and the requested port, nothing else. */
@@ -1196,31 +1252,9 @@ function rawHeader(rawHeaders: readonly string[], name: string): string | undefi
   return undefined;
 }
 
-/**
- * Node emits 'upgrade' as soon as the request is parsed, even while the answer to an earlier
- * request on the same connection (pipelined) is still being written. Handled at once, the
- * upgrade's own answer (a 101, a refusal, the h2c request's answer) would reach the client
- * before that earlier one, or inside its body, against HTTP/1.1's order. So it is handled once
- * the earlier answer has finished, after Node's own handling of its end; what the client sent
- * after the upgrade stays unread in the socket meanwhile. If that answer closed the connection
- * (`Connection: close`), the upgrade is dropped with it.
- */
-function afterPendingAnswer(socket: Socket, handle: () => void): void {
-  const proceed = (): void => {
-    if (socket.destroyed) return;
-    if (socket.writableEnded) {
-      socket.destroy();
-      return;
-    }
-    // The connection's HTTP state armed its keep-alive timer when that answer finished; left
-    // armed, it would cut the upgrade's exchange after 5 s.
-    socket.setTimeout(0);
-    handle();
-  };
-  const pending = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage;
-  // 'close' follows 'finish' and also comes when the answer is cut off (the client left).
-  if (pending && !pending.writableFinished) pending.once('close', () => setImmediate(proceed));
-  else proceed();
+/** Send a response's headers now, unless body bytes came with them (see onProxyResponse). */
+function flushHeadersAlone(res: ServerResponse, proxyRes: IncomingMessage): void {
+  if (!res.headersSent && !res.destroyed && !res.writableEnded && proxyRes.readableLength === 0 && !proxyRes.complete) res.flushHeaders();
 }
 
 /** Pause `source` until `sink` drains, if the sink's buffer is full (see endPlainAnswerWithClient). */

@@ -527,6 +527,97 @@ describe('a handshake pipelined behind a request still being answered', () => {
     }
   });
 
+  it('is answered after every answer before it, when two are pending', async () => {
+    // /a is answered once /b has reached the sandbox; /b once the sandbox has accepted the
+    // WebSocket (which a data plane that waited only for /a would let happen first), or after
+    // 500 ms; the proxy timeout is longer than this file's.
+    await dp.close(0);
+    dp = await startDataPlane({ ROUTESYNC_PROXY_TIMEOUT_MS: '10000' });
+    const held = new Map<string, () => void>();
+    const answer = (name: string): void => {
+      held.get(name)?.();
+      held.delete(name);
+    };
+    const twoSlow = await startUpstream({
+      name: 'two-slow',
+      handler: (req, res) => {
+        const name = req.url!.slice(1);
+        held.set(name, () => res.end(`BODY-${name}`));
+        if (name !== 'b') return;
+        answer('a');
+        setTimeout(() => answer('b'), 500).unref();
+      },
+      onWebSocket: (ws) => {
+        sandboxBehaviour(ws);
+        answer('b');
+      },
+    });
+
+    try {
+      dp.setRoute({ id: 'pipe', ip: twoSlow.host });
+      const client = rawClient();
+      const base = `/kruise/pipe/${twoSlow.port}`;
+      client.socket.write(`GET ${base}/a HTTP/1.1\r\nHost: x\r\n\r\nGET ${base}/b HTTP/1.1\r\nHost: x\r\n\r\n${handshakeRequest(`${base}/ws`)}`);
+      await waitUntil(() => client.received().includes('HTTP/1.1 101'), 5000, 'the 101');
+      const received = client.received();
+      const [a, b, switched] = [received.indexOf('BODY-a'), received.indexOf('BODY-b'), received.indexOf('HTTP/1.1 101')];
+      expect(a).toBeGreaterThan(0);
+      expect(b).toBeGreaterThan(a);
+      expect(switched).toBeGreaterThan(b);
+      client.socket.destroy();
+    } finally {
+      await twoSlow.close();
+    }
+  });
+
+  it('a client that resets its connection while the handshake waits takes nothing down, and the data plane goes on serving', async () => {
+    let release: (() => void) | undefined;
+    const slow = await startUpstream({ name: 'slow', handler: (_req, res) => (release = () => res.end('late')), onWebSocket: sandboxBehaviour });
+    const uncaught: unknown[] = [];
+    const onUncaught = (error: unknown): void => void uncaught.push(error);
+    process.prependListener('uncaughtException', onUncaught);
+    try {
+      dp.setRoute({ id: 'pipe', ip: slow.host });
+      const upgradeSeen = new Promise<void>((resolve) => dp.plane.server.once('upgrade', () => setImmediate(resolve)));
+      const client = rawClient();
+      client.socket.write(`GET /kruise/pipe/${slow.port}/first HTTP/1.1\r\nHost: x\r\n\r\n${handshakeRequest(`/kruise/pipe/${slow.port}/ws`)}`);
+      await upgradeSeen;
+      client.socket.resetAndDestroy();
+      await waitUntil(async () => (await proxyRequestCount(dp.metrics, 'client_aborted')) >= 1, 5000, 'the pending request to end with its client');
+      release?.();
+      expect(uncaught).toEqual([]);
+      const ws = await connect(`/kruise/ws/${upstream.port}/`);
+      expect(await echo(ws, 'still serving')).toBe('still serving');
+    } finally {
+      process.off('uncaughtException', onUncaught);
+      await slow.close();
+    }
+  });
+
+  it('does not hold shutdown past its grace when the answer before it never ends', async () => {
+    const endless = await startUpstream({
+      name: 'endless',
+      handler: (_req, res) => {
+        res.writeHead(200, { 'content-type': 'text/event-stream' });
+        res.write('data: 1\n\n');
+      },
+      onWebSocket: sandboxBehaviour,
+    });
+    try {
+      dp.setRoute({ id: 'pipe', ip: endless.host });
+      const client = rawClient();
+      client.socket.write(`GET /kruise/pipe/${endless.port}/sse HTTP/1.1\r\nHost: x\r\n\r\n${handshakeRequest(`/kruise/pipe/${endless.port}/ws`)}`);
+      await waitUntil(() => client.received().includes('data: 1'), 5000, 'the stream to start');
+      let closed = false;
+      const closing = dp.close(200).then(() => void (closed = true));
+      await waitUntil(() => closed, 5000, 'the data plane to close after its 200 ms grace');
+      await closing;
+      await waitUntil(() => client.closed(), 5000, 'the client connection to be closed');
+    } finally {
+      await endless.close();
+    }
+  });
+
   it('is dropped with the connection when that answer closes it', async () => {
     // A refusal of a request whose body the data plane does not read closes the connection
     // after it (Connection: close); the handshake behind it goes with it.
