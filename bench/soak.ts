@@ -110,6 +110,7 @@ async function startCluster(): Promise<Node[]> {
         ROUTESYNC_API_ADDR: api,
         ROUTESYNC_PEER_ADDR: peer,
         ROUTESYNC_PROXY_ADDR: proxy,
+        ROUTESYNC_PROXY_ALLOW_LOOPBACK: 'true',
         ROUTESYNC_PEERS: peers.join(','),
         ROUTESYNC_SELF: peer,
         ROUTESYNC_PEER_TOKEN: TOKEN,

@@ -125,6 +125,8 @@ function startReplica(n: number): ReplicaProcess {
       ROUTESYNC_API_ADDR: `${host}:${API_PORT}`,
       ROUTESYNC_PEER_ADDR: `${host}:${PEER_PORT}`,
       ROUTESYNC_PROXY_ADDR: `${host}:${PROXY_PORT}`,
+      // The demo's sandboxes are processes on loopback.
+      ROUTESYNC_PROXY_ALLOW_LOOPBACK: 'true',
       ROUTESYNC_PEERS: peers,
       ROUTESYNC_SELF: `${host}:${PEER_PORT}`,
       ROUTESYNC_PEER_TOKEN: PEER_TOKEN,

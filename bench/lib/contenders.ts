@@ -194,6 +194,8 @@ export async function startRoutesync(options: RoutesyncOptions): Promise<Routesy
     ROUTESYNC_API_ADDR: `${host}:${apiPort}`,
     ROUTESYNC_PEER_ADDR: `${host}:${peerPort}`,
     ROUTESYNC_PROXY_ADDR: `${host}:${proxyPort}`,
+    // The benchmark's upstream is a process on loopback.
+    ROUTESYNC_PROXY_ALLOW_LOOPBACK: 'true',
     ROUTESYNC_PEERS: options.peers.join(','),
     ROUTESYNC_LOG_LEVEL: 'warn',
     ROUTESYNC_ACCESS_LOG: 'false',

@@ -1123,7 +1123,7 @@ export class DataPlane {
     const { admittedRoute, admittedAddress, clientHeaders } = exchange;
     if (admittedRoute === undefined || admittedAddress === undefined || clientHeaders === undefined) return undefined;
     const current = this.table.getById(admittedAddress.sandboxId);
-    return current === admittedRoute ? undefined : readmit(admittedAddress, admittedRoute, current, clientHeaders);
+    return current === admittedRoute ? undefined : readmit(admittedAddress, admittedRoute, current, clientHeaders, this.config);
   }
 
   /** The library's target: a literal IP from the route and the requested port, nothing else. */

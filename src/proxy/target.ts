@@ -17,7 +17,7 @@
 //     input), and a route that demands a token but has none admits nobody.
 import { createHash, timingSafeEqual } from 'node:crypto';
 import type { IncomingHttpHeaders } from 'node:http';
-import { isIP } from 'node:net';
+import { BlockList, isIP } from 'node:net';
 import { isRunning, type Route } from '../routes/route.js';
 
 /** Every way the data plane answers a request itself; stable, documented in docs/data-plane.md. */
@@ -30,6 +30,7 @@ export type DataPlaneErrorCode =
   | 'traffic_token_invalid'
   | 'sandbox_not_running'
   | 'sandbox_no_ip'
+  | 'upstream_not_allowed'
   | 'upstream_unreachable'
   | 'upstream_protocol_error'
   | 'upstream_timeout'
@@ -46,6 +47,7 @@ export const ERROR_STATUS: Readonly<Record<DataPlaneErrorCode, number>> = Object
   traffic_token_invalid: 401,
   sandbox_not_running: 503,
   sandbox_no_ip: 503,
+  upstream_not_allowed: 403,
   upstream_unreachable: 502,
   upstream_protocol_error: 502,
   upstream_timeout: 504,
@@ -86,6 +88,8 @@ export interface MappingOptions {
   readonly defaultSandboxPort: number;
   /** When non-empty, the host form only accepts `<port>-<id>.<proxyDomain>`. */
   readonly proxyDomain: string;
+  /** Routes on loopback addresses are proxied to (ROUTESYNC_PROXY_ALLOW_LOOPBACK; default no). */
+  readonly proxyAllowLoopback?: boolean;
 }
 
 export interface SandboxAddress {
@@ -294,7 +298,44 @@ export function presentedToken(headers: IncomingHttpHeaders): string | undefined
 }
 
 /** Decide whether a request for `address` may go to `route`, and where. */
-export function admit(address: SandboxAddress, route: Route | undefined, headers: IncomingHttpHeaders): Admission {
+/**
+ * Addresses that are no sandbox's, whatever a route says: a route is data any peer (or a
+ * `/refresh` from anything the NetworkPolicy admits) can write, and the data plane is open to
+ * the internet. Proxied to, they would reach this pod's own listeners (the local API has no
+ * token: a client could rewrite the fleet's routes through it), the node, or the cloud's
+ * metadata service. Unspecified (0.0.0.0 connects to loopback on Linux, as :: does), link-local
+ * (169.254.169.254, fe80::), multicast, broadcast and reserved, IPv4-compatible IPv6; IPv4 rules
+ * cover IPv4-mapped IPv6 too (net.BlockList). Loopback has its own list: allowed only with
+ * ROUTESYNC_PROXY_ALLOW_LOOPBACK, for a fleet on one machine.
+ */
+const NEVER_UPSTREAM = new BlockList();
+for (const [network, prefix] of [
+  ['0.0.0.0', 8],
+  ['169.254.0.0', 16],
+  ['224.0.0.0', 4],
+  ['240.0.0.0', 4],
+] as const) {
+  NEVER_UPSTREAM.addSubnet(network, prefix, 'ipv4');
+}
+for (const [network, prefix] of [
+  ['::', 96],
+  ['fe80::', 10],
+  ['ff00::', 8],
+] as const) {
+  NEVER_UPSTREAM.addSubnet(network, prefix, 'ipv6');
+}
+const LOOPBACK = new BlockList();
+LOOPBACK.addSubnet('127.0.0.0', 8, 'ipv4');
+LOOPBACK.addAddress('::1', 'ipv6');
+
+/** Whether the data plane may open a connection to `ip` (a literal IP) for a sandbox. */
+export function upstreamAllowed(ip: string, allowLoopback: boolean): boolean {
+  const family = isIP(ip) === 6 ? 'ipv6' : 'ipv4';
+  if (LOOPBACK.check(ip, family)) return allowLoopback;
+  return !NEVER_UPSTREAM.check(ip, family);
+}
+
+export function admit(address: SandboxAddress, route: Route | undefined, headers: IncomingHttpHeaders, options: Pick<MappingOptions, 'proxyAllowLoopback'> = {}): Admission {
   if (!route) return { ok: false, error: dataPlaneError('sandbox_not_found', `sandbox ${JSON.stringify(address.sandboxId)} is not known`) };
   if (route.requireTrafficAuth === true) {
     const token = presentedToken(headers);
@@ -319,6 +360,9 @@ export function admit(address: SandboxAddress, route: Route | undefined, headers
   if (route.ip === '' || isIP(route.ip) === 0 || route.ip.includes('%')) {
     return { ok: false, error: dataPlaneError('sandbox_no_ip', 'sandbox is running but has no pod IP yet') };
   }
+  if (!upstreamAllowed(route.ip, options.proxyAllowLoopback === true)) {
+    return { ok: false, error: dataPlaneError('upstream_not_allowed', "the sandbox's address is not one the data plane proxies to (loopback, link-local, multicast or unspecified)") };
+  }
   return { ok: true, target: { host: route.ip, port: address.port, origin: upstreamOrigin(route.ip, address.port) } };
 }
 
@@ -329,9 +373,15 @@ export function admit(address: SandboxAddress, route: Route | undefined, headers
  * is; otherwise the answer it gets instead: what a new request would get, or `sandbox_moved`
  * for a route that now points elsewhere (the request waited in the old address's queue).
  */
-export function readmit(address: SandboxAddress, admitted: Route, current: Route | undefined, headers: IncomingHttpHeaders): DataPlaneError | undefined {
+export function readmit(
+  address: SandboxAddress,
+  admitted: Route,
+  current: Route | undefined,
+  headers: IncomingHttpHeaders,
+  options: Pick<MappingOptions, 'proxyAllowLoopback'> = {},
+): DataPlaneError | undefined {
   if (current === admitted) return undefined;
-  const admission = admit(address, current, headers);
+  const admission = admit(address, current, headers, options);
   if (!admission.ok) return admission.error;
   if (admission.target.host !== admitted.ip) {
     return dataPlaneError('sandbox_moved', 'the sandbox moved to another address while the request waited for a connection; send it again');
@@ -345,7 +395,7 @@ export function decide(request: SandboxRequest, lookup: (sandboxId: string) => R
   if (!mapped.ok) return mapped.sandboxId === undefined ? { ok: false, error: mapped.error } : { ok: false, error: mapped.error, sandboxId: mapped.sandboxId };
   const { address } = mapped;
   const route = lookup(address.sandboxId);
-  const admission = admit(address, route, request.headers);
+  const admission = admit(address, route, request.headers, options);
   if (!admission.ok || !route) {
     const error = admission.ok ? dataPlaneError('sandbox_not_found', 'sandbox is not known') : admission.error;
     return { ok: false, error, sandboxId: address.sandboxId, port: address.port };

@@ -9,6 +9,8 @@ export const TEST_ENV: Record<string, string> = {
   ROUTESYNC_API_ADDR: '127.0.0.1:0',
   ROUTESYNC_PEER_ADDR: '127.0.0.1:0',
   ROUTESYNC_PROXY_ADDR: '127.0.0.1:0',
+  // The tests' sandboxes are servers on loopback.
+  ROUTESYNC_PROXY_ALLOW_LOOPBACK: 'true',
   ROUTESYNC_LOG_LEVEL: 'debug',
   ROUTESYNC_SYNC_DEADLINE_MS: '5000',
   ROUTESYNC_ATTEMPT_TIMEOUT_MS: '2000',

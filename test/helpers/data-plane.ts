@@ -32,7 +32,7 @@ export async function startDataPlane(
   env: Record<string, string> = {},
   extra: Partial<Omit<DataPlaneOptions, 'config' | 'table' | 'metrics' | 'logger'>> = {},
 ): Promise<TestDataPlane> {
-  const config = configFromEnv({ ROUTESYNC_PROXY_ADDR: '127.0.0.1:0', ROUTESYNC_LOG_LEVEL: 'info', ...env });
+  const config = configFromEnv({ ROUTESYNC_PROXY_ADDR: '127.0.0.1:0', ROUTESYNC_PROXY_ALLOW_LOOPBACK: 'true', ROUTESYNC_LOG_LEVEL: 'info', ...env });
   const table = new RouteTable({ tombstoneTtlMs: 600_000 });
   const metrics = new Metrics({ processMetrics: false });
   const lines: string[] = [];

@@ -21,7 +21,8 @@ export interface ProcessReplica {
 /** Start `src/main.ts` under tsx, with the V8 flags it ships with, and the given environment (plus PATH). */
 export function spawnReplica(env: Record<string, string>, args: string[] = []): ProcessReplica {
   const child = spawn(process.execPath, [...NODE_FLAGS, '--import', 'tsx', MAIN, ...args], {
-    env: { PATH: process.env.PATH ?? '', ...env },
+    // The tests' sandboxes are servers on loopback.
+    env: { PATH: process.env.PATH ?? '', ROUTESYNC_PROXY_ALLOW_LOOPBACK: 'true', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   const lines: string[] = [];

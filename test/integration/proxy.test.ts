@@ -242,6 +242,28 @@ describe('a route change applies to the next request', () => {
   });
 });
 
+describe('a route whose address is this machine', () => {
+  it('is refused 403 upstream_not_allowed, HTTP and WebSocket alike, unless ROUTESYNC_PROXY_ALLOW_LOOPBACK: nothing behind it is reached', async () => {
+    // The replica's own listeners live on loopback: a route naming them (from a peer, or a
+    // /refresh from anything the NetworkPolicy admits) would hand the internet the local API.
+    const strict = await startDataPlane({ ROUTESYNC_PROXY_ALLOW_LOOPBACK: 'false' });
+    try {
+      strict.setRoute({ id: 'self', ip: upstream.host });
+      const refused = await send(strict.address, { path: `/kruise/self/${upstream.port}/v1/routes` });
+      expect({ status: refused.status, code: refused.json<{ error: { code: string } }>().error.code }).toEqual({ status: 403, code: 'upstream_not_allowed' });
+      const handshake = await send(strict.address, {
+        path: `/kruise/self/${upstream.port}/ws`,
+        headers: { connection: 'Upgrade', upgrade: 'websocket', 'sec-websocket-version': '13', 'sec-websocket-key': 'dGhlIHNhbXBsZSBub25jZQ==' },
+      });
+      expect(handshake.status).toBe(403);
+      expect(upstream.requests).toHaveLength(0);
+      expect(upstream.acceptedSockets()).toBe(0);
+    } finally {
+      await strict.close(0);
+    }
+  });
+});
+
 describe('admission errors: documented status and code, upstream untouched', () => {
   const cases: {
     name: string;

@@ -2,7 +2,7 @@
 // hygiene.
 import { describe, expect, it } from 'vitest';
 import { cleanResponseHeaders, upstreamRequestHeaders } from '../../src/proxy/headers.js';
-import { admit, classifyUpstreamError, decide, mapRequest, originForm, parsePort, tokenMatches, type SandboxAddress } from '../../src/proxy/target.js';
+import { admit, classifyUpstreamError, decide, mapRequest, originForm, parsePort, tokenMatches, upstreamAllowed, type SandboxAddress } from '../../src/proxy/target.js';
 import type { Route } from '../../src/routes/route.js';
 
 const options = { defaultSandboxPort: 49983, proxyDomain: '' };
@@ -120,6 +120,29 @@ describe('admit', () => {
     expect(decide({ url: '/kruise/sb/81/', headers: {} }, lookup, options)).toMatchObject({ ok: true, target: { host: '10.0.0.7', port: 81 } });
     expect(decide({ url: '/kruise/nope/81/', headers: {} }, lookup, options)).toMatchObject({ ok: false, sandboxId: 'nope', port: 81, error: { code: 'sandbox_not_found' } });
     expect(seen).toEqual(['sb', 'nope']);
+  });
+});
+
+describe('upstreamAllowed', () => {
+  it('never connects to an address that is no sandbox: unspecified, link-local (cloud metadata), multicast, broadcast, reserved', () => {
+    for (const ip of ['0.0.0.0', '0.1.2.3', '::', '169.254.169.254', '169.254.0.1', 'fe80::1', '224.0.0.1', '239.255.255.250', 'ff02::1', '255.255.255.255', '240.0.0.1', '::127.0.0.1', '::ffff:169.254.169.254', '::ffff:0.0.0.0']) {
+      expect(upstreamAllowed(ip, true), ip).toBe(false);
+      expect(admit(address, route({ ip }), {}, { proxyAllowLoopback: true }), ip).toMatchObject({ ok: false, error: { code: 'upstream_not_allowed', status: 403 } });
+    }
+  });
+
+  it('connects to loopback only when allowed (a fleet on one machine), in every spelling', () => {
+    for (const ip of ['127.0.0.1', '127.8.9.10', '::1', '::ffff:127.0.0.1', '::ffff:7f00:1']) {
+      expect(upstreamAllowed(ip, false), ip).toBe(false);
+      expect(upstreamAllowed(ip, true), ip).toBe(true);
+    }
+    expect(admit(address, route({ ip: '127.0.0.1' }), {})).toMatchObject({ ok: false, error: { code: 'upstream_not_allowed' } });
+  });
+
+  it('connects to pod addresses', () => {
+    for (const ip of ['10.0.0.7', '172.16.3.4', '192.168.1.1', '100.64.0.1', '8.8.8.8', 'fd00::1', '2001:db8::1', '::ffff:10.0.0.7']) {
+      expect(upstreamAllowed(ip, false), ip).toBe(true);
+    }
   });
 });
 
