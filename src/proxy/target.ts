@@ -23,6 +23,7 @@ import { isRunning, type Route } from '../routes/route.js';
 /** Every way the data plane answers a request itself; stable, documented in docs/data-plane.md. */
 export type DataPlaneErrorCode =
   | 'sandbox_not_specified'
+  | 'sandbox_conflict'
   | 'invalid_port'
   | 'unsupported_upgrade'
   | 'sandbox_not_found'
@@ -40,6 +41,7 @@ export type DataPlaneErrorCode =
 
 export const ERROR_STATUS: Readonly<Record<DataPlaneErrorCode, number>> = Object.freeze({
   sandbox_not_specified: 400,
+  sandbox_conflict: 400,
   invalid_port: 400,
   unsupported_upgrade: 400,
   sandbox_not_found: 404,
@@ -263,8 +265,28 @@ function withoutTrailingDot(name: string): string {
 export function mapRequest(request: SandboxRequest, options: MappingOptions): MappingResult {
   const target = originForm(request.url ?? '/');
   const { pathname, search } = splitRequestTarget(target);
-  const mapped = fromPath(pathname, search) ?? fromHeaders(request.headers, target, options) ?? fromHost(request, target, options);
-  if (mapped) return mapped;
+  const mapped = fromPath(pathname, search) ?? fromHeaders(request.headers, target, options);
+  if (mapped) {
+    // With ROUTESYNC_PROXY_DOMAIN, a host that names a sandbox (`<port>-<id>.<proxyDomain>`) is
+    // that sandbox's own origin in a browser. A path or header form naming another sandbox
+    // would serve the other's content under it: the first one's cookies sent to the other, the
+    // other's scripts same-origin with the first. The forms keep their order; two that disagree
+    // on the sandbox are refused. (Without a proxy domain any `<port>-<id>.<anything>` host
+    // matches the host form, so nothing says such a host is a sandbox's origin: SPEC order alone.)
+    if (mapped.ok && options.proxyDomain !== '') {
+      const byHost = fromHost(request, target, options);
+      if (byHost?.ok && byHost.address.sandboxId !== mapped.address.sandboxId) {
+        return {
+          ok: false,
+          sandboxId: mapped.address.sandboxId,
+          error: dataPlaneError('sandbox_conflict', `the host names one sandbox and the ${mapped.address.form === 'path' ? 'path' : 'headers'} another`),
+        };
+      }
+    }
+    return mapped;
+  }
+  const byHost = fromHost(request, target, options);
+  if (byHost) return byHost;
   return {
     ok: false,
     error: dataPlaneError(

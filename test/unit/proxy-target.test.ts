@@ -29,6 +29,21 @@ describe('mapRequest', () => {
     expect(mapRequest({ url: '/kruise/sb/3000?q=1', headers: {} }, options)).toMatchObject({ ok: true, address: { upstreamPath: '/?q=1' } });
   });
 
+  it('with a proxy domain, refuses a path or header form naming another sandbox than the host (that host is the other sandbox\'s browser origin)', () => {
+    const withDomain = { ...options, proxyDomain: 'sb.example.com' };
+    const victimHost = { host: '8080-victim.sb.example.com', cookie: 'session=victim' };
+    expect(mapRequest({ url: '/kruise/attacker/8080/evil.html', headers: victimHost }, withDomain)).toMatchObject({
+      ok: false,
+      error: { code: 'sandbox_conflict', status: 400 },
+    });
+    expect(mapRequest({ url: '/', headers: { ...victimHost, 'e2b-sandbox-id': 'attacker' } }, withDomain)).toMatchObject({ ok: false, error: { code: 'sandbox_conflict' } });
+    // The same sandbox through both, or a host that names none: the forms keep their order.
+    expect(mapRequest({ url: '/kruise/victim/3000/x', headers: victimHost }, withDomain)).toMatchObject({ ok: true, address: { form: 'path', sandboxId: 'victim', port: 3000 } });
+    expect(mapRequest({ url: '/kruise/attacker/8080/x', headers: { host: 'proxy.example.com' } }, withDomain)).toMatchObject({ ok: true, address: { form: 'path', sandboxId: 'attacker' } });
+    // Without one, the SPEC's order alone: the path wins.
+    expect(mapRequest({ url: '/kruise/attacker/8080/x', headers: victimHost }, options)).toMatchObject({ ok: true, address: { form: 'path', sandboxId: 'attacker' } });
+  });
+
   it('every form carries the target to send upstream, as sent: never normalised', () => {
     const target = "/a/../b\\c/%2e%2e?sig='x'&q=1";
     expect(mapRequest({ url: `/kruise/sb/3000${target}`, headers: {} }, options)).toMatchObject({ ok: true, address: { upstreamPath: target } });
