@@ -87,6 +87,19 @@ export function headerTokens(text: string): Set<string> {
   return tokens;
 }
 
+/** Headers this hop sets itself; a client's value is replaced. */
+const SET_REQUEST_HEADERS = new Set(['host', 'x-forwarded-for', 'x-forwarded-proto', 'x-forwarded-host']);
+
+/**
+ * `X_Forwarded_Proto` for `X-Forwarded-Proto`: CGI, WSGI and Rack turn both into
+ * `HTTP_X_FORWARDED_PROTO`, so a client's underscore spelling of a header this hop drops or sets
+ * would reach the application as that header (nginx drops underscore headers for this reason).
+ */
+function isUnderscoreTwin(name: string): boolean {
+  const dashed = name.replaceAll('_', '-');
+  return DROPPED_REQUEST_HEADERS.has(dashed) || SET_REQUEST_HEADERS.has(dashed);
+}
+
 export interface ForwardingContext {
   /**
    * The request target as the client sent it (`req.url`, before it is rewritten): an
@@ -118,6 +131,7 @@ export function upstreamRequestHeaders(headers: IncomingHttpHeaders, context: Fo
   for (const name in headers) {
     if (DROPPED_REQUEST_HEADERS.has(name)) continue;
     if (listed.has(name) && !PROTECTED_HEADERS.has(name)) continue;
+    if (name.includes('_') && isUnderscoreTwin(name)) continue;
     out[name] = headers[name];
   }
   if (context.upgrade) {

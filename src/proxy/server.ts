@@ -520,6 +520,16 @@ export class DataPlane {
     });
     if (this.draining) res.shouldKeepAlive = false;
 
+    // Node decodes only `chunked`, and takes a list that ends with it (`identity, chunked`) as
+    // chunked; passed on as written, such a value could make the sandbox's parser frame the
+    // body otherwise than Node did, on a connection shared by every client of the sandbox
+    // (request smuggling). Any coding but `chunked` alone is refused (RFC 9112 §6.1: 501).
+    const codings = req.headers['transfer-encoding'];
+    if (codings !== undefined && codings.trim().toLowerCase() !== 'chunked') {
+      this.respondError(exchange, res, dataPlaneError('unsupported_transfer_coding', 'the only transfer coding proxied is chunked, alone'));
+      return;
+    }
+
     const decision = decide(req, (id) => this.table.getById(id), this.config);
     if (!decision.ok) {
       exchange.sandboxId = decision.sandboxId;

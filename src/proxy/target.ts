@@ -26,6 +26,7 @@ export type DataPlaneErrorCode =
   | 'sandbox_conflict'
   | 'invalid_port'
   | 'unsupported_upgrade'
+  | 'unsupported_transfer_coding'
   | 'sandbox_not_found'
   | 'traffic_token_missing'
   | 'traffic_token_invalid'
@@ -44,6 +45,7 @@ export const ERROR_STATUS: Readonly<Record<DataPlaneErrorCode, number>> = Object
   sandbox_conflict: 400,
   invalid_port: 400,
   unsupported_upgrade: 400,
+  unsupported_transfer_coding: 501,
   sandbox_not_found: 404,
   traffic_token_missing: 401,
   traffic_token_invalid: 401,

@@ -587,6 +587,46 @@ describe('headers', () => {
     expect(seen['x-forwarded-for']).toBe('127.0.0.1');
   });
 
+  it('drops the underscore spellings of the headers it drops or sets, which CGI-style servers read as the same header', async () => {
+    dp.setRoute({ id: 'hdr-underscore', ip: upstream.host });
+    const twins = {
+      x_forwarded_proto: 'https',
+      x_forwarded_host: 'bank.example',
+      x_forwarded_for: '198.51.100.66',
+      x_real_ip: '198.51.100.66',
+      x_access_token: 'forged',
+      e2b_sandbox_id: 'other',
+      'x-custom_header': 'kept',
+    };
+    const reply = await send(dp.address, { path: `/kruise/hdr-underscore/${upstream.port}/`, headers: twins });
+    const seen = reply.json<Echo>().headers;
+    for (const name of Object.keys(twins).filter((name) => name !== 'x-custom_header')) expect(seen[name], name).toBeUndefined();
+    expect(seen['x-custom_header'], 'an underscore header that is no twin passes').toBe('kept');
+    expect(seen['x-forwarded-proto']).toBe('http');
+  });
+
+  it('refuses a transfer coding other than chunked alone (501), which the sandbox could frame otherwise than Node did', async () => {
+    dp.setRoute({ id: 'te', ip: upstream.host });
+    const post = (codings: string): Promise<string> =>
+      new Promise<string>((resolve, reject) => {
+        const socket = net.connect(dp.address.port, dp.address.address, () =>
+          socket.write(`POST /kruise/te/${upstream.port}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: ${codings}\r\n\r\n3\r\nabc\r\n0\r\n\r\n`),
+        );
+        let received = '';
+        socket.on('data', (chunk: Buffer) => (received += chunk.toString('latin1')));
+        socket.on('close', () => resolve(received));
+        socket.on('error', reject);
+      });
+    for (const codings of ['identity, chunked', 'gzip, chunked']) {
+      const answer = await post(codings);
+      expect(answer, codings).toMatch(/^HTTP\/1\.1 501 /);
+      expect(answer.toLowerCase()).toContain('x-routesync-error: unsupported_transfer_coding');
+    }
+    expect(upstream.requests).toHaveLength(0);
+    expect(await post('Chunked')).toMatch(/^HTTP\/1\.1 200 /);
+    expect(upstream.requests).toHaveLength(1);
+  });
+
   it('answers carry no hop-by-hop headers from the sandbox', async () => {
     const custom = await startUpstream({
       host: '127.0.0.2',
