@@ -337,6 +337,13 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, argv: readonly 
   try {
     flags = parseArgs({ args: [...argv], options, strict: true, allowPositionals: false }).values as Record<string, string | undefined>;
   } catch (error) {
+    // A stray argument is often a flag's value cut off by a space (`--peer-token= s3cret`):
+    // named by position, never repeated, since it may be a secret.
+    if ((error as { code?: string }).code === 'ERR_PARSE_ARGS_UNEXPECTED_POSITIONAL') {
+      const { tokens } = parseArgs({ args: [...argv], options, strict: false, allowPositionals: true, tokens: true });
+      const position = (tokens.find((token) => token.kind === 'positional')?.index ?? 0) + 1;
+      throw new ConfigError('command line', `argument ${position} is not a --flag or --flag=value (its text is not shown: it may be a secret)`);
+    }
     throw new ConfigError('command line', (error as Error).message.split('\n')[0] ?? 'bad flag');
   }
 

@@ -48,6 +48,16 @@ describe('configuration', () => {
     expect(selfAddresses(written).size).toBeGreaterThan(1);
   });
 
+  it('never repeats a stray command-line argument, which may be a flag\'s secret value cut off by a space', () => {
+    let message = '';
+    try {
+      loadConfig({}, ['--sync-deadline-ms', '500', '--peer-token=', 's3cret-token-value']);
+    } catch (error) {
+      message = (error as Error).message;
+    }
+    expect(message).toBe('invalid command line: argument 4 is not a --flag or --flag=value (its text is not shown: it may be a secret)');
+  });
+
   it('never repeats the credentials of a URL-like value in its one line', () => {
     const cases: Record<string, string>[] = [
       { ROUTESYNC_PEERS: 'http://admin:s3cret@peer-0:7789' },
