@@ -56,6 +56,11 @@ export interface DataPlaneOptions {
    */
   readonly webSocketCloseTimeoutMs?: number;
   /**
+   * How often open WebSockets are checked against their routes (a sandbox paused, deleted or
+   * moved, its token rotated: the WebSocket is closed, 1001). Default 1000 ms.
+   */
+  readonly webSocketRecheckMs?: number;
+  /**
    * Idle time after which a pooled upstream socket is closed. Default 4000 ms: below the 5 s
    * keep-alive timeout of a default Node.js server, so the agent drops a socket before the
    * sandbox does, instead of sending a request into a connection the sandbox is closing.
@@ -106,6 +111,10 @@ interface Exchange {
 interface ProxiedWebSocket {
   readonly client: Socket;
   readonly upstream: Socket;
+  /** The handshake's exchange: what it was admitted for, checked again while it is open. */
+  readonly exchange: Exchange;
+  /** Closed because its route no longer admits it (recheckWebSockets). */
+  revoked: boolean;
   toClient?: FrameRelay;
   toUpstream?: FrameRelay;
   readonly closed: Promise<void>;
@@ -133,6 +142,7 @@ function exchangeOf(req: IncomingMessage | undefined): Exchange | undefined {
 }
 
 export const DEFAULT_WS_CLOSE_TIMEOUT_MS = 1000;
+const DEFAULT_WS_RECHECK_MS = 1000;
 const DEFAULT_UPSTREAM_IDLE_SOCKET_TIMEOUT_MS = 4000;
 const DEFAULT_CLIENT_HEADERS_TIMEOUT_MS = 60_000;
 
@@ -425,6 +435,9 @@ export class DataPlane {
   private readonly upgrading = new Set<Socket>();
   private readonly webSockets = new Set<ProxiedWebSocket>();
   private readonly webSocketsByUpstream = new WeakMap<Socket, ProxiedWebSocket>();
+  private readonly recheckTimer: NodeJS.Timeout;
+  /** Rounds of recheckWebSockets so far (tests wait on it). */
+  private recheckRounds = 0;
   private draining = false;
   private closing: Promise<void> | undefined;
   private onQuietCheck: (() => void) | undefined;
@@ -435,6 +448,8 @@ export class DataPlane {
     this.metrics = options.metrics;
     this.logger = options.logger.child({ component: 'data-plane' });
     this.webSocketCloseTimeoutMs = options.webSocketCloseTimeoutMs ?? DEFAULT_WS_CLOSE_TIMEOUT_MS;
+    this.recheckTimer = setInterval(() => this.recheckWebSockets(), options.webSocketRecheckMs ?? DEFAULT_WS_RECHECK_MS);
+    this.recheckTimer.unref();
 
     this.agent = new UpstreamAgent({
       keepAlive: true,
@@ -922,7 +937,7 @@ export class DataPlane {
       this.upgrading.delete(client);
       exchange.outcome = 'proxied';
       this.record(exchange, 101);
-      this.trackWebSocket(client, upstream);
+      this.trackWebSocket(client, upstream, exchange);
     });
     // The sandbox answered the handshake with plain HTTP (404, 401...): the library relays it,
     // writing the status line and headers to the socket itself, right after this listener.
@@ -1011,13 +1026,38 @@ export class DataPlane {
     return false;
   }
 
-  private trackWebSocket(client: Socket, upstream: Socket): void {
+  /**
+   * An open WebSocket was admitted once, at its handshake; a route that changes afterwards (the
+   * sandbox paused, deleted or moved, its token rotated: a session revoked) closes it, 1001 to
+   * both ends, as a new handshake would be refused. Checked every webSocketRecheckMs: one
+   * reference comparison per open WebSocket when nothing changed.
+   */
+  private recheckWebSockets(): void {
+    this.recheckRounds++;
+    for (const ws of this.webSockets) {
+      const { exchange } = ws;
+      if (ws.revoked || exchange.admittedAddress === undefined) continue;
+      const current = this.table.getById(exchange.admittedAddress.sandboxId);
+      if (current === exchange.admittedRoute) continue;
+      const refusal = this.readmitted(exchange);
+      if (refusal === undefined) {
+        // Changed in nothing that admits it (a newer version, the same pod and token).
+        exchange.admittedRoute = current;
+        continue;
+      }
+      ws.revoked = true;
+      this.logger.info({ sandboxId: exchange.sandboxId, port: exchange.port, code: refusal.code }, 'websocket closed: its route no longer admits it');
+      void this.goAway(ws);
+    }
+  }
+
+  private trackWebSocket(client: Socket, upstream: Socket, exchange: Exchange): void {
     let resolveClosed!: () => void;
     const closed = new Promise<void>((resolve) => {
       resolveClosed = resolve;
     });
     if (upstream instanceof UpstreamSocket) upstream.toleratesClosedWrites = false;
-    const ws: ProxiedWebSocket = { client, upstream, closed };
+    const ws: ProxiedWebSocket = { client, upstream, exchange, revoked: false, closed };
     this.webSockets.add(ws);
     this.webSocketsByUpstream.set(upstream, ws);
     this.metrics.proxyWebsockets.inc();
@@ -1220,6 +1260,7 @@ export class DataPlane {
 
   private async shutdown(graceMs: number): Promise<void> {
     this.draining = true;
+    clearInterval(this.recheckTimer);
     const serverClosed = new Promise<void>((resolve) => {
       if (!this.server.listening) resolve();
       else this.server.close(() => resolve());

@@ -631,6 +631,45 @@ describe('a handshake pipelined behind a request still being answered', () => {
   });
 });
 
+describe('an open WebSocket whose route changes', () => {
+  /** Resolves with the close code, or fails after 5 s. */
+  function closedWithin(ws: WebSocket): Promise<number> {
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error('the WebSocket was not closed within 5 s')), 5000);
+      ws.once('close', (code: number) => {
+        clearTimeout(timer);
+        resolve(code);
+      });
+    });
+  }
+
+  it('is closed (1001) once its token is rotated or its sandbox paused or deleted, and kept through a change that still admits it', async () => {
+    await dp.close(0);
+    dp = await startDataPlane({ ROUTESYNC_PROXY_TIMEOUT_MS: '10000' }, { webSocketRecheckMs: 50, webSocketCloseTimeoutMs: 2000 });
+    const rounds = (): number => (dp.plane as unknown as { recheckRounds: number }).recheckRounds;
+    const path = `/kruise/ws/${upstream.port}/`;
+    dp.setRoute({ id: 'ws', ip: upstream.host, requireTrafficAuth: true, accessToken: 'tok-1' });
+    const first = await connect(path, { 'e2b-traffic-access-token': 'tok-1' });
+    // A newer version with the same pod and token: kept open, checks after it included.
+    dp.setRoute({ id: 'ws', ip: upstream.host, requireTrafficAuth: true, accessToken: 'tok-1' });
+    const start = rounds();
+    await waitUntil(() => rounds() >= start + 2, 5000, 'two rounds of checks');
+    expect(await echo(first, 'still admitted')).toBe('still admitted');
+    // The token rotated: the session it opened is revoked.
+    const revoked = closedWithin(first);
+    dp.setRoute({ id: 'ws', ip: upstream.host, requireTrafficAuth: true, accessToken: 'tok-2' });
+    expect(await revoked).toBe(1001);
+
+    for (const change of [() => dp.setRoute({ id: 'ws', ip: upstream.host, state: 'paused' }), () => dp.table.delete({ namespace: 'default', name: 'ws' })]) {
+      dp.setRoute({ id: 'ws', ip: upstream.host });
+      const ws = await connect(path);
+      const ended = closedWithin(ws);
+      change();
+      expect(await ended).toBe(1001);
+    }
+  });
+});
+
 describe('an open WebSocket', () => {
   it(`stays open and working well past the ${TIMEOUT_MS} ms HTTP timeout`, async () => {
     const ws = await connect(`/kruise/ws/${upstream.port}/`);
