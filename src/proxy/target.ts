@@ -359,6 +359,22 @@ export function upstreamAllowed(ip: string, allowLoopback: boolean): boolean {
   return !NEVER_UPSTREAM.check(ip, family);
 }
 
+/**
+ * upstreamAllowed for a route's IP, once per route object (routes are immutable: a change is a
+ * new object), so a request pays a WeakMap lookup instead of two BlockList checks (~2 µs here).
+ */
+const ALLOWED_ROUTES: Record<'loopback' | 'strict', WeakMap<Route, boolean>> = { loopback: new WeakMap(), strict: new WeakMap() };
+
+function routeAddressAllowed(route: Route, allowLoopback: boolean): boolean {
+  const cache = ALLOWED_ROUTES[allowLoopback ? 'loopback' : 'strict'];
+  let allowed = cache.get(route);
+  if (allowed === undefined) {
+    allowed = upstreamAllowed(route.ip, allowLoopback);
+    cache.set(route, allowed);
+  }
+  return allowed;
+}
+
 export function admit(address: SandboxAddress, route: Route | undefined, headers: IncomingHttpHeaders, options: Pick<MappingOptions, 'proxyAllowLoopback'> = {}): Admission {
   if (!route) return { ok: false, error: dataPlaneError('sandbox_not_found', `sandbox ${JSON.stringify(address.sandboxId)} is not known`) };
   if (route.requireTrafficAuth === true) {
@@ -384,7 +400,7 @@ export function admit(address: SandboxAddress, route: Route | undefined, headers
   if (route.ip === '' || isIP(route.ip) === 0 || route.ip.includes('%')) {
     return { ok: false, error: dataPlaneError('sandbox_no_ip', 'sandbox is running but has no pod IP yet') };
   }
-  if (!upstreamAllowed(route.ip, options.proxyAllowLoopback === true)) {
+  if (!routeAddressAllowed(route, options.proxyAllowLoopback === true)) {
     return { ok: false, error: dataPlaneError('upstream_not_allowed', "the sandbox's address is not one the data plane proxies to (loopback, link-local, multicast or unspecified)") };
   }
   return { ok: true, target: { host: route.ip, port: address.port, origin: upstreamOrigin(route.ip, address.port) } };
