@@ -809,8 +809,14 @@ export class DataPlane {
    * shutdown waits for it and destroys it at the end of its grace like any handshake.
    */
   private afterPendingAnswer(socket: Socket, handle: () => void): void {
+    // A client gone while it waited: its pending answer closed (unfinished, and still the
+    // socket's: Node no longer tends it), and nothing more will come.
+    if (socket.destroyed) {
+      this.onQuietCheck?.();
+      return;
+    }
     const pending = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage;
-    if (pending && !pending.writableFinished) {
+    if (pending && !pending.writableFinished && !pending.destroyed) {
       const onError = (): void => void socket.destroy();
       const onClose = (): void => {
         this.upgrading.delete(socket);
@@ -830,11 +836,7 @@ export class DataPlane {
       );
       return;
     }
-    if (socket.destroyed) {
-      this.onQuietCheck?.();
-      return;
-    }
-    if (socket.writableEnded) {
+    if (socket.writableEnded || pending?.destroyed === true) {
       socket.destroy();
       return;
     }

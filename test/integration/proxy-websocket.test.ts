@@ -585,6 +585,10 @@ describe('a handshake pipelined behind a request still being answered', () => {
       client.socket.resetAndDestroy();
       await waitUntil(async () => (await proxyRequestCount(dp.metrics, 'client_aborted')) >= 1, 5000, 'the pending request to end with its client');
       release?.();
+      // Nothing of it is left waiting: a socket still counted as upgrading would hold every
+      // later shutdown for its whole grace.
+      const upgrading = (): number => (dp.plane as unknown as { upgrading: Set<unknown> }).upgrading.size;
+      await waitUntil(() => upgrading() === 0, 5000, 'nothing left upgrading');
       expect(uncaught).toEqual([]);
       const ws = await connect(`/kruise/ws/${upstream.port}/`);
       expect(await echo(ws, 'still serving')).toBe('still serving');
