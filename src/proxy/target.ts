@@ -328,7 +328,7 @@ export function presentedToken(headers: IncomingHttpHeaders): string | undefined
  * the internet. Proxied to, they would reach this pod's own listeners (the local API has no
  * token: a client could rewrite the fleet's routes through it), the node, or the cloud's
  * metadata service. Unspecified (0.0.0.0 connects to loopback on Linux, as :: does), link-local
- * (169.254.169.254, fe80::), multicast, broadcast and reserved, IPv4-compatible IPv6; IPv4 rules
+ * (169.254.169.254, fe80::), multicast, broadcast, IPv4-compatible IPv6; IPv4 rules
  * cover IPv4-mapped IPv6 too (net.BlockList). Loopback has its own list: allowed only with
  * ROUTESYNC_PROXY_ALLOW_LOOPBACK, for a fleet on one machine.
  */
@@ -337,10 +337,12 @@ for (const [network, prefix] of [
   ['0.0.0.0', 8],
   ['169.254.0.0', 16],
   ['224.0.0.0', 4],
-  ['240.0.0.0', 4],
 ] as const) {
   NEVER_UPSTREAM.addSubnet(network, prefix, 'ipv4');
 }
+// Broadcast only: the rest of 240.0.0.0/4 (class E) is pod address space in some clusters
+// (GKE allows it for pod ranges).
+NEVER_UPSTREAM.addAddress('255.255.255.255', 'ipv4');
 for (const [network, prefix] of [
   ['::', 96],
   ['fe80::', 10],
@@ -423,10 +425,17 @@ export function readmit(
   if (current === admitted) return undefined;
   const admission = admit(address, current, headers, options);
   if (!admission.ok) return admission.error;
-  if (admission.target.host !== admitted.ip) {
+  if (!sameIp(admission.target.host, admitted.ip)) {
     return dataPlaneError('sandbox_moved', 'the sandbox moved to another address while the request waited for a connection; send it again');
   }
   return undefined;
+}
+
+/** One address however written (`fd00::1` is `fd00:0::1`); routes keep IPv6 as the manager wrote it. */
+function sameIp(a: string, b: string): boolean {
+  if (a === b) return true;
+  if (isIP(a) !== 6 || isIP(b) !== 6) return false;
+  return new URL(`http://[${a}]/`).hostname === new URL(`http://[${b}]/`).hostname;
 }
 
 /** Map and admit in one step: what the data plane calls on every request. */

@@ -2,7 +2,7 @@
 // hygiene.
 import { describe, expect, it } from 'vitest';
 import { cleanResponseHeaders, upstreamRequestHeaders } from '../../src/proxy/headers.js';
-import { admit, classifyUpstreamError, decide, mapRequest, originForm, parsePort, tokenMatches, upstreamAllowed, type SandboxAddress } from '../../src/proxy/target.js';
+import { admit, classifyUpstreamError, decide, mapRequest, originForm, parsePort, readmit, tokenMatches, upstreamAllowed, type SandboxAddress } from '../../src/proxy/target.js';
 import type { Route } from '../../src/routes/route.js';
 
 const options = { defaultSandboxPort: 49983, proxyDomain: '' };
@@ -140,7 +140,7 @@ describe('admit', () => {
 
 describe('upstreamAllowed', () => {
   it('never connects to an address that is no sandbox: unspecified, link-local (cloud metadata), multicast, broadcast, reserved', () => {
-    for (const ip of ['0.0.0.0', '0.1.2.3', '::', '169.254.169.254', '169.254.0.1', 'fe80::1', '224.0.0.1', '239.255.255.250', 'ff02::1', '255.255.255.255', '240.0.0.1', '::127.0.0.1', '::ffff:169.254.169.254', '::ffff:0.0.0.0']) {
+    for (const ip of ['0.0.0.0', '0.1.2.3', '::', '169.254.169.254', '169.254.0.1', 'fe80::1', '224.0.0.1', '239.255.255.250', 'ff02::1', '255.255.255.255', '::127.0.0.1', '::ffff:169.254.169.254', '::ffff:0.0.0.0']) {
       expect(upstreamAllowed(ip, true), ip).toBe(false);
       expect(admit(address, route({ ip }), {}, { proxyAllowLoopback: true }), ip).toMatchObject({ ok: false, error: { code: 'upstream_not_allowed', status: 403 } });
     }
@@ -155,9 +155,19 @@ describe('upstreamAllowed', () => {
   });
 
   it('connects to pod addresses', () => {
-    for (const ip of ['10.0.0.7', '172.16.3.4', '192.168.1.1', '100.64.0.1', '8.8.8.8', 'fd00::1', '2001:db8::1', '::ffff:10.0.0.7']) {
+    // 240.0.0.0/4 (class E) is pod address space in some clusters (GKE).
+    for (const ip of ['10.0.0.7', '172.16.3.4', '192.168.1.1', '100.64.0.1', '8.8.8.8', '240.1.2.3', 'fd00::1', '2001:db8::1', '::ffff:10.0.0.7']) {
       expect(upstreamAllowed(ip, false), ip).toBe(true);
     }
+  });
+});
+
+describe('readmit', () => {
+  it('lets a request go on through a change that respells its IPv6 address, and not through a move', () => {
+    const admitted = route({ ip: 'fd00::1' });
+    expect(readmit(address, admitted, route({ ip: 'fd00:0::1', resourceVersion: '2' }), {})).toBeUndefined();
+    expect(readmit(address, admitted, route({ ip: 'fd00::2', resourceVersion: '3' }), {})).toMatchObject({ code: 'sandbox_moved', status: 503 });
+    expect(readmit(address, admitted, route({ state: 'paused', resourceVersion: '4' }), {})).toMatchObject({ code: 'sandbox_not_running' });
   });
 });
 
