@@ -333,22 +333,18 @@ export function presentedToken(headers: IncomingHttpHeaders): string | undefined
  * ROUTESYNC_PROXY_ALLOW_LOOPBACK, for a fleet on one machine.
  */
 const NEVER_UPSTREAM = new BlockList();
-for (const [network, prefix] of [
-  ['0.0.0.0', 8],
-  ['169.254.0.0', 16],
-  ['224.0.0.0', 4],
+for (const [network, prefix, family] of [
+  ['0.0.0.0', 8, 'ipv4'],
+  ['169.254.0.0', 16, 'ipv4'],
+  ['224.0.0.0', 4, 'ipv4'],
+  // Broadcast only: the rest of 240.0.0.0/4 (class E) is pod address space in some clusters
+  // (GKE allows it for pod ranges).
+  ['255.255.255.255', 32, 'ipv4'],
+  ['::', 96, 'ipv6'],
+  ['fe80::', 10, 'ipv6'],
+  ['ff00::', 8, 'ipv6'],
 ] as const) {
-  NEVER_UPSTREAM.addSubnet(network, prefix, 'ipv4');
-}
-// Broadcast only: the rest of 240.0.0.0/4 (class E) is pod address space in some clusters
-// (GKE allows it for pod ranges).
-NEVER_UPSTREAM.addAddress('255.255.255.255', 'ipv4');
-for (const [network, prefix] of [
-  ['::', 96],
-  ['fe80::', 10],
-  ['ff00::', 8],
-] as const) {
-  NEVER_UPSTREAM.addSubnet(network, prefix, 'ipv6');
+  NEVER_UPSTREAM.addSubnet(network, prefix, family);
 }
 const LOOPBACK = new BlockList();
 LOOPBACK.addSubnet('127.0.0.0', 8, 'ipv4');
