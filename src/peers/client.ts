@@ -37,6 +37,12 @@ export class PeerRequestError extends Error {
   readonly code: string;
   readonly errorClass: PeerErrorClass;
   readonly transient: boolean;
+  /**
+   * The fleet's configuration, not the request: a 401/403 (the peer token) or a TLS handshake
+   * that failed on certificates (a CA rotated on some pods only, a certificate not valid yet).
+   * Not retried at once, but the changes stay queued and flow once it is fixed.
+   */
+  readonly configuration: boolean;
   readonly status: number | undefined;
   constructor(errorClass: PeerErrorClass, message: string, options: { cause?: unknown; status?: number; code?: string } = {}) {
     super(message, options.cause === undefined ? undefined : { cause: options.cause });
@@ -45,6 +51,7 @@ export class PeerRequestError extends Error {
     this.transient = TRANSIENT.has(errorClass);
     this.status = options.status;
     this.code = options.code ?? `ROUTESYNC_PEER_${errorClass.toUpperCase()}`;
+    this.configuration = errorClass === 'unauthorized' || (errorClass === 'protocol' && isTlsFailure(options.code));
   }
 }
 
@@ -99,11 +106,6 @@ const CODE_CLASSES: Readonly<Record<string, PeerErrorClass>> = {
   UND_ERR_RES_CONTENT_LENGTH_MISMATCH: 'reset',
   UND_ERR_REQ_CONTENT_LENGTH_MISMATCH: 'protocol',
   UND_ERR_INFO: 'protocol',
-  ERR_TLS_CERT_ALTNAME_INVALID: 'protocol',
-  UNABLE_TO_VERIFY_LEAF_SIGNATURE: 'protocol',
-  DEPTH_ZERO_SELF_SIGNED_CERT: 'protocol',
-  SELF_SIGNED_CERT_IN_CHAIN: 'protocol',
-  CERT_HAS_EXPIRED: 'protocol',
 };
 
 /** Map an HTTP status that is not 2xx to its class. */
@@ -157,6 +159,10 @@ function isParserError(error: unknown, code: string | undefined): boolean {
  * certificate not valid yet (clock skew), a revoked one.
  */
 const TLS_VERIFY_CODES: ReadonlySet<string> = new Set([
+  'UNABLE_TO_VERIFY_LEAF_SIGNATURE',
+  'DEPTH_ZERO_SELF_SIGNED_CERT',
+  'SELF_SIGNED_CERT_IN_CHAIN',
+  'CERT_HAS_EXPIRED',
   'UNABLE_TO_GET_ISSUER_CERT',
   'UNABLE_TO_GET_CRL',
   'UNABLE_TO_DECRYPT_CERT_SIGNATURE',

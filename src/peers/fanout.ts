@@ -548,7 +548,7 @@ export class PeerSync {
     // does: its earlier timeouts no longer count toward ejecting it, nor make the next push a
     // re-send that lifecycle calls stop waiting for.
     if (error.errorClass === 'http_4xx') peer.consecutiveFailures = 0;
-    if (!error.transient && error.errorClass !== 'unauthorized') return;
+    if (!error.transient && !error.configuration) return;
     peer.consecutiveFailures++;
     if (!peer.ejected && !peer.removed && peer.consecutiveFailures >= this.config.ejectAfterFailures) this.eject(peer);
   }
@@ -563,12 +563,13 @@ export class PeerSync {
       return;
     }
     // Transient failures (and shutdown) keep the changes for background delivery; a permanent
-    // failure (a 4xx) drops them: sending the same bytes again cannot succeed. A 401/403 is the
-    // fleet's configuration, not these bytes (a token Secret rotated on some pods only): they are
+    // failure (a 4xx) drops them: sending the same bytes again cannot succeed. A 401/403 or a
+    // TLS handshake failed on certificates is the fleet's configuration, not these bytes (a
+    // token Secret or a CA rotated on some pods only): they are
     // kept, re-sent after a back-off like a transient failure until the peer is ejected, and
     // sent once the configuration is fixed; and the calls it ejects the peer for are told
     // `pending: ejected`, which must mean their changes are still owed.
-    const requeue = error.transient || error.errorClass === 'aborted' || error.errorClass === 'unauthorized';
+    const requeue = error.transient || error.errorClass === 'aborted' || error.configuration;
     const dropped = peer.outbox.failInFlight({ status: 'failed', errorClass: error.errorClass }, requeue);
     if (dropped.length > 0) this.countDropped(peer, dropped.length);
     if (error.errorClass === 'aborted') return;

@@ -164,6 +164,24 @@ describe.skipIf(!hasOpenssl)('peer TLS', () => {
     }
   });
 
+  it('keeps the changes for a peer whose certificate its CA did not sign, as for a 401: the fleet\'s configuration, fixed by a rollout', async () => {
+    // A replica of its own (the file's cluster must keep identical tables), and a peer whose
+    // certificate comes from another CA.
+    const [a] = (await startCluster(1, { ROUTESYNC_PEER_TLS_CERT: pki.cert, ROUTESYNC_PEER_TLS_KEY: pki.key, ROUTESYNC_PEER_TLS_CA: pki.ca })) as [TestReplica];
+    const rogue = await startCluster(1, { ROUTESYNC_PEER_TLS_CERT: pki.otherCert, ROUTESYNC_PEER_TLS_KEY: pki.otherKey, ROUTESYNC_PEER_TLS_CA: pki.otherCa });
+    try {
+      a.replica.sync.setPeers([rogue[0]!.replica.addresses.peer]);
+      const put = await putRoute(a.api, makeRoute());
+      expect([...put.body.sync.failed, ...put.body.sync.pending]).toHaveLength(1);
+      await waitUntil(() => a.replica.sync.status()[0]?.lastFailure?.errorClass === 'protocol', 10_000, 'the failed handshake');
+      // Still queued, not dropped like a garbled answer; and it counts toward ejecting the peer.
+      expect(a.replica.sync.status()[0]).toMatchObject({ pendingRoutes: 1 });
+      expect(a.replica.sync.status()[0]!.consecutiveFailures).toBeGreaterThanOrEqual(1);
+    } finally {
+      await stopAll([a, ...rogue]);
+    }
+  });
+
   it('a TLS failure that is not one of the few codes named is still a permanent protocol failure, not "unknown"', async () => {
     const [a] = cluster as [TestReplica];
     // A peer still on plain HTTP (a rollout that turns TLS on): the handshake reads an HTTP answer.
