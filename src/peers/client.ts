@@ -39,7 +39,8 @@ export class PeerRequestError extends Error {
   readonly transient: boolean;
   /**
    * The fleet's configuration, not the request: a 401/403 (the peer token) or a TLS handshake
-   * that failed on certificates (a CA rotated on some pods only, a certificate not valid yet).
+   * that failed (a CA rotated on some pods only, a certificate not valid yet, a peer still on
+   * plain HTTP during a rollout that turns TLS on).
    * Not retried at once, but the changes stay queued and flow once it is fixed.
    */
   readonly configuration: boolean;
