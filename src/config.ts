@@ -209,7 +209,7 @@ export function formatHostPort(host: string, port: number): string {
   return isIP(host) === 6 ? `[${canonicalIpv6(host)}]:${port}` : `${host.toLowerCase()}:${port}`;
 }
 
-function canonicalIpv6(address: string): string {
+export function canonicalIpv6(address: string): string {
   try {
     return new URL(`http://[${address}]/`).hostname.slice(1, -1);
   } catch {

@@ -13,6 +13,7 @@ import { Agent, buildConnector, type Dispatcher } from 'undici';
 import { tlsOptions, type PeerTlsMaterial } from '../config.js';
 import type { RouteChange } from '../routes/route.js';
 import { changeToWire } from '../routes/route.js';
+import { LOCAL_RESOURCE_CODES } from '../system-errors.js';
 
 /** Stable error classes; they label metrics and appear in sync outcomes. */
 export type PeerErrorClass =
@@ -94,12 +95,9 @@ const CODE_CLASSES: Readonly<Record<string, PeerErrorClass>> = {
   EADDRNOTAVAIL: 'unreachable',
   EAI_AGAIN: 'dns',
   ENOTFOUND: 'dns',
-  // This replica short of what a connection needs (file descriptors, socket buffers, memory): it
-  // passes when connections close, and the changes must not be dropped meanwhile.
-  EMFILE: 'local_resources',
-  ENFILE: 'local_resources',
-  ENOBUFS: 'local_resources',
-  ENOMEM: 'local_resources',
+  // This replica short of what a connection needs (LOCAL_RESOURCE_CODES): the changes must not
+  // be dropped meanwhile.
+  ...Object.fromEntries([...LOCAL_RESOURCE_CODES].map((code) => [code, 'local_resources' as const])),
   ROUTESYNC_ABORTED: 'aborted',
   UND_ERR_ABORTED: 'aborted',
   ABORT_ERR: 'aborted',

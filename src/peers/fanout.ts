@@ -564,9 +564,9 @@ export class PeerSync {
     }
     // Transient failures (and shutdown) keep the changes for background delivery; a permanent
     // failure (a 4xx) drops them: sending the same bytes again cannot succeed. A 401/403 or a
-    // failed TLS handshake is the fleet's configuration, not these bytes (a
-    // token Secret or a CA rotated on some pods only): they are
-    // kept, re-sent after a back-off like a transient failure until the peer is ejected, and
+    // failed TLS handshake is the fleet's configuration, not these bytes (a token Secret or a
+    // CA rotated on some pods only): they are kept, re-sent after a back-off like a transient
+    // failure until the peer is ejected, and
     // sent once the configuration is fixed; and the calls it ejects the peer for are told
     // `pending: ejected`, which must mean their changes are still owed.
     const requeue = error.transient || error.errorClass === 'aborted' || error.configuration;

@@ -1038,10 +1038,11 @@ export class DataPlane {
     this.recheckRounds++;
     for (const ws of this.webSockets) {
       const { exchange } = ws;
-      if (ws.revoked || exchange.admittedAddress === undefined) continue;
-      const current = this.table.getById(exchange.admittedAddress.sandboxId);
-      if (current === exchange.admittedRoute) continue;
-      const refusal = this.readmitted(exchange);
+      const { admittedRoute, admittedAddress, clientHeaders } = exchange;
+      if (ws.revoked || admittedRoute === undefined || admittedAddress === undefined || clientHeaders === undefined) continue;
+      const current = this.table.getById(admittedAddress.sandboxId);
+      if (current === admittedRoute) continue;
+      const refusal = readmit(admittedAddress, admittedRoute, current, clientHeaders, this.config);
       if (refusal === undefined) {
         // Changed in nothing that admits it (a newer version, the same pod and token).
         exchange.admittedRoute = current;
@@ -1174,8 +1175,7 @@ export class DataPlane {
   private readmitted(exchange: Exchange): DataPlaneError | undefined {
     const { admittedRoute, admittedAddress, clientHeaders } = exchange;
     if (admittedRoute === undefined || admittedAddress === undefined || clientHeaders === undefined) return undefined;
-    const current = this.table.getById(admittedAddress.sandboxId);
-    return current === admittedRoute ? undefined : readmit(admittedAddress, admittedRoute, current, clientHeaders, this.config);
+    return readmit(admittedAddress, admittedRoute, this.table.getById(admittedAddress.sandboxId), clientHeaders, this.config);
   }
 
   /** The library's target: a literal IP from the route and the requested port, nothing else. */

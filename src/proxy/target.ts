@@ -18,7 +18,9 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
 import type { IncomingHttpHeaders } from 'node:http';
 import { BlockList, isIP } from 'node:net';
+import { canonicalIpv6 } from '../config.js';
 import { isRunning, type Route } from '../routes/route.js';
+import { LOCAL_RESOURCE_CODES } from '../system-errors.js';
 
 /** Every way the data plane answers a request itself; stable, documented in docs/data-plane.md. */
 export type DataPlaneErrorCode =
@@ -321,7 +323,6 @@ export function presentedToken(headers: IncomingHttpHeaders): string | undefined
   return undefined;
 }
 
-/** Decide whether a request for `address` may go to `route`, and where. */
 /**
  * Addresses that are no sandbox's, whatever a route says: a route is data any peer (or a
  * `/refresh` from anything the NetworkPolicy admits) can write, and the data plane is open to
@@ -373,6 +374,7 @@ function routeAddressAllowed(route: Route, allowLoopback: boolean): boolean {
   return allowed;
 }
 
+/** Decide whether a request for `address` may go to `route`, and where. */
 export function admit(address: SandboxAddress, route: Route | undefined, headers: IncomingHttpHeaders, options: Pick<MappingOptions, 'proxyAllowLoopback'> = {}): Admission {
   if (!route) return { ok: false, error: dataPlaneError('sandbox_not_found', `sandbox ${JSON.stringify(address.sandboxId)} is not known`) };
   if (route.requireTrafficAuth === true) {
@@ -431,7 +433,7 @@ export function readmit(
 function sameIp(a: string, b: string): boolean {
   if (a === b) return true;
   if (isIP(a) !== 6 || isIP(b) !== 6) return false;
-  return new URL(`http://[${a}]/`).hostname === new URL(`http://[${b}]/`).hostname;
+  return canonicalIpv6(a) === canonicalIpv6(b);
 }
 
 /** Map and admit in one step: what the data plane calls on every request. */
@@ -463,17 +465,12 @@ const UNREACHABLE_CODES = new Set([
   'ENOTCONN',
 ]);
 
-/**
- * This replica could not open the connection: out of file descriptors (its own limit or the
- * system's), socket buffers or memory. Not the sandbox's failure, so not a 502: a 503 with
- * Retry-After, which an ingress retries on another replica.
- */
-const LOCAL_RESOURCE_CODES = new Set(['EMFILE', 'ENFILE', 'ENOBUFS', 'ENOMEM']);
-
 /** One upstream error -> the answer. Timeouts are decided by the caller (it owns the timer). */
 export function classifyUpstreamError(error: unknown): DataPlaneError {
   const code = typeof error === 'object' && error !== null && 'code' in error ? String((error as { code: unknown }).code) : '';
   if (code.startsWith('HPE_')) return dataPlaneError('upstream_protocol_error', 'the sandbox sent a response that is not valid HTTP');
+  // This replica could not open the connection: not the sandbox's failure, so not a 502 but a
+  // 503 with Retry-After, which an ingress retries on another replica.
   if (LOCAL_RESOURCE_CODES.has(code)) {
     return dataPlaneError('proxy_overloaded', 'this proxy replica is out of file descriptors or socket buffers; try again');
   }
