@@ -76,7 +76,8 @@ export interface DataPlaneOptions {
 }
 
 /** What a request ended as: the metric label and the access log's `outcome`. */
-export type ProxyOutcome = 'proxied' | 'client_aborted' | DataPlaneErrorCode;
+/** route_changed: an answer cut while it streamed, its route no longer admitting it (recheckResponse). */
+export type ProxyOutcome = 'proxied' | 'client_aborted' | 'route_changed' | DataPlaneErrorCode;
 
 interface Exchange {
   readonly kind: 'http' | 'websocket';
@@ -677,6 +678,18 @@ export class DataPlane {
         if (!req.complete) proxyReq?.destroy();
       });
     }
+    // A long answer (an event stream, a download, a long poll) was admitted once, at its
+    // request. Once a recheck round has passed since it was last checked, its next chunk is
+    // checked against its route first (one counter comparison per chunk otherwise): a route
+    // that would refuse the request now cuts it before that chunk reaches the client, as an
+    // open WebSocket is closed (recheckWebSockets). This listener comes before the library's
+    // pipe, so it sees each chunk first.
+    let checkedRound = this.recheckRounds;
+    proxyRes.on('data', () => {
+      if (checkedRound === this.recheckRounds) return;
+      checkedRound = this.recheckRounds;
+      this.recheckResponse(exchange, proxyRes, res);
+    });
     // Node writes a response's headers with its first body bytes: an answer that starts before
     // its body (an event stream, a long poll) reached the client only with its first event, and
     // a client waiting for the headers (EventSource's open, fetch) waited that long. Once the
@@ -1052,6 +1065,23 @@ export class DataPlane {
       this.logger.info({ sandboxId: exchange.sandboxId, port: exchange.port, code: refusal.code }, 'websocket closed: its route no longer admits it');
       void this.goAway(ws);
     }
+  }
+
+  /** A streaming answer whose route no longer admits its request is cut (see onProxyResponse). */
+  private recheckResponse(exchange: Exchange, proxyRes: IncomingMessage, res: ServerResponse): void {
+    const { admittedAddress } = exchange;
+    if (admittedAddress === undefined || exchange.outcome !== undefined) return;
+    const current = this.table.getById(admittedAddress.sandboxId);
+    if (current === exchange.admittedRoute) return;
+    const refusal = this.readmitted(exchange);
+    if (refusal === undefined) {
+      exchange.admittedRoute = current;
+      return;
+    }
+    exchange.outcome = 'route_changed';
+    this.logger.info({ sandboxId: exchange.sandboxId, port: exchange.port, code: refusal.code }, 'response cut: its route no longer admits it');
+    proxyRes.destroy();
+    res.destroy();
   }
 
   private trackWebSocket(client: Socket, upstream: Socket, exchange: Exchange): void {

@@ -8,6 +8,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { ERROR_STATUS } from '../../src/proxy/target.js';
 import { proxyRequestCount, send, startDataPlane, type TestDataPlane } from '../helpers/data-plane.js';
 import { startUpstream, unusedPort, type Upstream } from '../helpers/upstream.js';
+import { waitUntil } from '../helpers/wait.js';
 
 interface Echo {
   name: string;
@@ -239,6 +240,104 @@ describe('a route change applies to the next request', () => {
     const reply = await send(dp.address, { path: `/kruise/sbx-gone/${upstream.port}/` });
     expect(reply.status).toBe(404);
     expect(reply.json<ErrorAnswer>().error.code).toBe('sandbox_not_found');
+  });
+});
+
+describe('a streaming answer whose route changes', () => {
+  interface Stream {
+    /** The events received so far, as text. */
+    text(): string;
+    ended(): boolean;
+    /** How the client saw it end: 'end' for a whole answer, 'aborted' for one cut off. */
+    how(): 'end' | 'aborted' | undefined;
+  }
+
+  function openStream(path: string, headers: Record<string, string> = {}): Promise<Stream> {
+    return new Promise((resolve, reject) => {
+      const req = http.get({ host: dp.address.address, port: dp.address.port, path, headers, agent: false });
+      req.on('error', reject);
+      req.on('response', (res) => {
+        let text = '';
+        let how: 'end' | 'aborted' | undefined;
+        res.setEncoding('utf8');
+        res.on('data', (chunk: string) => void (text += chunk));
+        res.on('end', () => void (how ??= 'end'));
+        res.on('aborted', () => void (how ??= 'aborted'));
+        res.on('error', () => void (how ??= 'aborted'));
+        resolve({ text: () => text, ended: () => how !== undefined, how: () => how });
+      });
+    });
+  }
+
+  it('is cut before its next event once its token is rotated, its sandbox paused, deleted or moved, and kept through a change that still admits it', async () => {
+    // The sandbox writes an event when told to, to every stream it holds.
+    const streams = new Set<http.ServerResponse>();
+    const events = await startUpstream({
+      name: 'events',
+      handler: (_req, res) => {
+        res.writeHead(200, { 'content-type': 'text/event-stream' });
+        res.write('data: open\n\n');
+        streams.add(res);
+        res.on('close', () => streams.delete(res));
+      },
+    });
+    const emit = (data: string): void => {
+      for (const res of streams) res.write(`data: ${data}\n\n`);
+    };
+    await dp.close(0);
+    dp = await startDataPlane({ ROUTESYNC_PROXY_TIMEOUT_MS: '10000' }, { webSocketRecheckMs: 50 });
+    const rounds = (): number => (dp.plane as unknown as { recheckRounds: number }).recheckRounds;
+    const afterTwoRounds = async (): Promise<void> => {
+      const start = rounds();
+      await waitUntil(() => rounds() >= start + 2, 5000, 'two rounds of checks');
+    };
+    try {
+      const path = `/kruise/sse/${events.port}/events`;
+      dp.setRoute({ id: 'sse', ip: events.host, requireTrafficAuth: true, accessToken: 'sse-tok-1' });
+      const kept = await openStream(path, { 'e2b-traffic-access-token': 'sse-tok-1' });
+      await waitUntil(() => kept.text().includes('data: open'), 5000, 'the stream to open');
+      // A newer version with the same pod and token still admits it.
+      dp.setRoute({ id: 'sse', ip: events.host, requireTrafficAuth: true, accessToken: 'sse-tok-1' });
+      await afterTwoRounds();
+      emit('still admitted');
+      await waitUntil(() => kept.text().includes('data: still admitted'), 5000, 'the event after a change that still admits it');
+
+      // The token rotated: the stream it opened gets no further event.
+      dp.setRoute({ id: 'sse', ip: events.host, requireTrafficAuth: true, accessToken: 'sse-tok-2' });
+      await afterTwoRounds();
+      emit('secret after rotation');
+      await waitUntil(() => kept.ended(), 5000, 'the stream to be cut');
+      expect(kept.how()).toBe('aborted');
+      expect(kept.text()).not.toContain('secret after rotation');
+
+      const moved = await startUpstream({ name: 'moved', host: '127.0.0.2', port: events.port });
+      try {
+        const changes: [string, () => void][] = [
+          ['sandbox_not_running', () => dp.setRoute({ id: 'sse', ip: events.host, state: 'paused' })],
+          ['sandbox_not_found', () => dp.table.delete({ namespace: 'default', name: 'sse' })],
+          ['sandbox_moved', () => dp.setRoute({ id: 'sse', ip: moved.host })],
+        ];
+        for (const [code, change] of changes) {
+          dp.setRoute({ id: 'sse', ip: events.host });
+          const stream = await openStream(path);
+          await waitUntil(() => stream.text().includes('data: open'), 5000, 'the stream to open');
+          change();
+          await afterTwoRounds();
+          emit(`after ${code}`);
+          await waitUntil(() => stream.ended(), 5000, `the stream to be cut (${code})`);
+          expect(stream.how()).toBe('aborted');
+          expect(stream.text()).not.toContain(`after ${code}`);
+          expect(dp.logs.filter((line) => line.msg === 'response cut: its route no longer admits it').map((line) => line.code)).toContain(code);
+        }
+      } finally {
+        await moved.close();
+      }
+      await waitUntil(async () => (await proxyRequestCount(dp.metrics, 'route_changed')) === 4, 5000, 'four answers counted route_changed');
+      // Each cut stream's upstream connection is closed, not left to the sandbox.
+      await waitUntil(() => streams.size === 0, 5000, 'the sandbox to see every stream closed');
+    } finally {
+      await events.close();
+    }
   });
 });
 
