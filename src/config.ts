@@ -81,6 +81,11 @@ export interface Config {
   readonly proxyTimeoutMs: number;
   /** Sockets the data plane's upstream agent keeps per sandbox address. */
   readonly proxyMaxSockets: number;
+  /**
+   * How long a client may take no byte of an answer it is sent (its socket full, the answer
+   * held back) before the answer is cut and its upstream socket freed; 0: never (nginx's send_timeout).
+   */
+  readonly proxySendTimeoutMs: number;
   readonly accessLog: boolean;
   /** The data plane may proxy to a route on a loopback address (one machine: tests, demos). */
   readonly proxyAllowLoopback: boolean;
@@ -168,6 +173,7 @@ export const SETTINGS: Readonly<Record<string, Setting>> = {
   ROUTESYNC_PROXY_DOMAIN: { key: 'proxyDomain', kind: 'string', fallback: '' },
   ROUTESYNC_PROXY_TIMEOUT_MS: { key: 'proxyTimeoutMs', kind: 'int', fallback: '60000', min: 1, max: 3_600_000 },
   ROUTESYNC_PROXY_MAX_SOCKETS: { key: 'proxyMaxSockets', kind: 'int', fallback: '256', min: 1, max: 100_000 },
+  ROUTESYNC_PROXY_SEND_TIMEOUT_MS: { key: 'proxySendTimeoutMs', kind: 'int', fallback: '60000', min: 0, max: 3_600_000 },
   ROUTESYNC_ACCESS_LOG: { key: 'accessLog', kind: 'bool', fallback: 'true' },
   ROUTESYNC_PROXY_ALLOW_LOOPBACK: { key: 'proxyAllowLoopback', kind: 'bool', fallback: 'false' },
   ROUTESYNC_SHUTDOWN_GRACE_MS: { key: 'shutdownGraceMs', kind: 'int', fallback: '10000', min: 0, max: 600_000 },

@@ -76,8 +76,11 @@ export interface DataPlaneOptions {
 }
 
 /** What a request ended as: the metric label and the access log's `outcome`. */
-/** route_changed: an answer cut while it streamed, its route no longer admitting it (recheckResponse). */
-export type ProxyOutcome = 'proxied' | 'client_aborted' | 'route_changed' | DataPlaneErrorCode;
+/**
+ * route_changed: an answer cut while it streamed, its route no longer admitting it (recheckResponse).
+ * client_stalled: an answer cut because its client took none of it for proxySendTimeoutMs (watchSendStall).
+ */
+export type ProxyOutcome = 'proxied' | 'client_aborted' | 'route_changed' | 'client_stalled' | DataPlaneErrorCode;
 
 interface Exchange {
   readonly kind: 'http' | 'websocket';
@@ -98,6 +101,8 @@ interface Exchange {
   /** The upstream request from its creation, while it may still wait in the agent's queue (see UpstreamAgent). */
   upstreamRequest: ClientRequest | undefined;
   timer: NodeJS.Timeout | undefined;
+  /** Armed while the answer is held back by a full client socket (watchSendStall). */
+  stallTimer: NodeJS.Timeout | undefined;
   /** The wait for the response headers is the upstream socket's idle timer (a request with a body). */
   idleTimer: boolean;
   /** WebSocket: reads the client socket until the sandbox answers the handshake (see HandshakeClientReader). */
@@ -690,6 +695,8 @@ export class DataPlane {
       checkedRound = this.recheckRounds;
       this.recheckResponse(exchange, proxyRes, res);
     });
+    // The library's pipe pauses the answer while the client's socket is full.
+    if (this.config.proxySendTimeoutMs > 0) proxyRes.on('pause', () => this.watchSendStall(exchange, proxyRes, res));
     // Node writes a response's headers with its first body bytes: an answer that starts before
     // its body (an event stream, a long poll) reached the client only with its first event, and
     // a client waiting for the headers (EventSource's open, fetch) waited that long. Once the
@@ -764,6 +771,8 @@ export class DataPlane {
   private onResponseClose(exchange: Exchange, res: ServerResponse): void {
     clearTimeout(exchange.timer);
     exchange.timer = undefined;
+    clearTimeout(exchange.stallTimer);
+    exchange.stallTimer = undefined;
     // A client that went away while its request waited for a pooled socket.
     this.withdrawQueued(exchange);
     if (exchange.outcome === undefined) exchange.outcome = res.writableFinished ? 'proxied' : 'client_aborted';
@@ -1067,6 +1076,41 @@ export class DataPlane {
     }
   }
 
+  /**
+   * An answer held back because its client's socket is full holds a pooled upstream socket for
+   * as long as the client takes nothing: a client that opened many downloads and read none
+   * would hold every socket of the sandbox's pool, and every other client of that sandbox would
+   * wait for one until its 504. As nginx's send_timeout does, an answer of which the client has
+   * taken no byte for proxySendTimeoutMs is cut, its upstream socket freed. A quiet stream (an
+   * event stream between events) is not held back and is never cut by this.
+   */
+  private watchSendStall(exchange: Exchange, proxyRes: IncomingMessage, res: ServerResponse): void {
+    if (exchange.stallTimer !== undefined || exchange.outcome !== undefined) return;
+    const socket = res.socket;
+    if (!socket) return;
+    // Counts what was handed to the socket, its buffer included: unchanged while the answer is
+    // held back, since nothing more is written until the client has taken what is buffered.
+    let written = socket.bytesWritten;
+    const timer = setTimeout(() => {
+      if (res.destroyed || res.writableEnded || exchange.outcome !== undefined || !res.writableNeedDrain) {
+        exchange.stallTimer = undefined;
+        return;
+      }
+      if (socket.bytesWritten !== written) {
+        // It took some and is held back again: a new period.
+        written = socket.bytesWritten;
+        timer.refresh();
+        return;
+      }
+      exchange.stallTimer = undefined;
+      exchange.outcome = 'client_stalled';
+      this.logger.info({ sandboxId: exchange.sandboxId, port: exchange.port, timeoutMs: this.config.proxySendTimeoutMs }, 'response cut: its client took none of it');
+      proxyRes.destroy();
+      res.destroy();
+    }, this.config.proxySendTimeoutMs);
+    exchange.stallTimer = timer;
+  }
+
   /** A streaming answer whose route no longer admits its request is cut (see onProxyResponse). */
   private recheckResponse(exchange: Exchange, proxyRes: IncomingMessage, res: ServerResponse): void {
     const { admittedAddress } = exchange;
@@ -1192,6 +1236,7 @@ export class DataPlane {
       proxyReq: undefined,
       upstreamRequest: undefined,
       timer: undefined,
+      stallTimer: undefined,
       idleTimer: false,
       handshakeClient: undefined,
       admittedRoute: undefined,

@@ -568,6 +568,75 @@ describe('waiting for a pooled upstream socket', () => {
   });
 });
 
+describe('a client that takes none of its answer', () => {
+  const SEND_TIMEOUT_MS = 300;
+
+  /** A sandbox whose /big answer is 64 MiB and whose /quiet answer is two events a pause apart. */
+  async function sandbox(): Promise<Upstream> {
+    return startUpstream({
+      host: '127.0.0.2',
+      handler: (req, res) => {
+        if (req.url === '/quiet') {
+          res.writeHead(200, { 'content-type': 'text/event-stream' });
+          res.write('data: 1\n\n');
+          setTimeout(() => res.end('data: 2\n\n'), SEND_TIMEOUT_MS * 4);
+          return;
+        }
+        res.writeHead(200, { 'content-type': 'application/octet-stream' });
+        new PatternStream(64 * 1024 * 1024).pipe(res);
+      },
+    });
+  }
+
+  it(`is cut after ${SEND_TIMEOUT_MS} ms without taking a byte, freeing the sandbox's pool; a quiet stream and a client that reads in bursts are not`, async () => {
+    const upstream = await sandbox();
+    const plane = await startDataPlane({ ROUTESYNC_PROXY_TIMEOUT_MS: '30000', ROUTESYNC_PROXY_MAX_SOCKETS: '1', ROUTESYNC_PROXY_SEND_TIMEOUT_MS: String(SEND_TIMEOUT_MS) });
+    try {
+      plane.setRoute({ id: 'pool', ip: upstream.host });
+      // A client that asks for the download and never reads: the pool's only socket is held
+      // only until its answer is cut.
+      const stalled = net.connect(plane.address.port, plane.address.address);
+      stalled.on('error', () => {});
+      stalled.pause();
+      stalled.write(`GET /kruise/pool/${upstream.port}/big HTTP/1.1\r\nHost: x\r\n\r\n`);
+      await waitUntil(async () => (await proxyRequestCount(plane.metrics, 'client_stalled')) === 1, 10_000, 'one answer counted client_stalled');
+      stalled.destroy();
+      expect(plane.logs.some((line) => line.msg === 'response cut: its client took none of it')).toBe(true);
+      // The pool's only socket is free again: the next client is served.
+      const fresh = await send(plane.address, { path: `/kruise/pool/${upstream.port}/quiet` });
+      expect(fresh.status).toBe(200);
+      // That answer was quiet for 4x the send timeout between its two events, and whole.
+      expect(fresh.body.toString()).toBe('data: 1\n\ndata: 2\n\n');
+
+      // A client that stops reading for less than the timeout, again and again, gets it all.
+      const whole = await new Promise<number>((resolve, reject) => {
+        const req = http.get({ host: plane.address.address, port: plane.address.port, path: `/kruise/pool/${upstream.port}/big`, agent: false });
+        req.on('error', reject);
+        req.on('response', (res) => {
+          let bytes = 0;
+          const pauseNow = (): void => {
+            res.pause();
+            setTimeout(() => {
+              res.resume();
+              if (!res.complete) setTimeout(pauseNow, 20);
+            }, SEND_TIMEOUT_MS / 3);
+          };
+          pauseNow();
+          res.on('data', (chunk: Buffer) => (bytes += chunk.length));
+          res.on('end', () => resolve(bytes));
+          res.on('error', reject);
+          res.on('aborted', () => reject(new Error('the answer was cut')));
+        });
+      });
+      expect(whole).toBe(64 * 1024 * 1024);
+      expect(await proxyRequestCount(plane.metrics, 'client_stalled')).toBe(1);
+    } finally {
+      await plane.close(0);
+      await upstream.close();
+    }
+  });
+});
+
 describe('shutdown with HTTP requests in flight', () => {
   it('close(grace) lets every request in flight finish, then resolves without waiting out the grace', async () => {
     const held: http.ServerResponse[] = [];
