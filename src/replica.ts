@@ -66,6 +66,8 @@ export class Replica {
   readonly faults = new PeerFaults();
   /** DNS discovery, when ROUTESYNC_PEER_DNS is set. */
   dns: DnsDiscovery | undefined;
+  /** When the bootstrap timeout began: before the first DNS resolution, with DNS discovery. */
+  private bootstrapStartedAt: number | undefined;
   /** Settles when bootstrap is over and the replica is ready (or closed). */
   readonly bootstrapped: Promise<BootstrapOutcome>;
   private resolveBootstrapped!: (outcome: BootstrapOutcome) => void;
@@ -235,8 +237,10 @@ export class Replica {
     if (this.config.peerDns !== '') {
       this.dns = new DnsDiscovery({ config: this.config, self, staticPeers: fixedPeers, defaultPort: peer.port, sync: this.sync, metrics: this.metrics, logger: this.logger });
       // The first answer decides whom bootstrap asks; a failure is logged, and retried before
-      // bootstrap (discoverPeers) and then on the timer.
-      await this.dns.refresh();
+      // bootstrap (discoverPeers) and then on the timer. The bootstrap timeout counts from
+      // here: a DNS server that never answers costs at most that, not c-ares' own ~7 s first.
+      this.bootstrapStartedAt = Date.now();
+      await this.dns.within(this.config.bootstrapTimeoutMs);
     }
 
     // Fences expire on a timer of their own; TTL/10 (at most a minute) keeps expiry precise
@@ -302,11 +306,12 @@ export class Replica {
   private async discoverPeers(): Promise<BootstrapOptions> {
     const dns = this.dns;
     if (!dns) return {};
-    const started = Date.now();
+    const started = this.bootstrapStartedAt ?? Date.now();
+    const leftMs = (): number => Math.max(0, this.config.bootstrapTimeoutMs - (Date.now() - started));
     // Static peers are known peers to bootstrap from; without any, wait for DNS to name some.
-    const peersKnown = dns.resolved || (this.sync.peerCount === 0 && (await dns.awaitAnswer(this.config.bootstrapTimeoutMs)));
+    const peersKnown = dns.resolved || (this.sync.peerCount === 0 && (await dns.awaitAnswer(leftMs())));
     dns.start();
-    return { peersKnown, timeoutMs: Math.max(0, this.config.bootstrapTimeoutMs - (Date.now() - started)) };
+    return { peersKnown, timeoutMs: leftMs() };
   }
 
   refreshGauges(): void {

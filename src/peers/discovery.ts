@@ -76,6 +76,8 @@ export class DnsDiscovery {
   private closed = false;
   private lastGood: string[] | undefined;
   private readonly stop = new AbortController();
+  /** The resolution in flight: a refresh asked for meanwhile joins it, so none overlap. */
+  private inFlight: Promise<boolean> | undefined;
 
   /** The address family taken when the name has both A and AAAA records. */
   private readonly family: 4 | 6;
@@ -97,8 +99,32 @@ export class DnsDiscovery {
     if (servers.length > 0) this.resolver.setServers(servers);
   }
 
-  /** Resolve once and apply the answer; false (and the last good set kept) on failure. Never throws. */
-  async refresh(): Promise<boolean> {
+  /**
+   * Resolve once and apply the answer; false (and the last good set kept) on failure. Never
+   * throws. While one runs, another call gets the same answer: a resolution that outlived a
+   * caller's bound (within) is never overtaken by a newer one whose answer it would overwrite.
+   */
+  refresh(): Promise<boolean> {
+    this.inFlight ??= this.resolveOnce().finally(() => {
+      this.inFlight = undefined;
+    });
+    return this.inFlight;
+  }
+
+  /**
+   * refresh(), waited for at most `timeoutMs` (a silent DNS server costs c-ares three times
+   * its timeout, ~7 s at the defaults): true once an answer has been applied. A resolution still
+   * running then goes on and is applied when it ends.
+   */
+  async within(timeoutMs: number): Promise<boolean> {
+    const cutoff = new AbortController();
+    const signal = AbortSignal.any([this.stop.signal, cutoff.signal]);
+    await Promise.race([this.refresh(), delay(Math.max(0, timeoutMs), undefined, { signal }).catch(() => undefined)]);
+    cutoff.abort();
+    return this.resolved;
+  }
+
+  private async resolveOnce(): Promise<boolean> {
     const [v4, v6] = await Promise.allSettled([this.resolver.resolve4(this.name), this.resolver.resolve6(this.name)]);
     if (this.closed) return false;
     let failure: string | undefined;
@@ -148,10 +174,7 @@ export class DnsDiscovery {
       if (leftMs <= 0) break;
       const waited = await delay(Math.min(retryMs, leftMs), true, { signal: this.stop.signal }).catch(() => false);
       if (!waited || Date.now() >= deadline) break;
-      const cutoff = new AbortController();
-      const signal = AbortSignal.any([this.stop.signal, cutoff.signal]);
-      await Promise.race([this.refresh(), delay(Math.max(0, deadline - Date.now()), undefined, { signal }).catch(() => undefined)]);
-      cutoff.abort();
+      await this.within(deadline - Date.now());
     }
     return this.resolved;
   }

@@ -140,6 +140,34 @@ describe('DNS discovery', () => {
     expect(replica.reconciler.isSeeded()).toBe(false);
   });
 
+  it('a DNS server that never answers costs a starting replica its bootstrap timeout, not the resolver\'s own retries', async () => {
+    // c-ares against a silent server: two tries of up to 2 s (half the 5 s period), doubled for
+    // the retry, ~6-7 s before the first resolution fails. The replica is ready within its
+    // 600 ms bootstrap timeout all the same.
+    dns.mode = 'silent';
+    const logs = new LogSink();
+    const began = performance.now();
+    const replica = await Replica.start(
+      configFromEnv({
+        ...TEST_ENV,
+        ROUTESYNC_PEER_ADDR: '127.0.0.2:0',
+        ROUTESYNC_PEER_DNS: NAME,
+        ROUTESYNC_PEER_DNS_SERVERS: dns.address,
+        ROUTESYNC_PEER_DNS_INTERVAL_MS: '5000',
+        ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '600',
+      }),
+      { logDestination: logs, processMetrics: false },
+    );
+    nodes.push({ replica, logs, api: `http://${replica.addresses.api}`, requests: [] });
+    expect(await replica.bootstrapped).toBe('timeout');
+    const readyAfterMs = performance.now() - began;
+    expect(replica.isReady()).toBe(true);
+    expect(replica.reconciler.isSeeded()).toBe(false);
+    // Well under the resolver's ~6 s: the budget, plus a slow machine's start-up.
+    expect(readyAfterMs).toBeLessThan(4000);
+    expect(dns.queries).toBeGreaterThan(0);
+  });
+
   it('takes one address family when the name has A and AAAA records for the same pods (dual stack): each replica is one peer', async () => {
     // The AAAA records stand for the same two replicas' IPv6 addresses (unreachable here).
     dns.set(NAME, ['127.0.0.2', '127.0.0.3', 'fd00::2', 'fd00::3']);
