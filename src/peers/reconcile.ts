@@ -307,8 +307,12 @@ export class Reconciler {
   /**
    * Whether a queued change is still owed to peers (PeerSyncOptions.stillOwed), asked as it
    * leaves the outbox. A deletion always is. An upsert of an identity this table no longer holds
-   * is owed only while the identity's fence lives here (a peer without it would take the route
-   * and offer it back). One this table still holds is owed while it is the table's current route
+   * never is: what removed it (a delete, whose fence is at or above every version this table
+   * held) supersedes it, and the peer gets that from the delete's own pushes or a round. Pushed,
+   * it did nothing where the fence was, and a peer without it took the deleted route, for good
+   * once the fences had ended: a fence's time is this replica's own (a delete that removes a live
+   * route starts it then) and is not in the digest, so one here can outlive the same delete's
+   * fence on a peer by up to the gap between the two. One this table still holds is owed while it is the table's current route
    * and its local change is recent: any deletion that supersedes it was made later, so its fence
    * lives wherever it reached. Anything else (a replay's old stamp, a route since replaced by a
    * pull) is pushed only by a replica that is not suspect: a suspect one may have missed a
@@ -317,9 +321,7 @@ export class Reconciler {
   stillOwed(change: RouteChange, key: string): boolean {
     if (change.op !== 'upsert') return true;
     const route = this.table.getByKey(key);
-    // Within the fence's TTL, not while it is held past it for a peer that has not caught up: the
-    // peers' own fences of it may have ended by then, and one would take the route.
-    if (route === undefined) return this.table.fenceWithinTtl(key);
+    if (route === undefined) return false;
     if (change.route === route && this.changedLocallySince(route, this.trustedLocalChangeSince())) return true;
     return !this.isSuspect();
   }

@@ -318,12 +318,6 @@ export class RouteTable {
     return removed;
   }
 
-  /** Whether the identity's fence is still within its TTL (held past it or not: see isExpired). */
-  fenceWithinTtl(key: string): boolean {
-    const fence = this.liveFence(key);
-    return fence !== undefined && fence.fencedAtMs + this.tombstoneTtlMs > this.now();
-  }
-
   // --- digest and pull ----------------------------------------------------------------
 
   bucketOf(key: string): number {

@@ -352,6 +352,34 @@ describe('no resurrection', () => {
     for (let k = 0; k < 3; k++) for (const node of all) expect((await node.replica.reconciler.runRound()).result).not.toBe('failed');
     for (const node of all) expect(node.replica.table.get('zombie', name), 'the deleted route stays deleted').toBeUndefined();
   });
+
+  it('an upsert queued for a peer is not pushed once this replica holds a fence that supersedes it, even while that fence lives: the peer would serve the deleted sandbox', async () => {
+    // A fence's time is this replica's own (a delete that removes a live route starts it now) and
+    // is not in the digest, so a fence can live here past the same delete's fence elsewhere; a
+    // superseded upsert pushed then was taken by a peer whose fence had ended, for good.
+    const [a, b, c] = await cluster(3, { ROUTESYNC_RECONCILE_INTERVAL_MS: '100', ROUTESYNC_EJECT_PROBE_MS: '50' }, MANUAL_ROUNDS);
+    const cAddress = c!.replica.addresses.peer;
+    const route = makeRoute({ namespace: 'zombie', resourceVersion: '10' });
+    const name = route.name as string;
+    // A's push to C fails: the upsert waits in A's outbox. The delete goes through B, whose push
+    // to C fails too; it reaches A, which fences the identity.
+    a!.replica.faults.blockPushes(cAddress);
+    b!.replica.faults.blockPushes(cAddress);
+    expect((await putRoute(a!.api, route)).body.sync.acked).toBe(1);
+    const deleted = await fetch(`${b!.api}/v1/routes/zombie/${name}?resourceVersion=11`, { method: 'DELETE' });
+    expect(((await deleted.json()) as any).result).toMatchObject({ outcome: 'applied', reason: 'deleted' });
+    expect(a!.replica.table.getFence('zombie', name)?.resourceVersion, 'the delete reached a').toBe('11');
+    expect(c!.replica.table.get('zombie', name)).toBeUndefined();
+
+    // A's queue for C drains: the upsert it still held is superseded by A's own fence.
+    a!.replica.faults.heal(cAddress);
+    await waitUntil(() => a!.replica.sync.status().find((peer) => peer.peer === cAddress)?.pendingRoutes === 0, 5000, "a's queue for c to empty");
+    expect(c!.replica.table.get('zombie', name), 'c never serves the deleted sandbox').toBeUndefined();
+
+    b!.replica.faults.heal(cAddress);
+    await waitUntil(() => c!.replica.table.getFence('zombie', name) !== undefined, 5000, "b's delete to reach c");
+    for (const node of [a!, b!, c!]) expect(node.replica.table.get('zombie', name)).toBeUndefined();
+  });
 });
 
 /** Rounds on the replicas still in contact (one each, in turn) until `done` holds; the cut-off one runs none. */

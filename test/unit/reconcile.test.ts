@@ -146,11 +146,12 @@ describe('Reconciler: what it remembers of local changes', () => {
     const queued = upsert('young');
     service.applyRemote([route('young', '2')], 'peer');
     expect(r.stillOwed(queued, 'ns/young')).toBe(false);
-    // Deletions are always owed; an upsert of a deleted identity only while its fence lives.
+    // Deletions are always owed; an upsert of a deleted identity never, its fence alive or not.
     await service.deleteLocal('ns', 'old', '1');
     expect(r.stillOwed({ op: 'delete', deletion: { namespace: 'ns', name: 'old', resourceVersion: '1' } }, 'ns/old')).toBe(true);
     const gone = route('old'); // the upsert as it was queued
-    expect(r.stillOwed(gone, 'ns/old')).toBe(true);
+    expect(table.getFence('ns', 'old')).toBeDefined();
+    expect(r.stillOwed(gone, 'ns/old')).toBe(false);
     clock.ms += 10_001;
     expect(table.getFence('ns', 'old')).toBeUndefined();
     expect(r.stillOwed(gone, 'ns/old')).toBe(false);
