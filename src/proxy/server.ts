@@ -178,12 +178,15 @@ function switchedProtocolsError(): DataPlaneError {
 }
 
 /**
- * Why an upstream answer to a plain HTTP request cannot be relayed, if it cannot: a 101 without
- * an Upgrade header (which Node reads as a final answer; relayed, it would tell a client that
- * asked for no new protocol that the connection has switched), or a status line Node cannot write.
+ * Why an upstream answer that Node reads as a final one cannot be relayed, if it cannot: a 101
+ * without an Upgrade header (relayed, it would tell the client the connection has switched to
+ * no protocol at all; to a plain request, which asked for none, a 101 is wrong in any case),
+ * or a status line Node cannot write.
  */
-function unrelayableAnswer(proxyRes: IncomingMessage): DataPlaneError | undefined {
-  if (proxyRes.statusCode === 101) return switchedProtocolsError();
+function unrelayableAnswer(proxyRes: IncomingMessage, askedForUpgrade = false): DataPlaneError | undefined {
+  if (proxyRes.statusCode === 101) {
+    return askedForUpgrade ? dataPlaneError('upstream_protocol_error', 'the sandbox switched protocols (101) without saying to which (no Upgrade header)') : switchedProtocolsError();
+  }
   if (!isWritableStatusLine(proxyRes)) return dataPlaneError('upstream_protocol_error', 'the sandbox sent a status line that is not valid HTTP');
   const codings = proxyRes.headers['transfer-encoding'];
   if (codings !== undefined && codings.toLowerCase() !== 'chunked') return unsupportedTransferCoding(codings);
@@ -498,6 +501,15 @@ export class DataPlane {
           this.logger.error({ err: error }, 'data plane upgrade handler failed');
           socket.destroy();
         }
+      });
+    });
+    // CONNECT (a forward proxy's tunnel): Node hands the socket over as for an upgrade, and
+    // without a listener destroys it, answering nothing and recording nothing.
+    this.server.on('connect', (req: IncomingMessage, socket: Socket) => {
+      socket.on('error', () => {});
+      this.afterPendingAnswer(socket, () => {
+        const exchange = this.begin(req, 'http');
+        this.refuseUpgrade(exchange, socket, dataPlaneError('unsupported_method', 'CONNECT is not supported: this is a reverse proxy to sandboxes, not a forward proxy'));
       });
     });
     this.server.on('error', (error) => this.logger.error({ err: error }, 'data plane listener error'));
@@ -970,7 +982,7 @@ export class DataPlane {
       exchange.timer = undefined;
       if (exchange.outcome !== undefined) return;
       exchange.handshakeClient?.answeredPlainly();
-      const unrelayable = unrelayableAnswer(proxyRes);
+      const unrelayable = unrelayableAnswer(proxyRes, true);
       if (unrelayable) {
         // Our 502 goes first and ends the socket; the library's write then fails on the ended
         // socket (its error is the socket's, already listened to) and writes nothing.
@@ -1337,13 +1349,16 @@ export class DataPlane {
 
   private async shutdown(graceMs: number): Promise<void> {
     this.draining = true;
-    clearInterval(this.recheckTimer);
     const serverClosed = new Promise<void>((resolve) => {
       if (!this.server.listening) resolve();
       else this.server.close(() => resolve());
     });
     this.server.closeIdleConnections();
+    // Open WebSockets and streaming answers are still checked against their routes during the
+    // grace: a session revoked then (a token rotated in a rolling restart) ends within a second,
+    // not at the end of the grace.
     await this.waitQuiet(graceMs);
+    clearInterval(this.recheckTimer);
 
     // Grace is over: cut what is left of HTTP, then say goodbye to every WebSocket.
     this.server.closeAllConnections();

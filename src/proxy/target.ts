@@ -29,6 +29,8 @@ export type DataPlaneErrorCode =
   | 'invalid_port'
   | 'unsupported_upgrade'
   | 'unsupported_transfer_coding'
+  | 'unsupported_method'
+  | 'invalid_target'
   | 'sandbox_not_found'
   | 'traffic_token_missing'
   | 'traffic_token_invalid'
@@ -48,6 +50,8 @@ export const ERROR_STATUS: Readonly<Record<DataPlaneErrorCode, number>> = Object
   invalid_port: 400,
   unsupported_upgrade: 400,
   unsupported_transfer_coding: 501,
+  unsupported_method: 501,
+  invalid_target: 400,
   sandbox_not_found: 404,
   traffic_token_missing: 401,
   traffic_token_invalid: 401,
@@ -267,6 +271,14 @@ function withoutTrailingDot(name: string): string {
 
 /** Find the sandbox and port a request names (forms in SPEC order). */
 export function mapRequest(request: SandboxRequest, options: MappingOptions): MappingResult {
+  // RFC 9110 §4.2.1: an http URI with an empty host is invalid and must be rejected (it names no
+  // host for Host and X-Forwarded-Host, and the Host header must be ignored beside it).
+  if (request.url !== undefined && !request.url.startsWith('/')) {
+    const host = requestHost(request.url, request.headers);
+    if (ABSOLUTE_FORM_PREFIX.test(request.url) && (host === undefined || hostWithoutPort(host) === '')) {
+      return { ok: false, error: dataPlaneError('invalid_target', 'an absolute-form request target must name a host (RFC 9110 §4.2.1)') };
+    }
+  }
   const target = originForm(request.url ?? '/');
   const { pathname, search } = splitRequestTarget(target);
   const mapped = fromPath(pathname, search) ?? fromHeaders(request.headers, target, options);

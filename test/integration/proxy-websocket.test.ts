@@ -442,6 +442,22 @@ describe('a handshake the sandbox has not answered yet', () => {
     }
   });
 
+  it('a 101 without an Upgrade header -> 502 upstream_protocol_error that says so', async () => {
+    const sandbox = await startRawUpstream((socket) => socket.once('data', () => socket.write('HTTP/1.1 101 Switching Protocols\r\n\r\n')));
+    try {
+      dp.setRoute({ id: 'noupgrade', ip: sandbox.host });
+      const client = rawClient();
+      client.socket.write(handshakeRequest(`/kruise/noupgrade/${sandbox.port}/`));
+      await waitUntil(() => client.closed(), 5000, 'the refusal to close the connection');
+      expect(client.received()).toMatch(/^HTTP\/1\.1 502 /);
+      const body = JSON.parse(client.received().slice(client.received().indexOf('\r\n\r\n') + 4)) as { error: { code: string; message: string } };
+      expect(body.error.code).toBe('upstream_protocol_error');
+      expect(body.error.message).toContain('no Upgrade header');
+    } finally {
+      await sandbox.close();
+    }
+  });
+
   it('what the client sends before the 101 reaches the sandbox after it, in order', async () => {
     // Two masked text frames ("hi", "yo"; all-zero mask key): the first in the same write as
     // the handshake (Node's upgrade head), the second while the handshake is pending upstream.
@@ -671,6 +687,23 @@ describe('an open WebSocket whose route changes', () => {
       change();
       expect(await ended).toBe(1001);
     }
+  });
+
+  it('is closed once its token is rotated during the shutdown grace, not at the end of the grace', async () => {
+    await dp.close(0);
+    dp = await startDataPlane({ ROUTESYNC_PROXY_TIMEOUT_MS: '10000' }, { webSocketRecheckMs: 50, webSocketCloseTimeoutMs: 2000 });
+    dp.setRoute({ id: 'ws', ip: upstream.host, requireTrafficAuth: true, accessToken: 'grace-tok-1' });
+    const ws = await connect(`/kruise/ws/${upstream.port}/`, { 'e2b-traffic-access-token': 'grace-tok-1' });
+    // SIGTERM with a minute's grace: the WebSocket keeps working through it...
+    const closing = dp.plane.close(60_000);
+    expect(await echo(ws, 'during the grace')).toBe('during the grace');
+    // ...until the manager revokes it (a rolling restart rotating tokens); closedWithin bounds
+    // the wait at 5 s, far inside the grace.
+    const revoked = closedWithin(ws);
+    dp.setRoute({ id: 'ws', ip: upstream.host, requireTrafficAuth: true, accessToken: 'grace-tok-2' });
+    expect(await revoked).toBe(1001);
+    // Nothing else is open: the drain ends with it.
+    await closing;
   });
 });
 

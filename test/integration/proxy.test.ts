@@ -436,6 +436,20 @@ describe('admission errors: documented status and code, upstream untouched', () 
       status: 400,
       code: 'unsupported_upgrade',
     },
+    {
+      name: 'an absolute-form target with an empty host',
+      route: { id: 's13' },
+      request: (port) => ({ path: 'http:///p', headers: { 'e2b-sandbox-id': 's13', 'e2b-sandbox-port': String(port), host: 'real.example' } }),
+      status: 400,
+      code: 'invalid_target',
+    },
+    {
+      name: 'an absolute-form target with a port but no host',
+      route: { id: 's14' },
+      request: (port) => ({ path: `http://:${port}/p`, headers: { 'e2b-sandbox-id': 's14', 'e2b-sandbox-port': String(port) } }),
+      status: 400,
+      code: 'invalid_target',
+    },
   ];
 
   for (const testCase of cases) {
@@ -455,6 +469,22 @@ describe('admission errors: documented status and code, upstream untouched', () 
       expect(await proxyRequestCount(dp.metrics, testCase.code)).toBe(1);
     });
   }
+
+  it('CONNECT (a forward-proxy tunnel) -> 501 unsupported_method, answered, counted and logged, not dropped silently', async () => {
+    dp.setRoute({ id: 's15', ip: upstream.host });
+    const socket = net.connect(dp.address.port, dp.address.address);
+    let received = '';
+    socket.on('data', (chunk: Buffer) => void (received += chunk.toString('latin1')));
+    const closed = new Promise<void>((resolve) => socket.once('close', () => resolve()));
+    socket.write(`CONNECT ${upstream.port}-s15.example.com:443 HTTP/1.1\r\nHost: ${upstream.port}-s15.example.com:443\r\n\r\n`);
+    await closed;
+    expect(received).toMatch(/^HTTP\/1\.1 501 /);
+    expect(received.toLowerCase()).toContain('x-routesync-error: unsupported_method');
+    expect(JSON.parse(received.slice(received.indexOf('\r\n\r\n') + 4))).toMatchObject({ error: { code: 'unsupported_method' } });
+    expect(upstream.acceptedSockets()).toBe(0);
+    expect(await proxyRequestCount(dp.metrics, 'unsupported_method')).toBe(1);
+    expect(dp.logs.find((line) => line.msg === 'proxy request')).toMatchObject({ method: 'CONNECT', status: 501, outcome: 'unsupported_method' });
+  });
 
   it("README's data-plane error table lists every code with its status", () => {
     const readme = readFileSync(new URL('../../README.md', import.meta.url), 'utf8');
