@@ -6,6 +6,8 @@ import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom
 /** Latency buckets in seconds: from a loopback round trip to well past any sane deadline. */
 const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
 
+const PEER_TLS_CERT_EXPIRY = 'routesync_peer_tls_cert_expiry_timestamp_seconds';
+
 export class Metrics {
   readonly registry = new Registry();
 
@@ -69,10 +71,15 @@ export class Metrics {
     labelNames: ['outcome'] as const,
     registers: [this.registry],
   });
+  /**
+   * Registered only once a certificate is in use (setPeerTlsCertExpiry): a label-less gauge is
+   * always printed, at 0 until set, and an expiry alert (`… - time() < 7 * 86400`) then fired on
+   * every replica without TLS.
+   */
   readonly peerTlsCertExpiry = new Gauge({
-    name: 'routesync_peer_tls_cert_expiry_timestamp_seconds',
-    help: "The peer TLS certificate in use: its notAfter, in Unix seconds (absent without TLS)",
-    registers: [this.registry],
+    name: PEER_TLS_CERT_EXPIRY,
+    help: 'The peer TLS certificate in use: its notAfter, in Unix seconds (absent without TLS)',
+    registers: [],
   });
   readonly outboxDropped = new Counter({
     name: 'routesync_outbox_dropped_total',
@@ -116,6 +123,12 @@ export class Metrics {
     registers: [this.registry],
   });
   readonly proxyWebsockets = new Gauge({ name: 'routesync_proxy_websockets_active', help: 'Open proxied WebSocket connections', registers: [this.registry] });
+
+  /** The peer TLS certificate now in use expires at `notAfterSeconds` (Unix seconds). */
+  setPeerTlsCertExpiry(notAfterSeconds: number): void {
+    if (this.registry.getSingleMetric(PEER_TLS_CERT_EXPIRY) === undefined) this.registry.registerMetric(this.peerTlsCertExpiry);
+    this.peerTlsCertExpiry.set(notAfterSeconds);
+  }
 
   constructor(options: { processMetrics?: boolean } = {}) {
     if (options.processMetrics ?? true) collectDefaultMetrics({ register: this.registry, prefix: 'routesync_' });

@@ -192,7 +192,7 @@ export class Replica {
       ? createHttpsServer({ ...tlsOptions(tls), ...(tls.ca ? { requestCert: true, rejectUnauthorized: false } : {}) }, peerListener)
       : undefined;
     this.peerServer = this.tlsServer ?? createServer(peerListener);
-    if (tls) this.metrics.peerTlsCertExpiry.set(expirySeconds(new X509Certificate(tls.cert)));
+    if (tls) this.metrics.setPeerTlsCertExpiry(expirySeconds(new X509Certificate(tls.cert)));
     // Outlive the peers' pooled idle connections (undici keeps them 30 s at most), so a
     // connection is never closed by the server just as a peer reuses it.
     this.peerServer.keepAliveTimeout = 65_000;
@@ -385,7 +385,7 @@ export class Replica {
     this.peerTls = next;
     const certificate = new X509Certificate(next.cert);
     this.metrics.peerTlsReloads.inc({ outcome: 'applied' });
-    this.metrics.peerTlsCertExpiry.set(expirySeconds(certificate));
+    this.metrics.setPeerTlsCertExpiry(expirySeconds(certificate));
     this.logger.info({ subject: certificate.subject, notAfter: certificate.validTo, fingerprint256: certificate.fingerprint256 }, 'peer TLS material reloaded');
     return 'applied';
   }

@@ -426,5 +426,7 @@ describe('peer API', () => {
     expect(text).toMatch(/^routesync_routes 1$/m);
     expect(text).toMatch(/^routesync_changes_total\{source="local",outcome="applied",reason="created"\} 1$/m);
     expect(text).toContain('routesync_sync_duration_seconds_bucket');
+    // Without TLS there is no certificate: no expiry series (at 0 it would fire an expiry alert).
+    expect(text).not.toContain('routesync_peer_tls_cert_expiry_timestamp_seconds');
   });
 });

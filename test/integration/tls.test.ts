@@ -333,6 +333,7 @@ describe.skipIf(!hasOpenssl)('peer TLS rotation', () => {
     expect((await putRoute(a.api, makeRoute())).body.sync.acked).toBe(1);
     const expiryBefore = (await a.replica.metrics.peerTlsCertExpiry.get()).values[0]?.value;
     expect(expiryBefore).toBeGreaterThan(Date.now() / 1000);
+    expect(await a.replica.metrics.registry.metrics()).toMatch(/^routesync_peer_tls_cert_expiry_timestamp_seconds \d+$/m);
 
     // Half a rotation: the new certificate has landed, its key not yet. Kept, and said once.
     install({ cert: next.cert });
