@@ -58,8 +58,16 @@ export const notFound: RequestHandler = (req, res) => {
   sendError(res, 404, 'not_found', `no endpoint ${req.method} ${req.path}`);
 };
 
-/** Answer 415 unless the request says it carries JSON (the local API is strict; /refresh is not). */
+/**
+ * Answer 415 unless the request says it carries JSON (the local API is strict; /refresh is not),
+ * and 400 for a request with no body at all: `req.is` is null for any request without one,
+ * and a 415 telling a client that sent `Content-Type: application/json` to send it was wrong.
+ */
 export const requireJson: RequestHandler = (req, _res, next) => {
+  if (req.headers['transfer-encoding'] === undefined && (req.headers['content-length'] === undefined || req.headers['content-length'] === '0')) {
+    next(new ApiError(400, 'invalid_json', 'the request has no body: send the route as JSON, with Content-Type: application/json'));
+    return;
+  }
   if (!req.is('application/json')) {
     next(new ApiError(415, 'unsupported_media_type', 'the body must be JSON with Content-Type: application/json'));
     return;

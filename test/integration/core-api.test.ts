@@ -57,6 +57,10 @@ describe('local API', () => {
       [{ method: 'PUT', headers: json, body: JSON.stringify(makeRoute({ owner: 'x'.repeat(1_100_000) })) }, 413, 'body_too_large'],
       [{ method: 'POST', headers: json, body: JSON.stringify({ routes: [makeRoute(), makeRoute({ uid: 5 })] }) }, 400, 'invalid_route'],
       [{ method: 'POST', headers: json, body: JSON.stringify({ nope: [] }) }, 400, 'invalid_batch'],
+      // No body, whatever the content type: 400, not a 415 telling the client to send the Content-Type it sent.
+      [{ method: 'PUT', headers: json }, 400, 'invalid_json'],
+      [{ method: 'POST', headers: json }, 400, 'invalid_json'],
+      [{ method: 'PUT', headers: json, body: '' }, 400, 'invalid_json'],
     ];
     for (const [init, status, code] of cases) {
       const url = init.method === 'POST' ? `${node.api}/v1/routes/batch` : `${node.api}/v1/routes`;
