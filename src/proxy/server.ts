@@ -1097,7 +1097,9 @@ export class DataPlane {
    * event stream between events) is not held back and is never cut by this.
    */
   private watchSendStall(exchange: Exchange, proxyRes: IncomingMessage, res: ServerResponse): void {
-    if (exchange.stallTimer !== undefined || exchange.outcome !== undefined) return;
+    // The pipe also pauses the answer when it unpipes (the answer finished, or the client left):
+    // only a pause for a full client socket is a stall.
+    if (exchange.stallTimer !== undefined || exchange.outcome !== undefined || res.writableEnded || !res.writableNeedDrain) return;
     const socket = res.socket;
     if (!socket) return;
     // Counts what was handed to the socket, its buffer included: unchanged while the answer is
