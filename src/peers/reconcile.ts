@@ -312,9 +312,9 @@ export class Reconciler {
    * it did nothing where the fence was, and a peer without it took the deleted route, for good
    * once the fences had ended: a fence's time is this replica's own (a delete that removes a live
    * route starts it then) and is not in the digest, so one here can outlive the same delete's
-   * fence on a peer by up to the gap between the two. One this table still holds is owed while it is the table's current route
-   * and its local change is recent: any deletion that supersedes it was made later, so its fence
-   * lives wherever it reached. Anything else (a replay's old stamp, a route since replaced by a
+   * fence on a peer by up to the gap between the two. One this table still holds is owed while
+   * it is the table's current route and its local change is recent: any deletion that
+   * supersedes it was made later, so its fence lives wherever it reached. Anything else (a replay's old stamp, a route since replaced by a
    * pull) is pushed only by a replica that is not suspect: a suspect one may have missed a
    * deletion whose fence has expired at the peer (see the header, "Pushes").
    */
