@@ -82,8 +82,8 @@ export interface Config {
   /** Sockets the data plane's upstream agent keeps per sandbox address. */
   readonly proxyMaxSockets: number;
   /**
-   * How long a client may take no byte of an answer it is sent (its socket full, the answer
-   * held back) before the answer is cut and its upstream socket freed; 0: never (nginx's send_timeout).
+   * How long an answer may stay held back for a client whose socket stays full (not drained
+   * once) before the answer is cut and its upstream socket freed; 0: never (nginx's send_timeout).
    */
   readonly proxySendTimeoutMs: number;
   readonly accessLog: boolean;

@@ -57,7 +57,7 @@
 //  - Pushes: a replica pushes only changes its own manager made, but one queued through a long
 //    cut can be older than a deletion made elsewhere whose fence has expired at the peer. The
 //    fan-out asks stillOwed as each change leaves the outbox: an upsert of an identity this
-//    table no longer holds is dropped once its fence here has expired, and a suspect replica
+//    table no longer holds is dropped (the delete that removed it supersedes it), and a suspect replica
 //    pushes only upserts still current here and changed locally within 3/4 of the TTL.
 import { performance } from 'node:perf_hooks';
 import { setTimeout as delay } from 'node:timers/promises';

@@ -126,6 +126,9 @@ interface ProxiedWebSocket {
   readonly closed: Promise<void>;
 }
 
+/** What an answer is written to: the client's response, or the client's socket (a plain answer to a handshake). */
+type AnswerSink = Pick<ServerResponse, 'writableEnded' | 'writableNeedDrain' | 'destroyed'>;
+
 /**
  * Each request carries its exchange on a property of its own, found again from the library's
  * events. Not a WeakMap, nor a Set of exchanges in flight: a long-lived collection pointing at
@@ -705,10 +708,26 @@ export class DataPlane {
     proxyRes.on('data', () => {
       if (checkedRound === this.recheckRounds) return;
       checkedRound = this.recheckRounds;
-      this.recheckResponse(exchange, proxyRes, res);
+      if (exchange.outcome !== undefined) return;
+      const refusal = this.stillAdmits(exchange);
+      if (refusal === undefined) return;
+      exchange.outcome = 'route_changed';
+      this.logRouteCut(exchange, refusal);
+      proxyRes.destroy();
+      res.destroy();
     });
     // The library's pipe pauses the answer while the client's socket is full.
-    if (this.config.proxySendTimeoutMs > 0) proxyRes.on('pause', () => this.watchSendStall(exchange, proxyRes, res));
+    if (this.config.proxySendTimeoutMs > 0) {
+      proxyRes.on('pause', () => {
+        const socket = res.socket;
+        if (!socket || exchange.outcome !== undefined) return;
+        this.watchSendStall(exchange, res, socket, () => exchange.outcome !== undefined, () => {
+          exchange.outcome = 'client_stalled';
+          proxyRes.destroy();
+          res.destroy();
+        });
+      });
+    }
     // Node writes a response's headers with its first body bytes: an answer that starts before
     // its body (an event stream, a long poll) reached the client only with its first event, and
     // a client waiting for the headers (EventSource's open, fetch) waited that long. Once the
@@ -783,8 +802,6 @@ export class DataPlane {
   private onResponseClose(exchange: Exchange, res: ServerResponse): void {
     clearTimeout(exchange.timer);
     exchange.timer = undefined;
-    clearTimeout(exchange.stallTimer);
-    exchange.stallTimer = undefined;
     // A client that went away while its request waited for a pooled socket.
     this.withdrawQueued(exchange);
     if (exchange.outcome === undefined) exchange.outcome = res.writableFinished ? 'proxied' : 'client_aborted';
@@ -1027,8 +1044,34 @@ export class DataPlane {
     // while the client's socket is full, checked once the library's write of the chunk has run
     // (this listener runs first, as it was added first).
     proxyRes.on('data', () => process.nextTick(holdBackWhileFull, proxyRes, client));
+    // The plain answer is checked against its route as a streaming HTTP answer is
+    // (onProxyResponse): an event stream asked for with an Upgrade header must not outlive a
+    // revoked token. Before the library's write, as above.
+    let checkedRound = this.recheckRounds;
+    proxyRes.on('data', () => {
+      if (checkedRound === this.recheckRounds || exchange.recorded) return;
+      checkedRound = this.recheckRounds;
+      const refusal = this.stillAdmits(exchange);
+      if (refusal === undefined) return;
+      exchange.outcome = 'route_changed';
+      this.record(exchange, status);
+      this.logRouteCut(exchange, refusal);
+      proxyRes.destroy();
+      client.destroy();
+    });
+    // holdBackWhileFull pauses it while the client's socket is full: the same send timeout.
+    if (this.config.proxySendTimeoutMs > 0) {
+      proxyRes.on('pause', () =>
+        this.watchSendStall(exchange, client, client, () => exchange.recorded, () => {
+          exchange.outcome = 'client_stalled';
+          this.record(exchange, status);
+          proxyRes.destroy();
+          client.destroy();
+        }),
+      );
+    }
     client.once('close', () => {
-      if (proxyRes.complete) return;
+      if (proxyRes.complete || exchange.recorded) return;
       // A sandbox that cut the answer may have had the library close the client first (Node 24
       // does): its connection is gone already, which is not the case when the client leaves.
       exchange.outcome = proxyRes.socket?.destroyed ? 'upstream_unreachable' : 'client_aborted';
@@ -1072,16 +1115,9 @@ export class DataPlane {
     this.recheckRounds++;
     for (const ws of this.webSockets) {
       const { exchange } = ws;
-      const { admittedRoute, admittedAddress, clientHeaders } = exchange;
-      if (ws.revoked || admittedRoute === undefined || admittedAddress === undefined || clientHeaders === undefined) continue;
-      const current = this.table.getById(admittedAddress.sandboxId);
-      if (current === admittedRoute) continue;
-      const refusal = readmit(admittedAddress, admittedRoute, current, clientHeaders, this.config);
-      if (refusal === undefined) {
-        // Changed in nothing that admits it (a newer version, the same pod and token).
-        exchange.admittedRoute = current;
-        continue;
-      }
+      if (ws.revoked) continue;
+      const refusal = this.stillAdmits(exchange);
+      if (refusal === undefined) continue;
       ws.revoked = true;
       this.logger.info({ sandboxId: exchange.sandboxId, port: exchange.port, code: refusal.code }, 'websocket closed: its route no longer admits it');
       void this.goAway(ws);
@@ -1090,56 +1126,58 @@ export class DataPlane {
 
   /**
    * An answer held back because its client's socket is full holds a pooled upstream socket for
-   * as long as the client takes nothing: a client that opened many downloads and read none
+   * as long as the client makes no room: a client that opened many downloads and read none
    * would hold every socket of the sandbox's pool, and every other client of that sandbox would
-   * wait for one until its 504. As nginx's send_timeout does, an answer of which the client has
-   * taken no byte for proxySendTimeoutMs is cut, its upstream socket freed. A quiet stream (an
-   * event stream between events) is not held back and is never cut by this.
+   * wait for one until its 504. As nginx's send_timeout does, an answer that stays held back
+   * for proxySendTimeoutMs without the client's socket draining once is cut (`cut`), its
+   * upstream socket freed. A quiet stream (an event stream between events) is not held back and
+   * is never cut by this. `sink` is what the answer is written to (the response, or the client
+   * socket of a plain answer to a WebSocket handshake), `socket` the client's socket; `over`
+   * says whether the exchange has ended or been cut meanwhile.
    */
-  private watchSendStall(exchange: Exchange, proxyRes: IncomingMessage, res: ServerResponse): void {
+  private watchSendStall(exchange: Exchange, sink: AnswerSink, socket: Socket, over: () => boolean, cut: () => void): void {
     // The pipe also pauses the answer when it unpipes (the answer finished, or the client left):
     // only a pause for a full client socket is a stall.
-    if (exchange.stallTimer !== undefined || exchange.outcome !== undefined || res.writableEnded || !res.writableNeedDrain) return;
-    const socket = res.socket;
-    if (!socket) return;
+    if (exchange.stallTimer !== undefined || over() || sink.writableEnded || !sink.writableNeedDrain) return;
     // Counts what was handed to the socket, its buffer included: unchanged while the answer is
-    // held back, since nothing more is written until the client has taken what is buffered.
+    // held back, since nothing more is written until the socket's buffer has drained.
     let written = socket.bytesWritten;
     const timer = setTimeout(() => {
-      if (res.destroyed || res.writableEnded || exchange.outcome !== undefined || !res.writableNeedDrain) {
+      if (over() || sink.destroyed || sink.writableEnded || !sink.writableNeedDrain) {
         exchange.stallTimer = undefined;
         return;
       }
       if (socket.bytesWritten !== written) {
-        // It took some and is held back again: a new period.
+        // It drained and is held back again: a new period.
         written = socket.bytesWritten;
         timer.refresh();
         return;
       }
       exchange.stallTimer = undefined;
-      exchange.outcome = 'client_stalled';
       this.logger.info({ sandboxId: exchange.sandboxId, port: exchange.port, timeoutMs: this.config.proxySendTimeoutMs }, 'response cut: its client took none of it');
-      proxyRes.destroy();
-      res.destroy();
+      cut();
     }, this.config.proxySendTimeoutMs);
     exchange.stallTimer = timer;
   }
 
-  /** A streaming answer whose route no longer admits its request is cut (see onProxyResponse). */
-  private recheckResponse(exchange: Exchange, proxyRes: IncomingMessage, res: ServerResponse): void {
+  /**
+   * Whether the route now serving an open exchange's sandbox ID still admits it: undefined if
+   * so (one reference comparison when nothing changed; a change that still admits it, a newer
+   * version with the same pod and token, becomes what it was admitted for), else the refusal a
+   * new request would get.
+   */
+  private stillAdmits(exchange: Exchange): DataPlaneError | undefined {
     const { admittedAddress } = exchange;
-    if (admittedAddress === undefined || exchange.outcome !== undefined) return;
+    if (admittedAddress === undefined) return undefined;
     const current = this.table.getById(admittedAddress.sandboxId);
-    if (current === exchange.admittedRoute) return;
+    if (current === exchange.admittedRoute) return undefined;
     const refusal = this.readmitted(exchange);
-    if (refusal === undefined) {
-      exchange.admittedRoute = current;
-      return;
-    }
-    exchange.outcome = 'route_changed';
+    if (refusal === undefined) exchange.admittedRoute = current;
+    return refusal;
+  }
+
+  private logRouteCut(exchange: Exchange, refusal: DataPlaneError): void {
     this.logger.info({ sandboxId: exchange.sandboxId, port: exchange.port, code: refusal.code }, 'response cut: its route no longer admits it');
-    proxyRes.destroy();
-    res.destroy();
   }
 
   private trackWebSocket(client: Socket, upstream: Socket, exchange: Exchange): void {
@@ -1276,6 +1314,8 @@ export class DataPlane {
   private record(exchange: Exchange, status: number): void {
     if (exchange.recorded) return;
     exchange.recorded = true;
+    clearTimeout(exchange.stallTimer);
+    exchange.stallTimer = undefined;
     const outcome = exchange.outcome ?? 'proxied';
     const seconds = (performance.now() - exchange.startedAt) / 1000;
     this.metrics.proxyRequests.inc({ outcome });
@@ -1351,6 +1391,7 @@ export class DataPlane {
 
   private async shutdown(graceMs: number): Promise<void> {
     this.draining = true;
+    const listened = this.server.listening;
     const serverClosed = new Promise<void>((resolve) => {
       if (!this.server.listening) resolve();
       else this.server.close(() => resolve());
@@ -1368,7 +1409,8 @@ export class DataPlane {
     await Promise.all([...this.webSockets].map((ws) => this.goAway(ws)));
     await serverClosed;
     this.agent.destroy();
-    this.logger.info('data plane closed');
+    // Not after a start-up that failed before the data plane listened.
+    if (listened) this.logger.info('data plane closed');
   }
 
   /** Close frame 1001 to both ends at a frame boundary, then a bounded wait, then destroy. */

@@ -6,8 +6,8 @@ import http from 'node:http';
 import net, { type AddressInfo } from 'node:net';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import WebSocket, { type RawData } from 'ws';
-import { proxyRequestCount, startDataPlane, type TestDataPlane } from '../helpers/data-plane.js';
-import { startRawUpstream, startUpstream, unusedPort, type Upstream } from '../helpers/upstream.js';
+import { proxyRequestCount, send, startDataPlane, type TestDataPlane } from '../helpers/data-plane.js';
+import { PatternStream, startRawUpstream, startUpstream, unusedPort, type Upstream } from '../helpers/upstream.js';
 import { waitUntil } from '../helpers/wait.js';
 
 // The data plane's HTTP timeout here: short, so that tests can wait past it, but not so short
@@ -704,6 +704,74 @@ describe('an open WebSocket whose route changes', () => {
     expect(await revoked).toBe(1001);
     // Nothing else is open: the drain ends with it.
     await closing;
+  });
+});
+
+describe('a streaming plain answer to a WebSocket handshake', () => {
+  // A sandbox server without WebSocket support answers a handshake as an ordinary request (Node's
+  // http server without an 'upgrade' listener does, as Go's net/http and Python's do): an event
+  // stream or a download asked for with Upgrade headers gets the same checks as over plain HTTP.
+  const handshakeHeaders = 'Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n';
+
+  it('is cut before its next event once its token is rotated', async () => {
+    const streams = new Set<http.ServerResponse>();
+    const sandbox = await startUpstream({
+      host: '127.0.0.2',
+      handler: (_req, res) => {
+        res.writeHead(200, { 'content-type': 'text/event-stream' });
+        res.write('data: open\n\n');
+        streams.add(res);
+        res.on('close', () => streams.delete(res));
+      },
+    });
+    sandbox.server.removeAllListeners('upgrade');
+    await dp.close(0);
+    dp = await startDataPlane({ ROUTESYNC_PROXY_TIMEOUT_MS: '10000' }, { webSocketRecheckMs: 50 });
+    const rounds = (): number => (dp.plane as unknown as { recheckRounds: number }).recheckRounds;
+    try {
+      dp.setRoute({ id: 'plain-sse', ip: sandbox.host, requireTrafficAuth: true, accessToken: 'plain-tok-1' });
+      const client = rawClient();
+      client.socket.write(`GET /kruise/plain-sse/${sandbox.port}/events HTTP/1.1\r\nHost: x\r\ne2b-traffic-access-token: plain-tok-1\r\n${handshakeHeaders}\r\n`);
+      await waitUntil(() => client.received().includes('data: open'), 5000, 'the stream to open');
+      dp.setRoute({ id: 'plain-sse', ip: sandbox.host, requireTrafficAuth: true, accessToken: 'plain-tok-2' });
+      const start = rounds();
+      await waitUntil(() => rounds() >= start + 2, 5000, 'two rounds of checks');
+      for (const res of streams) res.write('data: secret after rotation\n\n');
+      await waitUntil(() => client.closed(), 5000, 'the stream to be cut');
+      expect(client.received()).not.toContain('secret after rotation');
+      await waitUntil(async () => (await proxyRequestCount(dp.metrics, 'route_changed')) === 1, 5000, 'one answer counted route_changed');
+      await waitUntil(() => streams.size === 0, 5000, 'the sandbox to see the stream closed');
+    } finally {
+      await sandbox.close();
+    }
+  });
+
+  it('is cut when its client takes none of it for the send timeout, freeing the pool', async () => {
+    const sandbox = await startUpstream({
+      host: '127.0.0.2',
+      handler: (req, res) => {
+        if (req.url !== '/big') return void res.end('ok');
+        res.writeHead(200, { 'content-type': 'application/octet-stream' });
+        new PatternStream(64 * 1024 * 1024).pipe(res);
+      },
+    });
+    sandbox.server.removeAllListeners('upgrade');
+    await dp.close(0);
+    dp = await startDataPlane({ ROUTESYNC_PROXY_TIMEOUT_MS: '30000', ROUTESYNC_PROXY_MAX_SOCKETS: '1', ROUTESYNC_PROXY_SEND_TIMEOUT_MS: '300' });
+    try {
+      dp.setRoute({ id: 'plain-big', ip: sandbox.host });
+      const stalled = net.connect(dp.address.port, dp.address.address);
+      stalled.on('error', () => {});
+      stalled.pause();
+      stalled.write(`GET /kruise/plain-big/${sandbox.port}/big HTTP/1.1\r\nHost: x\r\n${handshakeHeaders}\r\n`);
+      await waitUntil(async () => (await proxyRequestCount(dp.metrics, 'client_stalled')) === 1, 10_000, 'one answer counted client_stalled');
+      stalled.destroy();
+      // The pool's only socket is free again.
+      const next = await send(dp.address, { path: `/kruise/plain-big/${sandbox.port}/` });
+      expect(next.status).toBe(200);
+    } finally {
+      await sandbox.close();
+    }
   });
 });
 
