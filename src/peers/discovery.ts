@@ -68,6 +68,9 @@ const STARTUP_RETRY_MS = 200;
 /** ENODATA: the name exists but has no record of that type (an IPv4-only Service has no AAAA). */
 const NO_RECORDS = 'ENODATA';
 
+/** How long the same resolution failure stays a debug line after its warning (warnFailure). */
+const DNS_WARNING_REPEAT_MS = 60_000;
+
 export class DnsDiscovery {
   readonly name: string;
   readonly port: number;
@@ -76,6 +79,8 @@ export class DnsDiscovery {
   private closed = false;
   private lastGood: string[] | undefined;
   private readonly stop = new AbortController();
+  /** The last failure warned about (warnFailure), until a resolution succeeds. */
+  private lastWarning: { code: string; at: number } | undefined;
   /** The resolution in flight: a refresh asked for meanwhile joins it, so none overlap. */
   private inFlight: Promise<boolean> | undefined;
 
@@ -142,9 +147,10 @@ export class DnsDiscovery {
     if (failure === undefined && addresses.length === 0) failure = 'EMPTY_ANSWER';
     if (failure !== undefined) {
       this.options.metrics.dnsResolutions.inc({ result: failure });
-      this.options.logger.warn({ name: this.name, code: failure, keptPeers: this.options.sync.peerAddresses().length }, 'peer DNS resolution failed; keeping the last good peer set');
+      this.warnFailure(failure);
       return false;
     }
+    this.lastWarning = undefined;
     this.options.metrics.dnsResolutions.inc({ result: 'ok' });
     const resolved = [...new Set(addresses.map((address) => formatHostPort(address, this.port)))].filter((peer) => !this.options.self.has(peer)).sort();
     const peers = [...new Set([...this.options.staticPeers, ...resolved])];
@@ -154,6 +160,24 @@ export class DnsDiscovery {
     this.lastGood = peers;
     this.options.sync.setPeers(peers);
     return true;
+  }
+
+  /**
+   * A failure is a warning when its code is new or the last warning is a minute old; the same
+   * failure again meanwhile is a debug line (the metric counts every one). At start-up the first
+   * resolution is retried every 200 ms, and a resolver that keeps refusing wrote 25 warnings in
+   * the 5 s bootstrap timeout.
+   */
+  private warnFailure(code: string): void {
+    const now = Date.now();
+    const fields = { name: this.name, code, keptPeers: this.options.sync.peerAddresses().length };
+    const message = this.resolved ? 'peer DNS resolution failed; keeping the last good peer set' : 'peer DNS resolution failed; no peer set yet, retrying';
+    if (this.lastWarning?.code === code && now - this.lastWarning.at < DNS_WARNING_REPEAT_MS) {
+      this.options.logger.debug(fields, message);
+      return;
+    }
+    this.lastWarning = { code, at: now };
+    this.options.logger.warn(fields, message);
   }
 
   /** Whether a resolution has succeeded yet: until then the peer set is not known, empty or not. */

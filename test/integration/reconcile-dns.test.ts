@@ -138,6 +138,10 @@ describe('DNS discovery', () => {
     expect(replica.isReady()).toBe(true);
     // Not seeded: a suspect peer must not rebuild from this table, nor a new one bootstrap from it.
     expect(replica.reconciler.isSeeded()).toBe(false);
+    // Retried every 200 ms, counted every time, warned about once (the same failure again).
+    expect(await counter(replica.metrics.dnsResolutions, { result: 'ESERVFAIL' })).toBeGreaterThan(1);
+    const warnings = logs.lines.map((line) => JSON.parse(line) as { level: string; msg: string }).filter((line) => line.msg.startsWith('peer DNS resolution failed'));
+    expect(warnings.filter((line) => line.level === 'warn').map((line) => line.msg)).toEqual(['peer DNS resolution failed; no peer set yet, retrying']);
   });
 
   it('a DNS server that never answers costs a starting replica its bootstrap timeout, not the resolver\'s own retries', async () => {
