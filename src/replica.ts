@@ -400,7 +400,10 @@ export class Replica {
       this.sync.close();
       await Promise.all([closeServer(this.apiServer, 0), closeServer(this.peerServer, 0), this.dataPlane.close(0)]);
       await this.client.destroy();
-      this.logger.info('stopped');
+      // A start-up that failed (an address that cannot be bound) says so on stderr; "stopped"
+      // would read as a clean stop.
+      if (this.bound) this.logger.info('stopped');
+      else this.logger.debug('start-up failed: what was opened is closed');
       this.logger.flush();
     })();
     return this.closing;

@@ -52,6 +52,10 @@ describe('routesync process', () => {
     expect(await unavailable.exited).toBe(2);
     expect(unavailable.stderr).toHaveLength(1);
     expect(unavailable.stderr[0]).toMatch(/^routesync: invalid ROUTESYNC_API_ADDR: cannot listen on 192\.0\.2\.1:7788 \(EADDRNOTAVAIL/);
+    // Nothing on stdout reads as a clean stop.
+    const messages = unavailable.lines.map((line) => (JSON.parse(line) as { msg: string }).msg);
+    expect(messages).not.toContain('stopped');
+    expect(messages).not.toContain('data plane closed');
 
     // Two listeners on one port: the one that cannot have it is named.
     const peer = await FakePeer.start();
@@ -60,6 +64,7 @@ describe('routesync process', () => {
     running.push(taken);
     expect(await taken.exited).toBe(2);
     expect(taken.stderr).toEqual([expect.stringMatching(/^routesync: invalid ROUTESYNC_PROXY_ADDR: cannot listen on 127\.0\.0\.1:\d+ \(EADDRINUSE/)]);
+    expect(taken.lines.map((line) => (JSON.parse(line) as { msg: string }).msg)).not.toContain('stopped');
   });
 
   it('drains on SIGTERM: acknowledged changes are on the peer and the exit code is 0', async () => {
