@@ -6,8 +6,12 @@
 // last third against the middle third (the first third is warm-up), plus a least-squares slope
 // over the last two thirds.
 //
-//   npm run soak -- [--minutes 3] [--changes-per-s 50] [--requests-per-s 200] [--sample-s 5]
+//   npm run soak -- [--minutes 3] [--changes-per-s 50] [--requests-per-s 200] [--sample-s 5] [--preload 0]
 //   make soak SOAK_ARGS="--minutes 5"
+//
+// --preload N first loads N distinct routes (benchmark 5's, in batches of 1,000 through
+// POST /v1/routes/batch, spread over the replicas) that the steady load leaves alone: the
+// memory of a replica holding a large table under traffic (docs/deploy.md, "Resource figures").
 //
 // Exit code 0 when every series levels off, 1 when one climbs, 2 when the run itself failed.
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -19,6 +23,7 @@ import { parseArgs } from 'node:util';
 import { Agent, request } from 'undici';
 import { NODE_FLAGS } from '../src/node-flags.js';
 import { routesyncEntry } from './lib/contenders.js';
+import { distinctRoutes } from './lib/routes.js';
 import { metricValue } from './lib/metrics.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
@@ -32,6 +37,7 @@ const { values: args } = parseArgs({
     'requests-per-s': { type: 'string', default: '200' },
     'sample-s': { type: 'string', default: '5' },
     keys: { type: 'string', default: '2000' },
+    preload: { type: 'string', default: '0' },
     out: { type: 'string', default: RESULT },
   },
 });
@@ -41,6 +47,9 @@ const REQUESTS_PER_S = Number(args['requests-per-s']);
 const SAMPLE_S = Number(args['sample-s']);
 /** Route identities the changes cycle through: the table's size is bounded, so anything that grows is a leak. */
 const KEYS = Number(args.keys);
+/** Routes loaded before the steady load starts, which it leaves alone. */
+const PRELOAD = Number(args.preload);
+const PRELOAD_BATCH = 1000;
 const TICK_MS = 100;
 const TOKEN = 'soak-peer-token';
 /** As the benchmarks choose: the build when it is fresh (what ships, so RSS is the shipped process's), else src/ through tsx. */
@@ -250,6 +259,23 @@ async function main(): Promise<number> {
   const nodes = await startCluster();
   console.log(`soak: replicas ${nodes.map((n) => `pid ${n.child.pid} api ${n.api} peer ${n.peer} proxy ${n.proxy}`).join('; ')}; upstream ${upstream.address}`);
   const dispatcher = new Agent({ connections: 16, keepAliveTimeout: 30_000 });
+  if (PRELOAD > 0) {
+    const loadStart = Date.now();
+    for (let start = 0; start < PRELOAD; start += PRELOAD_BATCH) {
+      const routes = distinctRoutes(start, Math.min(PRELOAD_BATCH, PRELOAD - start)).map((route) => ({ ...route, namespace: 'preload', ip: upstreamHost }));
+      const node = nodes[(start / PRELOAD_BATCH) % nodes.length]!;
+      const response = await request(`http://${node.api}/v1/routes/batch`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ routes }),
+        dispatcher,
+      });
+      const text = await response.body.text();
+      if (response.statusCode !== 200) throw new Error(`preload batch answered ${response.statusCode}: ${text.slice(0, 300)}`);
+    }
+    console.log(`soak: preloaded ${PRELOAD} routes in ${((Date.now() - loadStart) / 1000).toFixed(1)} s`);
+  }
+  const loadStartedAt = Date.now();
 
   const versions = new Array<number>(KEYS).fill(0);
   const counts = { changes: 0, changeErrors: 0, notAcked: 0, requests: 0, requestErrors: 0, non2xx: 0 };
@@ -303,7 +329,7 @@ async function main(): Promise<number> {
   };
 
   const samples: Sample[] = [];
-  const endAt = startedAt + MINUTES * 60_000;
+  const endAt = loadStartedAt + MINUTES * 60_000;
   let changeCredit = 0;
   let requestCredit = 0;
   const tick = setInterval(() => {
@@ -350,7 +376,7 @@ async function main(): Promise<number> {
   const summary = {
     when: new Date(startedAt).toISOString(),
     minutes: MINUTES,
-    rates: { changesPerSecond: CHANGES_PER_S, proxiedRequestsPerSecond: REQUESTS_PER_S, routeKeys: KEYS },
+    rates: { changesPerSecond: CHANGES_PER_S, proxiedRequestsPerSecond: REQUESTS_PER_S, routeKeys: KEYS, preloadedRoutes: PRELOAD },
     node: process.version,
     routesync: ENTRY.note,
     counts,
