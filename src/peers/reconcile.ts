@@ -78,7 +78,7 @@ import {
 } from '../routes/route.js';
 import { monotonicClock, type RouteTable } from '../routes/table.js';
 import type { RouteService } from '../service.js';
-import { attemptSignal, classifyPeerError, PeerRequestError, SyncAbortedError, type PeerClient } from './client.js';
+import { attemptSignal, classifyPeerError, INSTANCE_HEADER, PeerRequestError, SyncAbortedError, type PeerClient } from './client.js';
 import type { PeerSync } from './fanout.js';
 
 export const DIGEST_PATH = '/v1/peer/digest';
@@ -541,7 +541,7 @@ export class Reconciler {
   private async noteUnfitSource(peer: string, digest: TableDigest, signal: AbortSignal): Promise<void> {
     this.freshPeers.set(peer, false);
     if (digest.seeded || (digest.suspect && !digest.bootstrapping)) return;
-    await this.pullAndApply(peer, this.differingBuckets(digest), signal);
+    await this.pullAndApply(peer, digest.instance, this.differingBuckets(digest), signal);
     this.caughtUpOnDigest(peer, digest);
     this.freshPeers.set(peer, true);
   }
@@ -582,7 +582,7 @@ export class Reconciler {
       for (const answer of answers) answer.catch(() => undefined);
     }
     const differing = this.differingBuckets(first.digest);
-    const pulled = await this.pullAndApply(first.peer, differing, signal);
+    const pulled = await this.pullAndApply(first.peer, first.digest.instance, differing, signal);
     this.caughtUpOnDigest(first.peer, first.digest);
     this.sync.markReconciled(first.peer);
     this.metrics.reconcileDigests.inc();
@@ -680,7 +680,7 @@ export class Reconciler {
         const rebuildMs = Math.max(budgetMs, this.config.tombstoneTtlMs / 4);
         const rebuild = attemptSignal(rebuildMs, this.stop.signal);
         try {
-          report = await this.rebuildFrom(peer, rebuild.signal, bytes, budgetMs);
+          report = await this.rebuildFrom(peer, remote.instance, rebuild.signal, bytes, budgetMs);
         } finally {
           rebuild.clear();
         }
@@ -691,8 +691,12 @@ export class Reconciler {
       } else {
         const full = await this.fetchDigest(peer, true, signal);
         bytes += full.bytes;
+        // The head digest said the peer could be pulled from; a restart since (a new instance,
+        // bootstrapping or suspect) says otherwise.
+        if (full.digest.instance !== remote.instance) throw peerRestarted(peer);
+        if (full.digest.suspect) throw new PeerRequestError('unknown', `peer ${peer} turned suspect or is bootstrapping`, { code: 'ROUTESYNC_PEER_UNTRUSTED' });
         const differing = this.differingBuckets(full.digest);
-        const pulled = await this.pullAndApply(peer, differing, signal);
+        const pulled = await this.pullAndApply(peer, full.digest.instance, differing, signal);
         this.caughtUpOnDigest(peer, full.digest);
         bytes += pulled.bytes;
         report = { peer, result: pulled.repaired > 0 ? 'repaired' : 'unchanged', repaired: pulled.repaired, bytes, buckets: differing.length };
@@ -783,7 +787,7 @@ export class Reconciler {
    * without a fence, every route held since before the rebuild that the peer does not hold,
    * unless the local manager changed it since the cut began.
    */
-  private async rebuildFrom(peer: string, signal: AbortSignal, bytesSoFar: number, requestBudgetMs: number): Promise<RoundReport> {
+  private async rebuildFrom(peer: string, instance: string, signal: AbortSignal, bytesSoFar: number, requestBudgetMs: number): Promise<RoundReport> {
     const cutStartMs = this.lastContactMs;
     // Only routes held as the rebuild begins can be stale. The pulls take many requests, and
     // pushes (and local changes) keep landing meanwhile, some in buckets already pulled: such a
@@ -794,7 +798,7 @@ export class Reconciler {
     this.table.adoptHeldFences = true;
     let pulled: { repaired: number; bytes: number };
     try {
-      pulled = await this.pullAndApply(peer, all, signal, seen, requestBudgetMs);
+      pulled = await this.pullAndApply(peer, instance, all, signal, seen, requestBudgetMs);
     } finally {
       this.table.adoptHeldFences = false;
     }
@@ -862,9 +866,17 @@ export class Reconciler {
   /**
    * Pull buckets in chunks and apply each chunk as it arrives; `seen` collects the keys pulled.
    * With `requestBudgetMs`, each request also has that long of its own.
+   *
+   * Every answer must come from `instance`, the replica whose digest chose the buckets: a peer
+   * that restarts on the same address mid-pull (empty, bootstrapping) answers the rest from a
+   * table that is not the one the digest described, and a rebuild took its empty answers for
+   * "the source holds none of these" and dropped the live routes of most of the table, for good
+   * once the restarted peer bootstrapped from what was left. Such an answer ends the pull
+   * before it is applied; what was applied before it is a merge, harmless.
    */
   private async pullAndApply(
     peer: string,
+    instance: string,
     buckets: readonly number[],
     signal: AbortSignal,
     seen?: Set<string>,
@@ -880,8 +892,9 @@ export class Reconciler {
       const request = requestBudgetMs === undefined ? undefined : attemptSignal(requestBudgetMs, signal);
       try {
         const answer = await this.requestJson(peer, 'POST', PULL_PATH, JSON.stringify({ buckets: chunk }), request?.signal ?? signal);
-        body = answer.json;
         bytes += answer.bytes;
+        if (instance !== '' && answer.instance !== instance) throw peerRestarted(peer);
+        body = answer.json;
       } finally {
         request?.clear();
         this.metrics.peerRequestDuration.observe({ kind: 'pull' }, (performance.now() - started) / 1000);
@@ -936,9 +949,17 @@ export class Reconciler {
     }
   }
 
-  /** One request through the shared PeerClient, counting the response bytes. */
-  private async requestJson(peer: string, method: 'GET' | 'POST', path: string, body: string | undefined, signal: AbortSignal): Promise<{ json: unknown; bytes: number }> {
+  /** One request through the shared PeerClient, counting the response bytes; `instance`, the answering replica's instance header. */
+  private async requestJson(
+    peer: string,
+    method: 'GET' | 'POST',
+    path: string,
+    body: string | undefined,
+    signal: AbortSignal,
+  ): Promise<{ json: unknown; bytes: number; instance: string | undefined }> {
     const response = await this.client.request(peer, method, path, body, signal);
+    const header = response.headers[INSTANCE_HEADER];
+    const instance = typeof header === 'string' ? header : undefined;
     let raw: ArrayBuffer;
     try {
       raw = await response.body.arrayBuffer();
@@ -947,7 +968,7 @@ export class Reconciler {
     }
     this.metrics.reconcileBytes.inc(raw.byteLength);
     try {
-      return { json: JSON.parse(Buffer.from(raw).toString('utf8')) as unknown, bytes: raw.byteLength };
+      return { json: JSON.parse(Buffer.from(raw).toString('utf8')) as unknown, bytes: raw.byteLength, instance };
     } catch (error) {
       throw new PeerRequestError('protocol', `peer ${peer} sent a body that is not JSON`, { cause: error });
     }
@@ -986,4 +1007,9 @@ function parseDigest(peer: string, json: unknown, withBuckets: boolean): TableDi
     bootstrapping: body.bootstrapping === true,
     ...(typeof body.asOfMs === 'number' && Number.isSafeInteger(body.asOfMs) && body.asOfMs >= 0 ? { asOfMs: body.asOfMs } : {}),
   };
+}
+
+/** A peer whose answer came from another instance than the digest that started the exchange: it restarted meanwhile. */
+function peerRestarted(peer: string): PeerRequestError {
+  return new PeerRequestError('unknown', `peer ${peer} restarted during the exchange (another instance answered)`, { code: 'ROUTESYNC_PEER_RESTARTED' });
 }

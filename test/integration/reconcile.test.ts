@@ -703,6 +703,52 @@ describe('no resurrection of an identity deleted twice', () => {
   });
 });
 
+describe('a peer that restarts during an exchange', () => {
+  it('a rebuild from a peer that restarts midway (same address, a new instance, empty) drops nothing: the pull ends at the first answer of the new instance', async () => {
+    const env = { ROUTESYNC_TOMBSTONE_TTL_MS: '2000', ROUTESYNC_RECONCILE_INTERVAL_MS: '100', ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '300' };
+    const bAddress = `127.0.0.1:${await unusedPort()}`;
+    const a = await start(env, { ...MANUAL_ROUNDS, instanceId: 'zzz-a' });
+    const bEnv = { ...env, ROUTESYNC_PEER_ADDR: bAddress, ROUTESYNC_SELF: bAddress, ROUTESYNC_PEERS: a.replica.addresses.peer };
+    const b = await start(bEnv, { ...MANUAL_ROUNDS, instanceId: 'aaa-b' });
+    a.replica.sync.setPeers([bAddress]);
+    await Promise.all([a.replica.bootstrapped, b.replica.bootstrapped]);
+    const routes = Array.from({ length: 400 }, (_, i) => makeRoute({ namespace: 'restart', resourceVersion: String(100 + i) }));
+    expect((await postBatch(b.api, routes)).body.sync.acked).toBe(1);
+    expect(a.replica.table.size).toBe(400);
+    // Both out of contact past half the TTL: both suspect; B (the smaller instance ID) keeps its table.
+    await waitUntil(() => a.replica.reconciler.isSuspect() && b.replica.reconciler.isSuspect(), 5000, 'both to turn suspect');
+    expect((await b.replica.reconciler.runRound()).result).toBe('kept');
+
+    // A rebuilds from B, whose process restarts empty on the same address before A's 5th pull.
+    let pulls = 0;
+    let successor: Node | undefined;
+    const client = a.replica.client;
+    const request = client.request.bind(client);
+    client.request = async (...args: Parameters<typeof client.request>) => {
+      if (args[2] === '/v1/peer/pull' && ++pulls === 5) {
+        await b.replica.close();
+        successor = await start(bEnv, { ...MANUAL_ROUNDS, instanceId: 'aaa-b2' });
+      }
+      return request(...args);
+    };
+    const report = await a.replica.reconciler.runRound();
+    client.request = request;
+    expect(pulls, 'the rebuild reached its 5th pull').toBeGreaterThanOrEqual(5);
+    expect(report.result, 'the rebuild did not complete against another table').toBe('failed');
+    expect(a.replica.table.size, 'no route that nobody deleted was dropped').toBe(400);
+    expect(a.logs.lines.some((line) => line.includes('rebuilt from a peer'))).toBe(false);
+
+    // The restarted B bootstraps; rounds bring both to the whole table.
+    await successor!.replica.bootstrapped;
+    for (let k = 0; k < 4; k++) {
+      await a.replica.reconciler.runRound();
+      await successor!.replica.reconciler.runRound();
+    }
+    expect(a.replica.table.size).toBe(400);
+    expect(successor!.replica.table.size).toBe(400);
+  });
+});
+
 describe('suspect tables and trust', () => {
   it('a rebuild keeps a route whose newer version the source holds in a form this version refuses, rather than counting it missing', async () => {
     const env = { ROUTESYNC_TOMBSTONE_TTL_MS: '1000', ROUTESYNC_RECONCILE_INTERVAL_MS: '100', ROUTESYNC_EJECT_PROBE_MS: '50' };
