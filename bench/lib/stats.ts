@@ -41,11 +41,11 @@ export interface Spread {
 
 export function spread(values: readonly number[]): Spread {
   const finite = values.filter((value) => Number.isFinite(value));
-  if (finite.length === 0) return { median: Number.NaN, min: Number.NaN, max: Number.NaN, runs: values.map(round) };
+  if (finite.length === 0) return { median: Number.NaN, min: Number.NaN, max: Number.NaN, runs: values.map((value) => round(value)) };
   const sorted = [...finite].sort((a, b) => a - b);
   const middle = sorted.length >> 1;
   const median = sorted.length % 2 === 1 ? sorted[middle]! : (sorted[middle - 1]! + sorted[middle]!) / 2;
-  return { median: round(median), min: round(sorted[0]!), max: round(sorted.at(-1)!), runs: values.map(round) };
+  return { median: round(median), min: round(sorted[0]!), max: round(sorted.at(-1)!), runs: values.map((value) => round(value)) };
 }
 
 /** Three significant decimals are plenty for milliseconds and ratios measured on a noisy machine. */
