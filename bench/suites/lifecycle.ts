@@ -65,6 +65,7 @@ export async function lifecycle(ctx: SuiteContext): Promise<SuiteResult> {
     };
 
     const runs: LifecycleRun[] = [];
+    const random = seededRandom(0x5eed);
     for (let run = 0; run < ctx.runs; run++) {
       const samples: Record<Series, number[]> = { floor: [], routesync: [], legacy: [], routesyncNoop: [], floorNoop: [] };
       notAcked = 0;
@@ -73,9 +74,11 @@ export async function lifecycle(ctx: SuiteContext): Promise<SuiteResult> {
       for (let i = 0; i < rounds; i++) {
         const measured = i >= rounds - calls;
         if (i === rounds - calls) cpuBefore = { routesync: routesync.child.cpuMs(), floor: floor.child.cpuMs(), legacy: legacy.child.cpuMs() };
-        // Rotate the order so that no contender always follows the same one.
-        for (let k = 0; k < SERIES.length; k++) {
-          const series = SERIES[(i + k) % SERIES.length]!;
+        // A fresh random order each round (seeded, so a run can be repeated): every contender
+        // follows every other one, and itself across rounds, equally often. A rotation of one
+        // fixed order only moved its start: the floor's PUT followed its own no-op in four
+        // rounds of five, and routesync's PUT the floor's.
+        for (const series of shuffled(SERIES, random)) {
           const ms = await call[series]();
           if (measured) samples[series].push(ms);
         }
@@ -165,4 +168,26 @@ export async function lifecycle(ctx: SuiteContext): Promise<SuiteResult> {
 /** --cpu-prof into bench/results/profiles/, one file per process. */
 export function profileFlags(name: string): string[] {
   return ['--cpu-prof', '--cpu-prof-dir', 'bench/results/profiles', '--cpu-prof-name', `${name}-${Date.now()}.cpuprofile`];
+}
+
+/** mulberry32: a small seeded generator in [0, 1). */
+function seededRandom(seed: number): () => number {
+  let state = seed >>> 0;
+  return () => {
+    state = (state + 0x6d2b79f5) >>> 0;
+    let t = state;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** A Fisher-Yates shuffle of a copy. */
+function shuffled<T>(items: readonly T[], random: () => number): T[] {
+  const out = [...items];
+  for (let i = out.length - 1; i > 0; i--) {
+    const j = Math.floor(random() * (i + 1));
+    [out[i], out[j]] = [out[j]!, out[i]!];
+  }
+  return out;
 }
