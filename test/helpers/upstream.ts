@@ -267,11 +267,26 @@ export async function startRawUpstream(onSocket: (socket: net.Socket) => void, h
   };
 }
 
-/** A port on `host` that nothing listens on (bound, read, released). */
+/**
+ * A port on `host` that nothing listens on, for a server a test starts later (a replica
+ * restarted on the same address, peers that must know each other's ports first), below Linux's
+ * ephemeral range (32768 and up): a port the kernel handed out as free there could be taken,
+ * before the test bound it, as the local port of another test's outgoing connection
+ * (EADDRINUSE; test files run in parallel). Below the range only listeners contend, and each
+ * candidate is bound once to check it.
+ */
 export async function unusedPort(host = '127.0.0.1'): Promise<number> {
-  const server = net.createServer();
-  await new Promise<void>((resolve) => server.listen(0, host, () => resolve()));
-  const { port } = server.address() as AddressInfo;
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
+  for (let attempt = 0; attempt < 100; attempt++) {
+    const candidate = 20_000 + Math.floor(Math.random() * 12_000);
+    if (await canListen(candidate, host)) return candidate;
+  }
+  throw new Error(`no free port found on ${host} between 20000 and 32000`);
+}
+
+function canListen(port: number, host: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const server = net.createServer();
+    server.once('error', () => resolve(false));
+    server.listen(port, host, () => server.close(() => resolve(true)));
+  });
 }
