@@ -5,7 +5,8 @@ import type { AddressInfo, Socket } from 'node:net';
 import { parseChange } from '../../src/routes/route.js';
 import { RouteTable } from '../../src/routes/table.js';
 
-export type PeerMode = { kind: 'ok'; delayMs?: number } | { kind: 'hang' } | { kind: 'reset' } | { kind: 'status'; status: number };
+/** `gated`: pushes are answered (and applied) only when the test calls openGate(). */
+export type PeerMode = { kind: 'ok'; delayMs?: number; gated?: boolean } | { kind: 'hang' } | { kind: 'reset' } | { kind: 'status'; status: number };
 
 /** Shared across fake peers in one process: requests in flight right now, and the peak. */
 export class InFlightGauge {
@@ -44,6 +45,7 @@ export class FakePeer {
   readonly authorizations: (string | undefined)[] = [];
   private readonly sockets = new Set<Socket>();
   private readonly hung = new Set<ServerResponse>();
+  private readonly gated: (() => void)[] = [];
   private readonly server: Server;
   private listeners: (() => void)[] = [];
   address = '';
@@ -88,6 +90,16 @@ export class FakePeer {
       };
       this.listeners.push(check);
     });
+  }
+
+  /** Answer every push held by a gated mode, in order. */
+  openGate(): void {
+    for (const answer of this.gated.splice(0)) answer();
+  }
+
+  /** Pushes held by a gated mode, not answered yet. */
+  get gatedPushes(): number {
+    return this.gated.length;
   }
 
   /** Release hung requests by destroying their sockets. */
@@ -173,7 +185,10 @@ export class FakePeer {
             res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ results }));
             this.notify();
           };
-          if (mode.delayMs) setTimeout(answer, mode.delayMs);
+          if (mode.gated) {
+            this.gated.push(answer);
+            this.notify();
+          } else if (mode.delayMs) setTimeout(answer, mode.delayMs);
           else answer();
         }
       }

@@ -194,6 +194,8 @@ describe('mapping forms', () => {
     await upstream.waitForOpenSockets(0);
     await waitUntil(async () => (await dp.metrics.proxyWebsockets.get()).values[0]?.value === 0, 5000, 'the WebSocket gauge to drop to 0');
     expect(await proxyRequestCount(dp.metrics, 'proxied')).toBe(1);
+    // Once: at the handshake, not again when the WebSocket closes.
+    expect(dp.logs.filter((entry) => entry.msg === 'proxy request')).toHaveLength(1);
   });
 });
 
@@ -630,7 +632,9 @@ describe('a handshake pipelined behind a request still being answered', () => {
       await waitUntil(() => client.received().includes('data: 1'), 5000, 'the stream to start');
       let closed = false;
       const closing = dp.close(200).then(() => void (closed = true));
-      await waitUntil(() => closed, 5000, 'the data plane to close after its 200 ms grace');
+      // The grace (200 ms), then at most the 1 s close timeout: seconds to spare, but a close
+      // that waited out anything more (the stream, a longer timer) would not make it.
+      await waitUntil(() => closed, 2500, 'the data plane to close after its 200 ms grace');
       await closing;
       await waitUntil(() => client.closed(), 5000, 'the client connection to be closed');
     } finally {

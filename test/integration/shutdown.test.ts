@@ -108,11 +108,15 @@ describe('readiness during shutdown', () => {
     // Pushes hang, so the drain lasts its whole grace period; the fake serves no digest, so
     // bootstrap keeps trying until its timeout, which falls inside the drain.
     fake.mode = { kind: 'hang' };
-    const node = await startReplica({ ROUTESYNC_PEERS: fake.address, ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '500', ROUTESYNC_SYNC_DEADLINE_MS: '100' });
+    // A bootstrap timeout of 1.5 s, well past start-up and the PUT, and well inside the 4 s grace.
+    const node = await startReplica({ ROUTESYNC_PEERS: fake.address, ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '1500', ROUTESYNC_SYNC_DEADLINE_MS: '100' });
     peers.push(node);
+    let settled: string | undefined;
+    void node.replica.bootstrapped.then((outcome) => void (settled = outcome));
     expect(node.replica.isReady()).toBe(false);
     await putRoute(node.api, makeRoute({ resourceVersion: '3' })); // queued for the hung peer: the drain has work
-    const shutdown = node.replica.shutdown(3000);
+    const shutdown = node.replica.shutdown(4000);
+    expect(settled, 'bootstrap still running when shutdown began (else this tests nothing)').toBeUndefined();
     expect(await node.replica.bootstrapped).toBe('timeout');
     expect(node.replica.isReady(), 'isReady() after bootstrap ended during the drain').toBe(false);
     const readyz = await request(`${node.peerUrl}/readyz`).then(

@@ -268,8 +268,8 @@ describe('a call with more changes than the outbox bound, to an ejected peer', (
 describe('a call whose change is in flight when a later change of the same identity is dropped at the outbox bound', () => {
   it('is acknowledged by the peer’s answer, not told outbox_full', async () => {
     const [peer] = await peers(1);
-    // The first push is answered after a while: the second call comes while it is in flight.
-    peer!.mode = { kind: 'ok', delayMs: 300 };
+    // The first push is held until the second call has been made: it comes while that push is in flight.
+    peer!.mode = { kind: 'ok', gated: true };
     const sync = fanout({ ROUTESYNC_SYNC_DEADLINE_MS: '30000', ROUTESYNC_ATTEMPT_TIMEOUT_MS: '10000', ROUTESYNC_OUTBOX_MAX_ROUTES: '2' });
     sync.setPeers([peer!.address]);
     const route = makeRoute({ resourceVersion: '5' });
@@ -278,6 +278,9 @@ describe('a call whose change is in flight when a later change of the same ident
     // A resync larger than the bound: its newer version of the route is the oldest queued, so it goes.
     const second = await sync.sync([parseChange({ ...route, resourceVersion: '6' }), ...changes(2)]);
     expect(second.failed).toEqual([{ peer: peer!.address, errorClass: 'outbox_full' }]);
+    expect(peer!.gatedPushes, 'the first push was still in flight').toBe(1);
+    peer!.mode = { kind: 'ok' };
+    peer!.openGate();
     // The first call's own change was in flight, not dropped, and the peer holds it.
     await expect(first).resolves.toMatchObject({ acked: 1, failed: [], pending: [] });
     expect(peer!.table.get('default', route.name as string)?.resourceVersion).toBe('5');
