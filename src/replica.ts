@@ -37,6 +37,12 @@ export interface ReplicaOptions {
    * fence TTL: config refuses an interval of TTL / 5 or more).
    */
   readonly reconcileTimer?: boolean;
+  /**
+   * Test hook: the replica's monotonic clock (fence arrivals, caught-up reports, contact age and
+   * suspicion), instead of the process's: a test moves it on to stand for time passing, as it
+   * moves Date.now for the fences' wall-clock TTL.
+   */
+  readonly monotonicNow?: () => number;
   /** The peer TLS material, when the caller has read it already (main.ts, to fail with exit 2); read from config otherwise. */
   readonly peerTls?: PeerTlsMaterial;
 }
@@ -105,6 +111,7 @@ export class Replica {
     this.peerTls = tls;
     this.table = new RouteTable({
       tombstoneTtlMs: config.tombstoneTtlMs,
+      ...(options.monotonicNow ? { monotonicNow: options.monotonicNow } : {}),
       // A fence past its TTL is held while a peer has not caught up on it (docs/reconcile.md).
       fenceHoldMaxMs: config.tombstoneHoldMaxMs,
       caughtUpThrough: () => this.reconciler.caughtUpThrough(),
@@ -138,6 +145,7 @@ export class Replica {
       metrics: this.metrics,
       logger: this.logger,
       instanceId: this.instanceId,
+      ...(options.monotonicNow ? { monotonicNow: options.monotonicNow } : {}),
     });
     this.service.onLocalApplied = (key) => this.reconciler.noteLocalChange(key);
     this.bootstrapped = new Promise((resolve) => {

@@ -171,7 +171,12 @@ export interface ReconcilerOptions {
   readonly metrics: Metrics;
   readonly logger: Logger;
   readonly instanceId: string;
-  /** Wall clock (compared with the fence TTL). */
+  /**
+   * The clock of elapsed time: contact age and suspicion, the local changes' stamps and trust
+   * window, departed peers. Default: monotonicNow. Never the wall clock: one stepped back during
+   * a cut (NTP, a restored VM) kept a replica cut off past the fence TTL "in contact", so it
+   * offered its table at the heal instead of rebuilding, and a route deleted elsewhere came back.
+   */
   readonly now?: () => number;
   /** Random source for jitter and the round-robin start, in [0, 1). */
   readonly random?: () => number;
@@ -243,9 +248,9 @@ export class Reconciler {
     this.metrics = options.metrics;
     this.logger = options.logger;
     this.instanceId = options.instanceId;
-    this.now = options.now ?? Date.now;
     this.random = options.random ?? Math.random;
     this.monotonicNow = options.monotonicNow ?? monotonicClock;
+    this.now = options.now ?? this.monotonicNow;
     this.sync.onPeerDeparted((address) => this.peerDeparted(address));
     this.lastContactMs = this.now();
     this.clockOriginMs = this.lastContactMs;

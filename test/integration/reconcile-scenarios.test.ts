@@ -23,6 +23,7 @@
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { configFromEnv } from '../../src/config.js';
 import { Replica } from '../../src/replica.js';
+import { monotonicClock } from '../../src/routes/table.js';
 import { LogSink, TEST_ENV } from '../helpers/cluster.js';
 import { seededRandom } from '../helpers/random.js';
 
@@ -98,7 +99,14 @@ async function runScenario(seed: number): Promise<void> {
     ROUTESYNC_EJECT_MAX_MS: '100',
   });
   const boot = async (i: number): Promise<Replica> => {
-    const replica = await Replica.start(configFromEnv(env(i)), { logDestination: new LogSink(), processMetrics: false, reconcileTimer: false });
+    const replica = await Replica.start(configFromEnv(env(i)), {
+      logDestination: new LogSink(),
+      processMetrics: false,
+      reconcileTimer: false,
+      // Contact age, suspicion and fence arrivals are on the replica's monotonic clock: moved on
+      // with the wall clock, as real time moves both.
+      monotonicNow: () => monotonicClock() + clockOffsetMs,
+    });
     running.push(replica);
     return replica;
   };

@@ -6,6 +6,7 @@ import { configFromEnv } from '../../src/config.js';
 import { PULL_BUCKETS_PER_REQUEST } from '../../src/peers/reconcile.js';
 import { Replica, type ReplicaOptions } from '../../src/replica.js';
 import { changeToWire, parseChange, type Route } from '../../src/routes/route.js';
+import { monotonicClock } from '../../src/routes/table.js';
 import { FakePeer } from '../helpers/fake-peer.js';
 import { LogSink, TEST_ENV, makeRoute, putRoute } from '../helpers/cluster.js';
 import { unusedPort } from '../helpers/upstream.js';
@@ -612,6 +613,32 @@ async function healAndExpectDeleted(all: readonly Node[], name: string): Promise
   for (const node of all) expect(node.replica.table.get('split', name), 'the deleted route stays deleted').toBeUndefined();
 }
 
+describe('suspicion and the wall clock', () => {
+  it('a replica cut off while its wall clock steps back an hour still turns suspect, and rebuilds at the heal', async () => {
+    // Contact age is measured on a monotonic clock: on the wall clock the step made the cut
+    // look negative, the replica never turned suspect, and at the heal it offered its table
+    // (with routes deleted elsewhere whose fences had expired) instead of rebuilding.
+    // The wall clock the replicas read, installed before they start (they keep a reference to Date.now).
+    const real = Date.now.bind(Date);
+    let offsetMs = 0;
+    const clock = vi.spyOn(Date, 'now').mockImplementation(() => real() + offsetMs);
+    try {
+      const [a, b, c] = await cluster(3, { ROUTESYNC_TOMBSTONE_TTL_MS: '1000', ROUTESYNC_RECONCILE_INTERVAL_MS: '100', ...NO_HOLD }, MANUAL_ROUNDS);
+      expect((await putRoute(a!.api, makeRoute({ namespace: 'clock' }))).body.sync.acked).toBe(2);
+      expect((await c!.replica.reconciler.runRound()).result).not.toBe('failed');
+      c!.replica.faults.isolate();
+      offsetMs = -3_600_000;
+      // A and B keep their rounds with each other; C runs none.
+      await roundsInContactUntil([a!, b!], () => c!.replica.reconciler.isSuspect(), 5000, 'c to turn suspect half a TTL into the cut');
+      c!.replica.faults.heal();
+      expect(await c!.replica.reconciler.runRound()).toMatchObject({ result: 'rebuilt' });
+      expect(c!.replica.reconciler.isSuspect()).toBe(false);
+    } finally {
+      clock.mockRestore();
+    }
+  });
+});
+
 describe('held fences: the ways a hold could end too early', () => {
   it('a wall clock stepped back during the split does not release the held fence', async () => {
     // Arrival times and the peers' reports are on a monotonic clock: on the wall clock, fences
@@ -1050,12 +1077,14 @@ describe('suspect rebuild', () => {
     let clockOffsetMs = 0;
     const realNow = Date.now.bind(Date);
     const clock = vi.spyOn(Date, 'now').mockImplementation(() => realNow() + clockOffsetMs);
+    // Contact age is on the replica's monotonic clock: moved on with the wall clock.
+    const moved: ReplicaOptions = { ...MANUAL_ROUNDS, monotonicNow: () => monotonicClock() + clockOffsetMs };
     try {
       // A alone (never suspect, seeded); C reaches it through a link that can be made slow.
-      const a = await start(env, MANUAL_ROUNDS);
+      const a = await start(env, moved);
       await a.replica.bootstrapped;
       const link = await delayingLink(a.replica.addresses.peer);
-      const c = await start({ ...env, ROUTESYNC_PEERS: link.address }, MANUAL_ROUNDS);
+      const c = await start({ ...env, ROUTESYNC_PEERS: link.address }, moved);
       await c.replica.bootstrapped;
       const routes = Array.from({ length: 50 }, (_, i) => parseChange(makeRoute({ namespace: 'slow-rebuild', resourceVersion: String(100 + i) })));
       a.replica.service.applyRemote(routes, 'peer');
