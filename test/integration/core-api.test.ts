@@ -404,7 +404,7 @@ describe('peer API', () => {
     }
   });
 
-  it('demands the peer token on every peer endpoint but probes and metrics, and replicas send it', async () => {
+  it('demands the peer token on the push endpoints but not on probes and metrics, and replicas send it (auth.test.ts: every endpoint)', async () => {
     const cluster = await startCluster(2, { ROUTESYNC_PEER_TOKEN: 'peer-secret-123' });
     replicas.push(...cluster);
     const target = cluster[1]!.peerUrl;

@@ -224,8 +224,10 @@ describe('fan-out to peers', () => {
     const results = await Promise.all(routes.map((route) => putRoute(node.api, route)));
     for (const { body } of results) expect(body.sync).toMatchObject({ peers: 200, acked: 200 });
     expect(gauge.peak).toBeLessThanOrEqual(cap);
-    // The gauge really measures concurrency: the cap was reached.
-    expect(gauge.peak).toBeGreaterThan(1);
+    // The gauge really measures concurrency, and the cap's slots were used: over 200 pushes of
+    // at least 5 ms each, at least half of them at once (the peers' side sees arrivals a little
+    // apart from the sender's slots, so not always all 16).
+    expect(gauge.peak).toBeGreaterThanOrEqual(cap / 2);
     for (const peer of many) expect(peer.table.size).toBe(5);
   });
 

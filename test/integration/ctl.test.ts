@@ -83,8 +83,10 @@ describe('routesync ctl status, routes, peers', () => {
   it('status: a replica that is shutting down is not ready (exit 1, shutting_down), not unreachable, while its local API is closed', async () => {
     // A sandbox that never answers: the data plane's drain holds the shutdown for its grace.
     let reached = 0;
+    const held = new Set<import('node:net').Socket>();
     const silent = createServer((socket) => {
       reached++;
+      held.add(socket);
       socket.on('error', () => {});
     }).listen(0, '127.0.0.1');
     await once(silent, 'listening');
@@ -112,7 +114,8 @@ describe('routesync ctl status, routes, peers', () => {
       await node.replica.close();
       await Promise.all([stopped, pending]);
     } finally {
-      silent.close();
+      for (const socket of held) socket.destroy();
+      await new Promise<void>((resolve) => silent.close(() => resolve()));
     }
   });
 

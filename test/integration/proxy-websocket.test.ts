@@ -977,10 +977,13 @@ describe('a client that goes away from an open WebSocket, in front of a sandbox 
     const fin = sawFin(sandbox);
     let clientClosed = false;
     client.once('close', () => (clientClosed = true));
+    const halfClosedAt = performance.now();
     client.end();
     await fin;
     // The data plane gives the sandbox webSocketCloseTimeoutMs (2 s here) to finish, then closes both.
     await waitUntil(() => clientClosed, 8000, 'the data plane to close the half-closed client connection');
+    // Not before that time (a lower bound, which a slow machine only lengthens).
+    expect(performance.now() - halfClosedAt).toBeGreaterThanOrEqual(1900);
     await sandboxConnectionReleased(sandbox);
   });
 });
@@ -1104,7 +1107,10 @@ describe('data-plane shutdown', () => {
     await gone;
     await upstream.waitForOpenSockets(0);
     await waitUntil(async () => (await dp.metrics.proxyWebsockets.get()).values[0]?.value === 0, 5000, 'the WebSocket gauge to drop to 0');
-    // A 60 s grace would time the test out if close() waited for it.
-    await dp.close(60_000);
+    // With nothing open, a 60 s grace is not waited for: closed within seconds.
+    let done = false;
+    const closing = dp.close(60_000).then(() => void (done = true));
+    await waitUntil(() => done, 3000, 'close(60 s) to resolve with nothing open');
+    await closing;
   });
 });

@@ -207,8 +207,8 @@ describe.skipIf(!hasOpenssl)('peer TLS', () => {
         });
       }
     } finally {
-      plain.close();
-      chained.close();
+      for (const server of [plain, chained]) server.closeAllConnections?.();
+      await Promise.all([plain, chained].map((server) => new Promise<void>((resolve) => server.close(() => resolve()))));
     }
   });
 

@@ -54,7 +54,7 @@ describe('push body', () => {
   });
   afterAll(async () => {
     await client.close();
-    server.close();
+    await new Promise<void>((resolve) => server.close(() => resolve()));
   });
 
   it('is the JSON of the wire form of every change, in order', () => {

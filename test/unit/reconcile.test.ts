@@ -27,22 +27,24 @@ function reconciler(clock: { ms: number }, env: Record<string, string> = {}) {
 }
 
 describe('Reconciler', () => {
-  it('keeps the interval up to 50 peers, then grows it with the peer count', () => {
+  it('keeps the interval up to 50 peers, then grows it with the peer count', async () => {
     const { reconciler: r, client } = reconciler({ ms: 0 }, { ROUTESYNC_TOMBSTONE_TTL_MS: '604800000' });
     expect(r.intervalMs(0)).toBe(1000);
     expect(r.intervalMs(LARGE_FLEET_PEERS)).toBe(1000);
     expect(r.intervalMs(500)).toBe(10_000);
-    void client.close();
+    r.close();
+    await client.close();
   });
 
-  it('never grows the interval to TTL / 5, where healthy replicas of a large fleet could turn suspect between rounds', () => {
+  it('never grows the interval to TTL / 5, where healthy replicas of a large fleet could turn suspect between rounds', async () => {
     // TTL 10 s: suspect after 5 s without a round; the longest interval config allows is 1,999 ms.
     const { reconciler: r, client } = reconciler({ ms: 0 });
     expect(r.intervalMs(LARGE_FLEET_PEERS)).toBe(1000);
     expect(r.intervalMs(75)).toBe(1500);
     expect(r.intervalMs(500)).toBe(1999);
     expect(r.intervalMs(5000)).toBe(1999);
-    void client.close();
+    r.close();
+    await client.close();
   });
 
   it('turns suspect after half the fence TTL without contact, only while it has peers', async () => {
