@@ -169,7 +169,8 @@ export class DnsDiscovery {
    * the 5 s bootstrap timeout.
    */
   private warnFailure(code: string): void {
-    const now = Date.now();
+    // Monotonic: a wall clock stepped back would keep the same failure quiet for as long.
+    const now = performance.now();
     const fields = { name: this.name, code, keptPeers: this.options.sync.peerAddresses().length };
     const message = this.resolved ? 'peer DNS resolution failed; keeping the last good peer set' : 'peer DNS resolution failed; no peer set yet, retrying';
     if (this.lastWarning?.code === code && now - this.lastWarning.at < DNS_WARNING_REPEAT_MS) {

@@ -178,6 +178,8 @@ export interface ReconcilerOptions {
    * offered its table at the heal instead of rebuilding, and a route deleted elsewhere came back.
    */
   readonly now?: () => number;
+  /** The wall clock, for the other account of contact age (contactAgeMs). Default: Date.now. */
+  readonly wallNow?: () => number;
   /** Random source for jitter and the round-robin start, in [0, 1). */
   readonly random?: () => number;
   /** The caught-up clock (asOfMs); the table's monotonicNow must be the same. Default: monotonicClock. */
@@ -194,6 +196,7 @@ export class Reconciler {
   private readonly logger: Logger;
   private readonly instanceId: string;
   private readonly now: () => number;
+  private readonly wallNow: () => number;
   private readonly random: () => number;
   private readonly stop = new AbortController();
   /**
@@ -203,6 +206,8 @@ export class Reconciler {
   private readonly clockOriginMs: number;
   /** Last completed round with a non-suspect peer (or the start of this replica's life). */
   private lastContactMs: number;
+  /** The wall clock at the same moment (contactAgeMs). */
+  private lastContactWallMs: number;
   private bootstrapped = false;
   private seeded = false;
   /**
@@ -251,8 +256,10 @@ export class Reconciler {
     this.random = options.random ?? Math.random;
     this.monotonicNow = options.monotonicNow ?? monotonicClock;
     this.now = options.now ?? this.monotonicNow;
+    this.wallNow = options.wallNow ?? options.now ?? Date.now;
     this.sync.onPeerDeparted((address) => this.peerDeparted(address));
     this.lastContactMs = this.now();
+    this.lastContactWallMs = this.wallNow();
     this.clockOriginMs = this.lastContactMs;
     this.cursor = Math.floor(this.random() * 1_000_000);
   }
@@ -275,7 +282,8 @@ export class Reconciler {
     const route = this.table.getByKey(key);
     // Negative if the wall clock stepped back past the origin: still the change's own time.
     if (route) {
-      markLocalChange(route, this.now() - this.clockOriginMs);
+      // Whole ms: a small integer the route keeps in its own slot (a fraction is a heap number, 16 B).
+      markLocalChange(route, Math.floor(this.now() - this.clockOriginMs));
       this.localDeletions.delete(key);
       return;
     }
@@ -331,13 +339,29 @@ export class Reconciler {
     return !this.isSuspect();
   }
 
+  private touchContact(): void {
+    this.lastContactMs = this.now();
+    this.lastContactWallMs = this.wallNow();
+  }
+
+  /**
+   * How long since the last contact: the longer of the monotonic and the wall clock's accounts.
+   * The monotonic clock is immune to steps (a wall clock stepped back made a long cut look
+   * negative) but stops while the machine is suspended; the wall clock goes on across a suspend
+   * (a VM paused past the fence TTL resumes with its fences expired, and must rebuild). Either
+   * saying "too long" makes the table suspect; a false alarm costs a rebuild.
+   */
+  private contactAgeMs(): number {
+    return Math.max(this.now() - this.lastContactMs, this.wallNow() - this.lastContactWallMs);
+  }
+
   /** Out of contact for too long while having peers: this table must not be offered. */
   isSuspect(): boolean {
     if (this.sync.peerCount === 0) {
       this.alone();
       return false;
     }
-    return this.now() - this.lastContactMs > this.config.tombstoneTtlMs * SUSPECT_AFTER_TTL_FRACTION;
+    return this.contactAgeMs() > this.config.tombstoneTtlMs * SUSPECT_AFTER_TTL_FRACTION;
   }
 
   /** GET /v1/peer/digest; `report`, the requester's word that it caught up on an earlier one. */
@@ -345,6 +369,10 @@ export class Reconciler {
     // The caught-up clock is monotonic (see RouteTable's monotonicNow), whole ms on the wire.
     const asOfMs = Math.floor(this.monotonicNow());
     if (report) this.noteCaughtUpBy(report, asOfMs);
+    // Fences past their TTL leave the digest now, not at the next sweep (up to a minute away):
+    // a pull never returns them, so two equal tables differed on their bucket until then, and
+    // every round re-pulled it for nothing (and `ctl diff` showed a difference that was none).
+    this.table.sweepExpiredFences();
     return {
       instance: this.instanceId,
       buckets: this.table.digestBuckets,
@@ -438,7 +466,7 @@ export class Reconciler {
 
   /** Seconds since the last completed round with a non-suspect peer. */
   lagSeconds(): number {
-    return Math.max(0, this.now() - this.lastContactMs) / 1000;
+    return Math.max(0, this.contactAgeMs()) / 1000;
   }
 
   // --- bootstrap -------------------------------------------------------------------------
@@ -511,7 +539,7 @@ export class Reconciler {
       this.table.adoptHeldFences = false;
       this.freshPeers.clear();
       this.bootstrapped = true;
-      this.lastContactMs = this.now();
+      this.touchContact();
     }
   }
 
@@ -659,6 +687,8 @@ export class Reconciler {
     const wasSuspect = this.isSuspect();
     let bytes = 0;
     try {
+      // This side's expired fences leave the digest before it is compared (see digest()).
+      this.table.sweepExpiredFences();
       const head = await this.fetchDigest(peer, false, signal);
       bytes += head.bytes;
       this.metrics.reconcileDigests.inc();
@@ -762,7 +792,7 @@ export class Reconciler {
       return { peer, result: 'skipped', repaired: 0, bytes, buckets: 0 };
     }
     this.logger.warn(
-      { peers: peers.length, outOfContactMs: this.now() - this.lastContactMs },
+      { peers: peers.length, outOfContactMs: Math.round(this.contactAgeMs()) },
       'reconcile: table was suspect but no peer is a trustworthy source; keeping it as the reference',
     );
     return { peer, result: 'kept', repaired: 0, bytes, buckets: 0 };
@@ -772,7 +802,7 @@ export class Reconciler {
   private contact(peer: string): void {
     this.untrusted.clear();
     this.localDeletions.clear();
-    this.lastContactMs = this.now();
+    this.touchContact();
     this.sync.markReconciled(peer);
   }
 
@@ -784,7 +814,7 @@ export class Reconciler {
    */
   private alone(): void {
     this.localDeletions.clear();
-    this.lastContactMs = this.now();
+    this.touchContact();
   }
 
   /**

@@ -7,11 +7,11 @@ import { PeerClient } from '../../src/peers/client.js';
 import { parseDnsTarget } from '../../src/peers/discovery.js';
 import { PeerSync } from '../../src/peers/fanout.js';
 import { LARGE_FLEET_PEERS, Reconciler } from '../../src/peers/reconcile.js';
-import { parseChange } from '../../src/routes/route.js';
+import { localChangeAt, parseChange } from '../../src/routes/route.js';
 import { RouteTable } from '../../src/routes/table.js';
 import { RouteService } from '../../src/service.js';
 
-function reconciler(clock: { ms: number }, env: Record<string, string> = {}) {
+function reconciler(clock: { ms: number }, env: Record<string, string> = {}, wall?: { ms: number }) {
   const config = configFromEnv({ ROUTESYNC_RECONCILE_INTERVAL_MS: '1000', ROUTESYNC_TOMBSTONE_TTL_MS: '10000', ...env });
   const logger = createLogger({ level: 'silent' });
   const metrics = new Metrics({ processMetrics: false });
@@ -20,13 +20,29 @@ function reconciler(clock: { ms: number }, env: Record<string, string> = {}) {
   const table = new RouteTable({ tombstoneTtlMs: config.tombstoneTtlMs, now: () => clock.ms });
   const service = new RouteService(table, sync, metrics, logger);
   const now = () => clock.ms;
-  const r = new Reconciler({ config, table, service, sync, client, metrics, logger, instanceId: 'self', now, random: () => 0.5 });
+  const r = new Reconciler({ config, table, service, sync, client, metrics, logger, instanceId: 'self', now, random: () => 0.5, ...(wall ? { wallNow: () => wall.ms } : {}) });
   // As src/replica.ts wires it.
   service.onLocalApplied = (key) => r.noteLocalChange(key);
   return { sync, client, table, service, reconciler: r };
 }
 
 describe('Reconciler', () => {
+  it('leaves fences past their TTL out of the digest it serves, as a pull leaves them out', async () => {
+    const clock = { ms: 1_000_000 };
+    const { reconciler: r, table, sync, client } = reconciler(clock);
+    table.delete({ namespace: 'ns', name: 'gone', resourceVersion: '5' });
+    const empty = new RouteTable({ tombstoneTtlMs: 10_000 }).rootDigest();
+    expect(r.digest(false).fences).toBe(1);
+    clock.ms += 10_001; // past the TTL, before the sweep timer; no peer to hold it for
+    const served = r.digest(false);
+    expect(served.fences).toBe(0);
+    expect(served.root, 'the same digest as a table without the fence').toBe(empty);
+    sync.close();
+    r.close();
+    await client.close();
+  });
+
+
   it('keeps the interval up to 50 peers, then grows it with the peer count', async () => {
     const { reconciler: r, client } = reconciler({ ms: 0 }, { ROUTESYNC_TOMBSTONE_TTL_MS: '604800000' });
     expect(r.intervalMs(0)).toBe(1000);
@@ -60,6 +76,39 @@ describe('Reconciler', () => {
     expect(r.digest(false)).toMatchObject({ suspect: true, seeded: false });
     expect(await r.bootstrap()).toBe('timeout'); // nothing listens on port 1
     expect(r.isSuspect()).toBe(false); // a fresh start of contact time after bootstrap
+    sync.close();
+    r.close();
+    await client.close();
+  });
+});
+
+describe('Reconciler: contact age on two clocks', () => {
+  it('turns suspect when either clock says the cut was long: the wall clock across a suspend, the monotonic one across a step back', async () => {
+    const mono = { ms: 1_000_000 };
+    const wall = { ms: 1_700_000_000_000 };
+    const { reconciler: r, sync, client } = reconciler(mono, {}, wall);
+    sync.setPeers(['127.0.0.1:1']);
+    // A suspended machine: the monotonic clock stood still, the wall clock went on past TTL/2.
+    wall.ms += 5001;
+    expect(r.isSuspect()).toBe(true);
+    // A wall clock stepped back an hour: the monotonic clock still counts the cut.
+    wall.ms -= 3_600_000;
+    expect(r.isSuspect()).toBe(false);
+    mono.ms += 5001;
+    expect(r.isSuspect()).toBe(true);
+    sync.close();
+    r.close();
+    await client.close();
+  });
+
+  it('stamps a local change with whole milliseconds (a small integer kept in the route, not a heap number)', async () => {
+    const mono = { ms: 1_000_000.25 };
+    const { reconciler: r, service, table, sync, client } = reconciler(mono);
+    mono.ms += 12.625;
+    await service.applyLocal(parseChange({ namespace: 'ns', name: 'stamped', id: 'sb-stamped', uid: 'u', resourceVersion: '1', ip: '10.0.0.1', state: 'running' }));
+    expect(r.rememberedLocalChanges()).toBe(1);
+    const stamp = localChangeAt(table.get('ns', 'stamped')!);
+    expect(Number.isInteger(stamp)).toBe(true);
     sync.close();
     r.close();
     await client.close();
