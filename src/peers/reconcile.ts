@@ -173,13 +173,12 @@ export interface ReconcilerOptions {
   readonly instanceId: string;
   /**
    * The clock of elapsed time: contact age and suspicion, the local changes' stamps and trust
-   * window, departed peers. Default: monotonicNow. Never the wall clock: one stepped back during
-   * a cut (NTP, a restored VM) kept a replica cut off past the fence TTL "in contact", so it
-   * offered its table at the heal instead of rebuilding, and a route deleted elsewhere came back.
+   * window, departed peers. Default: monotonicNow (monotonicClock: no steps back, suspends
+   * counted). Never the wall clock: one stepped back during a cut (NTP) kept a replica cut off
+   * past the fence TTL "in contact", so it offered its table at the heal instead of rebuilding,
+   * and a route deleted elsewhere came back.
    */
   readonly now?: () => number;
-  /** The wall clock, for the other account of contact age (contactAgeMs). Default: Date.now. */
-  readonly wallNow?: () => number;
   /** Random source for jitter and the round-robin start, in [0, 1). */
   readonly random?: () => number;
   /** The caught-up clock (asOfMs); the table's monotonicNow must be the same. Default: monotonicClock. */
@@ -196,7 +195,6 @@ export class Reconciler {
   private readonly logger: Logger;
   private readonly instanceId: string;
   private readonly now: () => number;
-  private readonly wallNow: () => number;
   private readonly random: () => number;
   private readonly stop = new AbortController();
   /**
@@ -206,8 +204,6 @@ export class Reconciler {
   private readonly clockOriginMs: number;
   /** Last completed round with a non-suspect peer (or the start of this replica's life). */
   private lastContactMs: number;
-  /** The wall clock at the same moment (contactAgeMs). */
-  private lastContactWallMs: number;
   private bootstrapped = false;
   private seeded = false;
   /**
@@ -256,10 +252,8 @@ export class Reconciler {
     this.random = options.random ?? Math.random;
     this.monotonicNow = options.monotonicNow ?? monotonicClock;
     this.now = options.now ?? this.monotonicNow;
-    this.wallNow = options.wallNow ?? options.now ?? Date.now;
     this.sync.onPeerDeparted((address) => this.peerDeparted(address));
     this.lastContactMs = this.now();
-    this.lastContactWallMs = this.wallNow();
     this.clockOriginMs = this.lastContactMs;
     this.cursor = Math.floor(this.random() * 1_000_000);
   }
@@ -280,10 +274,10 @@ export class Reconciler {
    */
   noteLocalChange(key: string): void {
     const route = this.table.getByKey(key);
-    // Negative if the wall clock stepped back past the origin: still the change's own time.
     if (route) {
-      // Whole ms: a small integer the route keeps in its own slot (a fraction is a heap number, 16 B).
-      markLocalChange(route, Math.floor(this.now() - this.clockOriginMs));
+      // Whole ms, rounded up (never before the contact it follows): a small integer the route
+      // keeps in its own slot (a fraction is a heap number, 16 B).
+      markLocalChange(route, Math.ceil(this.now() - this.clockOriginMs));
       this.localDeletions.delete(key);
       return;
     }
@@ -341,18 +335,11 @@ export class Reconciler {
 
   private touchContact(): void {
     this.lastContactMs = this.now();
-    this.lastContactWallMs = this.wallNow();
   }
 
-  /**
-   * How long since the last contact: the longer of the monotonic and the wall clock's accounts.
-   * The monotonic clock is immune to steps (a wall clock stepped back made a long cut look
-   * negative) but stops while the machine is suspended; the wall clock goes on across a suspend
-   * (a VM paused past the fence TTL resumes with its fences expired, and must rebuild). Either
-   * saying "too long" makes the table suspect; a false alarm costs a rebuild.
-   */
+  /** How long since the last contact, on the elapsed-time clock (monotonicClock: no steps back, suspends counted). */
   private contactAgeMs(): number {
-    return Math.max(this.now() - this.lastContactMs, this.wallNow() - this.lastContactWallMs);
+    return this.now() - this.lastContactMs;
   }
 
   /** Out of contact for too long while having peers: this table must not be offered. */
@@ -876,7 +863,7 @@ export class Reconciler {
     this.logger.warn(
       {
         peer,
-        outOfContactMs: this.now() - cutStartMs,
+        outOfContactMs: Math.round(this.now() - cutStartMs),
         pulledChanges: seen.size,
         repaired: pulled.repaired,
         redeleted,

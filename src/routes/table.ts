@@ -490,9 +490,35 @@ export class RouteTable {
   }
 }
 
-/** ms on a clock that never steps back, in the range of Date.now() (the default for fence arrivals). */
+/**
+ * A wall-clock gain over the monotonic clock this large, past any gain seen before, is time the
+ * machine spent suspended (a paused VM), which the monotonic clock does not count.
+ */
+const SUSPEND_GAP_MS = 1000;
+/** The largest (wall clock - monotonic clock) seen so far: a step back lowers it and is ignored. */
+let highestOffsetMs = Date.now() - performance.now();
+let suspendedMs = 0;
+
+/**
+ * ms of elapsed time, in the range of Date.now(): the default for fence arrivals, caught-up
+ * reports, contact age and the local changes' stamps. It never steps back (a wall clock stepped
+ * back during a cut made the cut look negative, and a replica cut off past the fence TTL was
+ * still trusted) and, as Linux's CLOCK_BOOTTIME does, it counts time the machine spent
+ * suspended (a VM paused past the TTL resumes with its fences expired elsewhere, and must know
+ * it was away): whenever the wall clock has gained more than SUSPEND_GAP_MS on the monotonic
+ * clock beyond its largest gain so far, the excess is added. A wall clock stepped forward reads
+ * as a suspend too, as it did when these times were the wall clock's; one stepped back and then
+ * forward again counts only what goes past where it was.
+ */
 export function monotonicClock(): number {
-  return performance.timeOrigin + performance.now();
+  const monotonic = performance.now();
+  const offset = Date.now() - monotonic;
+  if (offset > highestOffsetMs) {
+    // A slow gain (the clock slewed) only moves the baseline; a jump counts as time away.
+    if (offset - highestOffsetMs > SUSPEND_GAP_MS) suspendedMs += offset - highestOffsetMs;
+    highestOffsetMs = offset;
+  }
+  return performance.timeOrigin + monotonic + suspendedMs;
 }
 
 /** Does `a` win the sandbox ID over `b`? Newer resourceVersion; ties by the smaller key. */
