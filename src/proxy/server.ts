@@ -103,6 +103,8 @@ interface Exchange {
   timer: NodeJS.Timeout | undefined;
   /** Armed while the answer is held back by a full client socket (watchSendStall). */
   stallTimer: NodeJS.Timeout | undefined;
+  /** The recheck round (recheckRounds) in which the exchange was last checked against its route. */
+  checkedRound: number;
   /** The wait for the response headers is the upstream socket's idle timer (a request with a body). */
   idleTimer: boolean;
   /** WebSocket: reads the client socket until the sandbox answers the handshake (see HandshakeClientReader). */
@@ -609,6 +611,7 @@ export class DataPlane {
       proxyReq.destroy();
       return;
     }
+    exchange.checkedRound = this.recheckRounds;
     exchange.proxyReq = proxyReq;
     // A 101 to a request that asked for no upgrade (RFC 9110 §15.2.2: a server must not send
     // one): without a listener Node destroys the socket and the request ends with neither an
@@ -651,6 +654,15 @@ export class DataPlane {
     exchange.timer = undefined;
     if (exchange.outcome !== undefined) {
       exchange.proxyReq?.destroy();
+      return;
+    }
+    // The wait for the answer may have outlasted the route that admitted the request (a long
+    // poll whose token was rotated meanwhile): checked again before anything of it is relayed,
+    // headers (a Set-Cookie) included.
+    const refusal = this.routeRefusesSince(exchange);
+    if (refusal) {
+      exchange.proxyReq?.destroy();
+      this.respondError(exchange, res, refusal);
       return;
     }
     const unrelayable = unrelayableAnswer(proxyRes);
@@ -704,12 +716,9 @@ export class DataPlane {
     // that would refuse the request now cuts it before that chunk reaches the client, as an
     // open WebSocket is closed (recheckWebSockets). This listener comes before the library's
     // pipe, so it sees each chunk first.
-    let checkedRound = this.recheckRounds;
     proxyRes.on('data', () => {
-      if (checkedRound === this.recheckRounds) return;
-      checkedRound = this.recheckRounds;
-      if (exchange.outcome !== undefined) return;
-      const refusal = this.stillAdmits(exchange);
+      if (exchange.checkedRound === this.recheckRounds || exchange.outcome !== undefined) return;
+      const refusal = this.routeRefusesSince(exchange);
       if (refusal === undefined) return;
       exchange.outcome = 'route_changed';
       this.logRouteCut(exchange, refusal);
@@ -973,7 +982,10 @@ export class DataPlane {
     // socket (Node writes it after this event), as a plain request is in onProxyRequest.
     proxyReq.once('socket', () => {
       const refusal = this.readmitted(exchange);
-      if (!refusal) return;
+      if (!refusal) {
+        exchange.checkedRound = this.recheckRounds;
+        return;
+      }
       this.refuseUpgrade(exchange, client, refusal);
       proxyReq.destroy();
     });
@@ -984,6 +996,13 @@ export class DataPlane {
       exchange.timer = undefined;
       if (exchange.outcome !== undefined) {
         upstream.destroy();
+        return;
+      }
+      // As for a plain answer: a route that stopped admitting the handshake while it waited.
+      const revoked = this.routeRefusesSince(exchange);
+      if (revoked) {
+        upstream.destroy();
+        this.refuseUpgrade(exchange, client, revoked);
         return;
       }
       exchange.handshakeClient?.handOver();
@@ -999,6 +1018,12 @@ export class DataPlane {
       exchange.timer = undefined;
       if (exchange.outcome !== undefined) return;
       exchange.handshakeClient?.answeredPlainly();
+      const revoked = this.routeRefusesSince(exchange);
+      if (revoked) {
+        proxyRes.destroy();
+        this.refuseUpgrade(exchange, client, revoked);
+        return;
+      }
       const unrelayable = unrelayableAnswer(proxyRes, true);
       if (unrelayable) {
         // Our 502 goes first and ends the socket; the library's write then fails on the ended
@@ -1047,11 +1072,9 @@ export class DataPlane {
     // The plain answer is checked against its route as a streaming HTTP answer is
     // (onProxyResponse): an event stream asked for with an Upgrade header must not outlive a
     // revoked token. Before the library's write, as above.
-    let checkedRound = this.recheckRounds;
     proxyRes.on('data', () => {
-      if (checkedRound === this.recheckRounds || exchange.recorded) return;
-      checkedRound = this.recheckRounds;
-      const refusal = this.stillAdmits(exchange);
+      if (exchange.checkedRound === this.recheckRounds || exchange.recorded) return;
+      const refusal = this.routeRefusesSince(exchange);
       if (refusal === undefined) return;
       exchange.outcome = 'route_changed';
       this.record(exchange, status);
@@ -1176,6 +1199,17 @@ export class DataPlane {
     return refusal;
   }
 
+  /**
+   * Once a recheck round has passed since the exchange was last checked: the refusal a new
+   * request would get now, if its route no longer admits it (stillAdmits). One counter
+   * comparison otherwise.
+   */
+  private routeRefusesSince(exchange: Exchange): DataPlaneError | undefined {
+    if (exchange.checkedRound === this.recheckRounds) return undefined;
+    exchange.checkedRound = this.recheckRounds;
+    return this.stillAdmits(exchange);
+  }
+
   private logRouteCut(exchange: Exchange, refusal: DataPlaneError): void {
     this.logger.info({ sandboxId: exchange.sandboxId, port: exchange.port, code: refusal.code }, 'response cut: its route no longer admits it');
   }
@@ -1295,6 +1329,7 @@ export class DataPlane {
       admittedAddress: undefined,
       clientHeaders: undefined,
       recorded: false,
+      checkedRound: this.recheckRounds,
     };
   }
 

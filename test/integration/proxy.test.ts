@@ -341,6 +341,32 @@ describe('a streaming answer whose route changes', () => {
   });
 });
 
+describe('a long poll whose route changes while it waits for its answer', () => {
+  it('gets what a new request would get (401 after a token rotation), not the answer meant for the old token', async () => {
+    const waiting: http.ServerResponse[] = [];
+    const poller = await startUpstream({ name: 'poll', handler: (_req, res) => void waiting.push(res) });
+    await dp.close(0);
+    dp = await startDataPlane({ ROUTESYNC_PROXY_TIMEOUT_MS: '10000' }, { webSocketRecheckMs: 50 });
+    const rounds = (): number => (dp.plane as unknown as { recheckRounds: number }).recheckRounds;
+    try {
+      dp.setRoute({ id: 'poll', ip: poller.host, requireTrafficAuth: true, accessToken: 'poll-tok-1' });
+      const answer = send(dp.address, { path: `/kruise/poll/${poller.port}/wait`, headers: { 'e2b-traffic-access-token': 'poll-tok-1' } });
+      await waitUntil(() => waiting.length === 1, 5000, 'the poll to reach the sandbox');
+      dp.setRoute({ id: 'poll', ip: poller.host, requireTrafficAuth: true, accessToken: 'poll-tok-2' });
+      const start = rounds();
+      await waitUntil(() => rounds() >= start + 2, 5000, 'two rounds of checks');
+      waiting[0]!.writeHead(200, { 'content-type': 'application/json', 'set-cookie': 'session=for-the-old-token' }).end('{"secret":"for the old token"}');
+      const reply = await answer;
+      expect(reply.status).toBe(401);
+      expect(reply.json<ErrorAnswer>().error.code).toBe('traffic_token_invalid');
+      expect(reply.body.toString()).not.toContain('for the old token');
+      expect(reply.headers['set-cookie']).toBeUndefined();
+    } finally {
+      await poller.close();
+    }
+  });
+});
+
 describe('a route whose address is this machine', () => {
   it('is refused 403 upstream_not_allowed, HTTP and WebSocket alike, unless ROUTESYNC_PROXY_ALLOW_LOOPBACK: nothing behind it is reached', async () => {
     // The replica's own listeners live on loopback: a route naming them (from a peer, or a
