@@ -274,9 +274,14 @@ export class PeerSync {
 
     const elapsedMs = performance.now() - started;
     let acked = 0;
+    let counted = 0;
     const failed: { peer: string; errorClass: string }[] = [];
     const pending: { peer: string; reason: string }[] = [];
     peers.forEach((peer, index) => {
+      // An address found meanwhile to be this replica (its push answered with this instance ID)
+      // was never a peer: not counted, not reported failed (`peers` is "self excluded").
+      if (this.selfAddresses.has(peer.address)) return;
+      counted++;
       const outcome = outcomes[index] ?? { status: 'pending', reason: 'in_flight' };
       if (outcome.status === 'acked') acked++;
       else if (outcome.status === 'failed') failed.push({ peer: peer.address, errorClass: outcome.errorClass });
@@ -284,7 +289,7 @@ export class PeerSync {
     });
     // `acked` only when every peer acknowledged: a call whose peers all had an outcome before the
     // deadline, some of them a failure or an ejection, is `partial`.
-    this.metrics.syncDuration.observe({ result: result === 'deadline' ? 'deadline' : acked === peers.length ? 'acked' : 'partial' }, elapsedMs / 1000);
+    this.metrics.syncDuration.observe({ result: result === 'deadline' ? 'deadline' : acked === counted ? 'acked' : 'partial' }, elapsedMs / 1000);
     // Past the deadline the calls stop waiting; the changes stay queued for background delivery.
     // Forgetting the waiters of a large batch takes as long as queueing them: done once the
     // answer is on its way, not before.
@@ -293,7 +298,7 @@ export class PeerSync {
         for (const watcher of watchers) if (!watcher.settled) watcher.outbox.unwatch(watcher.key, watcher);
       });
     }
-    return { peers: peers.length, acked, failed, pending, elapsedMs: Math.round(elapsedMs * 100) / 100 };
+    return { peers: counted, acked, failed, pending, elapsedMs: Math.round(elapsedMs * 100) / 100 };
   }
 
   status(): PeerStatus[] {

@@ -2,6 +2,8 @@
 // a peer counts as acknowledged only once every change is, a peer that refuses is reported as
 // failed without holding up the others, an ejected peer is not waited for, and a peer still
 // owing a change at the deadline is pending. Real peers on loopback (test/helpers/fake-peer.ts).
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { PeerSync } from '../../src/peers/fanout.js';
 import { parseChange, type RouteChange } from '../../src/routes/route.js';
@@ -341,5 +343,29 @@ describe('a peer removed by discovery', () => {
     await waitUntil(() => sync.limiter.active === 0 && sync.limiter.pending === 0, 5_000, 'the queued push to leave the cap');
     expect(queued!.pushes).toBe(0);
     expect(queued!.openSockets).toBe(0);
+  });
+});
+
+describe('a peer address that turns out to be this replica', () => {
+  it('is left out of the call that finds it, not reported as a peer that failed', async () => {
+    const [good] = await peers(1);
+    // Answers with this replica's own instance ID: the pod IP of a replica listening on 0.0.0.0.
+    const itself = createServer((req, res) => {
+      req.resume();
+      req.on('end', () => res.writeHead(200, { 'x-routesync-instance': 'self', 'content-type': 'application/json' }).end('{"results":[]}'));
+    });
+    await new Promise<void>((resolve) => itself.listen(0, '127.0.0.1', resolve));
+    cleanups.push(
+      () =>
+        new Promise<void>((resolve) => {
+          itself.closeAllConnections();
+          itself.close(() => resolve());
+        }),
+    );
+    const sync = fanout();
+    sync.setPeers([good!.address, `127.0.0.1:${(itself.address() as AddressInfo).port}`]);
+    const first = await sync.sync(changes(1));
+    expect(first).toMatchObject({ peers: 1, acked: 1, failed: [], pending: [] });
+    expect((await sync.sync(changes(1))).peers).toBe(1);
   });
 });
