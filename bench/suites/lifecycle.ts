@@ -1,5 +1,6 @@
 // Benchmark 1: lifecycle latency with 10 healthy peers, sequential calls, interleaved with the
 // floor's and the legacy re-enactment's calls against the same peers, and no-op requests.
+import { seededRandom } from '../../test/helpers/random.js';
 import { HttpTarget } from '../lib/driver.js';
 import { startFloor, startLegacy, startPeers, startRoutesync, stopAll } from '../lib/contenders.js';
 import type { Child } from '../lib/proc.js';
@@ -168,18 +169,6 @@ export async function lifecycle(ctx: SuiteContext): Promise<SuiteResult> {
 /** --cpu-prof into bench/results/profiles/, one file per process. */
 export function profileFlags(name: string): string[] {
   return ['--cpu-prof', '--cpu-prof-dir', 'bench/results/profiles', '--cpu-prof-name', `${name}-${Date.now()}.cpuprofile`];
-}
-
-/** mulberry32: a small seeded generator in [0, 1). */
-function seededRandom(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 /** A Fisher-Yates shuffle of a copy. */

@@ -49,6 +49,25 @@ async function start(host: string, port: number, env: Record<string, string> = {
   return node;
 }
 
+/** A replica with no static peers whose DNS answers as the test set it, a 600 ms bootstrap timeout, on 127.0.0.2. */
+async function startAlone(env: Record<string, string>): Promise<Node> {
+  const logs = new LogSink();
+  const replica = await Replica.start(
+    configFromEnv({
+      ...TEST_ENV,
+      ROUTESYNC_PEER_ADDR: '127.0.0.2:0',
+      ROUTESYNC_PEER_DNS: NAME,
+      ROUTESYNC_PEER_DNS_SERVERS: dns.address,
+      ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '600',
+      ...env,
+    }),
+    { logDestination: logs, processMetrics: false },
+  );
+  const node = { replica, logs, api: `http://${replica.addresses.api}`, requests: [] };
+  nodes.push(node);
+  return node;
+}
+
 async function counter(metric: { get(): Promise<{ values: { value: number; labels: Record<string, unknown> }[] }> }, labels: Record<string, string> = {}): Promise<number> {
   const { values } = await metric.get();
   return values.filter((entry) => Object.entries(labels).every(([key, value]) => entry.labels[key] === value)).reduce((sum, entry) => sum + entry.value, 0);
@@ -120,20 +139,7 @@ describe('DNS discovery', () => {
 
   it('a replica whose peer resolution fails for the whole bootstrap timeout turns ready unseeded, not as a replica alone', async () => {
     dns.mode = 'servfail';
-    const logs = new LogSink();
-    const replica = await Replica.start(
-      configFromEnv({
-        ...TEST_ENV,
-        ROUTESYNC_PEER_ADDR: '127.0.0.2:0',
-        ROUTESYNC_PEER_DNS: NAME,
-        ROUTESYNC_PEER_DNS_SERVERS: dns.address,
-        ROUTESYNC_PEER_DNS_INTERVAL_MS: '200',
-        ROUTESYNC_RECONCILE_INTERVAL_MS: '200',
-        ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '600',
-      }),
-      { logDestination: logs, processMetrics: false },
-    );
-    nodes.push({ replica, logs, api: `http://${replica.addresses.api}`, requests: [] });
+    const { replica, logs } = await startAlone({ ROUTESYNC_PEER_DNS_INTERVAL_MS: '200', ROUTESYNC_RECONCILE_INTERVAL_MS: '200' });
     expect(await replica.bootstrapped).toBe('timeout');
     expect(replica.isReady()).toBe(true);
     // Not seeded: a suspect peer must not rebuild from this table, nor a new one bootstrap from it.
@@ -149,20 +155,8 @@ describe('DNS discovery', () => {
     // the retry, ~6-7 s before the first resolution fails. The replica is ready within its
     // 600 ms bootstrap timeout all the same.
     dns.mode = 'silent';
-    const logs = new LogSink();
     const began = performance.now();
-    const replica = await Replica.start(
-      configFromEnv({
-        ...TEST_ENV,
-        ROUTESYNC_PEER_ADDR: '127.0.0.2:0',
-        ROUTESYNC_PEER_DNS: NAME,
-        ROUTESYNC_PEER_DNS_SERVERS: dns.address,
-        ROUTESYNC_PEER_DNS_INTERVAL_MS: '5000',
-        ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '600',
-      }),
-      { logDestination: logs, processMetrics: false },
-    );
-    nodes.push({ replica, logs, api: `http://${replica.addresses.api}`, requests: [] });
+    const { replica } = await startAlone({ ROUTESYNC_PEER_DNS_INTERVAL_MS: '5000' });
     expect(await replica.bootstrapped).toBe('timeout');
     const readyAfterMs = performance.now() - began;
     expect(replica.isReady()).toBe(true);
