@@ -497,6 +497,9 @@ export class DataPlane {
     this.server.on('request', (req: IncomingMessage, res: ServerResponse) => this.guard(() => this.onRequest(req, res, false), res));
     // Answering Expect: 100-continue ourselves means a refused request never sends its body.
     this.server.on('checkContinue', (req: IncomingMessage, res: ServerResponse) => this.guard(() => this.onRequest(req, res, true), res));
+    // Any other expectation: refused, 417 (RFC 9110 §10.1.1), as a request of ours, logged and
+    // counted; without a listener Node answered it itself, and nothing recorded it.
+    this.server.on('checkExpectation', (req: IncomingMessage, res: ServerResponse) => this.guard(() => this.onRequest(req, res, false, true), res));
     this.server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => {
       this.afterPendingAnswer(socket, () => {
         try {
@@ -547,7 +550,7 @@ export class DataPlane {
 
   // --- HTTP ---------------------------------------------------------------------------------
 
-  private onRequest(req: IncomingMessage, res: ServerResponse, expectsContinue: boolean): void {
+  private onRequest(req: IncomingMessage, res: ServerResponse, expectsContinue: boolean, unknownExpectation = false): void {
     const exchange = this.begin(req, 'http');
     this.inFlightCount++;
     // Listeners before the library's: they run first, so the library's own reactions to the
@@ -557,6 +560,10 @@ export class DataPlane {
       exchange.clientError = error;
     });
     if (this.draining) res.shouldKeepAlive = false;
+    if (unknownExpectation) {
+      this.respondError(exchange, res, dataPlaneError('unsupported_expectation', 'the only expectation proxied is 100-continue'));
+      return;
+    }
 
     // Node decodes only `chunked`, and takes a list that ends with it (`identity, chunked`) as
     // chunked; passed on as written, such a value could make the sandbox's parser frame the

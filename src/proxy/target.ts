@@ -31,6 +31,8 @@ export type DataPlaneErrorCode =
   | 'unsupported_transfer_coding'
   | 'unsupported_method'
   | 'invalid_target'
+  | 'invalid_host'
+  | 'unsupported_expectation'
   | 'sandbox_not_found'
   | 'traffic_token_missing'
   | 'traffic_token_invalid'
@@ -52,6 +54,8 @@ export const ERROR_STATUS: Readonly<Record<DataPlaneErrorCode, number>> = Object
   unsupported_transfer_coding: 501,
   unsupported_method: 501,
   invalid_target: 400,
+  invalid_host: 400,
+  unsupported_expectation: 417,
   sandbox_not_found: 404,
   traffic_token_missing: 401,
   traffic_token_invalid: 401,
@@ -91,6 +95,8 @@ export type MappingForm = 'path' | 'header' | 'host';
 export interface SandboxRequest {
   readonly url?: string | undefined;
   readonly headers: IncomingHttpHeaders;
+  /** The header fields as they came (Node keeps only the first Host in `headers`). */
+  readonly rawHeaders?: readonly string[];
 }
 
 export interface MappingOptions {
@@ -265,12 +271,27 @@ function fromHost(request: SandboxRequest, target: string, options: MappingOptio
   return { ok: true, address: { form: 'host', sandboxId, port, upstreamPath: target } };
 }
 
+function hostFields(rawHeaders: readonly string[]): number {
+  let count = 0;
+  for (let i = 0; i < rawHeaders.length; i += 2) {
+    const name = rawHeaders[i]!;
+    if (name.length === 4 && name.toLowerCase() === 'host') count++;
+  }
+  return count;
+}
+
 function withoutTrailingDot(name: string): string {
   return name.endsWith('.') ? name.slice(0, -1) : name;
 }
 
 /** Find the sandbox and port a request names (forms in SPEC order). */
 export function mapRequest(request: SandboxRequest, options: MappingOptions): MappingResult {
+  // RFC 9112 §3.2: a request with more than one Host field must be answered 400. Node keeps the
+  // first; a front end that went by another would have applied that host's rules to a request
+  // served as this one's.
+  if (request.rawHeaders !== undefined && hostFields(request.rawHeaders) > 1) {
+    return { ok: false, error: dataPlaneError('invalid_host', 'more than one Host header field (RFC 9112 §3.2)') };
+  }
   // RFC 9110 §4.2.1: an http URI with an empty host is invalid and must be rejected (it names no
   // host for Host and X-Forwarded-Host, and the Host header must be ignored beside it).
   if (request.url !== undefined && !request.url.startsWith('/')) {

@@ -512,6 +512,29 @@ describe('admission errors: documented status and code, upstream untouched', () 
     expect(dp.logs.find((line) => line.msg === 'proxy request')).toMatchObject({ method: 'CONNECT', status: 501, outcome: 'unsupported_method' });
   });
 
+  it('two Host header fields -> 400 invalid_host, the sandbox untouched (each host alone names a sandbox)', async () => {
+    for (const id of ['h1', 'h2']) dp.setRoute({ id, ip: upstream.host });
+    const socket = net.connect(dp.address.port, dp.address.address);
+    let received = '';
+    socket.on('data', (chunk: Buffer) => void (received += chunk.toString('latin1')));
+    socket.write(`GET / HTTP/1.1\r\nHost: ${upstream.port}-h1.example.com\r\nHost: ${upstream.port}-h2.example.com\r\nConnection: close\r\n\r\n`);
+    await new Promise<void>((resolve) => socket.once('close', () => resolve()));
+    expect(received).toMatch(/^HTTP\/1\.1 400 /);
+    expect(received.toLowerCase()).toContain('x-routesync-error: invalid_host');
+    expect(upstream.requests).toHaveLength(0);
+    expect(await proxyRequestCount(dp.metrics, 'invalid_host')).toBe(1);
+  });
+
+  it('an Expect other than 100-continue -> 417 unsupported_expectation, answered, counted and logged', async () => {
+    dp.setRoute({ id: 'exp', ip: upstream.host });
+    const reply = await send(dp.address, { path: `/kruise/exp/${upstream.port}/`, headers: { expect: 'something-else' } });
+    expect(reply.status).toBe(417);
+    expect(reply.headers['x-routesync-error']).toBe('unsupported_expectation');
+    expect(upstream.requests).toHaveLength(0);
+    expect(await proxyRequestCount(dp.metrics, 'unsupported_expectation')).toBe(1);
+    expect(dp.logs.find((line) => line.msg === 'proxy request')).toMatchObject({ status: 417, outcome: 'unsupported_expectation' });
+  });
+
   it("README's data-plane error table lists every code with its status", () => {
     const readme = readFileSync(new URL('../../README.md', import.meta.url), 'utf8');
     for (const [code, status] of Object.entries(ERROR_STATUS)) {
