@@ -57,8 +57,9 @@
 //  - Pushes: a replica pushes only changes its own manager made, but one queued through a long
 //    cut can be older than a deletion made elsewhere whose fence has expired at the peer. The
 //    fan-out asks stillOwed as each change leaves the outbox: an upsert of an identity this
-//    table no longer holds is dropped (the delete that removed it supersedes it), and a suspect replica
-//    pushes only upserts still current here and changed locally within 3/4 of the TTL.
+//    table no longer holds is dropped (the delete that removed it supersedes it), and a
+//    suspect replica pushes only upserts still current here and changed locally within 3/4 of
+//    the TTL.
 import { performance } from 'node:perf_hooks';
 import { setTimeout as delay } from 'node:timers/promises';
 import { LOCAL_CHANGE_TRUSTED_TTL_FRACTION, maxReconcileIntervalMs, RECONCILE_JITTER_MAX, SUSPECT_AFTER_TTL_FRACTION, type Config } from '../config.js';
@@ -325,9 +326,10 @@ export class Reconciler {
    * route starts it then) and is not in the digest, so one here can outlive the same delete's
    * fence on a peer by up to the gap between the two. One this table still holds is owed while
    * it is the table's current route and its local change is recent: any deletion that
-   * supersedes it was made later, so its fence lives wherever it reached. Anything else (a replay's old stamp, a route since replaced by a
-   * pull) is pushed only by a replica that is not suspect: a suspect one may have missed a
-   * deletion whose fence has expired at the peer (see the header, "Pushes").
+   * supersedes it was made later, so its fence lives wherever it reached. Anything else (a
+   * replay's old stamp, a route since replaced by a pull) is pushed only by a replica that is
+   * not suspect: a suspect one may have missed a deletion whose fence has expired at the peer
+   * (see the header, "Pushes").
    */
   stillOwed(change: RouteChange, key: string): boolean {
     if (change.op !== 'upsert') return true;
@@ -335,10 +337,6 @@ export class Reconciler {
     if (route === undefined) return false;
     if (change.route === route && this.changedLocallySince(route, this.trustedLocalChangeSince())) return true;
     return !this.isSuspect();
-  }
-
-  private touchContact(): void {
-    this.lastContactMs = this.now();
   }
 
   /**
@@ -542,7 +540,7 @@ export class Reconciler {
       this.table.adoptHeldFences = false;
       this.freshPeers.clear();
       this.bootstrapped = true;
-      this.touchContact();
+      this.lastContactMs = this.now();
     }
   }
 
@@ -805,7 +803,7 @@ export class Reconciler {
   private contact(peer: string): void {
     this.untrusted.clear();
     this.localDeletions.clear();
-    this.touchContact();
+    this.lastContactMs = this.now();
     this.sync.markReconciled(peer);
   }
 
@@ -817,7 +815,7 @@ export class Reconciler {
    */
   private alone(): void {
     this.localDeletions.clear();
-    this.touchContact();
+    this.lastContactMs = this.now();
   }
 
   /**

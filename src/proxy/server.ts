@@ -77,7 +77,7 @@ export interface DataPlaneOptions {
 
 /** What a request ended as: the metric label and the access log's `outcome`. */
 /**
- * route_changed: an answer cut while it streamed, its route no longer admitting it (recheckResponse).
+ * route_changed: an answer cut while it streamed, its route no longer admitting it (guardAnswer).
  * client_stalled: an answer cut because its client took none of it for proxySendTimeoutMs (watchSendStall).
  */
 export type ProxyOutcome = 'proxied' | 'client_aborted' | 'route_changed' | 'client_stalled' | DataPlaneErrorCode;
@@ -717,33 +717,18 @@ export class DataPlane {
         if (!req.complete) proxyReq?.destroy();
       });
     }
-    // A long answer (an event stream, a download, a long poll) was admitted once, at its
-    // request. Once a recheck round has passed since it was last checked, its next chunk is
-    // checked against its route first (one counter comparison per chunk otherwise): a route
-    // that would refuse the request now cuts it before that chunk reaches the client, as an
-    // open WebSocket is closed (recheckWebSockets). This listener comes before the library's
-    // pipe, so it sees each chunk first.
-    proxyRes.on('data', () => {
-      if (exchange.checkedRound === this.recheckRounds || exchange.outcome !== undefined) return;
-      const refusal = this.routeRefusesSince(exchange);
-      if (refusal === undefined) return;
-      exchange.outcome = 'route_changed';
-      this.logRouteCut(exchange, refusal);
-      proxyRes.destroy();
-      res.destroy();
-    });
-    // The library's pipe pauses the answer while the client's socket is full.
-    if (this.config.proxySendTimeoutMs > 0) {
-      proxyRes.on('pause', () => {
-        const socket = res.socket;
-        if (!socket || exchange.outcome !== undefined) return;
-        this.watchSendStall(exchange, res, socket, () => exchange.outcome !== undefined, () => {
-          exchange.outcome = 'client_stalled';
-          proxyRes.destroy();
-          res.destroy();
-        });
-      });
-    }
+    // Before the library's pipe, which pauses the answer while the client's socket is full.
+    this.guardAnswer(
+      exchange,
+      proxyRes,
+      res,
+      () => res.socket,
+      () => exchange.outcome !== undefined,
+      (outcome) => {
+        exchange.outcome = outcome;
+        res.destroy();
+      },
+    );
     // Node writes a response's headers with its first body bytes: an answer that starts before
     // its body (an event stream, a long poll) reached the client only with its first event, and
     // a client waiting for the headers (EventSource's open, fetch) waited that long. Once the
@@ -1076,30 +1061,21 @@ export class DataPlane {
     // while the client's socket is full, checked once the library's write of the chunk has run
     // (this listener runs first, as it was added first).
     proxyRes.on('data', () => process.nextTick(holdBackWhileFull, proxyRes, client));
-    // The plain answer is checked against its route as a streaming HTTP answer is
-    // (onProxyResponse): an event stream asked for with an Upgrade header must not outlive a
-    // revoked token. Before the library's write, as above.
-    proxyRes.on('data', () => {
-      if (exchange.checkedRound === this.recheckRounds || exchange.recorded) return;
-      const refusal = this.routeRefusesSince(exchange);
-      if (refusal === undefined) return;
-      exchange.outcome = 'route_changed';
-      this.record(exchange, status);
-      this.logRouteCut(exchange, refusal);
-      proxyRes.destroy();
-      client.destroy();
-    });
-    // holdBackWhileFull pauses it while the client's socket is full: the same send timeout.
-    if (this.config.proxySendTimeoutMs > 0) {
-      proxyRes.on('pause', () =>
-        this.watchSendStall(exchange, client, client, () => exchange.recorded, () => {
-          exchange.outcome = 'client_stalled';
-          this.record(exchange, status);
-          proxyRes.destroy();
-          client.destroy();
-        }),
-      );
-    }
+    // The same checks as a streaming HTTP answer's (an event stream asked for with an Upgrade
+    // header must not outlive a revoked token), before the library's write, as above; the
+    // exchange was marked `proxied` up front, so it is over once recorded.
+    this.guardAnswer(
+      exchange,
+      proxyRes,
+      client,
+      () => client,
+      () => exchange.recorded,
+      (outcome) => {
+        exchange.outcome = outcome;
+        this.record(exchange, status);
+        client.destroy();
+      },
+    );
     client.once('close', () => {
       if (proxyRes.complete || exchange.recorded) return;
       // A sandbox that cut the answer may have had the library close the client first (Node 24
@@ -1155,15 +1131,52 @@ export class DataPlane {
   }
 
   /**
+   * The checks a streaming answer gets while it is relayed to `sink` (the client's response, or
+   * its socket for a plain answer to a handshake). A long answer (an event stream, a download)
+   * was admitted once, at its request: once a recheck round has passed since it was last
+   * checked, its next chunk is checked against its route first (one counter comparison per
+   * chunk otherwise), and a route that would refuse the request now cuts it before that chunk
+   * reaches the client, as an open WebSocket is closed (recheckWebSockets). A pause (the
+   * answer held back for a full client socket) arms the send timeout (watchSendStall). Added
+   * before the library's own listeners, so these see each chunk and pause first. `over` says
+   * whether the exchange has ended or been cut; `cut` ends the client's side with an outcome
+   * (the upstream answer is destroyed here).
+   */
+  private guardAnswer(
+    exchange: Exchange,
+    proxyRes: IncomingMessage,
+    sink: AnswerSink,
+    clientSocket: () => Socket | null,
+    over: () => boolean,
+    cut: (outcome: 'route_changed' | 'client_stalled') => void,
+  ): void {
+    proxyRes.on('data', () => {
+      if (over()) return;
+      const refusal = this.routeRefusesSince(exchange);
+      if (refusal === undefined) return;
+      this.logger.info({ sandboxId: exchange.sandboxId, port: exchange.port, code: refusal.code }, 'response cut: its route no longer admits it');
+      cut('route_changed');
+      proxyRes.destroy();
+    });
+    if (this.config.proxySendTimeoutMs <= 0) return;
+    proxyRes.on('pause', () => {
+      const socket = clientSocket();
+      if (socket === null || over()) return;
+      this.watchSendStall(exchange, sink, socket, over, () => {
+        cut('client_stalled');
+        proxyRes.destroy();
+      });
+    });
+  }
+
+  /**
    * An answer held back because its client's socket is full holds a pooled upstream socket for
    * as long as the client makes no room: a client that opened many downloads and read none
    * would hold every socket of the sandbox's pool, and every other client of that sandbox would
    * wait for one until its 504. As nginx's send_timeout does, an answer that stays held back
    * for proxySendTimeoutMs without the client's socket draining once is cut (`cut`), its
    * upstream socket freed. A quiet stream (an event stream between events) is not held back and
-   * is never cut by this. `sink` is what the answer is written to (the response, or the client
-   * socket of a plain answer to a WebSocket handshake), `socket` the client's socket; `over`
-   * says whether the exchange has ended or been cut meanwhile.
+   * is never cut by this (see guardAnswer for `sink`, `over` and `cut`).
    */
   private watchSendStall(exchange: Exchange, sink: AnswerSink, socket: Socket, over: () => boolean, cut: () => void): void {
     // The pipe also pauses the answer when it unpipes (the answer finished, or the client left):
@@ -1197,11 +1210,11 @@ export class DataPlane {
    * new request would get.
    */
   private stillAdmits(exchange: Exchange): DataPlaneError | undefined {
-    const { admittedAddress } = exchange;
-    if (admittedAddress === undefined) return undefined;
+    const { admittedRoute, admittedAddress, clientHeaders } = exchange;
+    if (admittedRoute === undefined || admittedAddress === undefined || clientHeaders === undefined) return undefined;
     const current = this.table.getById(admittedAddress.sandboxId);
-    if (current === exchange.admittedRoute) return undefined;
-    const refusal = this.readmitted(exchange);
+    if (current === admittedRoute) return undefined;
+    const refusal = readmit(admittedAddress, admittedRoute, current, clientHeaders, this.config);
     if (refusal === undefined) exchange.admittedRoute = current;
     return refusal;
   }
@@ -1215,10 +1228,6 @@ export class DataPlane {
     if (exchange.checkedRound === this.recheckRounds) return undefined;
     exchange.checkedRound = this.recheckRounds;
     return this.stillAdmits(exchange);
-  }
-
-  private logRouteCut(exchange: Exchange, refusal: DataPlaneError): void {
-    this.logger.info({ sandboxId: exchange.sandboxId, port: exchange.port, code: refusal.code }, 'response cut: its route no longer admits it');
   }
 
   private trackWebSocket(client: Socket, upstream: Socket, exchange: Exchange): void {
