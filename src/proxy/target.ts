@@ -362,7 +362,8 @@ export function presentedToken(headers: IncomingHttpHeaders): string | undefined
  * the internet. Proxied to, they would reach this pod's own listeners (the local API has no
  * token: a client could rewrite the fleet's routes through it), the node, or the cloud's
  * metadata service. Unspecified (0.0.0.0 connects to loopback on Linux, as :: does), link-local
- * (169.254.169.254, fe80::), multicast, broadcast, IPv4-compatible IPv6; IPv4 rules
+ * (169.254.169.254, fe80::), the clouds' metadata addresses outside link-local, multicast,
+ * broadcast, IPv4-compatible IPv6; IPv4 rules
  * cover IPv4-mapped IPv6 too (net.BlockList). Loopback has its own list: allowed only with
  * ROUTESYNC_PROXY_ALLOW_LOOPBACK, for a fleet on one machine.
  */
@@ -379,6 +380,16 @@ for (const [network, prefix, family] of [
   ['ff00::', 8, 'ipv6'],
 ] as const) {
   NEVER_UPSTREAM.addSubnet(network, prefix, family);
+}
+// Cloud metadata and platform endpoints outside link-local, by exact address only: the ranges
+// around them (fd00::/8, 100.64.0.0/10, 168.63.0.0/16) hold real pod addresses in some clusters.
+for (const [ip, family] of [
+  ['fd00:ec2::254', 'ipv6'], // AWS instance metadata over IPv6 (Nitro)
+  ['fd20:ce::254', 'ipv6'], // Google Cloud metadata server over IPv6
+  ['100.100.100.200', 'ipv4'], // Alibaba Cloud instance metadata
+  ['168.63.129.16', 'ipv4'], // Azure WireServer (the platform's agent and DNS endpoint)
+] as const) {
+  NEVER_UPSTREAM.addAddress(ip, family);
 }
 const LOOPBACK = new BlockList();
 LOOPBACK.addSubnet('127.0.0.0', 8, 'ipv4');

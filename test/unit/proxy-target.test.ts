@@ -140,7 +140,9 @@ describe('admit', () => {
 
 describe('upstreamAllowed', () => {
   it('never connects to an address that is no sandbox: unspecified, link-local (cloud metadata), multicast, broadcast, reserved', () => {
-    for (const ip of ['0.0.0.0', '0.1.2.3', '::', '169.254.169.254', '169.254.0.1', 'fe80::1', '224.0.0.1', '239.255.255.250', 'ff02::1', '255.255.255.255', '::127.0.0.1', '::ffff:169.254.169.254', '::ffff:0.0.0.0']) {
+    for (const ip of ['0.0.0.0', '0.1.2.3', '::', '169.254.169.254', '169.254.0.1', 'fe80::1', '224.0.0.1', '239.255.255.250', 'ff02::1', '255.255.255.255', '::127.0.0.1', '::ffff:169.254.169.254', '::ffff:0.0.0.0',
+      // Cloud metadata outside link-local: AWS and Google Cloud over IPv6, Alibaba Cloud, Azure's WireServer.
+      'fd00:ec2::254', 'fd00:ec2:0::254', 'fd20:ce::254', '100.100.100.200', '::ffff:100.100.100.200', '168.63.129.16']) {
       expect(upstreamAllowed(ip, true), ip).toBe(false);
       expect(admit(address, route({ ip }), {}, { proxyAllowLoopback: true }), ip).toMatchObject({ ok: false, error: { code: 'upstream_not_allowed', status: 403 } });
     }
@@ -156,7 +158,7 @@ describe('upstreamAllowed', () => {
 
   it('connects to pod addresses', () => {
     // 240.0.0.0/4 (class E) is pod address space in some clusters (GKE).
-    for (const ip of ['10.0.0.7', '172.16.3.4', '192.168.1.1', '100.64.0.1', '8.8.8.8', '240.1.2.3', 'fd00::1', '2001:db8::1', '::ffff:10.0.0.7']) {
+    for (const ip of ['10.0.0.7', '172.16.3.4', '192.168.1.1', '100.64.0.1', '8.8.8.8', '240.1.2.3', 'fd00::1', 'fd00:ec2::253', '100.100.100.201', '168.63.129.17', '2001:db8::1', '::ffff:10.0.0.7']) {
       expect(upstreamAllowed(ip, false), ip).toBe(true);
     }
   });
