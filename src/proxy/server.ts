@@ -520,7 +520,11 @@ export class DataPlane {
         this.refuseUpgrade(exchange, socket, dataPlaneError('unsupported_method', 'CONNECT is not supported: this is a reverse proxy to sandboxes, not a forward proxy'));
       });
     });
-    this.server.on('error', (error) => this.logger.error({ err: error }, 'data plane listener error'));
+    // Once listening (an accept failure such as EMFILE); a failure to bind is listen()'s, which
+    // start-up reports as one configuration line.
+    this.server.on('error', (error) => {
+      if (this.server.listening) this.logger.error({ err: error }, 'data plane listener error');
+    });
   }
 
   /** Listen on config.proxyAddr (port 0 picks a free port). */

@@ -64,7 +64,10 @@ describe('routesync process', () => {
     running.push(taken);
     expect(await taken.exited).toBe(2);
     expect(taken.stderr).toEqual([expect.stringMatching(/^routesync: invalid ROUTESYNC_PROXY_ADDR: cannot listen on 127\.0\.0\.1:\d+ \(EADDRINUSE/)]);
-    expect(taken.lines.map((line) => (JSON.parse(line) as { msg: string }).msg)).not.toContain('stopped');
+    const takenLog = taken.lines.map((line) => JSON.parse(line) as { msg: string; level: string });
+    expect(takenLog.map((entry) => entry.msg)).not.toContain('stopped');
+    // The one line is the whole report: no error entry (with its stack) for the same failure.
+    expect(takenLog.filter((entry) => entry.level === 'error')).toEqual([]);
   });
 
   it('drains on SIGTERM: acknowledged changes are on the peer and the exit code is 0', async () => {
