@@ -36,3 +36,29 @@ export function createLogger(options: LoggerOptions): Logger {
     options.destination ?? pino.destination({ sync: false }),
   );
 }
+
+/** How long the same failure, repeated, stays a debug line after its warning. */
+export const WARNING_REPEAT_MS = 60_000;
+
+/**
+ * One warning a minute for a failure that repeats, not one per occurrence: a failure is a
+ * warning when its key differs from the last warned one or that warning is WARNING_REPEAT_MS
+ * old; the same failure meanwhile is a debug line (the metrics count every one). `reset()` once
+ * the failure is over, so that the next one warns at once.
+ */
+export class RepeatedWarnings {
+  private last: { readonly key: string; readonly atMs: number } | undefined;
+
+  /** The level to log this occurrence at, recording it. */
+  level(key: string): 'warn' | 'debug' {
+    // Monotonic: a wall clock stepped back would keep the same failure quiet for as long.
+    const now = performance.now();
+    if (this.last?.key === key && now - this.last.atMs < WARNING_REPEAT_MS) return 'debug';
+    this.last = { key, atMs: now };
+    return 'warn';
+  }
+
+  reset(): void {
+    this.last = undefined;
+  }
+}

@@ -46,12 +46,18 @@ export class PeerRequestError extends Error {
    */
   readonly configuration: boolean;
   readonly status: number | undefined;
-  constructor(errorClass: PeerErrorClass, message: string, options: { cause?: unknown; status?: number; code?: string } = {}) {
+  /**
+   * How long a 429 or 503 asked for before the next request (its `Retry-After`, RFC 9110
+   * §10.2.3), in ms; undefined without one or with one that is not a delay or a date.
+   */
+  readonly retryAfterMs: number | undefined;
+  constructor(errorClass: PeerErrorClass, message: string, options: { cause?: unknown; status?: number; code?: string; retryAfterMs?: number } = {}) {
     super(message, options.cause === undefined ? undefined : { cause: options.cause });
     this.name = 'PeerRequestError';
     this.errorClass = errorClass;
     this.transient = TRANSIENT.has(errorClass);
     this.status = options.status;
+    this.retryAfterMs = options.retryAfterMs;
     this.code = options.code ?? `ROUTESYNC_PEER_${errorClass.toUpperCase()}`;
     this.configuration = errorClass === 'unauthorized' || (errorClass === 'protocol' && isTlsFailure(options.code));
   }
@@ -116,6 +122,21 @@ export function classifyStatus(status: number): PeerErrorClass {
   if (status === 401 || status === 403) return 'unauthorized';
   if (status >= 500) return 'http_5xx';
   return 'http_4xx';
+}
+
+/**
+ * A `Retry-After` value in ms from now: delay-seconds or an HTTP-date (RFC 9110 §10.2.3); a
+ * date in the past is 0. Undefined for anything else (and for a repeated header), which is
+ * then no request to wait.
+ */
+export function retryAfterMs(value: string | string[], nowMs = Date.now()): number | undefined {
+  if (typeof value !== 'string') return undefined;
+  const text = value.trim();
+  if (/^\d+$/.test(text)) return Number(text) * 1000;
+  // Every HTTP-date form begins with the day's name (Date.parse would take "-5" as a year).
+  if (!/^[A-Za-z]{3}/.test(text)) return undefined;
+  const at = Date.parse(text);
+  return Number.isNaN(at) ? undefined : Math.max(0, at - nowMs);
 }
 
 /** Classify anything thrown by a peer request, once, by `code`. */
@@ -349,8 +370,10 @@ export class PeerClient {
     }
     if ((response.statusCode < 200 || response.statusCode >= 300) && response.statusCode !== alsoRead) {
       await response.body.dump();
+      const retryAfter = response.statusCode === 429 || response.statusCode === 503 ? response.headers['retry-after'] : undefined;
       throw new PeerRequestError(classifyStatus(response.statusCode), `peer ${peer} answered ${response.statusCode}`, {
         status: response.statusCode,
+        ...(retryAfter === undefined ? {} : { retryAfterMs: retryAfterMs(retryAfter) }),
       });
     }
     return response;

@@ -11,7 +11,7 @@ import { networkInterfaces } from 'node:os';
 import { setTimeout as delay } from 'node:timers/promises';
 import type { Config } from '../config.js';
 import { formatHostPort, parseHostPort } from '../config.js';
-import type { Logger } from '../log.js';
+import { RepeatedWarnings, type Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 import type { PeerSync } from './fanout.js';
 
@@ -68,9 +68,6 @@ const STARTUP_RETRY_MS = 200;
 /** ENODATA: the name exists but has no record of that type (an IPv4-only Service has no AAAA). */
 const NO_RECORDS = 'ENODATA';
 
-/** How long the same resolution failure stays a debug line after its warning (warnFailure). */
-const DNS_WARNING_REPEAT_MS = 60_000;
-
 export class DnsDiscovery {
   readonly name: string;
   readonly port: number;
@@ -80,7 +77,7 @@ export class DnsDiscovery {
   private lastGood: string[] | undefined;
   private readonly stop = new AbortController();
   /** The last failure warned about (warnFailure), until a resolution succeeds. */
-  private lastWarning: { code: string; at: number } | undefined;
+  private readonly warnings = new RepeatedWarnings();
   /** The resolution in flight: a refresh asked for meanwhile joins it, so none overlap. */
   private inFlight: Promise<boolean> | undefined;
 
@@ -150,7 +147,7 @@ export class DnsDiscovery {
       this.warnFailure(failure);
       return false;
     }
-    this.lastWarning = undefined;
+    this.warnings.reset();
     this.options.metrics.dnsResolutions.inc({ result: 'ok' });
     const resolved = [...new Set(addresses.map((address) => formatHostPort(address, this.port)))].filter((peer) => !this.options.self.has(peer)).sort();
     const peers = [...new Set([...this.options.staticPeers, ...resolved])];
@@ -169,16 +166,9 @@ export class DnsDiscovery {
    * the 5 s bootstrap timeout.
    */
   private warnFailure(code: string): void {
-    // Monotonic: a wall clock stepped back would keep the same failure quiet for as long.
-    const now = performance.now();
     const fields = { name: this.name, code, keptPeers: this.options.sync.peerAddresses().length };
     const message = this.resolved ? 'peer DNS resolution failed; keeping the last good peer set' : 'peer DNS resolution failed; no peer set yet, retrying';
-    if (this.lastWarning?.code === code && now - this.lastWarning.at < DNS_WARNING_REPEAT_MS) {
-      this.options.logger.debug(fields, message);
-      return;
-    }
-    this.lastWarning = { code, at: now };
-    this.options.logger.warn(fields, message);
+    this.options.logger[this.warnings.level(code)](fields, message);
   }
 
   /** Whether a resolution has succeeded yet: until then the peer set is not known, empty or not. */

@@ -11,7 +11,7 @@ import { performance } from 'node:perf_hooks';
 import pLimit, { type LimitFunction } from 'p-limit';
 import pRetry, { type Options as RetryOptions } from 'p-retry';
 import type { Config } from '../config.js';
-import type { Logger } from '../log.js';
+import { RepeatedWarnings, type Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 import { changeKey, changeVersion, type RouteChange } from '../routes/route.js';
 import { AttemptDeadline, attemptSignal, classifyPeerError, PeerRequestError, SyncAbortedError, type PeerClient, type PeerErrorClass, type PushAck } from './client.js';
@@ -75,6 +75,13 @@ interface PeerState {
   lastReconcileAtMs: number | null;
   /** Background retry of a failed batch, or the next probe of an ejected peer. */
   timer: NodeJS.Timeout | null;
+  /**
+   * Not sent to before this time (performance.now()): a 429 or 503 with `Retry-After` asked for
+   * the wait, held to at most ejectMaxMs. 0 when nothing was asked.
+   */
+  notBeforeMs: number;
+  /** The failed pushes' warnings: one a minute for the same failure (the metrics count each). */
+  readonly warnings: RepeatedWarnings;
   /** In the queue of peers to pump at the end of this event-loop turn. */
   pumpQueued: boolean;
   /** The timeout of its push attempts (one in flight at a time). */
@@ -456,6 +463,8 @@ export class PeerSync {
       lastFailure: null,
       lastReconcileAtMs: null,
       timer: null,
+      notBeforeMs: 0,
+      warnings: new RepeatedWarnings(),
       pumpQueued: false,
       attemptDeadline: new AttemptDeadline(this.config.attemptTimeoutMs, this.stop.signal),
       // Each attempt of the outbox's batch in flight under the cap; the closures are made once
@@ -472,8 +481,13 @@ export class PeerSync {
           unref: true,
           onFailedAttempt: ({ error }) => this.recordFailure(peer, classifyPeerError(error)),
           // Transient failures only, and never once the peer is ejected or gone: the background
-          // path and the probe take over from there.
-          shouldRetry: ({ error }) => classifyPeerError(error).transient && !peer.ejected && !peer.removed,
+          // path and the probe take over from there. Nor a peer that asked to be left alone for
+          // a while (`Retry-After`, whole seconds, more than a call's deadline): the background
+          // re-send waits that long.
+          shouldRetry: ({ error }) => {
+            const classified = classifyPeerError(error);
+            return classified.transient && !(classified.retryAfterMs! > 0) && !peer.ejected && !peer.removed;
+          },
         },
       },
     };
@@ -543,6 +557,8 @@ export class PeerSync {
   private recordSuccess(peer: PeerState): void {
     peer.consecutiveFailures = 0;
     peer.lastSuccessAtMs = this.now();
+    peer.notBeforeMs = 0;
+    peer.warnings.reset();
   }
 
   /** Count a failed attempt; eject the peer once it has failed too many times in a row. */
@@ -579,8 +595,12 @@ export class PeerSync {
     if (dropped.length > 0) this.countDropped(peer, dropped.length);
     if (error.errorClass === 'aborted') return;
     this.metrics.peerFailures.inc({ class: error.errorClass });
-    this.logger.warn(
-      { peer: peer.address, errorClass: error.errorClass, code: error.code, status: error.status, routes: count, requeued: requeue },
+    const retryAfterMs = error.retryAfterMs === undefined ? undefined : Math.min(error.retryAfterMs, this.config.ejectMaxMs);
+    if (retryAfterMs !== undefined) peer.notBeforeMs = performance.now() + retryAfterMs;
+    // A peer that refuses every push the same way (a 4xx is never ejected for) would write a
+    // warning per lifecycle call.
+    this.logger[peer.warnings.level(`${error.errorClass} ${error.status ?? error.code}`)](
+      { peer: peer.address, errorClass: error.errorClass, code: error.code, status: error.status, routes: count, requeued: requeue, retryAfterMs },
       'push to peer failed',
     );
     if (requeue && !peer.ejected) {
@@ -591,11 +611,14 @@ export class PeerSync {
     }
   }
 
-  /** Background retry of a failed batch, jittered, growing with the failure streak, never past the probe period. */
+  /**
+   * Background retry of a failed batch, jittered, growing with the failure streak, never past
+   * the probe period; and not before the time a `Retry-After` asked for.
+   */
   private scheduleRetry(peer: PeerState): void {
     if (peer.timer || this.closed) return;
     const base = Math.min(this.config.attemptTimeoutMs * 2 ** Math.min(peer.consecutiveFailures, 10), this.config.ejectProbeMs);
-    const delay = base / 2 + (this.random() * base) / 2;
+    const delay = Math.max(base / 2 + (this.random() * base) / 2, peer.notBeforeMs - performance.now());
     peer.timer = setTimeout(() => {
       peer.timer = null;
       this.pump(peer);
@@ -653,7 +676,9 @@ export class PeerSync {
     peer.recoveredAtMs = this.now();
     this.metrics.peersEjected.set(this.ejectedCount());
     this.logger.info({ peer: peer.address, queued: peer.outbox.size }, 'peer answered its probe: back in rotation');
-    this.pump(peer);
+    // A peer that asked for a longer wait than its ejection gets it.
+    if (peer.notBeforeMs > performance.now()) this.scheduleRetry(peer);
+    else this.pump(peer);
   }
 
   private removePeer(peer: PeerState, errorClass: 'peer_removed'): void {

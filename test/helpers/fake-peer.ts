@@ -6,7 +6,7 @@ import { parseChange } from '../../src/routes/route.js';
 import { RouteTable } from '../../src/routes/table.js';
 
 /** `gated`: pushes are answered (and applied) only when the test calls openGate(). */
-export type PeerMode = { kind: 'ok'; delayMs?: number; gated?: boolean } | { kind: 'hang' } | { kind: 'reset' } | { kind: 'status'; status: number };
+export type PeerMode = { kind: 'ok'; delayMs?: number; gated?: boolean } | { kind: 'hang' } | { kind: 'reset' } | { kind: 'status'; status: number; headers?: Record<string, string> };
 
 /** Shared across fake peers in one process: requests in flight right now, and the peak. */
 export class InFlightGauge {
@@ -170,7 +170,7 @@ export class FakePeer {
           this.notify();
           return;
         case 'status':
-          res.writeHead(mode.status, { 'content-type': 'application/json' }).end('{"error":{"code":"fault"}}');
+          res.writeHead(mode.status, { 'content-type': 'application/json', ...mode.headers }).end('{"error":{"code":"fault"}}');
           this.notify();
           return;
         case 'ok': {

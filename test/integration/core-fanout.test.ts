@@ -89,6 +89,46 @@ describe('fan-out to peers', () => {
     expect(metrics).toMatch(/^routesync_sync_duration_seconds_count\{result="acked"\} 1$/m);
   });
 
+  it('leaves a peer alone for as long as its 429 Retry-After asks: no retry within the call, calls meanwhile do not wait, the re-send comes after', async () => {
+    const [busy] = await fakePeers(1);
+    busy!.mode = { kind: 'status', status: 429, headers: { 'retry-after': '2' } };
+    const node = await replica({ ROUTESYNC_PEERS: busy!.address, ROUTESYNC_EJECT_AFTER_FAILURES: '1000' });
+    const started = performance.now();
+    const first = await putRoute(node.api, makeRoute());
+    expect(first.body.sync.failed).toEqual([{ peer: busy!.address, errorClass: 'http_429' }]);
+    // One push: the peer said when to come back, so the call's own retries (10-25 ms apart) are not made.
+    expect(busy!.pushes).toBe(1);
+    busy!.mode = { kind: 'ok' };
+    const second = await putRoute(node.api, makeRoute());
+    expect(second.body.sync.pending).toEqual([{ peer: busy!.address, reason: 'retrying' }]);
+    expect(busy!.pushes).toBe(1);
+    // The re-send carries both changes, and comes no sooner than the peer asked.
+    await busy!.waitFor(() => busy!.routesReceived === 2, 15_000, 'the re-send after Retry-After');
+    expect(performance.now() - started).toBeGreaterThanOrEqual(2000);
+    expect(busy!.pushes).toBe(2);
+    const warned = node.logs.lines.map((line) => JSON.parse(line) as { msg: string; retryAfterMs?: number }).filter((entry) => entry.msg === 'push to peer failed');
+    expect(warned).toEqual([expect.objectContaining({ retryAfterMs: 2000 })]);
+  });
+
+  it('writes one warning, not one per call, for a peer that refuses every push the same way', async () => {
+    const [bad] = await fakePeers(1);
+    bad!.mode = { kind: 'status', status: 404 };
+    const node = await replica({ ROUTESYNC_PEERS: bad!.address, ROUTESYNC_LOG_LEVEL: 'debug' });
+    for (let i = 0; i < 5; i++) expect((await putRoute(node.api, makeRoute())).body.sync.failed).toEqual([{ peer: bad!.address, errorClass: 'http_4xx' }]);
+    expect(bad!.pushes).toBe(5);
+    const failures = node.logs.lines.map((line) => JSON.parse(line) as { msg: string; level: string }).filter((entry) => entry.msg === 'push to peer failed');
+    expect(failures.map((entry) => entry.level)).toEqual(['warn', 'debug', 'debug', 'debug', 'debug']);
+    // A different failure warns at once; so does the same one after a success.
+    bad!.mode = { kind: 'status', status: 400 };
+    await putRoute(node.api, makeRoute());
+    bad!.mode = { kind: 'ok' };
+    expect((await putRoute(node.api, makeRoute())).body.sync.acked).toBe(1);
+    bad!.mode = { kind: 'status', status: 400 };
+    await putRoute(node.api, makeRoute());
+    const levels = node.logs.lines.map((line) => JSON.parse(line) as { msg: string; level: string }).filter((entry) => entry.msg === 'push to peer failed').map((entry) => entry.level);
+    expect(levels.slice(5)).toEqual(['warn', 'warn']);
+  });
+
   it('reports a peer that answers a route rejected as failed for it, not acked, and does not resend it', async () => {
     const [picky] = await fakePeers(1);
     const refused = makeRoute();

@@ -1,6 +1,6 @@
 import { createServer, type AddressInfo } from 'node:net';
 import { describe, expect, it } from 'vitest';
-import { AttemptTimeoutError, classifyPeerError, classifyStatus, PeerClient, PeerRequestError, SyncAbortedError } from '../../src/peers/client.js';
+import { AttemptTimeoutError, classifyPeerError, classifyStatus, PeerClient, PeerRequestError, retryAfterMs, SyncAbortedError } from '../../src/peers/client.js';
 
 function systemError(code: string): Error {
   return Object.assign(new Error(code), { code });
@@ -74,5 +74,19 @@ describe('a peer whose answer is not HTTP', () => {
       await client.destroy();
       await new Promise<void>((resolve) => server.close(() => resolve()));
     }
+  });
+});
+
+describe('retryAfterMs', () => {
+  const now = Date.parse('2026-12-04T12:00:00Z');
+  it('reads delay-seconds and HTTP-dates, a past date as now', () => {
+    expect(retryAfterMs('30', now)).toBe(30_000);
+    expect(retryAfterMs(' 0 ', now)).toBe(0);
+    expect(retryAfterMs('Fri, 04 Dec 2026 12:00:05 GMT', now)).toBe(5_000);
+    expect(retryAfterMs('Fri, 04 Dec 2026 11:00:00 GMT', now)).toBe(0);
+  });
+  it('takes anything else, a repeated header too, as no request to wait', () => {
+    for (const value of ['soon', '-5', '1.5s', '', '2026-12-04T12:00:05Z']) expect(retryAfterMs(value, now), value).toBeUndefined();
+    expect(retryAfterMs(['5', '6'], now)).toBeUndefined();
   });
 });
