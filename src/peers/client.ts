@@ -267,6 +267,7 @@ function tlsConnector(tls: PeerTlsMaterial): buildConnector.connector {
 
 export const INSTANCE_HEADER = 'x-routesync-instance';
 export const PEER_PUSH_PATH = '/v1/peer/routes';
+const EMPTY_PUSH = '{"routes":[]}';
 
 export class PeerClient {
   readonly agent: Agent;
@@ -334,8 +335,14 @@ export class PeerClient {
    * arrived: a 200 whose body is cut off (reset, stall) is a failure like any other attempt's,
    * where `dump()` would have resolved and readmitted the peer.
    */
-  async probe(peer: string, signal: AbortSignal): Promise<void> {
-    await textBody(await this.request(peer, 'GET', '/healthz', undefined, signal));
+  /**
+   * An ejected peer's probe: `GET /healthz`, or, when `authenticated`, an empty push, which
+   * needs the peer token as a push does (the probe of a peer ejected for a 401/403: /healthz is
+   * open, and would let it back in to fail again).
+   */
+  async probe(peer: string, signal: AbortSignal, authenticated = false): Promise<void> {
+    if (authenticated) await jsonBody(peer, await this.request(peer, 'POST', PEER_PUSH_PATH, EMPTY_PUSH, signal));
+    else await textBody(await this.request(peer, 'GET', '/healthz', undefined, signal));
   }
 
   /** GET or POST returning parsed JSON; throws a classified PeerRequestError. */

@@ -82,6 +82,8 @@ interface PeerState {
   notBeforeMs: number;
   /** The failed pushes' warnings: one a minute for the same failure (the metrics count each). */
   readonly warnings: RepeatedWarnings;
+  /** A push was refused for the peer token (401/403) and none has succeeded since: probes carry the token too. */
+  refusedToken: boolean;
   /** In the queue of peers to pump at the end of this event-loop turn. */
   pumpQueued: boolean;
   /** The timeout of its push attempts (one in flight at a time). */
@@ -465,6 +467,7 @@ export class PeerSync {
       timer: null,
       notBeforeMs: 0,
       warnings: new RepeatedWarnings(),
+      refusedToken: false,
       pumpQueued: false,
       attemptDeadline: new AttemptDeadline(this.config.attemptTimeoutMs, this.stop.signal),
       // Each attempt of the outbox's batch in flight under the cap; the closures are made once
@@ -558,12 +561,14 @@ export class PeerSync {
     peer.consecutiveFailures = 0;
     peer.lastSuccessAtMs = this.now();
     peer.notBeforeMs = 0;
+    peer.refusedToken = false;
     peer.warnings.reset();
   }
 
   /** Count a failed attempt; eject the peer once it has failed too many times in a row. */
   private recordFailure(peer: PeerState, error: PeerRequestError): void {
     peer.lastFailure = { errorClass: error.errorClass, atMs: this.now() };
+    if (error.errorClass === 'unauthorized') peer.refusedToken = true;
     // A peer that rejects our input or is shutting us down is not an unhealthy peer; one that
     // answered (a 4xx about the batch) ends a failure streak, as Envoy's consecutive-5xx count
     // does: its earlier timeouts no longer count toward ejecting it, nor make the next push a
@@ -660,7 +665,7 @@ export class PeerSync {
     const { signal, clear } = attemptSignal(this.config.attemptTimeoutMs, this.stop.signal);
     const started = performance.now();
     try {
-      await this.client.probe(peer.address, signal);
+      await this.client.probe(peer.address, signal, peer.refusedToken);
     } catch (error) {
       const classified = classifyPeerError(error);
       peer.lastFailure = { errorClass: classified.errorClass, atMs: this.now() };
@@ -673,6 +678,7 @@ export class PeerSync {
     if (peer.removed || this.closed) return;
     peer.ejected = false;
     peer.consecutiveFailures = 0;
+    peer.refusedToken = false;
     peer.recoveredAtMs = this.now();
     this.metrics.peersEjected.set(this.ejectedCount());
     this.logger.info({ peer: peer.address, queued: peer.outbox.size }, 'peer answered its probe: back in rotation');

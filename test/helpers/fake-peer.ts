@@ -41,6 +41,8 @@ export class FakePeer {
   cutProbeAnswers = false;
   /** Routes received in pushes. */
   routesReceived = 0;
+  /** Answer 401 to every request but /healthz (open, as a replica's is) without `Bearer <this>`. */
+  requireToken: string | undefined;
   /** Authorization headers seen (for token tests). */
   readonly authorizations: (string | undefined)[] = [];
   private readonly sockets = new Set<Socket>();
@@ -139,6 +141,11 @@ export class FakePeer {
         else if (this.mode.kind === 'hang') this.hung.add(res);
         else if (this.mode.kind === 'reset') res.socket?.destroy();
         else res.writeHead(this.mode.status).end();
+        return;
+      }
+      if (this.requireToken !== undefined && req.headers.authorization !== `Bearer ${this.requireToken}`) {
+        res.writeHead(401, { 'content-type': 'application/json' }).end('{"error":{"code":"unauthorized"}}');
+        this.notify();
         return;
       }
       if (req.url !== '/v1/peer/routes' || req.method !== 'POST') {

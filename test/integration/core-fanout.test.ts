@@ -110,6 +110,32 @@ describe('fan-out to peers', () => {
     expect(warned).toEqual([expect.objectContaining({ retryAfterMs: 2000 })]);
   });
 
+  it('keeps a peer that refuses our token ejected: its probe carries the token, so an open /healthz does not let it back in', async () => {
+    const [strict] = await fakePeers(1);
+    strict!.requireToken = 'the-fleet-token';
+    const node = await replica({
+      ROUTESYNC_PEERS: strict!.address,
+      ROUTESYNC_PEER_TOKEN: 'a-stale-token',
+      ROUTESYNC_EJECT_AFTER_FAILURES: '2',
+      ROUTESYNC_EJECT_PROBE_MS: '100',
+      ROUTESYNC_EJECT_MAX_MS: '200',
+    });
+    const route = makeRoute();
+    expect((await putRoute(node.api, route)).body.sync.failed).toEqual([{ peer: strict!.address, errorClass: 'unauthorized' }]);
+    await waitUntil(() => node.replica.sync.status()[0]!.ejected, 10_000, 'the peer ejected after its re-sends were refused');
+    // Several probes later, all refused, it is still out.
+    const probes = async () => Number(/^routesync_peer_request_duration_seconds_count\{kind="probe"\} (\d+)$/m.exec(await (await fetch(`${node.peerUrl}/metrics`)).text())?.[1] ?? 0);
+    await waitUntil(async () => (await probes()) >= 3, 10_000, 'three probes');
+    expect(strict!.probes).toBe(0);
+    expect(node.replica.sync.status()[0]).toMatchObject({ ejected: true });
+    const messages = () => node.logs.lines.map((line) => (JSON.parse(line) as { msg: string }).msg);
+    expect(messages()).not.toContain('peer answered its probe: back in rotation');
+    // The fleet's token fixed on the peer's side (a rotation finished): the next probe passes and the change is delivered.
+    strict!.requireToken = 'a-stale-token';
+    await strict!.waitFor(() => strict!.table.get('default', route.name as string) !== undefined, 10_000, 'the queued change');
+    expect(messages()).toContain('peer answered its probe: back in rotation');
+  });
+
   it('writes one warning, not one per call, for a peer that refuses every push the same way', async () => {
     const [bad] = await fakePeers(1);
     bad!.mode = { kind: 'status', status: 404 };
