@@ -63,7 +63,7 @@
 import { performance } from 'node:perf_hooks';
 import { setTimeout as delay } from 'node:timers/promises';
 import { LOCAL_CHANGE_TRUSTED_TTL_FRACTION, maxReconcileIntervalMs, RECONCILE_JITTER_MAX, SUSPECT_AFTER_TTL_FRACTION, type Config } from '../config.js';
-import type { Logger } from '../log.js';
+import { RepeatedWarnings, type Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 import {
   changeKey,
@@ -239,6 +239,8 @@ export class Reconciler {
   private caughtUpCache: { readonly peersVersion: number; readonly version: number; readonly value: number } | undefined;
   /** Peers whose last pull here skipped entries this version refuses (see caughtUpOnDigest). */
   private readonly pulledWithRefusals = new Set<string>();
+  /** Per peer, its failed rounds' warnings, until a round with it completes. */
+  private readonly roundWarnings = new Map<string, RepeatedWarnings>();
   private readonly monotonicNow: () => number;
   private cursor: number;
   private timer: NodeJS.Timeout | null = null;
@@ -443,8 +445,9 @@ export class Reconciler {
   /** The per-peer maps keep current and departed peers (and a few more): addresses and instances churn. */
   private forgetOldPeers(): void {
     const bound = 2 * (this.sync.peerCount + this.departed.size) + 16;
-    if (this.caughtUpBy.size <= bound && this.peerInstances.size <= bound && this.caughtUpOn.size <= bound) return;
+    if (this.caughtUpBy.size <= bound && this.peerInstances.size <= bound && this.caughtUpOn.size <= bound && this.roundWarnings.size <= bound) return;
     const current = new Set(this.sync.peerAddresses());
+    for (const address of this.roundWarnings.keys()) if (!current.has(address)) this.roundWarnings.delete(address);
     for (const address of this.peerInstances.keys()) if (!current.has(address)) this.peerInstances.delete(address);
     for (const address of this.caughtUpOn.keys()) if (!current.has(address)) this.caughtUpOn.delete(address);
     const instances = new Set([...this.peerInstances.values(), ...[...this.departed.values()].map((gone) => gone.instance)]);
@@ -738,6 +741,7 @@ export class Reconciler {
         report = { peer, result: pulled.repaired > 0 ? 'repaired' : 'unchanged', repaired: pulled.repaired, bytes, buckets: differing.length };
       }
       this.contact(peer);
+      this.roundWarnings.delete(peer);
       if (remote.seeded || report.result === 'kept') this.seeded = true;
       this.metrics.reconcileRounds.inc({ result: report.result });
       if (report.repaired > 0) {
@@ -750,7 +754,13 @@ export class Reconciler {
       // Finding this replica's own address is not a failed round (excludeSelf logs it).
       if (classified.errorClass !== 'aborted' && classified.errorClass !== 'self') {
         this.metrics.reconcileRounds.inc({ result: 'failed' });
-        this.logger.warn({ peer, errorClass: classified.errorClass, code: classified.code, status: classified.status }, 'reconcile round failed');
+        // A peer that stays down would fail a round every interval: one warning a minute.
+        let warnings = this.roundWarnings.get(peer);
+        if (!warnings) this.roundWarnings.set(peer, (warnings = new RepeatedWarnings()));
+        this.logger[warnings.level(`${classified.errorClass} ${classified.status ?? classified.code}`)](
+          { peer, errorClass: classified.errorClass, code: classified.code, status: classified.status },
+          'reconcile round failed',
+        );
       }
       return { peer, result: 'failed', repaired: 0, bytes, buckets: 0, errorClass: classified.errorClass };
     } finally {

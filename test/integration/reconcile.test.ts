@@ -185,6 +185,26 @@ describe('bootstrap', () => {
 });
 
 describe('anti-entropy rounds', () => {
+  it('warns once a minute, not every round, about a peer that stays down, and at once about a new failure after it recovered', async () => {
+    const down = `127.0.0.1:${await unusedPort()}`;
+    const node = await start({ ROUTESYNC_PEERS: down, ROUTESYNC_RECONCILE_INTERVAL_MS: '50', ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '0' });
+    await waitUntil(async () => (await counter(node.replica.metrics.reconcileRounds, { result: 'failed' })) >= 4, 10_000, 'four failed rounds');
+    const failures = () => node.logs.lines.map((line) => JSON.parse(line) as { msg: string; level: string }).filter((entry) => entry.msg === 'reconcile round failed');
+    const levels = failures().map((entry) => entry.level);
+    expect(levels.length).toBeGreaterThanOrEqual(4);
+    expect(levels[0]).toBe('warn');
+    expect(levels.slice(1).every((level) => level === 'debug')).toBe(true);
+    // The peer comes up and a round with it completes; when it goes down again, that warns at once.
+    const peer = await start({ ROUTESYNC_PEER_ADDR: down });
+    const completed = async () => (await counter(node.replica.metrics.reconcileRounds)) - (await counter(node.replica.metrics.reconcileRounds, { result: 'failed' }));
+    await waitUntil(async () => (await completed()) >= 1, 10_000, 'a completed round');
+    nodes.splice(nodes.indexOf(peer), 1);
+    const before = failures().length;
+    await peer.replica.close();
+    await waitUntil(() => failures().length >= before + 2, 10_000, 'two more failed rounds');
+    expect(failures().slice(before).map((entry) => entry.level)).toEqual(['warn', ...Array(failures().length - before - 1).fill('debug')]);
+  });
+
   it('a replica cut off from pushes converges by itself after the cut is lifted', async () => {
     const intervalMs = 1500;
     // A small outbox bound: what the cut keeps from C is dropped by A, so it is reconciliation,
