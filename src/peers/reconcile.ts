@@ -487,6 +487,8 @@ export class Reconciler {
     this.table.adoptHeldFences = true;
     try {
       if (this.sync.peerCount === 0) {
+        // Closed while discovery was awaited: not ready, so nothing to say.
+        if (this.closed) return 'timeout';
         if (!peersKnown) {
           // No peer known is not "no peers" while discovery has not answered: the fleet may
           // hold routes. Ready, so that the manager's pushes are served, but not seeded.

@@ -150,6 +150,20 @@ describe('DNS discovery', () => {
     expect(warnings.filter((line) => line.level === 'warn').map((line) => line.msg)).toEqual(['peer DNS resolution failed; no peer set yet, retrying']);
   });
 
+  it('a replica closed while it waits for DNS at start-up does not log that it is ready', async () => {
+    // Refused at once, so start-up returns and the first resolution is retried within the
+    // (long) bootstrap timeout, until the close.
+    dns.mode = 'servfail';
+    const { replica, logs } = await startAlone({ ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '30000' });
+    await waitUntil(() => dns.queries > 2, 10_000, 'the resolution retried');
+    await replica.close();
+    expect(await replica.bootstrapped).toBe('timeout');
+    expect(replica.isReady()).toBe(false);
+    const messages = logs.lines.map((line) => (JSON.parse(line) as { msg: string }).msg);
+    expect(messages).toContain('stopped');
+    expect(messages.filter((message) => message.includes('ready with the table as it is'))).toEqual([]);
+  });
+
   it('a DNS server that never answers costs a starting replica its bootstrap timeout, not the resolver\'s own retries', async () => {
     // c-ares against a silent server: two tries of up to 2 s (half the 5 s period), doubled for
     // the retry, ~6-7 s before the first resolution fails. The replica is ready within its
