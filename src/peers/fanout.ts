@@ -123,6 +123,8 @@ export class PeerSync {
   private readonly limit: LimitFunction;
   private readonly stop = new AbortController();
   private readonly idleWaiters = new Set<() => void>();
+  /** When the drain under way ends (performance.now()); Infinity before any. */
+  private drainUntilMs = Number.POSITIVE_INFINITY;
   private readonly pumpQueue: PeerState[] = [];
   private pumpImmediate: NodeJS.Immediate | null = null;
   private readonly config: SyncConfig;
@@ -344,6 +346,7 @@ export class PeerSync {
    * reconciliation), or after `timeoutMs`. Returns whether everything was delivered.
    */
   async drain(timeoutMs: number): Promise<boolean> {
+    this.drainUntilMs = performance.now() + timeoutMs;
     if (this.isIdle()) return true;
     let timer: NodeJS.Timeout | undefined;
     let done!: () => void;
@@ -394,7 +397,8 @@ export class PeerSync {
 
   private isIdle(): boolean {
     for (const peer of this.peers.values()) {
-      if (peer.ejected) continue;
+      // Nor a peer that asked (Retry-After) not to be sent to before the drain ends.
+      if (peer.ejected || (!peer.sending && peer.notBeforeMs > this.drainUntilMs)) continue;
       if (peer.sending || peer.outbox.size > 0) return false;
     }
     return true;
@@ -669,6 +673,15 @@ export class PeerSync {
     } catch (error) {
       const classified = classifyPeerError(error);
       peer.lastFailure = { errorClass: classified.errorClass, atMs: this.now() };
+      if (classified.configuration && !this.closed) {
+        // While it is out nothing else reaches the peer: a token or TLS mismatch would go quiet,
+        // and the alert on permanent failures with it. Counted, and warned about once a minute.
+        this.metrics.peerFailures.inc({ class: classified.errorClass });
+        this.logger[peer.warnings.level(`${classified.errorClass} ${classified.status ?? classified.code}`)](
+          { peer: peer.address, errorClass: classified.errorClass, code: classified.code, status: classified.status },
+          'probe of ejected peer refused: it stays ejected',
+        );
+      }
       if (!peer.removed && !this.closed) this.scheduleProbe(peer, this.config.ejectProbeMs);
       return;
     } finally {

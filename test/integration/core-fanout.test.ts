@@ -125,8 +125,15 @@ describe('fan-out to peers', () => {
     await waitUntil(() => node.replica.sync.status()[0]!.ejected, 10_000, 'the peer ejected after its re-sends were refused');
     // Several probes later, all refused, it is still out.
     const probes = async () => Number(/^routesync_peer_request_duration_seconds_count\{kind="probe"\} (\d+)$/m.exec(await (await fetch(`${node.peerUrl}/metrics`)).text())?.[1] ?? 0);
+    const refusals = async () => Number(/^routesync_peer_failures_total\{class="unauthorized"\} (\d+)$/m.exec(await (await fetch(`${node.peerUrl}/metrics`)).text())?.[1] ?? 0);
+    const refusedAtEjection = await refusals();
     await waitUntil(async () => (await probes()) >= 3, 10_000, 'three probes');
     expect(strict!.probes).toBe(0);
+    // The refusals go on being counted while it is out (the alert on permanent failures stays on), and warned about once.
+    expect(await refusals()).toBeGreaterThanOrEqual(refusedAtEjection + 2);
+    const probeRefusals = node.logs.lines.map((line) => JSON.parse(line) as { msg: string; level: string }).filter((entry) => entry.msg === 'probe of ejected peer refused: it stays ejected');
+    expect(probeRefusals.length).toBeGreaterThanOrEqual(2);
+    expect(probeRefusals.filter((entry) => entry.level === 'warn').length).toBeLessThanOrEqual(1);
     expect(node.replica.sync.status()[0]).toMatchObject({ ejected: true });
     const messages = () => node.logs.lines.map((line) => (JSON.parse(line) as { msg: string }).msg);
     expect(messages()).not.toContain('peer answered its probe: back in rotation');

@@ -156,6 +156,23 @@ describe('the outbox at shutdown', () => {
   });
 });
 
+describe('a peer that asked to wait at shutdown', () => {
+  it('does not hold the drain for a peer whose Retry-After ends after the grace period', { timeout: 20_000 }, async () => {
+    const fake = await FakePeer.start();
+    fakes.push(fake);
+    fake.mode = { kind: 'status', status: 429, headers: { 'retry-after': '120' } };
+    const node = await startReplica({ ROUTESYNC_PEERS: fake.address, ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '0', ROUTESYNC_EJECT_MAX_MS: '300000' });
+    peers.push(node);
+    expect((await putRoute(node.api, makeRoute())).body.sync.failed).toEqual([{ peer: fake.address, errorClass: 'http_429' }]);
+    expect(node.replica.sync.outboxSize()).toBe(1);
+    // A grace longer than the test's timeout: waiting for that peer would fail the test.
+    expect(await node.replica.shutdown(60_000)).toBe(false);
+    expect(fake.pushes).toBe(1);
+    const line = node.logs.lines.find((entry) => entry.includes('changes queued for ejected peers dropped at shutdown'));
+    expect(JSON.parse(line!)).toMatchObject({ level: 'warn', queued: 1, ejectedPeers: 0 });
+  });
+});
+
 describe('kept-alive connections at shutdown', () => {
   it('answers a local call in flight at SIGTERM with Connection: close, so the drain does not wait for the client to hang up', { timeout: 30_000 }, async () => {
     const fake = await FakePeer.start();
