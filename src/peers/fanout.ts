@@ -55,6 +55,7 @@ export interface PeerStatus {
   readonly lastFailure: { readonly errorClass: string; readonly at: string } | null;
   readonly pendingRoutes: number;
   readonly lastReconcile: string | null;
+  readonly lastReconcileFailure: { readonly errorClass: string; readonly at: string } | null;
 }
 
 interface PeerState {
@@ -73,6 +74,7 @@ interface PeerState {
   lastSuccessAtMs: number | null;
   lastFailure: { errorClass: string; atMs: number } | null;
   lastReconcileAtMs: number | null;
+  lastReconcileFailure: { errorClass: string; atMs: number } | null;
   /** Background retry of a failed batch, or the next probe of an ejected peer. */
   timer: NodeJS.Timeout | null;
   /**
@@ -220,6 +222,12 @@ export class PeerSync {
     if (peer) peer.lastReconcileAtMs = this.now();
   }
 
+  /** Record a failed reconcile round with a peer: a peer no change was pushed to lately shows its health by these. */
+  markReconcileFailed(address: string, errorClass: string): void {
+    const peer = this.peers.get(address);
+    if (peer) peer.lastReconcileFailure = { errorClass, atMs: this.now() };
+  }
+
   /** Queue changes for every peer without waiting (reconciliation never re-pushes; this is for callers that do not wait). */
   enqueue(changes: readonly RouteChange[]): void {
     const keys = changes.map(changeKey);
@@ -316,7 +324,7 @@ export class PeerSync {
     const iso = (ms: number | null) => (ms === null ? null : new Date(ms).toISOString());
     return [...this.peers.values()].map((peer) => ({
       peer: peer.address,
-      reachable: !peer.ejected && peer.consecutiveFailures === 0 && peer.lastSuccessAtMs !== null,
+      reachable: reachable(peer),
       consecutiveFailures: peer.consecutiveFailures,
       ejected: peer.ejected,
       ejectedUntil: peer.ejected ? iso(peer.ejectedUntilMs) : null,
@@ -325,6 +333,7 @@ export class PeerSync {
       lastFailure: peer.lastFailure ? { errorClass: peer.lastFailure.errorClass, at: new Date(peer.lastFailure.atMs).toISOString() } : null,
       pendingRoutes: peer.outbox.size,
       lastReconcile: iso(peer.lastReconcileAtMs),
+      lastReconcileFailure: peer.lastReconcileFailure ? { errorClass: peer.lastReconcileFailure.errorClass, at: new Date(peer.lastReconcileFailure.atMs).toISOString() } : null,
     }));
   }
 
@@ -468,6 +477,7 @@ export class PeerSync {
       lastSuccessAtMs: null,
       lastFailure: null,
       lastReconcileAtMs: null,
+      lastReconcileFailure: null,
       timer: null,
       notBeforeMs: 0,
       warnings: new RepeatedWarnings(),
@@ -713,6 +723,19 @@ export class PeerSync {
     this.logger.info({ peer: peer.address }, 'peer removed');
     this.notifyIfIdle();
   }
+}
+
+/**
+ * Not ejected, no push failure streak, and the latest contact, a push or a reconcile round,
+ * succeeded: a peer nothing was pushed to lately shows its health by its rounds (every
+ * interval), so an idle fleet does not read as unreachable, nor a peer that refuses every
+ * round as healthy.
+ */
+function reachable(peer: PeerState): boolean {
+  if (peer.ejected || peer.consecutiveFailures > 0) return false;
+  const lastGood = Math.max(peer.lastSuccessAtMs ?? -Infinity, peer.lastReconcileAtMs ?? -Infinity);
+  if (lastGood === -Infinity) return false;
+  return peer.lastReconcileFailure === null || peer.lastReconcileFailure.atMs <= lastGood;
 }
 
 /**

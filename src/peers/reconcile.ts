@@ -756,6 +756,7 @@ export class Reconciler {
       // Finding this replica's own address is not a failed round (excludeSelf logs it).
       if (classified.errorClass !== 'aborted' && classified.errorClass !== 'self') {
         this.metrics.reconcileRounds.inc({ result: 'failed' });
+        this.sync.markReconcileFailed(peer, classified.errorClass);
         // A peer that stays down would fail a round every interval: one warning a minute.
         let warnings = this.roundWarnings.get(peer);
         if (!warnings) this.roundWarnings.set(peer, (warnings = new RepeatedWarnings()));

@@ -3,6 +3,8 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { PUSH_MAX_ROUTES } from '../../src/config.js';
 import { parseRoute, type Route } from '../../src/routes/route.js';
 import { makeRoute, putRoute, startCluster, startReplica, stopAll, type TestReplica } from '../helpers/cluster.js';
+import { unusedPort } from '../helpers/upstream.js';
+import { waitUntil } from '../helpers/wait.js';
 
 const replicas: TestReplica[] = [];
 async function replica(env: Record<string, string> = {}): Promise<TestReplica> {
@@ -257,6 +259,22 @@ describe('local API', () => {
       pendingRoutes: 0,
     });
     expect(typeof view.body.peers[0].lastSuccess).toBe('string');
+  });
+
+  it('shows the health of peers nothing was pushed to by their reconcile rounds: a live idle peer is reachable, a dead one is not and says why', async () => {
+    const cluster = await startCluster(2, { ROUTESYNC_RECONCILE_INTERVAL_MS: '100' });
+    replicas.push(...cluster);
+    const live = cluster[1]!.replica.addresses.peer;
+    const dead = `127.0.0.1:${await unusedPort()}`;
+    cluster[0]!.replica.sync.setPeers([live, dead]);
+    const peersOf = async () => (await send(`${cluster[0]!.api}/v1/peers`)).body.peers as { peer: string; reachable: boolean; lastReconcile: string | null; lastReconcileFailure: { errorClass: string } | null }[];
+    await waitUntil(async () => {
+      const peers = await peersOf();
+      return peers.find((p) => p.peer === live)?.lastReconcile != null && peers.find((p) => p.peer === dead)?.lastReconcileFailure != null;
+    }, 10_000, 'a completed round with the live peer and a failed one with the dead peer');
+    const peers = await peersOf();
+    expect(peers.find((p) => p.peer === live)).toMatchObject({ reachable: true, lastSuccess: null, lastReconcileFailure: null });
+    expect(peers.find((p) => p.peer === dead)).toMatchObject({ reachable: false, lastReconcile: null, lastReconcileFailure: { errorClass: 'refused' } });
   });
 });
 

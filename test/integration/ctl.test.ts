@@ -166,6 +166,16 @@ describe('routesync ctl status, routes, peers', () => {
     expect(json.peers.find((p: any) => p.peer === dead)).toMatchObject({ ejected: true, reachable: false, pendingRoutes: 1 });
   });
 
+  it('peers: a peer nothing was pushed to shows its failed reconcile rounds in LAST RECONCILE', async () => {
+    const node = await startReplica({ ROUTESYNC_RECONCILE_INTERVAL_MS: '100' });
+    started.push(node);
+    const dead = `127.0.0.1:${await closedPort()}`;
+    node.replica.sync.setPeers([dead]);
+    await waitUntil(() => node.replica.sync.status()[0]?.lastReconcileFailure != null, 10_000, 'a failed round');
+    const run = await ctl(['peers', '--api', hostPort(node.api)]);
+    expect(run.stdout.split('\n').find((line) => line.startsWith(dead))).toMatch(/\s+no\s+no\s+0\s+0\s+never\s+-\s+failed: refused (now|\d+(ms|s) ago)$/);
+  });
+
   it('exit 3 with one line when the replica is unreachable; exit 2 on a usage error', async () => {
     const port = await closedPort();
     const unreachable = await ctl(['routes', '--api', `127.0.0.1:${port}`]);
