@@ -66,6 +66,10 @@ describe('configuration', () => {
       { ROUTESYNC_SELF: 'https://s3cret@10.0.0.5:7789' },
       { ROUTESYNC_API_ADDR: 'admin:s3cret@127.0.0.1:7788' },
       { ROUTESYNC_PEER_DNS_SERVERS: 's3cret@10.0.0.10' },
+      // A token may hold a quote or a space: no part of it is shown either.
+      { ROUTESYNC_PEERS: 'http://u:s3cret"s3cret@peer-0:7789' },
+      { ROUTESYNC_PEERS: 'http://u:s3cret s3cret@peer-0:7789' },
+      { ROUTESYNC_PEERS: 'u:s3cret"s3cret@peer-0:7789' },
     ];
     for (const env of cases) {
       const variable = Object.keys(env)[0]!;
