@@ -313,9 +313,21 @@ function errorCode(error: unknown): string {
   return (error as Error).message;
 }
 
-/** A 2xx JSON object, or a CtlError that says what came back (401 names the token). */
-function expectOk(answer: Answer, what: string): Record<string, unknown> {
-  if (answer.status === 401) throw new CtlError(EXIT_UNREACHABLE, `${what}: 401 unauthorized (set ROUTESYNC_PEER_TOKEN or --token-file)`);
+/**
+ * A 2xx JSON object, or a CtlError that says what came back. A 401 says what to fix: `token` is
+ * the one a peer-API request carried ('' for none); a local-API request carries none (undefined)
+ * and needs none, so a 401 there means the address is a peer listener's.
+ */
+function expectOk(answer: Answer, what: string, token?: string): Record<string, unknown> {
+  if (answer.status === 401) {
+    const hint =
+      token === undefined
+        ? 'the local API takes no token: this address is a peer listener (--api takes the local API\'s, default 127.0.0.1:7788)'
+        : token === ''
+          ? 'no peer token set (set ROUTESYNC_PEER_TOKEN or --token-file)'
+          : 'the peer token was refused (is it the fleet\'s current one?)';
+    throw new CtlError(EXIT_UNREACHABLE, `${what}: 401 unauthorized: ${hint}`);
+  }
   if (answer.status < 200 || answer.status >= 300) {
     const code = (answer.body as { error?: { code?: unknown } } | undefined)?.error?.code;
     throw new CtlError(EXIT_UNREACHABLE, `${what}: answered ${answer.status}${typeof code === 'string' ? ` ${code}` : ''}`);
@@ -513,7 +525,7 @@ export interface RouteDifference {
 }
 
 async function fetchDigest(http: CtlHttp, base: string, token: string): Promise<Digest> {
-  const body = expectOk(await http.get(base, '/v1/peer/digest', token), `${base} GET /v1/peer/digest`);
+  const body = expectOk(await http.get(base, '/v1/peer/digest', token), `${base} GET /v1/peer/digest`, token);
   const { instance, buckets, root, digests, routes: routeCount, fences, suspect } = body;
   if (
     typeof buckets !== 'number' ||
@@ -540,7 +552,7 @@ async function pull(http: CtlHttp, base: string, token: string, buckets: readonl
   const entries = new Map<string, Entry>();
   for (let start = 0; start < buckets.length; start += PULL_CHUNK_BUCKETS) {
     const chunk = buckets.slice(start, start + PULL_CHUNK_BUCKETS);
-    const body = expectOk(await http.post(base, '/v1/peer/pull', { buckets: chunk }, token), `${base} POST /v1/peer/pull`);
+    const body = expectOk(await http.post(base, '/v1/peer/pull', { buckets: chunk }, token), `${base} POST /v1/peer/pull`, token);
     if (!Array.isArray(body.changes)) throw new CtlError(EXIT_UNREACHABLE, `${base} POST /v1/peer/pull: the answer has no "changes" array`);
     for (const change of body.changes as Record<string, unknown>[]) {
       const entry = toEntry(change);

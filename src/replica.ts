@@ -7,6 +7,7 @@ import { createServer as createHttpsServer, type Server as HttpsServer } from 'n
 import type { AddressInfo } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import type { DestinationStream } from 'pino';
+import { answerUnparsable } from './api/errors.js';
 import { createLocalApp } from './api/local.js';
 import { createPeerApp } from './api/peer.js';
 import { reconcileEndpoints } from './api/reconcile.js';
@@ -200,6 +201,8 @@ export class Replica {
       ? createHttpsServer({ ...tlsOptions(tls), ...(tls.ca ? { requestCert: true, rejectUnauthorized: false } : {}) }, peerListener)
       : undefined;
     this.peerServer = this.tlsServer ?? createServer(peerListener);
+    this.apiServer.on('clientError', answerUnparsable);
+    this.peerServer.on('clientError', answerUnparsable);
     if (tls) this.metrics.setPeerTlsCertExpiry(expirySeconds(new X509Certificate(tls.cert)));
     // Outlive the peers' pooled idle connections (undici keeps them 30 s at most), so a
     // connection is never closed by the server just as a peer reuses it.

@@ -1,6 +1,8 @@
 // One error -> HTTP mapping for both Express apps. Every error body has the same shape:
 //   {"error": {"code": "<stable_code>", "message": "<human text>", ...details}}
 import { isUtf8 } from 'node:buffer';
+import { STATUS_CODES } from 'node:http';
+import type { Duplex } from 'node:stream';
 import type { ErrorRequestHandler, RequestHandler, Response } from 'express';
 import iconv from 'iconv-lite';
 import type { Logger } from '../log.js';
@@ -111,4 +113,30 @@ export function rejectInvalidUtf8(_req: unknown, _res: unknown, body: Buffer, en
   if (!isUtf8(body)) {
     throw Object.assign(new Error('request body is not valid UTF-8'), { status: 400, type: 'entity.parse.failed' });
   }
+}
+
+/** Node's own statuses for a request its parser refused (lib/_http_server.js), by error code. */
+const UNPARSABLE: Record<string, { status: number; code: string; message: string }> = {
+  HPE_HEADER_OVERFLOW: { status: 431, code: 'headers_too_large', message: 'the request line and headers are larger than this server reads (16 KiB)' },
+  HPE_CHUNK_EXTENSIONS_OVERFLOW: { status: 413, code: 'body_too_large', message: 'chunk extensions too large' },
+  ERR_HTTP_REQUEST_TIMEOUT: { status: 408, code: 'request_timeout', message: 'the request did not arrive in time' },
+};
+
+/**
+ * The server's `clientError` listener: a request Node's parser refused (headers over 16 KiB, a
+ * malformed request line or framing) gets the APIs' one error shape instead of Node's bare
+ * status line, and the connection closes. Nothing is written once an answer on the connection
+ * has begun, or to a connection already gone.
+ */
+export function answerUnparsable(error: Error & { code?: string }, socket: Duplex): void {
+  const answering = (socket as Duplex & { _httpMessage?: { headersSent?: boolean } | null })._httpMessage;
+  if (error.code === 'ECONNRESET' || !socket.writable || answering?.headersSent) {
+    socket.destroy();
+    return;
+  }
+  const { status, code, message } = UNPARSABLE[error.code ?? ''] ?? { status: 400, code: 'bad_request', message: 'the request is not valid HTTP/1.1' };
+  const body = JSON.stringify({ error: { code, message } });
+  socket.end(
+    `HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\ncontent-type: application/json; charset=utf-8\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`,
+  );
 }

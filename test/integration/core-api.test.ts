@@ -1,4 +1,5 @@
 // The local and peer APIs: status codes, validation, redaction, auth (SPEC §3).
+import net from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import { PUSH_MAX_ROUTES } from '../../src/config.js';
 import { parseRoute, type Route } from '../../src/routes/route.js';
@@ -84,6 +85,27 @@ describe('local API', () => {
     expect(node.replica.table.size).toBe(1);
     const invalid = await send(`${node.api}/v1/routes`, { method: 'PUT', headers: json, body: JSON.stringify(makeRoute({ resourceVersion: '1e3' })) });
     expect(invalid.body.error).toMatchObject({ reason: 'invalid_resource_version', field: 'resourceVersion' });
+  });
+
+  it('answers a request the HTTP parser refuses (a path over 16 KiB, a malformed request line) in the APIs\' one error shape, on both listeners', async () => {
+    const node = await replica();
+    const raw = (base: string, request: string) =>
+      new Promise<string>((resolve, reject) => {
+        const { hostname, port } = new URL(base);
+        const socket = net.connect(Number(port), hostname, () => socket.end(request));
+        let text = '';
+        socket.setEncoding('utf8').on('data', (chunk: string) => (text += chunk));
+        socket.on('close', () => resolve(text)).on('error', reject);
+      });
+    for (const base of [node.api, node.peerUrl]) {
+      const long = await raw(base, `GET /v1/routes/${'a'.repeat(20_000)} HTTP/1.1\r\nHost: x\r\n\r\n`);
+      expect(long).toMatch(/^HTTP\/1\.1 431 /);
+      expect(long).toMatch(/\r\ncontent-type: application\/json; charset=utf-8\r\n/);
+      expect(JSON.parse(long.slice(long.indexOf('\r\n\r\n') + 4))).toMatchObject({ error: { code: 'headers_too_large' } });
+      const garbled = await raw(base, 'GET / HTTP/1.1\r\nHost x\r\n\r\n');
+      expect(garbled).toMatch(/^HTTP\/1\.1 400 /);
+      expect(JSON.parse(garbled.slice(garbled.indexOf('\r\n\r\n') + 4))).toMatchObject({ error: { code: 'bad_request' } });
+    }
   });
 
   it('refuses a body that is not valid UTF-8 instead of storing U+FFFD in place of its bytes', async () => {

@@ -341,6 +341,14 @@ describe('routesync ctl diff', () => {
   it('without the peer token: exit 3 and a line that names the token, not its value', async () => {
     const run = await ctl(['diff', hostPort(a.peerUrl), hostPort(b.peerUrl)], {});
     expect(run.code).toBe(EXIT_UNREACHABLE);
-    expect(run.stderr).toMatch(/401 unauthorized \(set ROUTESYNC_PEER_TOKEN or --token-file\)/);
+    expect(run.stderr).toMatch(/401 unauthorized: no peer token set \(set ROUTESYNC_PEER_TOKEN or --token-file\)/);
+    const wrong = await ctl(['diff', hostPort(a.peerUrl), hostPort(b.peerUrl)], { ROUTESYNC_PEER_TOKEN: 'not-the-fleet-token' });
+    expect(wrong.code).toBe(EXIT_UNREACHABLE);
+    expect(wrong.stderr).toMatch(/401 unauthorized: the peer token was refused/);
+    expect(wrong.stderr).not.toContain('not-the-fleet-token');
+    // A local-API command pointed at the peer port by mistake is told so, not to set a token.
+    const misdirected = await ctl(['routes', '--api', hostPort(a.peerUrl)], {});
+    expect(misdirected.code).toBe(EXIT_UNREACHABLE);
+    expect(misdirected.stderr).toMatch(/401 unauthorized: the local API takes no token: this address is a peer listener/);
   });
 });
