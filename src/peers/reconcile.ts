@@ -106,7 +106,9 @@ const BOOTSTRAP_RETRY_MS = 200;
 /** The least time between two sweeps of expired fences for a digest (sweepFencesSoon). */
 const FENCE_SWEEP_MIN_GAP_MS = 1000;
 
-export type ReconcileConfig = Pick<Config, 'reconcileIntervalMs' | 'bootstrapTimeoutMs' | 'tombstoneTtlMs' | 'tombstoneHoldMaxMs'>;
+export type ReconcileConfig = Pick<Config, 'reconcileIntervalMs' | 'bootstrapTimeoutMs' | 'tombstoneTtlMs' | 'tombstoneHoldMaxMs'> &
+  /** Bounds the local deletions kept through a cut, as it bounds each outbox (default 100,000). */
+  Partial<Pick<Config, 'outboxMaxRoutes'>>;
 /** Departed peers remembered as still owed fences, at most (see caughtUpThrough). */
 const DEPARTED_PEERS_MAX = 1024;
 
@@ -226,6 +228,9 @@ export class Reconciler {
    * Emptied at every contact, so it holds only the deletions of one cut (or one interval).
    */
   private readonly localDeletions = new Map<string, string>();
+  /** Local deletions dropped past the bound (ROUTESYNC_OUTBOX_MAX_ROUTES) since the process started. */
+  private forgottenLocalDeletions = 0;
+  private readonly deletionWarnings = new RepeatedWarnings();
   /** Per peer instance: the time (this replica's clock) through which it last said it has caught up on this table. */
   private readonly caughtUpBy = new Map<string, number>();
   /** Per peer address: the instance its last digest answer named. */
@@ -237,8 +242,11 @@ export class Reconciler {
   /** Grows with every change caughtUpThrough depends on, but for the peer set (which has its own). */
   private caughtUpVersion = 0;
   private caughtUpCache: { readonly peersVersion: number; readonly version: number; readonly value: number } | undefined;
-  /** Peers whose last pull here skipped entries this version refuses (see caughtUpOnDigest). */
-  private readonly pulledWithRefusals = new Set<string>();
+  /**
+   * Peers whose last pull here skipped entries this version refuses (see caughtUpOnDigest), with
+   * the instance pulled from: another replica at the address since has not been pulled from.
+   */
+  private readonly pulledWithRefusals = new Map<string, string>();
   /** Per peer, its failed rounds' warnings, until a round with it completes. */
   private readonly roundWarnings = new Map<string, RepeatedWarnings>();
   private readonly monotonicNow: () => number;
@@ -289,7 +297,22 @@ export class Reconciler {
       return;
     }
     const fence = this.table.getFenceByKey(key);
-    if (fence) this.localDeletions.set(key, fence.resourceVersion);
+    if (!fence) return;
+    // Re-inserted, so the first key is the oldest deletion.
+    this.localDeletions.delete(key);
+    this.localDeletions.set(key, fence.resourceVersion);
+    // Bounded like an outbox: a replica out of contact for weeks would otherwise keep every
+    // deletion of them. Past the bound the oldest is forgotten; a rebuild no longer deletes it
+    // again, and a source that never saw that deletion can bring its route back.
+    const bound = this.config.outboxMaxRoutes ?? 100_000;
+    if (this.localDeletions.size > bound) {
+      this.localDeletions.delete(this.localDeletions.keys().next().value!);
+      this.forgottenLocalDeletions++;
+      this.logger[this.deletionWarnings.level('forgotten')](
+        { bound, forgotten: this.forgottenLocalDeletions },
+        'out of contact: the oldest local deletions are forgotten; a rebuild may bring their routes back',
+      );
+    }
   }
 
   /**
@@ -445,9 +468,18 @@ export class Reconciler {
   /** The per-peer maps keep current and departed peers (and a few more): addresses and instances churn. */
   private forgetOldPeers(): void {
     const bound = 2 * (this.sync.peerCount + this.departed.size) + 16;
-    if (this.caughtUpBy.size <= bound && this.peerInstances.size <= bound && this.caughtUpOn.size <= bound && this.roundWarnings.size <= bound) return;
+    if (
+      this.caughtUpBy.size <= bound &&
+      this.peerInstances.size <= bound &&
+      this.caughtUpOn.size <= bound &&
+      this.roundWarnings.size <= bound &&
+      this.pulledWithRefusals.size <= bound
+    ) {
+      return;
+    }
     const current = new Set(this.sync.peerAddresses());
     for (const address of this.roundWarnings.keys()) if (!current.has(address)) this.roundWarnings.delete(address);
+    for (const address of this.pulledWithRefusals.keys()) if (!current.has(address)) this.pulledWithRefusals.delete(address);
     for (const address of this.peerInstances.keys()) if (!current.has(address)) this.peerInstances.delete(address);
     for (const address of this.caughtUpOn.keys()) if (!current.has(address)) this.caughtUpOn.delete(address);
     const instances = new Set([...this.peerInstances.values(), ...[...this.departed.values()].map((gone) => gone.instance)]);
@@ -459,7 +491,7 @@ export class Reconciler {
   private caughtUpOnDigest(peer: string, digest: TableDigest): void {
     // A pull that skipped entries this version refuses has not caught up on them: one may be a
     // fence of a route this replica holds, and the peer would let it go.
-    if (this.pulledWithRefusals.has(peer)) return;
+    if (this.pulledWithRefusals.get(peer) === digest.instance) return;
     if (digest.asOfMs !== undefined && digest.instance !== '') this.caughtUpOn.set(peer, { instance: digest.instance, asOfMs: digest.asOfMs });
   }
 
@@ -965,7 +997,7 @@ export class Reconciler {
       }
       const [refusal] = invalid;
       if (refusal) {
-        this.pulledWithRefusals.add(peer);
+        this.pulledWithRefusals.set(peer, instance);
         this.metrics.reconcileRefused.inc(invalid.length);
         // The reason and field only: an entry's values may hold an access token.
         this.logger.warn({ peer, refused: invalid.length, reason: refusal.reason, field: refusal.field }, 'pull: skipped changes this replica refuses (a peer of another version?)');
