@@ -1,7 +1,25 @@
 #!/usr/bin/env node
 // routesync: wiring only. Config -> Replica -> signals.
-import { ConfigError, loadConfig, readPeerTls, unknownVariables } from './config.js';
+import { ConfigError, flagName, loadConfig, readPeerTls, SETTINGS, unknownVariables } from './config.js';
 import { Replica } from './replica.js';
+import { VERSION } from './version.js';
+
+const CTL_COMMANDS = new Set(['status', 'routes', 'peers', 'diff']);
+
+function serverHelp(): string {
+  const lines = [
+    `routesync ${VERSION}: the route-sync sidecar. Configured by environment variables, each also a flag:`,
+    '',
+    '  routesync [--flag=value ...]     run the server (README, "Configuration", says what each does)',
+    '  routesync ctl <command> ...      the operator CLI (routesync ctl --help)',
+    '  routesync --version',
+    '',
+  ];
+  for (const [variable, setting] of Object.entries(SETTINGS)) {
+    lines.push(`  --${flagName(variable)}=VALUE`.padEnd(44) + `${variable} (default ${setting.fallback === '' ? 'empty' : setting.fallback})`);
+  }
+  return `${lines.join('\n')}\n`;
+}
 
 async function main(argv: readonly string[]): Promise<void> {
   let config;
@@ -49,7 +67,15 @@ async function main(argv: readonly string[]): Promise<void> {
 }
 
 const argv = process.argv.slice(2);
-if (argv[0] === 'ctl') {
+if (argv[0] === '--version' || argv[0] === '-v') {
+  process.stdout.write(`routesync ${VERSION}\n`);
+} else if (argv[0] === '--help' || argv[0] === '-h') {
+  process.stdout.write(serverHelp());
+} else if (argv[0] !== undefined && CTL_COMMANDS.has(argv[0])) {
+  // `routesync status` for `routesync ctl status`: the server takes flags only.
+  process.stderr.write(`routesync: "${argv[0]}" is a ctl command: run \`routesync ctl ${argv[0]}\` (\`routesync --help\` lists the server's flags)\n`);
+  process.exitCode = 2;
+} else if (argv[0] === 'ctl') {
   // The operator CLI: same binary, no listeners. Loaded on demand so the server never pays for it.
   import('./ctl.js')
     .then(({ runCtl }) => runCtl(argv.slice(1)))

@@ -2,6 +2,7 @@
 // in one process in tests). Names follow Prometheus conventions: base units, `_total` on
 // counters. The README lists them all; deploy/grafana-dashboard.json charts them.
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import { VERSION } from './version.js';
 
 /** Latency buckets in seconds: from a loopback round trip to well past any sane deadline. */
 const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
@@ -130,7 +131,11 @@ export class Metrics {
     this.peerTlsCertExpiry.set(notAfterSeconds);
   }
 
+  /** 1, labelled with this build's version: which version each replica runs (a rolling upgrade, a `rejected` push). */
+  readonly buildInfo = new Gauge({ name: 'routesync_build_info', help: 'Always 1; the version label is the routesync version this replica runs', labelNames: ['version'] as const, registers: [this.registry] });
+
   constructor(options: { processMetrics?: boolean } = {}) {
+    this.buildInfo.set({ version: VERSION }, 1);
     if (options.processMetrics ?? true) collectDefaultMetrics({ register: this.registry, prefix: 'routesync_' });
   }
 }

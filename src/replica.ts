@@ -22,6 +22,7 @@ import { Reconciler, type BootstrapOptions, type BootstrapOutcome } from './peer
 import { DataPlane } from './proxy/server.js';
 import { RouteTable } from './routes/table.js';
 import { RouteService } from './service.js';
+import { VERSION } from './version.js';
 
 export interface ReplicaOptions {
   /** Log destination (tests collect lines); standard output when omitted. */
@@ -292,7 +293,7 @@ export class Replica {
       );
     }
     this.logger.info(
-      { api: this.bound.api, peer: this.bound.peer, proxy: this.bound.proxy, peers: this.sync.peerAddresses(), peerScheme: this.peerScheme },
+      { version: VERSION, api: this.bound.api, peer: this.bound.peer, proxy: this.bound.proxy, peers: this.sync.peerAddresses(), peerScheme: this.peerScheme },
       'routesync listening',
     );
     // Not ready until the table is bootstrapped from a peer (or no peer answered in time); the

@@ -1,5 +1,7 @@
 // routesync as a process: start-up, bad configuration, SIGTERM.
+import { readFileSync } from 'node:fs';
 import { afterEach, describe, expect, it } from 'vitest';
+import { flagName, SETTINGS } from '../../src/config.js';
 import { DnsServer } from '../helpers/dns-server.js';
 import { FakePeer } from '../helpers/fake-peer.js';
 import { makeRoute, putRoute } from '../helpers/cluster.js';
@@ -21,6 +23,28 @@ describe('routesync process', () => {
     running.push(replica);
     expect(await replica.exited).toBe(2);
     expect(replica.stderr).toEqual(['routesync: invalid ROUTESYNC_SYNC_CONCURRENCY: "lots" is not a non-negative integer']);
+  });
+
+  it('says its version (the package\'s) and lists every setting as a flag; a forgotten `ctl` is named', async () => {
+    const { version } = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
+    const shown = spawnReplica(LOOPBACK, ['--version']);
+    running.push(shown);
+    expect(await shown.exited).toBe(0);
+    expect(shown.lines).toEqual([`routesync ${version}`]);
+    const help = spawnReplica(LOOPBACK, ['--help']);
+    running.push(help);
+    expect(await help.exited).toBe(0);
+    for (const variable of Object.keys(SETTINGS)) expect(help.lines.some((line) => line.includes(`--${flagName(variable)}=VALUE`) && line.includes(variable)), variable).toBe(true);
+    const forgot = spawnReplica(LOOPBACK, ['status']);
+    running.push(forgot);
+    expect(await forgot.exited).toBe(2);
+    expect(forgot.stderr).toEqual(['routesync: "status" is a ctl command: run `routesync ctl status` (`routesync --help` lists the server\'s flags)']);
+    // The running version is in the start-up line and in /metrics.
+    const replica = spawnReplica(LOOPBACK);
+    running.push(replica);
+    const { peer } = await replica.addresses;
+    expect(replica.lines.map((line) => JSON.parse(line) as { msg: string; version?: string }).find((entry) => entry.msg === 'routesync listening')?.version).toBe(version);
+    expect(await (await fetch(`http://${peer}/metrics`)).text()).toContain(`routesync_build_info{version="${version}"} 1`);
   });
 
   it('warns, by name only, of a ROUTESYNC_ variable that is no setting, with the setting it is closest to, and starts', async () => {
