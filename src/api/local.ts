@@ -81,11 +81,13 @@ export function createLocalApp(deps: LocalApiDeps): Express {
   app.get('/v1/routes', (req, res) => {
     const namespace = req.query.namespace;
     // A repeated parameter is an array (Express 5's simple query parser): a filter that cannot
-    // be honoured is refused, never dropped (which would list every namespace). Other
-    // parameters, `namespace[x]` among them, are ignored like any unknown one.
+    // be honoured is refused, never dropped (which would list every namespace). So is any other
+    // parameter, as on DELETE: a misspelt filter (`?ns=team-a`) would list every namespace too.
     if (namespace !== undefined && typeof namespace !== 'string') {
       throw new ApiError(400, 'invalid_query', 'namespace must be given once, as a plain value', { field: 'namespace' });
     }
+    const unknown = Object.keys(req.query).find((name) => name !== 'namespace');
+    if (unknown !== undefined) throw new ApiError(400, 'invalid_query', 'the only query parameter is namespace', { field: unknown });
     const routes = table
       .list()
       .filter((route) => namespace === undefined || route.namespace === namespace)

@@ -445,7 +445,7 @@ export function admit(address: SandboxAddress, route: Route | undefined, headers
     return { ok: false, error: dataPlaneError('sandbox_no_ip', 'sandbox is running but has no pod IP yet') };
   }
   if (!routeAddressAllowed(route, options.proxyAllowLoopback === true)) {
-    return { ok: false, error: dataPlaneError('upstream_not_allowed', "the sandbox's address is not one the data plane proxies to (loopback, link-local, multicast or unspecified)") };
+    return { ok: false, error: dataPlaneError('upstream_not_allowed', "the sandbox's address is not one the data plane proxies to (link-local, cloud metadata, multicast, unspecified, or loopback without ROUTESYNC_PROXY_ALLOW_LOOPBACK)") };
   }
   return { ok: true, target: { host: route.ip, port: address.port, origin: upstreamOrigin(route.ip, address.port) } };
 }

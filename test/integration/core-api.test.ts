@@ -253,6 +253,10 @@ describe('local API', () => {
     const twice = await send(`${node.api}/v1/routes?namespace=team-a&namespace=team-b`);
     expect(twice.status).toBe(400);
     expect(twice.body.error).toMatchObject({ code: 'invalid_query', field: 'namespace' });
+    // A misspelt filter is refused too, not taken as "no filter" (which lists every namespace).
+    const misspelt = await send(`${node.api}/v1/routes?ns=team-a`);
+    expect(misspelt.status).toBe(400);
+    expect(misspelt.body.error).toMatchObject({ code: 'invalid_query', field: 'ns' });
   });
 
   it('looks up a sandbox whose ID is "batch" like any other, and answers 405 for other methods on the batch path', async () => {
