@@ -89,6 +89,8 @@ export interface Config {
   readonly accessLog: boolean;
   /** The data plane may proxy to a route on a loopback address (one machine: tests, demos). */
   readonly proxyAllowLoopback: boolean;
+  /** Pass on the X-Forwarded-Proto the ingress in front set (it terminated TLS), instead of `http`. */
+  readonly proxyTrustForwardedProto: boolean;
 
   readonly shutdownGraceMs: number;
   readonly logLevel: LogLevel;
@@ -183,6 +185,7 @@ export const SETTINGS: Readonly<Record<string, Setting>> = {
   ROUTESYNC_PROXY_SEND_TIMEOUT_MS: { key: 'proxySendTimeoutMs', kind: 'int', fallback: '60000', min: 0, max: 3_600_000 },
   ROUTESYNC_ACCESS_LOG: { key: 'accessLog', kind: 'bool', fallback: 'true' },
   ROUTESYNC_PROXY_ALLOW_LOOPBACK: { key: 'proxyAllowLoopback', kind: 'bool', fallback: 'false' },
+  ROUTESYNC_PROXY_TRUST_FORWARDED_PROTO: { key: 'proxyTrustForwardedProto', kind: 'bool', fallback: 'false' },
   ROUTESYNC_SHUTDOWN_GRACE_MS: { key: 'shutdownGraceMs', kind: 'int', fallback: '10000', min: 0, max: 600_000 },
   ROUTESYNC_LOG_LEVEL: { key: 'logLevel', kind: 'level', fallback: 'info' },
 };

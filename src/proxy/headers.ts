@@ -110,6 +110,11 @@ export interface ForwardingContext {
   readonly remoteAddress: string | undefined;
   /** `http` (the data plane does not terminate TLS). */
   readonly protocol: 'http' | 'https';
+  /**
+   * The X-Forwarded-Proto the request carries is the ingress's, which terminated TLS
+   * (ROUTESYNC_PROXY_TRUST_FORWARDED_PROTO): a value of `http` or `https` is passed on.
+   */
+  readonly trustForwardedProto?: boolean;
   /** A WebSocket handshake keeps `Connection: Upgrade` and `Upgrade`. */
   readonly upgrade: boolean;
 }
@@ -120,7 +125,7 @@ export interface ForwardingContext {
  * X-Forwarded-For appends the client's address to any chain already present (the usual
  * convention; the sandbox treats it as a hint). X-Forwarded-Proto and X-Forwarded-Host are
  * set to what this hop saw, replacing client-sent values, so a client cannot claim HTTPS or
- * another host; the host is the one the request was routed by (requestHost), which is also
+ * another host (unless the ingress's X-Forwarded-Proto is trusted: trustForwardedProto); the host is the one the request was routed by (requestHost), which is also
  * the Host sent upstream. The other forwarding headers (CLIENT_FORWARDING_HEADERS) are dropped.
  */
 export function upstreamRequestHeaders(headers: IncomingHttpHeaders, context: ForwardingContext): IncomingHttpHeaders {
@@ -143,7 +148,7 @@ export function upstreamRequestHeaders(headers: IncomingHttpHeaders, context: Fo
   const previous = Array.isArray(chain) ? chain.join(', ') : chain;
   const remote = context.remoteAddress ?? '';
   out['x-forwarded-for'] = previous && previous.trim() !== '' ? `${previous}, ${remote}` : remote;
-  out['x-forwarded-proto'] = context.protocol;
+  out['x-forwarded-proto'] = (context.trustForwardedProto && forwardedProto(headers['x-forwarded-proto'])) || context.protocol;
   const host = requestHost(context.requestTarget, headers);
   if (host !== undefined) {
     // RFC 9110 §7.2: a proxy forwarding an absolute-form target replaces Host with the
@@ -152,6 +157,13 @@ export function upstreamRequestHeaders(headers: IncomingHttpHeaders, context: Fo
     out['x-forwarded-host'] = host;
   } else if (out['x-forwarded-host'] !== undefined) delete out['x-forwarded-host'];
   return out;
+}
+
+/** `http` or `https` when that is the header's one value (an ingress sets one), else undefined. */
+function forwardedProto(value: string | string[] | undefined): 'http' | 'https' | undefined {
+  if (typeof value !== 'string') return undefined;
+  const proto = value.trim().toLowerCase();
+  return proto === 'http' || proto === 'https' ? proto : undefined;
 }
 
 /**

@@ -592,7 +592,7 @@ export class DataPlane {
     exchange.admittedAddress = decision.address;
     exchange.clientHeaders = req.headers;
 
-    req.headers = upstreamRequestHeaders(req.headers, { requestTarget: req.url, remoteAddress: req.socket.remoteAddress, protocol: 'http', upgrade: false });
+    req.headers = upstreamRequestHeaders(req.headers, { requestTarget: req.url, remoteAddress: req.socket.remoteAddress, protocol: 'http', upgrade: false, trustForwardedProto: this.config.proxyTrustForwardedProto });
     req.url = decision.address.upstreamPath;
     if (expectsContinue) res.writeContinue();
 
@@ -949,7 +949,7 @@ export class DataPlane {
     exchange.admittedAddress = decision.address;
     exchange.clientHeaders = req.headers;
 
-    req.headers = upstreamRequestHeaders(req.headers, { requestTarget: req.url, remoteAddress: socket.remoteAddress, protocol: 'http', upgrade: true });
+    req.headers = upstreamRequestHeaders(req.headers, { requestTarget: req.url, remoteAddress: socket.remoteAddress, protocol: 'http', upgrade: true, trustForwardedProto: this.config.proxyTrustForwardedProto });
     req.url = decision.address.upstreamPath;
     // The handshake is small: a hard deadline from the start (pooled-socket wait included).
     exchange.timer = setTimeout(() => {

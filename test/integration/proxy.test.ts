@@ -765,6 +765,18 @@ describe('headers', () => {
     expect(seen['x-forwarded-for']).toBe('127.0.0.1');
   });
 
+  it('passes on the ingress\'s X-Forwarded-Proto only when told to trust it (ROUTESYNC_PROXY_TRUST_FORWARDED_PROTO), and only http or https', async () => {
+    await dp.close(0);
+    dp = await startDataPlane({ ROUTESYNC_PROXY_TRUST_FORWARDED_PROTO: 'true' });
+    dp.setRoute({ id: 'hdr-proto', ip: upstream.host });
+    const proto = async (value: string | undefined) =>
+      (await send(dp.address, { path: `/kruise/hdr-proto/${upstream.port}/`, headers: value === undefined ? {} : { 'x-forwarded-proto': value } })).json<Echo>().headers['x-forwarded-proto'];
+    expect(await proto('https')).toBe('https');
+    expect(await proto('HTTPS')).toBe('https');
+    expect(await proto(undefined)).toBe('http');
+    for (const odd of ['javascript', 'https, http', 'ftp']) expect(await proto(odd), odd).toBe('http');
+  });
+
   it('drops the underscore spellings of the headers it drops or sets, which CGI-style servers read as the same header', async () => {
     dp.setRoute({ id: 'hdr-underscore', ip: upstream.host });
     const twins = {
