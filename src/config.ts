@@ -111,15 +111,17 @@ export class ConfigError extends Error {
  * The line repeats the bad value, and a value written as a URL may carry credentials
  * (`http://user:token@peer:7789`); the line goes to the container's log, where no token may
  * appear. A token may hold any visible character, a quote or a space included, so no word
- * boundary is trusted: everything up to the last `@` goes, from just after the `//` before it,
- * or else from the start of the value (the first quote before it, or the start of the line).
+ * boundary is trusted: everything up to the last `@` goes, from just after the first `//` before
+ * it, or else from the start of the value (the first quote before it, or the start of the line).
  * More than the credentials may go; never less.
  */
 export function withoutCredentials(message: string): string {
   const at = message.lastIndexOf('@');
   if (at < 0) return message;
-  const authority = message.lastIndexOf('//', at);
-  const start = authority >= 0 ? authority + 2 : message.indexOf('"') >= 0 && message.indexOf('"') < at ? message.indexOf('"') + 1 : 0;
+  // The first `//`: a token may hold `//` itself (base64 does), and a later URL an `@`.
+  const authority = message.indexOf('//');
+  const quote = message.indexOf('"');
+  const start = authority >= 0 && authority < at ? authority + 2 : quote >= 0 && quote < at ? quote + 1 : 0;
   return `${message.slice(0, start)}[redacted]${message.slice(at)}`;
 }
 

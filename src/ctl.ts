@@ -352,7 +352,7 @@ interface PeerRow {
   readonly pendingRoutes: number;
   readonly lastReconcile: string | null;
   /** Absent from a replica of an older version. */
-  readonly lastReconcileFailure: { readonly errorClass: string; readonly at: string } | null;
+  readonly lastReconcileFailure?: { readonly errorClass: string; readonly at: string } | null;
 }
 
 async function status(http: CtlHttp, options: Options, io: CtlIo): Promise<number> {
@@ -481,7 +481,7 @@ async function peers(http: CtlHttp, options: Options, io: CtlIo): Promise<number
         ago(p.lastSuccess),
         p.lastFailure === null ? '-' : `${p.lastFailure.errorClass} ${ago(p.lastFailure.at)}`,
         // A failed round newer than the last completed one says so, with its class.
-        p.lastReconcileFailure !== null && (p.lastReconcile === null || Date.parse(p.lastReconcileFailure.at) > Date.parse(p.lastReconcile))
+        p.lastReconcileFailure != null && (p.lastReconcile === null || Date.parse(p.lastReconcileFailure.at) > Date.parse(p.lastReconcile))
           ? `failed: ${p.lastReconcileFailure.errorClass} ${ago(p.lastReconcileFailure.at)}`
           : ago(p.lastReconcile),
       ]),

@@ -136,7 +136,11 @@ export function answerUnparsable(error: Error & { code?: string }, socket: Duple
   }
   const { status, code, message } = UNPARSABLE[error.code ?? ''] ?? { status: 400, code: 'bad_request', message: 'the request is not valid HTTP/1.1' };
   const body = JSON.stringify({ error: { code, message } });
-  socket.end(
+  // Written, then closed at once, as Node's own handler does (the small write goes out first):
+  // ended only, a client that keeps its side open would hold the socket past every server
+  // timeout, and a shutdown for its whole grace.
+  socket.write(
     `HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\ncontent-type: application/json; charset=utf-8\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`,
   );
+  socket.destroy();
 }

@@ -308,7 +308,11 @@ export class Reconciler {
     if (this.localDeletions.size > bound) {
       this.localDeletions.delete(this.localDeletions.keys().next().value!);
       this.forgottenLocalDeletions++;
-      this.logger[this.deletionWarnings.level('forgotten')](
+      // A warning when out of contact (no round for two intervals): a rebuild is then near, and
+      // may need them. A burst larger than the bound within one interval of a replica in
+      // contact, or alone, loses nothing a rebuild needs: the next round empties the record.
+      const outOfContact = this.sync.peerCount > 0 && this.contactAgeMs() > 2 * this.config.reconcileIntervalMs;
+      this.logger[outOfContact ? this.deletionWarnings.level('forgotten') : 'debug'](
         { bound, forgotten: this.forgottenLocalDeletions },
         'out of contact: the oldest local deletions are forgotten; a rebuild may bring their routes back',
       );

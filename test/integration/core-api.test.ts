@@ -8,12 +8,14 @@ import { unusedPort } from '../helpers/upstream.js';
 import { waitUntil } from '../helpers/wait.js';
 
 const replicas: TestReplica[] = [];
+const sockets: net.Socket[] = [];
 async function replica(env: Record<string, string> = {}): Promise<TestReplica> {
   const node = await startReplica(env);
   replicas.push(node);
   return node;
 }
 afterEach(async () => {
+  for (const socket of sockets.splice(0)) socket.destroy();
   await stopAll(replicas.splice(0));
 });
 
@@ -106,6 +108,18 @@ describe('local API', () => {
       expect(garbled).toMatch(/^HTTP\/1\.1 400 /);
       expect(JSON.parse(garbled.slice(garbled.indexOf('\r\n\r\n') + 4))).toMatchObject({ error: { code: 'bad_request' } });
     }
+  });
+
+  it('closes a connection whose request the parser refused, so a client that keeps its side open holds no socket (which would hold a shutdown for its grace)', async () => {
+    const node = await replica();
+    const { hostname, port } = new URL(node.api);
+    const socket = net.connect({ port: Number(port), host: hostname, allowHalfOpen: true }, () => socket.write('GET / HTTP/1.1\r\nHost x\r\n\r\n'));
+    sockets.push(socket);
+    socket.resume();
+    await new Promise((resolve) => socket.once('end', resolve));
+    const server = (node.replica as unknown as { apiServer: import('node:http').Server }).apiServer;
+    const open = () => new Promise<number>((resolve, reject) => server.getConnections((error, count) => (error ? reject(error) : resolve(count))));
+    await waitUntil(async () => (await open()) === 0, 10_000, 'the refused connection closed by the server');
   });
 
   it('refuses a body that is not valid UTF-8 instead of storing U+FFFD in place of its bytes', async () => {

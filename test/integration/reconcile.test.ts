@@ -187,15 +187,24 @@ describe('bootstrap', () => {
 describe('anti-entropy rounds', () => {
   it('keeps at most ROUTESYNC_OUTBOX_MAX_ROUTES local deletions through a cut, and says when it forgets the oldest', async () => {
     // A peer that never answers: no round completes, so the deletions of the cut are all kept.
-    const node = await start({ ROUTESYNC_PEERS: `127.0.0.1:${await unusedPort()}`, ROUTESYNC_OUTBOX_MAX_ROUTES: '10', ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '0' });
+    const node = await start({ ROUTESYNC_PEERS: `127.0.0.1:${await unusedPort()}`, ROUTESYNC_OUTBOX_MAX_ROUTES: '10', ROUTESYNC_BOOTSTRAP_TIMEOUT_MS: '0', ROUTESYNC_RECONCILE_INTERVAL_MS: '50' });
     const routes = Array.from({ length: 25 }, (_, i) => makeRoute({ namespace: 'gone', resourceVersion: String(100 + i) }));
     expect((await postBatch(node.api, routes)).status).toBe(200);
+    // Out of contact: rounds have failed for more than two intervals.
+    await waitUntil(async () => (await counter(node.replica.metrics.reconcileRounds, { result: 'failed' })) >= 4, 10_000, 'failed rounds');
     const deletes = routes.map((route, i) => ({ namespace: route.namespace, name: route.name, resourceVersion: String(200 + i), state: 'dead' }));
     expect((await postBatch(node.api, deletes)).status).toBe(200);
     const forgot = node.logs.lines.map((line) => JSON.parse(line) as { msg: string; level: string; bound?: number; forgotten?: number }).filter((entry) => entry.msg.startsWith('out of contact: the oldest local deletions are forgotten'));
     expect(forgot.at(-1)).toMatchObject({ bound: 10, forgotten: 15 });
     // One warning for the burst, the rest at debug.
     expect(forgot.filter((entry) => entry.level === 'warn')).toHaveLength(1);
+    // A replica alone loses nothing a rebuild needs by the bound: no warning.
+    const alone = await start({ ROUTESYNC_OUTBOX_MAX_ROUTES: '10', ROUTESYNC_RECONCILE_INTERVAL_MS: '50' });
+    expect((await postBatch(alone.api, routes)).status).toBe(200);
+    expect((await postBatch(alone.api, deletes)).status).toBe(200);
+    const aloneLines = alone.logs.lines.map((line) => JSON.parse(line) as { msg: string; level: string }).filter((entry) => entry.msg.startsWith('out of contact'));
+    expect(aloneLines.length).toBeGreaterThan(0);
+    expect(aloneLines.every((entry) => entry.level === 'debug')).toBe(true);
   });
 
   it('warns once a minute, not every round, about a peer that stays down, and at once about a new failure after it recovered', async () => {

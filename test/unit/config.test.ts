@@ -69,6 +69,9 @@ describe('configuration', () => {
       // A token may hold a quote or a space: no part of it is shown either.
       { ROUTESYNC_PEERS: 'http://u:s3cret"s3cret@peer-0:7789' },
       { ROUTESYNC_PEERS: 'http://u:s3cret s3cret@peer-0:7789' },
+      // A token holding `//` (base64 does), and a later URL with an `@` of its own.
+      { ROUTESYNC_PEERS: 'http://s3cret:Zm9v//s3cret@peer-0:7789' },
+      { ROUTESYNC_PEERS: 'https://s3cret:s3cret@p1:7789/x?next=http://y@z' },
       { ROUTESYNC_PEERS: 'u:s3cret"s3cret@peer-0:7789' },
     ];
     for (const env of cases) {
