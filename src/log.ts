@@ -38,7 +38,7 @@ export function createLogger(options: LoggerOptions): Logger {
 }
 
 /** How long the same failure, repeated, stays a debug line after its warning. */
-export const WARNING_REPEAT_MS = 60_000;
+const WARNING_REPEAT_MS = 60_000;
 
 /**
  * One warning a minute for a failure that repeats, not one per occurrence: a failure is a

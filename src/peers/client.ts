@@ -139,6 +139,11 @@ export function retryAfterMs(value: string | string[], nowMs = Date.now()): numb
   return Number.isNaN(at) ? undefined : Math.max(0, at - nowMs);
 }
 
+/** What makes two failures "the same" for RepeatedWarnings: their class and their status or code. */
+export function failureKey(error: PeerRequestError): string {
+  return `${error.errorClass} ${error.status ?? error.code}`;
+}
+
 /** Classify anything thrown by a peer request, once, by `code`. */
 export function classifyPeerError(error: unknown): PeerRequestError {
   if (error instanceof PeerRequestError) return error;
@@ -331,14 +336,11 @@ export class PeerClient {
   }
 
   /**
-   * A cheap liveness probe (the peer's /healthz). Healthy only once the whole answer has
+   * An ejected peer's cheap probe: `GET /healthz`, or, when `authenticated`, an empty push, which
+   * needs the peer token as a push does (the probe of a peer ejected for a 401/403: /healthz is
+   * open, and would let it back in to fail again). Healthy only once the whole answer has
    * arrived: a 200 whose body is cut off (reset, stall) is a failure like any other attempt's,
    * where `dump()` would have resolved and readmitted the peer.
-   */
-  /**
-   * An ejected peer's probe: `GET /healthz`, or, when `authenticated`, an empty push, which
-   * needs the peer token as a push does (the probe of a peer ejected for a 401/403: /healthz is
-   * open, and would let it back in to fail again).
    */
   async probe(peer: string, signal: AbortSignal, authenticated = false): Promise<void> {
     if (authenticated) await jsonBody(peer, await this.request(peer, 'POST', PEER_PUSH_PATH, EMPTY_PUSH, signal));

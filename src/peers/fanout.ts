@@ -14,7 +14,7 @@ import type { Config } from '../config.js';
 import { RepeatedWarnings, type Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 import { changeKey, changeVersion, type RouteChange } from '../routes/route.js';
-import { AttemptDeadline, attemptSignal, classifyPeerError, PeerRequestError, SyncAbortedError, type PeerClient, type PeerErrorClass, type PushAck } from './client.js';
+import { AttemptDeadline, attemptSignal, classifyPeerError, failureKey, PeerRequestError, SyncAbortedError, type PeerClient, type PeerErrorClass, type PushAck } from './client.js';
 import { PeerOutbox, type DeliveryOutcome, type OutboxWatcher } from './outbox.js';
 
 export type SyncConfig = Pick<
@@ -322,6 +322,7 @@ export class PeerSync {
 
   status(): PeerStatus[] {
     const iso = (ms: number | null) => (ms === null ? null : new Date(ms).toISOString());
+    const failure = (record: { errorClass: string; atMs: number } | null) => (record ? { errorClass: record.errorClass, at: new Date(record.atMs).toISOString() } : null);
     return [...this.peers.values()].map((peer) => ({
       peer: peer.address,
       reachable: reachable(peer),
@@ -330,10 +331,10 @@ export class PeerSync {
       ejectedUntil: peer.ejected ? iso(peer.ejectedUntilMs) : null,
       ejections: peer.ejections,
       lastSuccess: iso(peer.lastSuccessAtMs),
-      lastFailure: peer.lastFailure ? { errorClass: peer.lastFailure.errorClass, at: new Date(peer.lastFailure.atMs).toISOString() } : null,
+      lastFailure: failure(peer.lastFailure),
       pendingRoutes: peer.outbox.size,
       lastReconcile: iso(peer.lastReconcileAtMs),
-      lastReconcileFailure: peer.lastReconcileFailure ? { errorClass: peer.lastReconcileFailure.errorClass, at: new Date(peer.lastReconcileFailure.atMs).toISOString() } : null,
+      lastReconcileFailure: failure(peer.lastReconcileFailure),
     }));
   }
 
@@ -618,7 +619,7 @@ export class PeerSync {
     if (retryAfterMs !== undefined) peer.notBeforeMs = performance.now() + retryAfterMs;
     // A peer that refuses every push the same way (a 4xx is never ejected for) would write a
     // warning per lifecycle call.
-    this.logger[peer.warnings.level(`${error.errorClass} ${error.status ?? error.code}`)](
+    this.logger[peer.warnings.level(failureKey(error))](
       { peer: peer.address, errorClass: error.errorClass, code: error.code, status: error.status, routes: count, requeued: requeue, retryAfterMs },
       'push to peer failed',
     );
@@ -687,7 +688,7 @@ export class PeerSync {
         // While it is out nothing else reaches the peer: a token or TLS mismatch would go quiet,
         // and the alert on permanent failures with it. Counted, and warned about once a minute.
         this.metrics.peerFailures.inc({ class: classified.errorClass });
-        this.logger[peer.warnings.level(`${classified.errorClass} ${classified.status ?? classified.code}`)](
+        this.logger[peer.warnings.level(failureKey(classified))](
           { peer: peer.address, errorClass: classified.errorClass, code: classified.code, status: classified.status },
           'probe of ejected peer refused: it stays ejected',
         );

@@ -79,7 +79,7 @@ import {
 } from '../routes/route.js';
 import { monotonicClock, type RouteTable } from '../routes/table.js';
 import type { RouteService } from '../service.js';
-import { attemptSignal, classifyPeerError, INSTANCE_HEADER, PeerRequestError, SyncAbortedError, type PeerClient } from './client.js';
+import { attemptSignal, classifyPeerError, failureKey, INSTANCE_HEADER, PeerRequestError, SyncAbortedError, type PeerClient } from './client.js';
 import type { PeerSync } from './fanout.js';
 
 export const DIGEST_PATH = '/v1/peer/digest';
@@ -796,7 +796,7 @@ export class Reconciler {
         // A peer that stays down would fail a round every interval: one warning a minute.
         let warnings = this.roundWarnings.get(peer);
         if (!warnings) this.roundWarnings.set(peer, (warnings = new RepeatedWarnings()));
-        this.logger[warnings.level(`${classified.errorClass} ${classified.status ?? classified.code}`)](
+        this.logger[warnings.level(failureKey(classified))](
           { peer, errorClass: classified.errorClass, code: classified.code, status: classified.status },
           'reconcile round failed',
         );
